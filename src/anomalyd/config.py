@@ -1,0 +1,561 @@
+"""Configuration: TOML (tomllib) into frozen dataclasses, validated once at load time.
+
+Every problem found is reported at once, each naming its key path and what is accepted. Any scalar setting of
+the sections ``influxdb``, ``output``, ``paths``, ``daemon``, ``alerts``, ``alerts.slack`` and ``kapacitor`` can
+be overridden by an environment variable ``ANOMALYD_<SECTION>_<KEY>`` (``alerts.slack`` is ``SLACK``), e.g.
+``ANOMALYD_INFLUXDB_URL`` or ``ANOMALYD_DAEMON_HEALTH_LISTEN``. Secrets (InfluxDB user and password, Slack
+webhook URL and token) are read only from those variables or from a ``*_file`` setting, never from the TOML
+itself, and are kept out of every ``repr``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "ANOMALYD_"
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ns|us|µs|ms|s|m|h|d|w)\s*$")
+_UNIT_NS = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 10**9, "m": 60 * 10**9,
+            "h": 3600 * 10**9, "d": 86400 * 10**9, "w": 7 * 86400 * 10**9}
+_LAST_RE = re.compile(r"^\s*last\s+(\d+)\s*(minutes?|hours?|days?|weeks?|m|h|d|w)\s*$")
+_LAST_UNIT = {"m": "m", "minute": "m", "minutes": "m", "h": "h", "hour": "h", "hours": "h", "d": "d",
+              "day": "d", "days": "d", "w": "w", "week": "w", "weeks": "w"}
+SCOPES = ("series", "shared")
+POLICIES = ("max", "quantile", "sigma")
+SINKS = ("log", "slack")
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; ``problems`` lists every problem found, one line each."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__(f"{source}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+
+
+def parse_duration_ns(text: str) -> int:
+    """Parse ``"16s"``, ``"500ms"``, ``"7d"`` and the like into nanoseconds.
+
+    Examples
+    --------
+    >>> parse_duration_ns("16s")
+    16000000000
+    >>> parse_duration_ns("1.5m") // 10**9
+    90
+    """
+    m = _DURATION_RE.match(str(text))
+    if not m:
+        raise ValueError(f"{text!r} is not a duration; write a number and a unit, e.g. '16s', '5m', '7d'")
+    return round(float(m.group(1)) * _UNIT_NS[m.group(2)])
+
+
+def parse_time_ns(text: str, now_ns: int) -> int:
+    """Parse an RFC 3339 time, ``"now"`` or ``"now-<duration>"`` into epoch nanoseconds.
+
+    Examples
+    --------
+    >>> parse_time_ns("1970-01-01T00:00:10Z", 0)
+    10000000000
+    >>> parse_time_ns("now-2s", 5 * 10**9)
+    3000000000
+    """
+    s = str(text).strip()
+    if s == "now":
+        return now_ns
+    if s.startswith("now-"):
+        return now_ns - parse_duration_ns(s[4:])
+    try:
+        dt = datetime.fromisoformat(s.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{text!r} is not a time; use RFC 3339 like '2024-01-31T00:00:00Z', 'now' or "
+                         f"'now-7d'") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return int(dt.timestamp()) * 10**9 + dt.microsecond * 1000
+
+
+@dataclass(frozen=True)
+class TrainRange:
+    """A training range, absolute or relative to the moment training runs."""
+
+    start: str
+    end: str
+
+    def resolve(self, now_ns: int) -> tuple[int, int]:
+        """Return ``(start_ns, end_ns)``."""
+        return parse_time_ns(self.start, now_ns), parse_time_ns(self.end, now_ns)
+
+
+@dataclass(frozen=True)
+class ThresholdConfig:
+    policy: str = "max"
+    margin: float = 1.2
+    quantile: float = 0.999
+    k: float = 6.0
+
+
+@dataclass(frozen=True)
+class SignalConfig:
+    """One watched signal: a measurement's field, split into series by ``group_by`` tags."""
+
+    name: str
+    measurement: str
+    field: str
+    where: tuple[tuple[str, str], ...]
+    group_by: tuple[str, ...]
+    period_ns: int
+    window: int
+    train_slide: int
+    slide: int
+    clusters: int
+    random_state: int
+    n_init: int
+    max_gap: int
+    scope: str
+    train_where: tuple[tuple[str, str], ...]
+    train_range: TrainRange
+    holdout: float
+    max_train_windows: int
+    threshold: ThresholdConfig
+
+
+@dataclass(frozen=True)
+class InfluxConfig:
+    url: str = "http://127.0.0.1:8086"
+    database: str = "anomalyd"
+    retention_policy: str = ""
+    timeout_s: float = 10.0
+    retries: int = 3
+    verify_ssl: bool = True
+    username: str = field(default="", repr=False)
+    password: str = field(default="", repr=False)
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    measurement: str = "anomaly_error"
+    retention_policy: str = ""
+    write_reconstruction: bool = False
+    reconstruction_measurement: str = "anomaly_reconstruction"
+    stats_measurement: str = "anomalyd_stats"
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    models: Path = Path("var/models")
+    state: Path = Path("var/state")
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    interval_s: float = 16.0
+    lateness_ns: int = 5 * 10**9
+    max_backlog_windows: int = 2000
+    write_batch: int = 10_000
+    health_listen: str = "127.0.0.1:9108"
+    max_backoff_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class SlackConfig:
+    channel: str = ""
+    timeout_s: float = 5.0
+    max_retries: int = 3
+    attach_plot: bool = True
+    base_url: str = "https://slack.com/api/"
+    webhook_url: str = field(default="", repr=False)
+    token: str = field(default="", repr=False)
+
+
+@dataclass(frozen=True)
+class AlertsConfig:
+    sinks: tuple[str, ...] = ("log",)
+    for_windows: int = 1
+    recover_windows: int = 2
+    repeat_every_s: float = 0.0
+    missing_data: bool = False
+    dashboard_url: str = ""
+    slack: SlackConfig = field(default_factory=SlackConfig)
+
+
+@dataclass(frozen=True)
+class KapacitorConfig:
+    url: str = "http://127.0.0.1:9092"
+    task_prefix: str = "anomalyd"
+    slack_channel: str = ""
+    batch_every: str = "1m"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole validated configuration; pass it (or the part a module needs) down."""
+
+    influxdb: InfluxConfig
+    output: OutputConfig
+    paths: PathsConfig
+    daemon: DaemonConfig
+    alerts: AlertsConfig
+    kapacitor: KapacitorConfig
+    signals: tuple[SignalConfig, ...]
+    source: str = "<config>"
+
+    def signal(self, name: str) -> SignalConfig:
+        for s in self.signals:
+            if s.name == name:
+                return s
+        raise KeyError(f"no signal named {name!r}; configured: {', '.join(s.name for s in self.signals)}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation helpers. Each ``_get`` records a problem instead of raising, so that every problem is reported.
+
+
+class _Checker:
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def bad(self, path: str, msg: str) -> None:
+        self.problems.append(f"{path}: {msg}")
+
+    def get(self, table: Mapping[str, Any], key: str, path: str, kind: str, default: Any,
+            check: Callable[[Any], str | None] | None = None) -> Any:
+        full = f"{path}.{key}" if path else key
+        if key not in table:
+            return default
+        raw = table[key]
+        try:
+            value = _coerce(raw, kind)
+        except ValueError as exc:
+            self.bad(full, f"{raw!r} is not valid: {exc}")
+            return default
+        if check is not None:
+            msg = check(value)
+            if msg:
+                self.bad(full, f"{raw!r} {msg}")
+                return default
+        return value
+
+    def unknown(self, table: Mapping[str, Any], path: str, known: set[str]) -> None:
+        for key in table:
+            if key not in known:
+                self.bad(f"{path}.{key}" if path else key,
+                         f"unknown setting; accepted: {', '.join(sorted(known))}")
+
+
+def _coerce(raw: Any, kind: str) -> Any:
+    if kind == "str":
+        if not isinstance(raw, str):
+            raise ValueError("expected a string")
+        return raw
+    if kind == "int":
+        if isinstance(raw, bool) or not isinstance(raw, int | str):
+            raise ValueError("expected an integer")
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError("expected an integer") from None
+    if kind == "float":
+        if isinstance(raw, bool) or not isinstance(raw, int | float | str):
+            raise ValueError("expected a number")
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError("expected a number") from None
+        if not math.isfinite(value):
+            raise ValueError("expected a finite number")
+        return value
+    if kind == "bool":
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return raw.lower() in ("true", "1", "yes")
+        raise ValueError("expected true or false")
+    if kind == "duration":
+        if isinstance(raw, int | float) and not isinstance(raw, bool):
+            return round(float(raw) * 10**9)
+        return parse_duration_ns(str(raw))
+    raise AssertionError(kind)  # pragma: no cover
+
+
+def _positive(v: Any) -> str | None:
+    return None if v > 0 else "must be greater than 0"
+
+
+def _non_negative(v: Any) -> str | None:
+    return None if v >= 0 else "must be 0 or more"
+
+
+def _one_of(options: tuple[str, ...]) -> Callable[[Any], str | None]:
+    return lambda v: None if v in options else f"is not one of: {', '.join(options)}"
+
+
+def _tags(c: _Checker, table: Mapping[str, Any], key: str, path: str) -> tuple[tuple[str, str], ...]:
+    raw = table.get(key, {})
+    if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
+        c.bad(f"{path}.{key}", f"{raw!r} must be a table of tag = \"value\" strings, e.g. {{ host = \"h1\" }}")
+        return ()
+    return tuple(sorted(raw.items()))
+
+
+def _env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> None:
+    sections = {"INFLUXDB": ("influxdb",), "OUTPUT": ("output",), "PATHS": ("paths",), "DAEMON": ("daemon",),
+                "ALERTS": ("alerts",), "SLACK": ("alerts", "slack"), "KAPACITOR": ("kapacitor",)}
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX):]
+        for sec, path in sections.items():
+            if rest.startswith(sec + "_"):
+                table = raw
+                for part in path:
+                    table = table.setdefault(part, {})
+                    if not isinstance(table, dict):
+                        break
+                else:
+                    table[rest[len(sec) + 1:].lower()] = value
+                break
+
+
+def _secret(c: _Checker, table: dict[str, Any], key: str, path: str, env_name: str) -> str:
+    if key in table:
+        c.bad(f"{path}.{key}", f"secrets are not read from the config file; set {env_name} or {key}_file")
+        table.pop(key)
+    value = os.environ.get(env_name, "")
+    file_key = f"{key}_file"
+    if file_key in table:
+        fname = table.pop(file_key)
+        try:
+            value = Path(str(fname)).read_text().strip()
+        except OSError as exc:
+            c.bad(f"{path}.{file_key}", f"{fname!r} cannot be read ({exc.strerror}); point it at a readable file")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a TOML configuration file; raise :class:`ConfigError` listing every problem."""
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(str(p), [f"file not found; pass an existing file with -c (cwd is {Path.cwd()})"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(p), [f"not valid TOML: {exc}; fix the syntax at that line"]) from None
+    return from_dict(raw, source=str(p), env=env, base_dir=p.resolve().parent)
+
+
+def from_dict(raw: dict[str, Any], source: str = "<config>", env: Mapping[str, str] | None = None,
+              base_dir: Path | None = None) -> Config:
+    """Validate an already parsed configuration (a TOML document as a dict)."""
+    import copy
+
+    raw = copy.deepcopy(raw)
+    c = _Checker()
+    _env_overrides(raw, os.environ if env is None else env)
+    base = base_dir or Path.cwd()
+    top_known = {"influxdb", "output", "paths", "daemon", "alerts", "kapacitor", "signals"}
+    c.unknown(raw, "", top_known)
+    sec: dict[str, dict[str, Any]] = {}
+    for name in top_known - {"signals"}:
+        t = raw.get(name, {})
+        if not isinstance(t, dict):
+            c.bad(name, f"must be a table [{name}]")
+            t = {}
+        sec[name] = t
+
+    t = sec["influxdb"]
+    user = _secret(c, t, "username", "influxdb", "ANOMALYD_INFLUXDB_USERNAME")
+    password = _secret(c, t, "password", "influxdb", "ANOMALYD_INFLUXDB_PASSWORD")
+    c.unknown(t, "influxdb", {"url", "database", "retention_policy", "timeout", "retries", "verify_ssl"})
+    url = c.get(t, "url", "influxdb", "str", InfluxConfig.url,
+                lambda v: None if re.match(r"^https?://[^/\s]+", v) else "must be an http:// or https:// URL")
+    influx = InfluxConfig(
+        url=url.rstrip("/"),
+        database=c.get(t, "database", "influxdb", "str", InfluxConfig.database,
+                       lambda v: None if v else "must not be empty"),
+        retention_policy=c.get(t, "retention_policy", "influxdb", "str", ""),
+        timeout_s=c.get(t, "timeout", "influxdb", "duration", 10 * 10**9, _positive) / 1e9,
+        retries=c.get(t, "retries", "influxdb", "int", 3, _non_negative),
+        verify_ssl=c.get(t, "verify_ssl", "influxdb", "bool", True),
+        username=user, password=password)
+
+    t = sec["output"]
+    c.unknown(t, "output", {"measurement", "retention_policy", "write_reconstruction",
+                            "reconstruction_measurement", "stats_measurement"})
+    nonempty = lambda v: None if v else "must not be empty"  # noqa: E731
+    output = OutputConfig(
+        measurement=c.get(t, "measurement", "output", "str", OutputConfig.measurement, nonempty),
+        retention_policy=c.get(t, "retention_policy", "output", "str", ""),
+        write_reconstruction=c.get(t, "write_reconstruction", "output", "bool", False),
+        reconstruction_measurement=c.get(t, "reconstruction_measurement", "output", "str",
+                                         OutputConfig.reconstruction_measurement, nonempty),
+        stats_measurement=c.get(t, "stats_measurement", "output", "str", OutputConfig.stats_measurement,
+                                nonempty))
+
+    t = sec["paths"]
+    c.unknown(t, "paths", {"models", "state"})
+    paths = PathsConfig(models=base / c.get(t, "models", "paths", "str", "var/models", nonempty),
+                        state=base / c.get(t, "state", "paths", "str", "var/state", nonempty))
+
+    t = sec["daemon"]
+    c.unknown(t, "daemon", {"interval", "lateness", "max_backlog_windows", "write_batch", "health_listen",
+                            "max_backoff"})
+    listen = c.get(t, "health_listen", "daemon", "str", DaemonConfig.health_listen,
+                   lambda v: None if v == "" or re.match(r"^[\w.\-\[\]:]*:\d{1,5}$", v)
+                   else "must be host:port (e.g. 127.0.0.1:9108) or \"\" to turn the endpoint off")
+    daemon = DaemonConfig(
+        interval_s=c.get(t, "interval", "daemon", "duration", 16 * 10**9, _positive) / 1e9,
+        lateness_ns=c.get(t, "lateness", "daemon", "duration", 5 * 10**9, _non_negative),
+        max_backlog_windows=c.get(t, "max_backlog_windows", "daemon", "int", 2000, _positive),
+        write_batch=c.get(t, "write_batch", "daemon", "int", 10_000, _positive),
+        health_listen=listen,
+        max_backoff_s=c.get(t, "max_backoff", "daemon", "duration", 300 * 10**9, _positive) / 1e9)
+
+    t = sec["alerts"]
+    st = t.pop("slack", {}) if isinstance(t.get("slack", {}), dict) else {}
+    c.unknown(t, "alerts", {"sinks", "for_windows", "recover_windows", "repeat_every", "missing_data",
+                            "dashboard_url"})
+    sinks_raw = t.get("sinks", ["log"])
+    sinks: tuple[str, ...] = ("log",)
+    if isinstance(sinks_raw, str):
+        sinks_raw = [s.strip() for s in sinks_raw.split(",") if s.strip()]
+    if not isinstance(sinks_raw, list) or any(s not in SINKS for s in sinks_raw):
+        c.bad("alerts.sinks", f"{sinks_raw!r} must be a list drawn from: {', '.join(SINKS)}")
+    else:
+        sinks = tuple(sinks_raw)
+    webhook = _secret(c, st, "webhook_url", "alerts.slack", "ANOMALYD_SLACK_WEBHOOK_URL")
+    token = _secret(c, st, "token", "alerts.slack", "ANOMALYD_SLACK_TOKEN")
+    c.unknown(st, "alerts.slack", {"channel", "timeout", "max_retries", "attach_plot", "base_url"})
+    slack = SlackConfig(
+        channel=c.get(st, "channel", "alerts.slack", "str", ""),
+        timeout_s=c.get(st, "timeout", "alerts.slack", "duration", 5 * 10**9, _positive) / 1e9,
+        max_retries=c.get(st, "max_retries", "alerts.slack", "int", 3, _non_negative),
+        attach_plot=c.get(st, "attach_plot", "alerts.slack", "bool", True),
+        base_url=c.get(st, "base_url", "alerts.slack", "str", SlackConfig.base_url),
+        webhook_url=webhook, token=token)
+    if "slack" in sinks and not (webhook or (token and slack.channel)):
+        c.bad("alerts.sinks", "'slack' needs ANOMALYD_SLACK_WEBHOOK_URL (or alerts.slack.webhook_url_file), "
+                              "or ANOMALYD_SLACK_TOKEN with alerts.slack.channel")
+    alerts = AlertsConfig(
+        sinks=sinks,
+        for_windows=c.get(t, "for_windows", "alerts", "int", 1, _positive),
+        recover_windows=c.get(t, "recover_windows", "alerts", "int", 2, _positive),
+        repeat_every_s=c.get(t, "repeat_every", "alerts", "duration", 0, _non_negative) / 1e9,
+        missing_data=c.get(t, "missing_data", "alerts", "bool", False),
+        dashboard_url=c.get(t, "dashboard_url", "alerts", "str", ""),
+        slack=slack)
+
+    t = sec["kapacitor"]
+    c.unknown(t, "kapacitor", {"url", "task_prefix", "slack_channel", "batch_every"})
+    kapacitor = KapacitorConfig(
+        url=c.get(t, "url", "kapacitor", "str", KapacitorConfig.url).rstrip("/"),
+        task_prefix=c.get(t, "task_prefix", "kapacitor", "str", KapacitorConfig.task_prefix,
+                          lambda v: None if re.match(r"^[A-Za-z0-9_\-]+$", v) else
+                          "must be letters, digits, '-' or '_'"),
+        slack_channel=c.get(t, "slack_channel", "kapacitor", "str", ""),
+        batch_every=c.get(t, "batch_every", "kapacitor", "str", "1m",
+                          lambda v: None if _DURATION_RE.match(v) else "must be a duration like '1m'"))
+
+    signals = _signals(c, raw.get("signals"))
+    if c.problems:
+        raise ConfigError(source, c.problems)
+    return Config(influxdb=influx, output=output, paths=paths, daemon=daemon, alerts=alerts,
+                  kapacitor=kapacitor, signals=signals, source=source)
+
+
+_SIGNAL_KEYS = {"name", "measurement", "field", "where", "group_by", "period", "window", "train_slide", "slide",
+                "clusters", "random_state", "n_init", "max_gap", "scope", "train_where", "train_range",
+                "holdout", "max_train_windows", "threshold"}
+
+
+def _signals(c: _Checker, raw: Any) -> tuple[SignalConfig, ...]:
+    if not isinstance(raw, list) or not raw:
+        c.bad("signals", "at least one [[signals]] table is required (name, measurement, field, period)")
+        return ()
+    out: list[SignalConfig] = []
+    names: set[str] = set()
+    for i, t in enumerate(raw):
+        p = f"signals[{i}]"
+        if not isinstance(t, dict):
+            c.bad(p, "must be a table")
+            continue
+        c.unknown(t, p, _SIGNAL_KEYS)
+        for key in ("name", "measurement", "field", "period"):
+            if key not in t:
+                c.bad(f"{p}.{key}", "is required")
+        name = c.get(t, "name", p, "str", f"signal{i}",
+                     lambda v: None if re.match(r"^[A-Za-z0-9_\-.]+$", v) else
+                     "must be letters, digits, '.', '-' or '_' (it names model files)")
+        if name in names:
+            c.bad(f"{p}.name", f"{name!r} is used by two signals; names must be unique")
+        names.add(name)
+        window = c.get(t, "window", p, "int", 32, lambda v: None if v >= 4 else "must be at least 4")
+        slide = c.get(t, "slide", p, "int", 16,
+                      lambda v: None if 1 <= v <= window else f"must be between 1 and window={window}")
+        group_by = t.get("group_by", [])
+        if not isinstance(group_by, list) or not all(isinstance(g, str) and g for g in group_by):
+            c.bad(f"{p}.group_by", f"{group_by!r} must be a list of tag names, e.g. [\"host\"]")
+            group_by = []
+        scope = c.get(t, "scope", p, "str", "series", _one_of(SCOPES))
+        tr = t.get("train_range", "last 7d")
+        train_range = TrainRange("now-7d", "now")
+        if isinstance(tr, str):
+            m = _LAST_RE.match(tr)
+            if m:
+                train_range = TrainRange(f"now-{m.group(1)}{_LAST_UNIT[m.group(2)]}", "now")
+            else:
+                c.bad(f"{p}.train_range", f"{tr!r} is not a range; write \"last 7 days\" or "
+                                          "[\"2024-01-01T00:00:00Z\", \"2024-01-08T00:00:00Z\"]")
+        elif isinstance(tr, list) and len(tr) == 2:
+            try:
+                a, b = (parse_time_ns(str(x), 10**18) for x in tr)
+                if a >= b:
+                    c.bad(f"{p}.train_range", f"{tr!r}: the start must be before the end")
+                train_range = TrainRange(str(tr[0]), str(tr[1]))
+            except ValueError as exc:
+                c.bad(f"{p}.train_range", str(exc))
+        else:
+            c.bad(f"{p}.train_range", f"{tr!r} must be \"last N days\" or a [start, end] pair")
+        th = t.get("threshold", {})
+        if not isinstance(th, dict):
+            c.bad(f"{p}.threshold", "must be a table, e.g. { policy = \"max\", margin = 1.2 }")
+            th = {}
+        c.unknown(th, f"{p}.threshold", {"policy", "margin", "quantile", "k"})
+        pt = f"{p}.threshold"
+        threshold = ThresholdConfig(
+            policy=c.get(th, "policy", pt, "str", "max", _one_of(POLICIES)),
+            margin=c.get(th, "margin", pt, "float", 1.2, _positive),
+            quantile=c.get(th, "quantile", pt, "float", 0.999,
+                           lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
+            k=c.get(th, "k", pt, "float", 6.0, _positive))
+        out.append(SignalConfig(
+            name=name,
+            measurement=c.get(t, "measurement", p, "str", "", lambda v: None if v else "must not be empty"),
+            field=c.get(t, "field", p, "str", "", lambda v: None if v else "must not be empty"),
+            where=_tags(c, t, "where", p),
+            group_by=tuple(group_by),
+            period_ns=c.get(t, "period", p, "duration", 10**9, _positive),
+            window=window,
+            train_slide=c.get(t, "train_slide", p, "int", 2,
+                              lambda v: None if 1 <= v <= window else f"must be between 1 and window={window}"),
+            slide=slide,
+            clusters=c.get(t, "clusters", p, "int", 150, _positive),
+            random_state=c.get(t, "random_state", p, "int", 0),
+            n_init=c.get(t, "n_init", p, "int", 5, _positive),
+            max_gap=c.get(t, "max_gap", p, "int", 2, _non_negative),
+            scope=scope,
+            train_where=_tags(c, t, "train_where", p),
+            train_range=train_range,
+            holdout=c.get(t, "holdout", p, "float", 0.2, lambda v: None if 0 < v < 1 else "must be in (0, 1)"),
+            max_train_windows=c.get(t, "max_train_windows", p, "int", 50_000, _positive),
+            threshold=threshold))
+    return tuple(out)

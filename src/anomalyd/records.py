@@ -1,0 +1,70 @@
+"""Plain records passed between the modules: a series' identity and one scored window."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+Tags = tuple[tuple[str, str], ...]
+
+
+def tags_str(tags: Tags) -> str:
+    """Render tags as ``k=v,k=v`` (sorted by key), the series' human-readable key.
+
+    Examples
+    --------
+    >>> tags_str((("host", "h1"), ("dc", "eu")))
+    'dc=eu,host=h1'
+    >>> tags_str(())
+    ''
+    """
+    return ",".join(f"{k}={v}" for k, v in sorted(tags))
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesKey:
+    """One series of a signal: the signal's name and the values of its ``group_by`` tags."""
+
+    signal: str
+    tags: Tags
+
+    def __str__(self) -> str:
+        return f"{self.signal}[{tags_str(self.tags)}]"
+
+    @property
+    def id(self) -> str:
+        """Stable text key, used in state files."""
+        return f"{self.signal}|{tags_str(self.tags)}"
+
+
+@dataclass(frozen=True, slots=True)
+class WindowResult:
+    """The outcome for one window of one series.
+
+    ``end_ns`` is the timestamp of the window's last sample and of the output point, so scoring the same window
+    twice writes the same point. A missing-data window has ``missing=True``, ``max_error=None`` and
+    ``anomalous=False``. ``values``/``reconstruction`` (the aligned samples and the window's nearest tapered
+    centroid, un-tapered where the taper is not ~0) are filled for scored windows, for plots in alerts.
+    """
+
+    key: SeriesKey
+    model_id: str
+    start_ns: int
+    end_ns: int
+    threshold: float
+    max_error: float | None = None
+    anomalous: bool = False
+    score: float | None = None
+    missing: bool = False
+    n_missing: int = 0
+    values: NDArray[np.float64] | None = None
+    reconstruction: NDArray[np.float64] | None = None
+
+    @property
+    def ratio(self) -> float | None:
+        """``max_error / threshold``, or None for a missing-data window."""
+        if self.max_error is None or self.threshold <= 0:
+            return None
+        return self.max_error / self.threshold
