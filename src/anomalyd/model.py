@@ -167,30 +167,46 @@ class WindowReconstructor(BaseEstimator):  # type: ignore[misc]
             raise ValueError(f"threshold_policy={self.threshold_policy!r} is not one of "
                              f"{', '.join(THRESHOLD_POLICIES)}")
 
-    def fit(self, x: ArrayLike, y: Any = None) -> WindowReconstructor:
-        """Learn the shape catalog and the threshold from a regularly sampled, finite 1-d series.
+    def fit(self, x: ArrayLike | list[ArrayLike], y: Any = None) -> WindowReconstructor:
+        """Learn the shape catalog and the threshold from regularly sampled, finite data.
+
+        ``x`` is one 1-d series, or a list of gap-free stretches (of one or several series): windows never
+        straddle two stretches, and the last ``holdout`` share of each stretch is kept for validation.
+        Stretches shorter than ``2 * window`` are left out.
 
         Raises
         ------
         TooLittleDataError
-            Fewer than ``2 * window`` samples, or fewer training windows than clusters.
+            Fewer than ``2 * window`` usable samples, or fewer training windows than clusters.
         ValueError
             NaN or infinite values, or a series that is not 1-d.
         """
         self._check_params()
-        arr = np.asarray(x, dtype=np.float64)
-        if arr.ndim != 1:
-            raise ValueError(f"expected a 1-d series, got shape {arr.shape}")
-        if not np.isfinite(arr).all():
-            bad = int((~np.isfinite(arr)).sum())
-            raise ValueError(f"training series has {bad} NaN or infinite values; fill or drop them first")
-        n = len(arr)
-        if n < 2 * self.window:
-            raise TooLittleDataError(f"window={self.window} needs at least {2 * self.window} samples, got {n}")
-        n_val = max(round(self.holdout * n), self.window)
-        train, val = arr[: n - n_val], arr[n - n_val :]
+        parts = [x] if isinstance(x, np.ndarray) else list(x) if isinstance(x, list) else [x]
+        segments = [np.asarray(p, dtype=np.float64) for p in parts]
+        if segments and all(np.ndim(p) == 0 for p in segments):
+            segments = [np.asarray(parts, dtype=np.float64)]
         tap = taper(self.window)
-        windows = sliding_windows(train, self.window, self.train_slide) * tap
+        train_w, val_w = [], []
+        n = 0
+        for seg in segments:
+            if seg.ndim != 1:
+                raise ValueError(f"expected a 1-d series, got shape {seg.shape}")
+            if not np.isfinite(seg).all():
+                bad = int((~np.isfinite(seg)).sum())
+                raise ValueError(f"training series has {bad} NaN or infinite values; fill or drop them first")
+            if len(seg) < 2 * self.window:
+                continue
+            n += len(seg)
+            n_val = max(round(self.holdout * len(seg)), self.window)
+            train_w.append(sliding_windows(seg[: len(seg) - n_val], self.window, self.train_slide))
+            val_w.append(sliding_windows(seg[len(seg) - n_val :], self.window, 1))
+        if n < 2 * self.window:
+            got = sum(len(s) for s in segments)
+            raise TooLittleDataError(f"window={self.window} needs at least {2 * self.window} samples in a "
+                                     f"gap-free stretch, got {got}")
+        windows = np.concatenate(train_w) * tap
+        val = np.concatenate(val_w)
         if len(windows) < self.n_clusters:
             raise TooLittleDataError(
                 f"n_clusters={self.n_clusters} needs at least {self.n_clusters} training windows, got "
@@ -204,7 +220,7 @@ class WindowReconstructor(BaseEstimator):  # type: ignore[misc]
         km.fit(windows)
         self.cluster_centers_ = np.ascontiguousarray(km.cluster_centers_, dtype=np.float64)
         self._center_sq = (self.cluster_centers_**2).sum(axis=1)
-        val_errors = self.window_errors(sliding_windows(val, self.window, 1))
+        val_errors = self.window_errors(val)
         self.threshold_ = threshold_from_errors(val_errors, self.threshold_policy, self.margin,
                                                 self.quantile, self.sigma_k)
         self.error_quantiles_ = np.quantile(val_errors, np.linspace(0.0, 1.0, N_SCORE_QUANTILES))

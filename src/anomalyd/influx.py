@@ -1,0 +1,237 @@
+"""Store adapters: read many series of a signal in one query, write error points in one batch.
+
+The worker only sees the :class:`Store` protocol, so an InfluxDB 2.x adapter (influxdb-client, Flux) can
+slot in beside :class:`InfluxDB1Store` without touching it. Identifiers are always double-quoted with escaping
+and tag values and times are always bound parameters: nothing from the config or the data is pasted into
+InfluxQL.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import numpy as np
+import requests
+from influxdb import InfluxDBClient
+from influxdb.exceptions import InfluxDBClientError, InfluxDBServerError
+from numpy.typing import NDArray
+
+from .config import InfluxConfig
+from .metrics import INFLUX_ERRORS
+from .records import Tags
+
+log = logging.getLogger(__name__)
+
+SeriesData = dict[Tags, tuple[NDArray[np.int64], NDArray[np.float64]]]
+
+
+class StoreError(ConnectionError):
+    """The store could not be reached or refused a request; the message says which and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Point:
+    """One point to write: measurement, tags, fields and an epoch-ns timestamp."""
+
+    measurement: str
+    tags: Tags
+    fields: tuple[tuple[str, float | int | bool | str], ...]
+    time_ns: int
+
+
+@dataclass(frozen=True)
+class Query:
+    """What to read: one field of one measurement, filtered by tag equalities, split by ``group_by`` tags."""
+
+    measurement: str
+    field: str
+    where: Tags
+    group_by: tuple[str, ...]
+
+
+class Store(Protocol):
+    """What the worker needs from a time-series store."""
+
+    def ping(self) -> str:
+        """Check connectivity; return the server version."""
+        ...
+
+    def read(self, query: Query, start_ns: int, end_ns: int) -> SeriesData:
+        """Every series of ``query`` with samples in ``[start_ns, end_ns]``: tags → (times ns, values)."""
+        ...
+
+    def write(self, points: Sequence[Point], retention_policy: str = "") -> None:
+        """Write the points (in batches if needed); overwrites points with the same series and time."""
+        ...
+
+
+def quote_ident(name: str) -> str:
+    """Quote an InfluxQL identifier, escaping backslashes and double quotes.
+
+    Examples
+    --------
+    >>> quote_ident('cpu')
+    '"cpu"'
+    >>> quote_ident('a"b')
+    '"a\\\\"b"'
+    """
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _escape_key(s: str) -> str:
+    return s.replace("\\", "\\\\").replace(",", "\\,").replace("=", "\\=").replace(" ", "\\ ").replace("\n", "\\n")
+
+
+def _escape_measurement(s: str) -> str:
+    return s.replace("\\", "\\\\").replace(",", "\\,").replace(" ", "\\ ").replace("\n", "\\n")
+
+
+def _field_value(v: float | int | bool | str) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return f"{v}i"
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            raise ValueError(f"field value {v} is not finite; InfluxDB cannot store it")
+        return repr(v)
+    return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def line_protocol(p: Point) -> str:
+    """Render a point as InfluxDB line protocol, escaping every part.
+
+    Examples
+    --------
+    >>> line_protocol(Point("m", (("host", "a b"),), (("x", 1.5), ("ok", True)), 10))
+    'm,host=a\\\\ b x=1.5,ok=true 10'
+    """
+    tags = "".join(f",{_escape_key(k)}={_escape_key(v)}" for k, v in sorted(p.tags) if v != "")
+    fields = ",".join(f"{_escape_key(k)}={_field_value(v)}" for k, v in p.fields)
+    return f"{_escape_measurement(p.measurement)}{tags} {fields} {p.time_ns}"
+
+
+class InfluxDB1Store:
+    """InfluxDB 1.x through the ``influxdb`` package (HTTP API, chunked JSON reads, line-protocol writes)."""
+
+    def __init__(self, cfg: InfluxConfig, write_batch: int = 10_000, chunk_size: int = 100_000) -> None:
+        self.cfg = cfg
+        self.write_batch = write_batch
+        self.chunk_size = chunk_size
+        u = urlsplit(cfg.url)
+        self.client = InfluxDBClient(
+            host=u.hostname or "127.0.0.1", port=u.port or (443 if u.scheme == "https" else 8086),
+            username=cfg.username or "root", password=cfg.password or "root", database=cfg.database,
+            ssl=u.scheme == "https", verify_ssl=cfg.verify_ssl, timeout=cfg.timeout_s, retries=1,
+            path=u.path.strip("/"))
+        self._headers = {"Accept": "application/json", "Content-Type": "application/octet-stream"}
+
+    # -- low level ---------------------------------------------------------------------------------
+    def _request(self, op: str, url: str, method: str, params: dict[str, Any], data: str | bytes | None = None,
+                 expected: int = 200, stream: bool = False) -> requests.Response:
+        try:
+            # JSON, not the client's default msgpack: chunked responses are newline-delimited JSON objects.
+            return self.client.request(url=url, method=method, params=params, data=data, stream=stream,
+                                       expected_response_code=expected, headers=self._headers)
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            INFLUX_ERRORS.labels(op=op).inc()
+            raise StoreError(f"InfluxDB at {self.cfg.url} is unreachable ({type(exc).__name__}); check "
+                             f"influxdb.url and that influxd is running") from exc
+        except InfluxDBServerError as exc:
+            INFLUX_ERRORS.labels(op=op).inc()
+            raise StoreError(f"InfluxDB at {self.cfg.url} failed the {op}: {exc}") from exc
+        except InfluxDBClientError as exc:
+            INFLUX_ERRORS.labels(op=op).inc()
+            hint = ""
+            if exc.code in (401, 403):
+                hint = "; set ANOMALYD_INFLUXDB_USERNAME and ANOMALYD_INFLUXDB_PASSWORD"
+            elif "database not found" in str(exc):
+                hint = f"; create it or fix influxdb.database={self.cfg.database!r}"
+            raise StoreError(f"InfluxDB refused the {op} (HTTP {exc.code}): {exc.content!s}{hint}") from exc
+
+    def ping(self) -> str:
+        r = self._request("ping", "ping", "GET", {}, expected=204)
+        return r.headers.get("X-Influxdb-Version", "unknown")
+
+    def ensure_database(self) -> None:
+        """Create the configured database if it is missing (used by the demo and tests)."""
+        self._request("query", "query", "POST", {"q": f"CREATE DATABASE {quote_ident(self.cfg.database)}"})
+
+    # -- reads -------------------------------------------------------------------------------------
+    def _source(self, measurement: str, rp: str = "") -> str:
+        rp = rp or self.cfg.retention_policy
+        return (f"{quote_ident(self.cfg.database)}.{quote_ident(rp) if rp else ''}."
+                f"{quote_ident(measurement)}")
+
+    def build_select(self, query: Query) -> tuple[str, dict[str, Any]]:
+        """The InfluxQL statement and bound parameters of a read (start/end bound as ``$start``/``$end``)."""
+        params: dict[str, Any] = {}
+        cond = ["time >= $start", "time <= $end"]
+        for i, (k, v) in enumerate(query.where):
+            params[f"w{i}"] = v
+            cond.append(f"{quote_ident(k)} = $w{i}")
+        q = f"SELECT {quote_ident(query.field)} FROM {self._source(query.measurement)} WHERE {' AND '.join(cond)}"
+        if query.group_by:
+            q += " GROUP BY " + ",".join(quote_ident(g) for g in query.group_by)
+        return q, params
+
+    def _chunks(self, q: str, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        r = self._request("query", "query", "POST", {
+            "q": q, "db": self.cfg.database, "epoch": "ns", "chunked": "true", "chunk_size": self.chunk_size,
+            "params": json.dumps(params)}, stream=True)
+        try:
+            for line in r.iter_lines():
+                if line:
+                    yield json.loads(line)
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            INFLUX_ERRORS.labels(op="query").inc()
+            raise StoreError(f"InfluxDB at {self.cfg.url} dropped the query response ({exc}); it will be "
+                             f"retried") from exc
+        finally:
+            r.close()
+
+    def read(self, query: Query, start_ns: int, end_ns: int) -> SeriesData:
+        q, params = self.build_select(query)
+        params.update(start=int(start_ns), end=int(end_ns))
+        parts: dict[Tags, list[list[list[Any]]]] = {}
+        for chunk in self._chunks(q, params):
+            for res in chunk.get("results", []):
+                if "error" in res:
+                    INFLUX_ERRORS.labels(op="query").inc()
+                    raise StoreError(f"InfluxDB rejected the query {q!r}: {res['error']}")
+                for s in res.get("series", []):
+                    tags: Tags = tuple(sorted((k, v) for k, v in (s.get("tags") or {}).items()))
+                    parts.setdefault(tags, []).append(s["values"])
+        out: SeriesData = {}
+        for tags, blocks in parts.items():
+            rows = [r for b in blocks for r in b]
+            t = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+            v = np.fromiter((np.nan if r[1] is None else r[1] for r in rows), dtype=np.float64, count=len(rows))
+            out[tags] = (t, v)
+        return out
+
+    def query_raw(self, q: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Run any InfluxQL statement (bound ``params``) and return its result objects."""
+        out: list[dict[str, Any]] = []
+        for chunk in self._chunks(q, params or {}):
+            out.extend(chunk.get("results", []))
+        return out
+
+    # -- writes ------------------------------------------------------------------------------------
+    def write(self, points: Sequence[Point], retention_policy: str = "") -> None:
+        self.write_lines([line_protocol(p) for p in points], retention_policy)
+
+    def write_lines(self, lines: Sequence[str], retention_policy: str = "") -> None:
+        params = {"db": self.cfg.database, "precision": "ns"}
+        rp = retention_policy or self.cfg.retention_policy
+        if rp:
+            params["rp"] = rp
+        for i in range(0, len(lines), self.write_batch):
+            body = "\n".join(lines[i : i + self.write_batch]).encode()
+            self._request("write", "write", "POST", params, data=body, expected=204)

@@ -1,0 +1,159 @@
+"""The long-running service: APScheduler 3.x interval job, backoff, signals, health/metrics, systemd notify."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from apscheduler.schedulers.blocking import BlockingScheduler
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .influx import StoreError
+from .metrics import LAST_SUCCESS, REGISTRY, TICK_SECONDS, TICKS
+from .worker import TickReport, Worker
+
+log = logging.getLogger(__name__)
+
+
+def sd_notify(message: str) -> bool:
+    """Send ``message`` (e.g. ``READY=1``) to systemd's ``$NOTIFY_SOCKET``; False when not under systemd."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return False
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(addr)
+            s.sendall(message.encode())
+        return True
+    except OSError as exc:
+        log.warning("cannot notify systemd at %s: %s", os.environ.get("NOTIFY_SOCKET"), exc)
+        return False
+
+
+class Health:
+    """Tracks tick outcomes for /healthz: healthy while the last success is recent."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self.last_success: float | None = None
+        self.last_error: str = ""
+        self.consecutive_failures = 0
+        self.started = time.time()
+
+    def ok(self) -> bool:
+        # Healthy if a tick succeeded within three intervals (plus a grace period after start-up).
+        ref = self.last_success or self.started
+        return time.time() - ref <= 3 * self.interval_s + 30 and (
+            self.last_success is not None or self.consecutive_failures == 0)
+
+
+def serve_http(listen: str, health: Health) -> ThreadingHTTPServer:
+    """Start /healthz and /metrics on ``host:port`` in a daemon thread."""
+    host, _, port = listen.rpartition(":")
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.startswith("/metrics"):
+                body, ctype, code = generate_latest(REGISTRY), CONTENT_TYPE_LATEST, 200
+            elif self.path.startswith("/healthz"):
+                good = health.ok()
+                text = "ok\n" if good else f"unhealthy: {health.last_error or 'no successful tick yet'}\n"
+                body, ctype, code = text.encode(), "text/plain", 200 if good else 503
+            else:
+                body, ctype, code = b"not found; try /healthz or /metrics\n", "text/plain", 404
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+            log.debug("http: " + format, *args)
+
+    server = ThreadingHTTPServer((host.strip("[]") or "127.0.0.1", int(port)), Handler)
+    threading.Thread(target=server.serve_forever, name="anomalyd-http", daemon=True).start()
+    log.info("health and metrics on http://%s/healthz and /metrics", listen)
+    return server
+
+
+class Service:
+    """Runs ``worker.tick`` every interval; survives failed ticks with exponential backoff."""
+
+    def __init__(self, worker: Worker, interval_s: float, max_backoff_s: float = 300.0,
+                 health_listen: str = "") -> None:
+        self.worker = worker
+        self.interval_s = interval_s
+        self.max_backoff_s = max_backoff_s
+        self.health = Health(interval_s)
+        self.health_listen = health_listen
+        self._next_attempt = 0.0
+        self._ready = False
+        self.scheduler = BlockingScheduler(job_defaults={"coalesce": True, "max_instances": 1,
+                                                         "misfire_grace_time": None})
+
+    def run_tick(self) -> TickReport | None:
+        """One guarded tick: never raises; failures are logged, counted and backed off."""
+        now = time.monotonic()
+        if now < self._next_attempt:
+            return None
+        t0 = time.perf_counter()
+        try:
+            report = self.worker.tick()
+        except StoreError as exc:
+            self._failed(f"{exc}", traceback=False)
+            return None
+        except Exception as exc:  # the loop must survive any single bad tick
+            self._failed(f"{type(exc).__name__}: {exc}", traceback=True)
+            return None
+        TICK_SECONDS.observe(time.perf_counter() - t0)
+        TICKS.labels(outcome="ok").inc()
+        LAST_SUCCESS.set(time.time())
+        self.health.last_success = time.time()
+        self.health.consecutive_failures = 0
+        self._next_attempt = 0.0
+        if not self._ready:
+            self._ready = True
+            sd_notify("READY=1")
+        sd_notify("WATCHDOG=1")
+        log.info("tick: %d windows scored, %d anomalous, %d missing in %.2fs", report.windows,
+                 report.anomalous, report.missing, report.seconds)
+        return report
+
+    def _failed(self, msg: str, traceback: bool) -> None:
+        TICKS.labels(outcome="failed").inc()
+        self.health.consecutive_failures += 1
+        self.health.last_error = msg
+        backoff = min(self.interval_s * 2 ** (self.health.consecutive_failures - 1), self.max_backoff_s)
+        self._next_attempt = time.monotonic() + backoff - self.interval_s
+        log.error("tick failed (%d in a row), next try in %.0fs: %s", self.health.consecutive_failures,
+                  max(backoff, self.interval_s), msg, exc_info=traceback)
+        sd_notify("WATCHDOG=1")  # the process is alive and retrying; systemd should not kill it
+
+    def run_forever(self) -> None:
+        """Block until SIGTERM/SIGINT; stop cleanly between ticks."""
+        server = serve_http(self.health_listen, self.health) if self.health_listen else None
+
+        def stop(signum: int, _frame: Any) -> None:
+            log.info("received %s, stopping after the current tick", signal.Signals(signum).name)
+            sd_notify("STOPPING=1")
+            self.scheduler.shutdown(wait=True)
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        self.scheduler.add_job(self.run_tick, "interval", seconds=self.interval_s, id="tick",
+                               next_run_time=datetime.now())
+        try:
+            self.scheduler.start()
+        finally:
+            if server is not None:
+                server.shutdown()
+            log.info("stopped")

@@ -1,0 +1,119 @@
+"""Training: read each series' training range, fit its model, save it to the catalog.
+
+One bad series (too little data, NaN only, ...) is reported and the others go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm import tqdm
+
+from . import catalog
+from .catalog import StoredModel, model_id_for
+from .config import Config, SignalConfig
+from .influx import Query, Store
+from .model import WindowReconstructor
+from .records import SeriesKey, Tags
+from .worker import align
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainReport:
+    trained: list[StoredModel] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def _estimator(sig: SignalConfig) -> WindowReconstructor:
+    th = sig.threshold
+    return WindowReconstructor(window=sig.window, train_slide=sig.train_slide, n_clusters=sig.clusters,
+                               random_state=sig.random_state, holdout=sig.holdout, threshold_policy=th.policy,
+                               margin=th.margin, quantile=th.quantile, sigma_k=th.k,
+                               max_train_windows=sig.max_train_windows, n_init=sig.n_init)
+
+
+def prepare(times: np.ndarray, values: np.ndarray, sig: SignalConfig, key: SeriesKey) -> list[np.ndarray]:
+    """Align a training series to its period, fill short gaps, and split it at the longer ones.
+
+    Returns the gap-free stretches; raises ValueError naming the series when there are no samples.
+    """
+    if len(times) == 0:
+        raise ValueError(f"series {key} has no samples in the training range; widen signals.train_range")
+    t0 = int(times.min()) // sig.period_ns * sig.period_ns
+    n = int((int(times.max()) - t0) // sig.period_ns) + 1
+    aligned, problems = align(times, values, sig.period_ns, t0, n, sig.max_gap)
+    for kind, count in problems.items():
+        if kind != "filled":
+            log.warning("series %s: %d %s samples in the training range", key, count, kind)
+    x = aligned.values
+    holes = np.isnan(x)
+    if not holes.any():
+        return [x]
+    edges = np.flatnonzero(np.diff(np.concatenate([[1], holes.astype(np.int8), [1]])))
+    runs = edges.reshape(-1, 2)
+    log.warning("series %s has %d samples missing in gaps longer than max_gap=%d; training on its %d gap-free "
+                "stretches", key, int(holes.sum()), sig.max_gap, len(runs))
+    return [x[a:b] for a, b in runs]
+
+
+def train(cfg: Config, store: Store, now_ns: int | None = None, signals: list[str] | None = None,
+          progress: bool = True, clock: Callable[[], int] = time.time_ns) -> TrainReport:
+    """Train every configured signal (or those named) and save the models."""
+    now = clock() if now_ns is None else now_ns
+    report = TrainReport()
+    for sig in cfg.signals:
+        if signals and sig.name not in signals:
+            continue
+        start, end = sig.train_range.resolve(now)
+        if sig.scope == "shared":
+            where = tuple(sorted({**dict(sig.where), **dict(sig.train_where)}.items()))
+            data = store.read(Query(sig.measurement, sig.field, where, sig.group_by), start, end)
+            key = SeriesKey(sig.name, ())
+            try:
+                if not data:
+                    raise ValueError(f"signal {sig.name} has no series matching {dict(where)} in the training "
+                                     f"range; check signals.train_where and signals.train_range")
+                # Windows never straddle two series: each series' stretches are fitted as separate segments.
+                parts = [p for tags, (t, v) in sorted(data.items())
+                         for p in prepare(t, v, sig, SeriesKey(sig.name, tags))]
+                _fit_save(cfg, sig, (), parts, start, end, report, n_series=len(data))
+            except ValueError as exc:
+                report.failed[key.id] = str(exc)
+                log.error("cannot train %s: %s", key, exc)
+            continue
+        query = Query(sig.measurement, sig.field, tuple(sorted({**dict(sig.where), **dict(sig.train_where)}.items())),
+                      sig.group_by)
+        data = store.read(query, start, end)
+        if not data:
+            report.failed[sig.name] = "no series in the training range"
+            log.error("signal %s: no series of %s.%s in the training range; check train_range and where",
+                      sig.name, sig.measurement, sig.field)
+        items = sorted(data.items())
+        for tags, (t, v) in tqdm(items, desc=f"train {sig.name}", unit="series", disable=not progress
+                                 or len(items) < 10):
+            key = SeriesKey(sig.name, tags)
+            try:
+                _fit_save(cfg, sig, tags, prepare(t, v, sig, key), start, end, report)
+            except ValueError as exc:
+                report.failed[key.id] = str(exc)
+                log.error("cannot train %s: %s", key, exc)
+    return report
+
+
+def _fit_save(cfg: Config, sig: SignalConfig, tags: Tags, x: list[np.ndarray], start: int, end: int,
+              report: TrainReport, n_series: int = 1) -> None:
+    model = _estimator(sig).fit(x)
+    mid = model_id_for(sig.name, tags, sig.scope)
+    stored = StoredModel(model_id=mid, signal=sig.name, tags=tags, scope=sig.scope, model=model,
+                         period_ns=sig.period_ns, train_start_ns=start, train_end_ns=end,
+                         meta={"n_samples": sum(len(p) for p in x), "n_series": n_series})
+    catalog.save(cfg.paths.models, stored)
+    report.trained.append(stored)
+    log.info("trained %s on %d samples: threshold %.4g (%s policy)", mid, sum(len(p) for p in x), model.threshold_,
+             sig.threshold.policy)
