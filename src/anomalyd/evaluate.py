@@ -606,9 +606,10 @@ def _file_layout(
 
     The window logic follows NAB's sweeper: a window is entered at the first row (after the previous
     window's entry) whose timestamp equals its start, and left at the first row from there whose timestamp
-    equals its end; its width is measured between the FIRST occurrences of its bounds in the file. A row at
-    ``i`` inside scores ``sigmoid(-(right - i + 1) / width) / sigmoid(-1)``; a row after a window scores
-    ``sigmoid(|right - i| / (width - 1))``; a row before any window scores -1.
+    equals its end; its width is measured between the FIRST occurrences of its bounds in the file. With
+    NAB's scaled sigmoid ``S(y) = 2 / (1 + exp(5 y)) - 1``, a row at ``i`` inside scores
+    ``S(-(right - i + 1) / width) / S(-1)``; a row after a window scores ``S(|right - i| / (width - 1))``
+    (-1 beyond ``y > 3``); a row before any window scores -1.
     """
     ts = np.asarray(f.timestamps)
     n = int(ts.shape[0])

@@ -242,7 +242,8 @@ class WindowReconstructor(BaseEstimator):  # type: ignore[misc]
 
     def reconstruct(self, windows: ArrayLike) -> NDArray[np.float64]:
         """Each window's reconstruction: its nearest centroid (a tapered shape)."""
-        return np.asarray(self.cluster_centers_[self.nearest(windows)])
+        idx = self.nearest(windows)
+        return np.asarray(self.cluster_centers_[idx])
 
     def window_errors(self, windows: ArrayLike) -> NDArray[np.float64]:
         """Max absolute difference between each tapered window and its nearest centroid."""

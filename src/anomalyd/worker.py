@@ -233,7 +233,7 @@ class Worker:
                 continue
             if lo is None:
                 wm = self.watermarks.get(key.id)
-                s_lo = wm if wm is not None else max(stored.train_end_ns // step * step, floor)
+                s_lo = wm if wm is not None else stored.train_end_ns // step * step
                 if s_lo < floor:
                     skipped = (floor - s_lo) // step
                     rep.skipped_backlog += skipped

@@ -1,0 +1,76 @@
+"""Shared fixtures: a real influxd per test session, configs pointing at it, the reference data."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from anomalyd.config import Config, from_dict
+from anomalyd.influx import InfluxDB1Store
+from anomalyd.localinflux import InfluxdMissingError, LocalInfluxd
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+_db_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"reference data not found at {SHARED_DATA}; the tests read ../shared/data beside the project")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def influxd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalInfluxd]:
+    """A real influxd on a free loopback port in a temporary directory, stopped after the session."""
+    try:
+        server = LocalInfluxd(tmp_path_factory.mktemp("influxd")).start()
+    except InfluxdMissingError as exc:
+        pytest.fail(f"{exc} (the store and end-to-end tests need a real InfluxDB; .ci/run installs it)")
+    yield server
+    server.stop()
+
+
+def make_config(url: str, database: str, tmp: Path, signals: list[dict] | None = None, **sections: dict) -> Config:
+    """A validated Config for tests: given signals (default: the synthetic heartbeat) and section overrides."""
+    raw: dict = {
+        "influxdb": {"url": url, "database": database, "timeout": "5s", "retries": 0},
+        "output": {"write_reconstruction": True},
+        "paths": {"models": str(tmp / "models"), "state": str(tmp / "state")},
+        "daemon": {"interval": "1s", "lateness": "0s", "health_listen": ""},
+        "signals": signals or [{"name": "heartbeat", "measurement": "ecg", "field": "value",
+                                "group_by": ["patient"], "period": "1s", "clusters": 150,
+                                "train_range": ["now-4h", "now-1h"]}],
+    }
+    for name, table in sections.items():
+        raw.setdefault(name, {}).update(table)
+    return from_dict(raw, env={})
+
+
+@pytest.fixture
+def database(influxd: LocalInfluxd) -> str:
+    """A fresh database name on the session's influxd (created)."""
+    name = f"t{os.getpid()}_{next(_db_counter)}"
+    influxd.query(f'CREATE DATABASE "{name}"')
+    return name
+
+
+@pytest.fixture
+def cfg(influxd: LocalInfluxd, database: str, tmp_path: Path) -> Config:
+    return make_config(influxd.url, database, tmp_path)
+
+
+@pytest.fixture
+def store(cfg: Config) -> InfluxDB1Store:
+    return InfluxDB1Store(cfg.influxdb, cfg.daemon.write_batch)
+
+
+def with_signal(cfg: Config, **changes: object) -> Config:
+    """A copy of ``cfg`` whose first signal has ``changes`` applied."""
+    return replace(cfg, signals=(replace(cfg.signals[0], **changes), *cfg.signals[1:]))
