@@ -1,0 +1,157 @@
+"""One tick over many series against a real local influxd, next to the server floor and the blog's loop.
+
+Usage: .venv/bin/python benchmarks/bench_tick.py --series 1000 10000
+
+For each N: N series at 1 Hz, one shared model, watermarks one window behind, so the tick has exactly one due
+window per series (window 32, slide 16). Reported, all measured in the same run:
+- tick: wall time of ``Worker.tick`` (read all due windows, score, write all points, advance watermarks);
+- floor: the same InfluxQL query fetched with curl plus the same points written with curl;
+- baseline: the blog's loop, one client and one query per series per window and one write per point
+  (measured on min(N, --baseline-max) series and scaled linearly to N when fewer);
+- peak memory: tracemalloc peak of a second tick run (Python + numpy allocations).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import tempfile
+import time
+import tracemalloc
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+from influxdb import InfluxDBClient
+
+from anomalyd import catalog
+from anomalyd.catalog import Catalog, StoredModel
+from anomalyd.config import from_dict
+from anomalyd.influx import InfluxDB1Store, Query, line_protocol
+from anomalyd.localinflux import LocalInfluxd
+from anomalyd.model import WindowReconstructor, sliding_windows
+from anomalyd.records import SeriesKey
+from anomalyd.state import Watermarks
+from anomalyd.synthetic import ecg
+from anomalyd.worker import Worker
+
+SEC = 10**9
+
+
+def setup(server: LocalInfluxd, n: int, root: Path, now: int) -> tuple[object, np.ndarray]:
+    db = f"bench{n}"
+    server.query(f'CREATE DATABASE "{db}"')
+    cfg = from_dict({
+        "influxdb": {"url": server.url, "database": db},
+        "paths": {"models": str(root / "models"), "state": str(root / f"state{n}")},
+        "daemon": {"lateness": "0s", "health_listen": ""},
+        "signals": [{"name": "bench", "measurement": "m", "field": "v", "group_by": ["host"], "period": "1s",
+                     "scope": "shared", "clusters": 150}],
+    }, env={})
+    x, _ = ecg(20_000, seed=1)
+    model = WindowReconstructor().fit(x[:8000])
+    catalog.save(cfg.paths.models, StoredModel("bench", "bench", (), "shared", model, SEC, 0, 0))
+    step = 16 * SEC
+    hi = now // step * step
+    t = hi - 63 * SEC + np.arange(64) * SEC  # 64 samples per series: the due window and what precedes it
+    lines = []
+    for i in range(n):
+        vals = x[(i * 37) % 10_000 : (i * 37) % 10_000 + 64]
+        lines.extend(f"m,host=h{i:05d} v={v:.3f} {ts}" for v, ts in zip(vals, t, strict=True))
+    for k in range(0, len(lines), 100_000):
+        server.write_lines(db, "\n".join(lines[k : k + 100_000]))
+    wm = Watermarks(cfg.paths.state / "watermarks.json")
+    for i in range(n):
+        wm.advance(SeriesKey("bench", (("host", f"h{i:05d}"),)).id, hi - step)
+    wm.save()
+    return cfg, x
+
+
+def curl_floor(cfg, store: InfluxDB1Store, hi: int, n: int, root: Path) -> float:  # type: ignore[no-untyped-def]
+    sig = cfg.signals[0]
+    q, params = store.build_select(Query(sig.measurement, sig.field, sig.where, sig.group_by))
+    params.update(start=hi - 16 * SEC - 31 * SEC + SEC, end=hi)
+    body = root / "points.txt"
+    body.write_text("\n".join(
+        f"anomaly_error,host=h{i:05d},model=bench,series=host\\=h{i:05d},signal=bench max_error=1.5,threshold=2.5,"
+        f"anomalous=false,score=0.4,missing=false,n_missing=0i {hi}" for i in range(n)))
+    t0 = time.perf_counter()
+    subprocess.run(["curl", "-sf", "-o", "/dev/null", "-XPOST", f"{cfg.influxdb.url}/query",
+                    "--data-urlencode", f"q={q}", "--data-urlencode", f"db={cfg.influxdb.database}",
+                    "--data-urlencode", "epoch=ns", "--data-urlencode", "chunked=true",
+                    "--data-urlencode", "chunk_size=100000", "--data-urlencode", f"params={json.dumps(params)}"],
+                   check=True)
+    subprocess.run(["curl", "-sf", "-XPOST", f"{cfg.influxdb.url}/write?db={cfg.influxdb.database}&precision=ns",
+                    "--data-binary", f"@{body}"], check=True)
+    return time.perf_counter() - t0
+
+
+def blog_loop(cfg, model: WindowReconstructor, n: int, hi: int) -> float:  # type: ignore[no-untyped-def]
+    """One client, one query and one write per series per window, as the blog's live loop does."""
+    port = int(cfg.influxdb.url.rsplit(":", 1)[1])
+    t0 = time.perf_counter()
+    for i in range(n):
+        client = InfluxDBClient("127.0.0.1", port, database=cfg.influxdb.database)
+        rs = client.query('SELECT "v" FROM "m" WHERE "host" = $h AND time > $lo AND time <= $hi',
+                          bind_params={"h": f"h{i:05d}", "lo": hi - 32 * SEC, "hi": hi}, epoch="ns")
+        vals = np.array([p["v"] for p in rs.get_points()])
+        if len(vals) == 32:
+            err = float(model.window_errors(sliding_windows(vals, 32, 16))[0])
+            client.write_points([{"measurement": "baseline_error", "tags": {"host": f"h{i:05d}"},
+                                  "fields": {"max_error": err}, "time": hi}], time_precision="n")
+        client.close()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--series", type=int, nargs="+", default=[1000, 10000])
+    ap.add_argument("--baseline-max", type=int, default=2000)
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        server = LocalInfluxd(root / "influxd").start()
+        try:
+            for n in args.series:
+                now = time.time_ns()
+                cfg, _ = setup(server, n, root, now)
+                store = InfluxDB1Store(cfg.influxdb)  # type: ignore[attr-defined]
+                hi = now // (16 * SEC) * (16 * SEC)
+                floor = min(curl_floor(cfg, store, hi, n, root) for _ in range(3))
+                worker = Worker(cfg, store, Catalog(cfg.paths.models),  # type: ignore[arg-type]
+                                Watermarks(cfg.paths.state / "watermarks.json"), clock=lambda now=now: now)
+                t0 = time.perf_counter()
+                rep = worker.tick()
+                tick = time.perf_counter() - t0
+                assert rep.windows == n, (rep.windows, n)
+                # Peak memory of a repeat tick (same work: reset the watermarks first).
+                cfg2 = replace(cfg, paths=replace(cfg.paths, state=cfg.paths.state))  # type: ignore[attr-defined]
+                wm = Watermarks(cfg.paths.state / "watermarks.json")  # type: ignore[attr-defined]
+                for i in range(n):
+                    wm._marks[SeriesKey("bench", (("host", f"h{i:05d}"),)).id] = hi - 16 * SEC
+                w2 = Worker(cfg2, store, Catalog(cfg.paths.models), wm, clock=lambda now=now: now)  # type: ignore[attr-defined]
+                tracemalloc.start()
+                w2.tick()
+                peak = tracemalloc.get_traced_memory()[1]
+                tracemalloc.stop()
+                nb = min(n, args.baseline_max)
+                model = catalog.load(cfg.paths.models / "bench.json").model  # type: ignore[attr-defined]
+                base = blog_loop(cfg, model, nb, hi) * n / nb
+                rows.append((n, tick, floor, base, nb, peak))
+                print(f"N={n}: tick {tick:.2f}s, floor {floor:.2f}s ({tick / floor:.2f}x), blog loop "
+                      f"{base:.1f}s{' (scaled from ' + str(nb) + ')' if nb < n else ''} "
+                      f"({base / tick:.0f}x slower), peak {peak / 2**20:.1f} MiB", flush=True)
+        finally:
+            server.stop()
+    print("\n| series | tick (s) | curl floor (s) | tick / floor | blog loop (s) | blog / tick | peak MiB |")
+    print("|---|---|---|---|---|---|---|")
+    for n, tick, floor, base, nb, peak in rows:
+        note = f" (measured on {nb}, scaled)" if nb < n else ""
+        print(f"| {n} | {tick:.2f} | {floor:.2f} | {tick / floor:.2f} | {base:.1f}{note} | {base / tick:.0f} | "
+              f"{peak / 2**20:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
