@@ -28,7 +28,7 @@ from influxdb import InfluxDBClient
 from anomalyd import catalog
 from anomalyd.catalog import Catalog, StoredModel
 from anomalyd.config import from_dict
-from anomalyd.influx import InfluxDB1Store, Query, line_protocol
+from anomalyd.influx import InfluxDB1Store, Query
 from anomalyd.localinflux import LocalInfluxd
 from anomalyd.model import WindowReconstructor, sliding_windows
 from anomalyd.records import SeriesKey

@@ -20,7 +20,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    def cmd(name: str, help: str) -> argparse.ArgumentParser:  # noqa: A002
+    def cmd(name: str, help: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
         sp.add_argument("-c", "--config", default="config.toml", type=Path, help="TOML config (default %(default)s)")
         return sp
@@ -44,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--external", action="store_true", help="use influxdb.url from the config, start no influxd")
     sp = cmd("kapacitor", "render the TICKscripts or define the tasks in Kapacitor")
     sp.add_argument("action", choices=["render", "define"])
-    sp.add_argument("--out", type=Path, default=Path("var/tickscripts"), help="where render writes (default %(default)s)")
+    sp.add_argument("--out", type=Path, default=Path("var/tickscripts"),
+                    help="where render writes (default %(default)s)")
     sp.add_argument("--url", help="Kapacitor URL (default kapacitor.url from the config)")
     return p
 
@@ -67,7 +68,8 @@ def _worker(cfg: Config, dry_run: bool = False):  # type: ignore[no-untyped-def]
 
 
 def _check(cfg: Config) -> int:
-    from .catalog import CatalogError, load as load_model, model_id_for
+    from .catalog import CatalogError, model_id_for
+    from .catalog import load as load_model
     from .influx import StoreError
 
     problems = 0

@@ -292,6 +292,10 @@ def _non_negative(v: Any) -> str | None:
     return None if v >= 0 else "must be 0 or more"
 
 
+def _between(lo: int, hi: int, name: str) -> Callable[[Any], str | None]:
+    return lambda v: None if lo <= v <= hi else f"must be between {lo} and {name}={hi}"
+
+
 def _one_of(options: tuple[str, ...]) -> Callable[[Any], str | None]:
     return lambda v: None if v in options else f"is not one of: {', '.join(options)}"
 
@@ -500,11 +504,15 @@ def _signals(c: _Checker, raw: Any) -> tuple[SignalConfig, ...]:
         names.add(name)
         window = c.get(t, "window", p, "int", 32, lambda v: None if v >= 4 else "must be at least 4")
         slide = c.get(t, "slide", p, "int", 16,
-                      lambda v: None if 1 <= v <= window else f"must be between 1 and window={window}")
+                      _between(1, window, "window"))
         group_by = t.get("group_by", [])
         if not isinstance(group_by, list) or not all(isinstance(g, str) and g for g in group_by):
             c.bad(f"{p}.group_by", f"{group_by!r} must be a list of tag names, e.g. [\"host\"]")
             group_by = []
+        reserved = sorted({"signal", "series", "model"} & set(group_by))
+        if reserved:
+            c.bad(f"{p}.group_by", f"{reserved} clash with the output's own tags (signal, series, model); "
+                                   "rename the source tag or drop it from group_by")
         scope = c.get(t, "scope", p, "str", "series", _one_of(SCOPES))
         tr = t.get("train_range", "last 7d")
         train_range = TrainRange("now-7d", "now")
@@ -546,7 +554,7 @@ def _signals(c: _Checker, raw: Any) -> tuple[SignalConfig, ...]:
             period_ns=c.get(t, "period", p, "duration", 10**9, _positive),
             window=window,
             train_slide=c.get(t, "train_slide", p, "int", 2,
-                              lambda v: None if 1 <= v <= window else f"must be between 1 and window={window}"),
+                              _between(1, window, "window")),
             slide=slide,
             clusters=c.get(t, "clusters", p, "int", 150, _positive),
             random_state=c.get(t, "random_state", p, "int", 0),

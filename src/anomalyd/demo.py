@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 
 from . import training
-
 from .catalog import Catalog
 from .config import Config, SignalConfig
 from .influx import InfluxDB1Store, Point

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -53,7 +54,7 @@ class LocalInfluxd:
                    INFLUXDB_HTTP_LOG_ENABLED="false", INFLUXDB_DATA_QUERY_LOG_ENABLED="false",
                    INFLUXDB_HTTP_MAX_ROW_LIMIT="0", INFLUXDB_LOGGING_LEVEL="warn",
                    INFLUXDB_MONITOR_STORE_ENABLED="false")
-        logf = open(self.root / "influxd.log", "ab")  # noqa: SIM115 - handed to the child process
+        logf = open(self.root / "influxd.log", "ab")
         self.proc = subprocess.Popen([self.binary], env=env, stdout=logf, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         logf.close()
@@ -81,10 +82,10 @@ class LocalInfluxd:
                 self.proc.wait(5)
         self.proc = None
 
-    def query(self, q: str, db: str = "") -> dict:  # type: ignore[type-arg]
+    def query(self, q: str, db: str = "") -> dict[str, Any]:
         r = requests.post(f"{self.url}/query", params={"q": q, "db": db, "epoch": "ns"}, timeout=30)
         r.raise_for_status()
-        return r.json()  # type: ignore[no-any-return]
+        return dict(r.json())
 
     def write_lines(self, db: str, lines: str | bytes) -> None:
         r = requests.post(f"{self.url}/write", params={"db": db, "precision": "ns"},

@@ -99,7 +99,7 @@ def threshold_from_errors(errors: NDArray[np.float64], policy: str, margin: floa
     raise ValueError(f"threshold policy {policy!r} is not one of {', '.join(THRESHOLD_POLICIES)}")
 
 
-class WindowReconstructor(BaseEstimator):  # type: ignore[misc]
+class WindowReconstructor(BaseEstimator):
     """K-Means catalog of normal window shapes; scores windows by their max reconstruction error.
 
     Parameters

@@ -76,7 +76,7 @@ def serve_http(listen: str, health: Health) -> ThreadingHTTPServer:
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        def log_message(self, format: str, *args: Any) -> None:
             log.debug("http: " + format, *args)
 
     server = ThreadingHTTPServer((host.strip("[]") or "127.0.0.1", int(port)), Handler)

@@ -53,7 +53,7 @@ def ecg(n: int, seed: int = 0, beat_len: int = 80, noise: float = 1.0) -> tuple[
     total = 0
     while total < n:
         starts.append(total)
-        length = int(round(beat_len * rng.uniform(0.96, 1.04)))
+        length = round(beat_len * rng.uniform(0.96, 1.04))
         parts.append(_beat(length, rng.uniform(0.97, 1.03), rng))
         total += length
     out = np.concatenate(parts)[:n]

@@ -221,9 +221,10 @@ class Worker:
         data = self.store.read(Query(sig.measurement, sig.field, sig.where, sig.group_by), read_lo, hi)
         batches: dict[str, _Batch] = {}
         untrained = 0
+        shared = self._model_for(sig, ()) if sig.scope == "shared" else None
         for tags, (times, values) in data.items():
             key = SeriesKey(sig.name, tags)
-            stored = self._model_for(sig, tags)
+            stored = shared if sig.scope == "shared" else self._model_for(sig, tags)
             if stored is None:
                 untrained += 1
                 if key.id not in self._reported_untrained:
@@ -292,7 +293,7 @@ class Worker:
         out = self.cfg.output
         model = batch.stored.model
         allw = np.concatenate(batch.rows) if batch.rows else np.empty((0, sig.window))
-        complete = ~np.isnan(allw).any(axis=1)
+        complete = np.asarray(~np.isnan(allw).any(axis=1), dtype=bool)
         errors = np.full(len(allw), np.nan)
         scores = np.full(len(allw), np.nan)
         centroids = np.zeros_like(allw)
@@ -360,9 +361,9 @@ class Worker:
             acc[a : a + w] += centroids[j]
             wsum[a : a + w] += tap
         meas = self.cfg.output.reconstruction_measurement
-        for j in np.flatnonzero(emit & ok):
-            a = int((ends[j] - (w - 1) * period - aligned.t0) // period)
-            for k in range(a, a + s):
+        for jj in np.flatnonzero(emit & ok):
+            first = int((ends[jj] - (w - 1) * period - aligned.t0) // period)
+            for k in range(first, first + s):
                 v = aligned.values[k]
                 if wsum[k] > 0.05 and np.isfinite(v):
                     out.append(Point(meas, tags, (("value", float(v)), ("reconstruction", float(acc[k] / wsum[k]))),
