@@ -70,7 +70,7 @@ def setup(server: LocalInfluxd, n: int, root: Path, now: int) -> tuple[object, n
 
 def curl_floor(cfg, store: InfluxDB1Store, hi: int, n: int, root: Path) -> float:  # type: ignore[no-untyped-def]
     sig = cfg.signals[0]
-    q, params = store.build_select(Query(sig.measurement, sig.field, sig.where, sig.group_by))
+    q, params = store.build_select(Query(sig.measurement, sig.field, sig.where, sig.group_by, sig.period_ns))
     params.update(start=hi - 16 * SEC - 31 * SEC + SEC, end=hi)
     body = root / "points.txt"
     body.write_text("\n".join(
@@ -79,7 +79,7 @@ def curl_floor(cfg, store: InfluxDB1Store, hi: int, n: int, root: Path) -> float
     t0 = time.perf_counter()
     subprocess.run(["curl", "-sf", "-o", "/dev/null", "-XPOST", f"{cfg.influxdb.url}/query",
                     "--data-urlencode", f"q={q}", "--data-urlencode", f"db={cfg.influxdb.database}",
-                    "--data-urlencode", "epoch=ns", "--data-urlencode", "chunked=true",
+                    "--data-urlencode", "epoch=ms", "--data-urlencode", "chunked=true",
                     "--data-urlencode", "chunk_size=100000", "--data-urlencode", f"params={json.dumps(params)}"],
                    check=True)
     subprocess.run(["curl", "-sf", "-XPOST", f"{cfg.influxdb.url}/write?db={cfg.influxdb.database}&precision=ns",

@@ -73,7 +73,7 @@ def train(cfg: Config, store: Store, now_ns: int | None = None, signals: list[st
         start, end = sig.train_range.resolve(now)
         if sig.scope == "shared":
             where = tuple(sorted({**dict(sig.where), **dict(sig.train_where)}.items()))
-            data = store.read(Query(sig.measurement, sig.field, where, sig.group_by), start, end)
+            data = store.read(Query(sig.measurement, sig.field, where, sig.group_by, sig.period_ns), start, end)
             key = SeriesKey(sig.name, ())
             try:
                 if not data:
@@ -88,7 +88,7 @@ def train(cfg: Config, store: Store, now_ns: int | None = None, signals: list[st
                 log.error("cannot train %s: %s", key, exc)
             continue
         query = Query(sig.measurement, sig.field, tuple(sorted({**dict(sig.where), **dict(sig.train_where)}.items())),
-                      sig.group_by)
+                      sig.group_by, sig.period_ns)
         data = store.read(query, start, end)
         if not data:
             report.failed[sig.name] = "no series in the training range"

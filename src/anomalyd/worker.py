@@ -23,7 +23,7 @@ from .catalog import Catalog, StoredModel, model_id_for
 from .config import Config, SignalConfig
 from .influx import Point, Query, Store
 from .metrics import DATA_PROBLEMS, LAG_SECONDS, UNTRAINED_SERIES, WINDOWS
-from .model import sliding_windows, taper
+from .model import taper
 from .records import SeriesKey, Tags, WindowResult, tags_str
 from .state import Watermarks
 
@@ -122,6 +122,55 @@ def align(times: NDArray[np.int64], values: NDArray[np.float64], period_ns: int,
     return _Aligned(t0, out), problems
 
 
+def align_many(series: Sequence[tuple[NDArray[np.int64], NDArray[np.float64]]], period_ns: int, t0: int, n: int,
+               max_gap: int) -> tuple[NDArray[np.float64], list[dict[str, int]]]:
+    """:func:`align` for many series on one grid at once: returns an ``(len(series), n)`` matrix.
+
+    The common case (sorted, finite, on-grid samples without duplicates or short gaps) is handled for all
+    series together in a few numpy calls; only series that need repairs go through :func:`align` one by one.
+
+    Examples
+    --------
+    >>> m, p = align_many([(np.array([0, 10]), np.array([1.0, 2.0])), (np.array([10]), np.array([5.0]))], 10, 0, 2, 0)
+    >>> m.tolist(), p
+    ([[1.0, 2.0], [nan, 5.0]], [{}, {}])
+    """
+    out = np.full((len(series), n), np.nan)
+    problems: list[dict[str, int]] = [{} for _ in series]
+    if not series:
+        return out, problems
+    lengths = np.fromiter((len(t) for t, _ in series), dtype=np.int64, count=len(series))
+    times = np.concatenate([t for t, _ in series]) if lengths.sum() else np.empty(0, np.int64)
+    values = np.concatenate([v for _, v in series]) if lengths.sum() else np.empty(0)
+    rows = np.repeat(np.arange(len(series)), lengths)
+    rel = times - t0
+    idx = rel // period_ns
+    same_row = rows[1:] == rows[:-1]
+    bad = np.zeros(len(series), dtype=bool)
+    # Out of order or duplicate (within a row), off the grid, or not finite: repair those series one by one.
+    step_bad = same_row & (idx[1:] <= idx[:-1])
+    bad[rows[1:][step_bad]] = True
+    bad[rows[(rel % period_ns) != 0]] = True
+    bad[rows[~np.isfinite(values)]] = True
+    inside = (idx >= 0) & (idx < n)
+    good = ~bad[rows] & inside
+    out[rows[good], idx[good]] = values[good]
+    if max_gap > 0:
+        # Series with interior gaps short enough to fill also take the careful path.
+        holes = np.isnan(out)
+        has_hole = holes.any(axis=1) & ~bad
+        for r in np.flatnonzero(has_hole):
+            present = np.flatnonzero(~holes[r])
+            if len(present) >= 2 and np.any((np.diff(present) > 1) & (np.diff(present) <= max_gap + 1)):
+                bad[r] = True
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    for r in np.flatnonzero(bad):
+        a, b = starts[r], starts[r + 1]
+        aligned, problems[r] = align(times[a:b], values[a:b], period_ns, t0, n, max_gap)
+        out[r] = aligned.values
+    return out, problems
+
+
 @dataclass
 class _Batch:
     """Windows of many series that share one model, scored in one call."""
@@ -218,10 +267,11 @@ class Worker:
         n_ctx = -(-sig.window // sig.slide) - 1 if self.cfg.output.write_reconstruction else 0
         span = (sig.window - 1) * sig.period_ns
         read_lo = q_lo - span - n_ctx * step + sig.period_ns
-        data = self.store.read(Query(sig.measurement, sig.field, sig.where, sig.group_by), read_lo, hi)
+        data = self.store.read(Query(sig.measurement, sig.field, sig.where, sig.group_by, sig.period_ns), read_lo, hi)
         batches: dict[str, _Batch] = {}
         untrained = 0
         shared = self._model_for(sig, ()) if sig.scope == "shared" else None
+        groups: dict[int, list[tuple[SeriesKey, StoredModel, NDArray[np.int64], NDArray[np.float64]]]] = {}
         for tags, (times, values) in data.items():
             key = SeriesKey(sig.name, tags)
             stored = shared if sig.scope == "shared" else self._model_for(sig, tags)
@@ -244,22 +294,25 @@ class Worker:
                     s_lo = floor
             else:
                 s_lo = lo
-            if s_lo >= hi:
-                continue
+            if s_lo < hi:
+                groups.setdefault(s_lo, []).append((key, stored, times, values))
+        # Series with the same watermark share one grid and are aligned together.
+        for s_lo, members in groups.items():
             ends = np.arange(s_lo + step - n_ctx * step, hi + 1, step, dtype=np.int64)
             emit = ends > s_lo
             t0 = int(ends[0]) - span
-            n = (hi - t0) // sig.period_ns + 1
-            aligned, problems = align(times, values, sig.period_ns, t0, int(n), sig.max_gap)
-            for kind, count in problems.items():
-                DATA_PROBLEMS.labels(signal=sig.name, kind=kind).inc(count)
-                if kind != "filled":
-                    log.info("series %s: %d %s samples in (%d, %d]", key, count, kind, read_lo, hi)
-            batch = batches.setdefault(stored.model_id, _Batch(stored))
-            win = sliding_windows(aligned.values, sig.window, sig.slide)
-            batch.rows.append(win[: len(ends)])
-            batch.owners.append((key, ends, emit, aligned))
-            rep.series += 1
+            n = int((hi - t0) // sig.period_ns + 1)
+            matrix, problems = align_many([(t, v) for _, _, t, v in members], sig.period_ns, t0, n, sig.max_gap)
+            wins = np.lib.stride_tricks.sliding_window_view(matrix, sig.window, axis=1)[:, :: sig.slide][:, : len(ends)]
+            for r, (key, stored, _, _) in enumerate(members):
+                for kind, count in problems[r].items():
+                    DATA_PROBLEMS.labels(signal=sig.name, kind=kind).inc(count)
+                    if kind != "filled":
+                        log.info("series %s: %d %s samples in (%d, %d]", key, count, kind, read_lo, hi)
+                batch = batches.setdefault(stored.model_id, _Batch(stored))
+                batch.rows.append(wins[r])
+                batch.owners.append((key, ends, emit, _Aligned(t0, matrix[r])))
+                rep.series += 1
         rep.untrained = untrained
         UNTRAINED_SERIES.labels(signal=sig.name).set(untrained)
         points: list[Point] = []
