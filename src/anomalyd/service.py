@@ -104,6 +104,7 @@ class Service:
         """One guarded tick: never raises; failures are logged, counted and backed off."""
         now = time.monotonic()
         if now < self._next_attempt:
+            sd_notify("WATCHDOG=1")  # backing off, but alive
             return None
         t0 = time.perf_counter()
         try:

@@ -1,0 +1,73 @@
+"""The console script end to end: train, check, run --once, score, through a real InfluxDB."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from anomalyd.cli import main
+from anomalyd.config import load
+from anomalyd.demo import feed
+from anomalyd.influx import InfluxDB1Store
+from anomalyd.localinflux import LocalInfluxd
+
+CONFIG = """
+[influxdb]
+url = "{url}"
+database = "{db}"
+[paths]
+models = "models"
+state = "state"
+[daemon]
+lateness = "0s"
+health_listen = ""
+[[signals]]
+name = "heartbeat"
+measurement = "ecg"
+field = "value"
+group_by = ["patient"]
+period = "1s"
+clusters = 100
+train_range = ["now-3h", "now-1h"]
+"""
+
+
+def test_train_check_run_once_and_score(influxd: LocalInfluxd, database: str, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(CONFIG.format(url=influxd.url, db=database))
+    cfg = load(path, env={})
+    feed(cfg, InfluxDB1Store(cfg.influxdb), 3 * 3600, future_s=0)
+
+    assert main(["check", "-c", str(path)]) == 1  # no model yet
+    assert "no model" in capsys.readouterr().out
+    assert main(["train", "-c", str(path)]) == 0
+    assert capsys.readouterr().out.count("trained heartbeat-") == 2
+    assert main(["check", "-c", str(path)]) == 0
+    assert main(["run", "-c", str(path), "--once", "--dry-run"]) == 0
+    assert (tmp_path / "state" / "watermarks.json").exists()
+    assert main(["score", "-c", str(path), "--start", "now-30m", "--end", "now"]) == 0
+    assert "scored" in capsys.readouterr().out
+    time.sleep(0.01)
+
+
+def test_bad_config_exits_2_with_every_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('[influxdb]\nurl = "ftp://x"\n[[signals]]\nname = "a"\nmeasurement = "m"\nfield = "f"\n'
+                    'period = "1 fortnight"\nwindow = 2\n')
+    assert main(["check", "-c", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "influxdb.url" in err and "signals[0].period" in err and "signals[0].window" in err
+
+
+def test_influxdb_down_is_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from anomalyd.localinflux import free_port
+
+    path = tmp_path / "config.toml"
+    path.write_text(CONFIG.format(url=f"http://127.0.0.1:{free_port()}", db="x"))
+    assert main(["run", "-c", str(path), "--once"]) == 1
+    assert main(["check", "-c", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "unreachable" in out and "influxdb.url" in out
