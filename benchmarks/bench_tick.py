@@ -8,7 +8,8 @@ window per series (window 32, slide 16). Reported, all measured in the same run:
 - floor: the same InfluxQL query fetched with curl plus the same points written with curl;
 - baseline: the blog's loop, one client and one query per series per window and one write per point
   (measured on min(N, --baseline-max) series and scaled linearly to N when fewer);
-- peak memory: tracemalloc peak of a second tick run (Python + numpy allocations).
+- peak memory: tracemalloc peak of a further tick run (Python + numpy allocations).
+Tick and floor are each the best of three runs.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import subprocess
 import tempfile
 import time
 import tracemalloc
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +104,39 @@ def blog_loop(cfg, model: WindowReconstructor, n: int, hi: int) -> float:  # typ
     return time.perf_counter() - t0
 
 
+def fresh_worker(cfg, store: InfluxDB1Store, n: int, hi: int, now: int) -> Worker:  # type: ignore[no-untyped-def]
+    """A worker whose watermarks put exactly one window per series due."""
+    (cfg.paths.state / "bench.json").unlink(missing_ok=True)  # the previous run's tick saved its watermarks
+    wm = Watermarks(cfg.paths.state / "bench.json")
+    for i in range(n):
+        wm.advance(SeriesKey("bench", (("host", f"h{i:05d}"),)).id, hi - 16 * SEC)
+    return Worker(cfg, store, Catalog(cfg.paths.models), wm, clock=lambda: now)
+
+
+def measure(server: LocalInfluxd, n: int, root: Path, baseline_max: int) -> tuple[float, float, float, int, int]:
+    now = time.time_ns()
+    cfg, _ = setup(server, n, root, now)
+    store = InfluxDB1Store(cfg.influxdb)  # type: ignore[attr-defined]
+    hi = now // (16 * SEC) * (16 * SEC)
+    floor = min(curl_floor(cfg, store, hi, n, root) for _ in range(3))
+    ticks = []
+    for _ in range(3):  # best of three, like the floor
+        w = fresh_worker(cfg, store, n, hi, now)
+        t0 = time.perf_counter()
+        rep = w.tick()
+        ticks.append(time.perf_counter() - t0)
+        assert rep.windows == n, (rep.windows, n)
+    w = fresh_worker(cfg, store, n, hi, now)
+    tracemalloc.start()
+    w.tick()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    nb = min(n, baseline_max)
+    model = catalog.load(cfg.paths.models / "bench.json").model  # type: ignore[attr-defined]
+    base = blog_loop(cfg, model, nb, hi) * n / nb
+    return min(ticks), floor, base, nb, peak
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--series", type=int, nargs="+", default=[1000, 10000])
@@ -115,30 +148,7 @@ def main() -> None:
         server = LocalInfluxd(root / "influxd").start()
         try:
             for n in args.series:
-                now = time.time_ns()
-                cfg, _ = setup(server, n, root, now)
-                store = InfluxDB1Store(cfg.influxdb)  # type: ignore[attr-defined]
-                hi = now // (16 * SEC) * (16 * SEC)
-                floor = min(curl_floor(cfg, store, hi, n, root) for _ in range(3))
-                worker = Worker(cfg, store, Catalog(cfg.paths.models),  # type: ignore[arg-type]
-                                Watermarks(cfg.paths.state / "watermarks.json"), clock=lambda now=now: now)
-                t0 = time.perf_counter()
-                rep = worker.tick()
-                tick = time.perf_counter() - t0
-                assert rep.windows == n, (rep.windows, n)
-                # Peak memory of a repeat tick (same work: reset the watermarks first).
-                cfg2 = replace(cfg, paths=replace(cfg.paths, state=cfg.paths.state))  # type: ignore[attr-defined]
-                wm = Watermarks(cfg.paths.state / "watermarks.json")  # type: ignore[attr-defined]
-                for i in range(n):
-                    wm._marks[SeriesKey("bench", (("host", f"h{i:05d}"),)).id] = hi - 16 * SEC
-                w2 = Worker(cfg2, store, Catalog(cfg.paths.models), wm, clock=lambda now=now: now)  # type: ignore[attr-defined]
-                tracemalloc.start()
-                w2.tick()
-                peak = tracemalloc.get_traced_memory()[1]
-                tracemalloc.stop()
-                nb = min(n, args.baseline_max)
-                model = catalog.load(cfg.paths.models / "bench.json").model  # type: ignore[attr-defined]
-                base = blog_loop(cfg, model, nb, hi) * n / nb
+                tick, floor, base, nb, peak = measure(server, n, root, args.baseline_max)
                 rows.append((n, tick, floor, base, nb, peak))
                 print(f"N={n}: tick {tick:.2f}s, floor {floor:.2f}s ({tick / floor:.2f}x), blog loop "
                       f"{base:.1f}s{' (scaled from ' + str(nb) + ')' if nb < n else ''} "

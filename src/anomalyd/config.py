@@ -156,7 +156,7 @@ class PathsConfig:
 @dataclass(frozen=True)
 class DaemonConfig:
     interval_s: float = 16.0
-    lateness_ns: int = 5 * 10**9
+    lateness_ns: int = 30 * 10**9
     max_backlog_windows: int = 2000
     write_batch: int = 10_000
     health_listen: str = "127.0.0.1:9108"
@@ -418,7 +418,7 @@ def from_dict(raw: dict[str, Any], source: str = "<config>", env: Mapping[str, s
                    else "must be host:port (e.g. 127.0.0.1:9108) or \"\" to turn the endpoint off")
     daemon = DaemonConfig(
         interval_s=c.get(t, "interval", "daemon", "duration", 16 * 10**9, _positive) / 1e9,
-        lateness_ns=c.get(t, "lateness", "daemon", "duration", 5 * 10**9, _non_negative),
+        lateness_ns=c.get(t, "lateness", "daemon", "duration", 30 * 10**9, _non_negative),
         max_backlog_windows=c.get(t, "max_backlog_windows", "daemon", "int", 2000, _positive),
         write_batch=c.get(t, "write_batch", "daemon", "int", 10_000, _positive),
         health_listen=listen,

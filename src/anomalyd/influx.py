@@ -94,6 +94,11 @@ def _escape_key(s: str) -> str:
     return s.replace("\\", "\\\\").replace(",", "\\,").replace("=", "\\=").replace(" ", "\\ ").replace("\n", "\\n")
 
 
+@functools.lru_cache(maxsize=65536)
+def _tag_string(tags: Tags) -> str:
+    return "".join(f",{_escape_key(k)}={_escape_key(v)}" for k, v in sorted(tags) if v != "")
+
+
 def _escape_measurement(s: str) -> str:
     return s.replace("\\", "\\\\").replace(",", "\\,").replace(" ", "\\ ").replace("\n", "\\n")
 
@@ -118,7 +123,7 @@ def line_protocol(p: Point) -> str:
     >>> line_protocol(Point("m", (("host", "a b"),), (("x", 1.5), ("ok", True)), 10))
     'm,host=a\\\\ b x=1.5,ok=true 10'
     """
-    tags = "".join(f",{_escape_key(k)}={_escape_key(v)}" for k, v in sorted(p.tags) if v != "")
+    tags = _tag_string(p.tags)
     fields = ",".join(f"{_escape_key(k)}={_field_value(v)}" for k, v in p.fields)
     return f"{_escape_measurement(p.measurement)}{tags} {fields} {p.time_ns}"
 
@@ -202,28 +207,22 @@ class InfluxDB1Store:
         return q, params
 
     def _chunks(self, q: str, params: dict[str, Any], epoch: str = "ns") -> Iterator[dict[str, Any]]:
+        """The result objects of a chunked query (one JSON document per line of the body)."""
         r = self._request("query", "query", "POST", {
             "q": q, "db": self.cfg.database, "epoch": epoch, "chunked": "true", "chunk_size": self.chunk_size,
-            "params": json.dumps(params)}, stream=True)
-        try:
-            for line in r.iter_lines():
-                if line:
-                    yield orjson.loads(line)
-        except (requests.ConnectionError, requests.Timeout) as exc:
-            INFLUX_ERRORS.labels(op="query").inc()
-            raise StoreError(f"InfluxDB at {self.cfg.url} dropped the query response ({exc}); it will be "
-                             f"retried") from exc
-        finally:
-            r.close()
+            "params": json.dumps(params)})
+        for line in r.content.split(b"\n"):
+            if line:
+                yield orjson.loads(line)
 
     def read(self, query: Query, start_ns: int, end_ns: int) -> SeriesData:
         q, params = self.build_select(query)
         params.update(start=int(start_ns), end=int(end_ns))
-        parts: dict[Tags, list[tuple[NDArray[np.int64], NDArray[np.float64]]]] = {}
-        # Each chunk's rows become arrays at once, with the cyclic GC paused meanwhile: millions of short-lived
-        # row lists would otherwise trigger collections over a growing heap.
-        # Millisecond epochs are exact in float64, so rows convert in one numpy call; otherwise row by row.
-        ms = query.period_ns % 1_000_000 == 0
+        keys: list[Tags] = []
+        blocks: list[list[list[Any]]] = []
+        # The cyclic GC is paused while millions of short-lived row lists are alive (it would otherwise run full
+        # collections over a growing heap); then all rows become arrays in one numpy call.
+        ms = query.period_ns % 1_000_000 == 0  # whole-millisecond epochs are exact in float64
         gc_was_enabled = gc.isenabled()
         gc.disable()
         try:
@@ -233,14 +232,22 @@ class InfluxDB1Store:
                         INFLUX_ERRORS.labels(op="query").inc()
                         raise StoreError(f"InfluxDB rejected the query {q!r}: {res['error']}")
                     for s in res.get("series", []):
-                        tags: Tags = tuple(sorted((s.get("tags") or {}).items()))
-                        parts.setdefault(tags, []).append(_rows_to_arrays(s["values"], ms))
+                        keys.append(tuple(sorted((s.get("tags") or {}).items())))
+                        blocks.append(s["values"])
+            lengths = [len(b) for b in blocks]
+            t, v = _rows_to_arrays([row for b in blocks for row in b], ms)
         finally:
             if gc_was_enabled:
                 gc.enable()
-        return {tags: (blocks[0] if len(blocks) == 1 else
-                       (np.concatenate([b[0] for b in blocks]), np.concatenate([b[1] for b in blocks])))
-                for tags, blocks in parts.items()}
+        out: SeriesData = {}
+        pos = 0
+        for key, n in zip(keys, lengths, strict=True):
+            piece = (t[pos : pos + n], v[pos : pos + n])
+            pos += n
+            if key in out:  # a series split across chunks
+                piece = (np.concatenate([out[key][0], piece[0]]), np.concatenate([out[key][1], piece[1]]))
+            out[key] = piece
+        return out
 
     def query_raw(self, q: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         """Run any InfluxQL statement (bound ``params``) and return its result objects."""
