@@ -10,6 +10,8 @@ import hashlib
 import io
 import json
 import logging
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +68,12 @@ class StoredModel:
         return float(self.model.threshold_)
 
 
+def _meta_digest(meta: dict[str, Any]) -> str:
+    """SHA-256 of the metadata (without its own digest), canonically serialised."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def save(models_dir: Path, stored: StoredModel) -> Path:
     """Write the model atomically; return the path of its JSON metadata."""
     m = stored.model
@@ -73,6 +81,7 @@ def save(models_dir: Path, stored: StoredModel) -> Path:
     np.savez(buf, cluster_centers=m.cluster_centers_, error_quantiles=m.error_quantiles_)
     blob = buf.getvalue()
     meta = {
+        **{k: v for k, v in stored.meta.items() if k not in ("schema_version", "npz_sha256", "meta_sha256")},
         "schema_version": SCHEMA_VERSION,
         "model_id": stored.model_id,
         "signal": stored.signal,
@@ -87,8 +96,8 @@ def save(models_dir: Path, stored: StoredModel) -> Path:
         "train_end_ns": stored.train_end_ns,
         "versions": {"anomalyd": __version__, "numpy": np.__version__, "scikit-learn": sklearn.__version__},
         "npz_sha256": hashlib.sha256(blob).hexdigest(),
-        **{k: v for k, v in stored.meta.items() if k not in ("schema_version", "npz_sha256")},
     }
+    meta["meta_sha256"] = _meta_digest(meta)
     models_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(models_dir / f"{stored.model_id}.npz", blob)
     path = models_dir / f"{stored.model_id}.json"
@@ -108,6 +117,9 @@ def load(path: Path) -> StoredModel:
         got = meta.get("schema_version") if isinstance(meta, dict) else None
         raise CatalogError(f"model {path} has schema_version={got!r}, this anomalyd reads {SCHEMA_VERSION}; "
                            f"retrain with `anomalyd train`")
+    if meta.get("meta_sha256") != _meta_digest(meta):
+        raise CatalogError(f"model metadata {path} fails its checksum (edited or corrupt); retrain with "
+                           f"`anomalyd train`, or change a threshold with catalog.set_threshold")
     npz = path.with_suffix(".npz")
     try:
         blob = npz.read_bytes()
@@ -135,7 +147,7 @@ def load(path: Path) -> StoredModel:
                            scope=str(meta["scope"]), model=model, period_ns=int(meta["period_ns"]),
                            train_start_ns=int(meta["train_start_ns"]), train_end_ns=int(meta["train_end_ns"]),
                            meta=meta)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, EOFError, OSError, zipfile.BadZipFile, zlib.error) as exc:
         raise CatalogError(f"model {path} is malformed ({exc!s}); retrain with `anomalyd train`") from exc
 
 
@@ -167,7 +179,7 @@ class Catalog:
 
     def __init__(self, models_dir: Path) -> None:
         self.models_dir = models_dir
-        self._cache: dict[str, tuple[tuple[int, int], StoredModel | None]] = {}
+        self._cache: dict[str, tuple[tuple[int, ...], StoredModel | None]] = {}
 
     def get(self, model_id: str) -> StoredModel | None:
         path = self.models_dir / f"{model_id}.json"
@@ -176,7 +188,12 @@ class Catalog:
         except FileNotFoundError:
             self._cache.pop(model_id, None)
             return None
-        stamp = (st.st_mtime_ns, st.st_size)
+        try:
+            nst = path.with_suffix(".npz").stat()
+            npz_stamp = (nst.st_mtime_ns, nst.st_size)
+        except FileNotFoundError:
+            npz_stamp = (0, -1)
+        stamp = (st.st_mtime_ns, st.st_size, *npz_stamp)
         cached = self._cache.get(model_id)
         if cached is not None and cached[0] == stamp:
             return cached[1]

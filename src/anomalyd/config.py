@@ -308,11 +308,15 @@ def _tags(c: _Checker, table: Mapping[str, Any], key: str, path: str) -> tuple[t
     return tuple(sorted(raw.items()))
 
 
+_SECRET_VARS = frozenset({"ANOMALYD_INFLUXDB_USERNAME", "ANOMALYD_INFLUXDB_PASSWORD", "ANOMALYD_SLACK_WEBHOOK_URL",
+                          "ANOMALYD_SLACK_TOKEN"})
+
+
 def _env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> None:
     sections = {"INFLUXDB": ("influxdb",), "OUTPUT": ("output",), "PATHS": ("paths",), "DAEMON": ("daemon",),
                 "ALERTS": ("alerts",), "SLACK": ("alerts", "slack"), "KAPACITOR": ("kapacitor",)}
     for name, value in env.items():
-        if not name.startswith(ENV_PREFIX):
+        if not name.startswith(ENV_PREFIX) or name in _SECRET_VARS:  # secrets are read by _secret
             continue
         rest = name[len(ENV_PREFIX):]
         for sec, path in sections.items():
@@ -327,11 +331,12 @@ def _env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> None:
                 break
 
 
-def _secret(c: _Checker, table: dict[str, Any], key: str, path: str, env_name: str) -> str:
+def _secret(c: _Checker, table: dict[str, Any], key: str, path: str, env_name: str,
+            env: Mapping[str, str]) -> str:
     if key in table:
         c.bad(f"{path}.{key}", f"secrets are not read from the config file; set {env_name} or {key}_file")
         table.pop(key)
-    value = os.environ.get(env_name, "")
+    value = env.get(env_name, "")
     file_key = f"{key}_file"
     if file_key in table:
         fname = table.pop(file_key)
@@ -364,7 +369,8 @@ def from_dict(raw: dict[str, Any], source: str = "<config>", env: Mapping[str, s
 
     raw = copy.deepcopy(raw)
     c = _Checker()
-    _env_overrides(raw, os.environ if env is None else env)
+    env = os.environ if env is None else env
+    _env_overrides(raw, env)
     base = base_dir or Path.cwd()
     top_known = {"influxdb", "output", "paths", "daemon", "alerts", "kapacitor", "signals"}
     c.unknown(raw, "", top_known)
@@ -377,8 +383,8 @@ def from_dict(raw: dict[str, Any], source: str = "<config>", env: Mapping[str, s
         sec[name] = t
 
     t = sec["influxdb"]
-    user = _secret(c, t, "username", "influxdb", "ANOMALYD_INFLUXDB_USERNAME")
-    password = _secret(c, t, "password", "influxdb", "ANOMALYD_INFLUXDB_PASSWORD")
+    user = _secret(c, t, "username", "influxdb", "ANOMALYD_INFLUXDB_USERNAME", env)
+    password = _secret(c, t, "password", "influxdb", "ANOMALYD_INFLUXDB_PASSWORD", env)
     c.unknown(t, "influxdb", {"url", "database", "retention_policy", "timeout", "retries", "verify_ssl"})
     url = c.get(t, "url", "influxdb", "str", InfluxConfig.url,
                 lambda v: None if re.match(r"^https?://[^/\s]+", v) else "must be an http:// or https:// URL")
@@ -436,8 +442,8 @@ def from_dict(raw: dict[str, Any], source: str = "<config>", env: Mapping[str, s
         c.bad("alerts.sinks", f"{sinks_raw!r} must be a list drawn from: {', '.join(SINKS)}")
     else:
         sinks = tuple(sinks_raw)
-    webhook = _secret(c, st, "webhook_url", "alerts.slack", "ANOMALYD_SLACK_WEBHOOK_URL")
-    token = _secret(c, st, "token", "alerts.slack", "ANOMALYD_SLACK_TOKEN")
+    webhook = _secret(c, st, "webhook_url", "alerts.slack", "ANOMALYD_SLACK_WEBHOOK_URL", env)
+    token = _secret(c, st, "token", "alerts.slack", "ANOMALYD_SLACK_TOKEN", env)
     c.unknown(st, "alerts.slack", {"channel", "timeout", "max_retries", "attach_plot", "base_url"})
     slack = SlackConfig(
         channel=c.get(st, "channel", "alerts.slack", "str", ""),

@@ -89,9 +89,17 @@ def quote_ident(name: str) -> str:
     return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def _check_representable(s: str) -> None:
+    # InfluxDB 1.x unescapes only "\,", "\=" and "\ " and keeps every other backslash as it is, so backslashes
+    # must not be doubled; a trailing backslash would escape the delimiter after it, and a newline ends the line.
+    if s.endswith("\\") or "\n" in s:
+        raise ValueError(f"{s!r} cannot be written in InfluxDB 1.x line protocol (trailing backslash or newline)")
+
+
 @functools.lru_cache(maxsize=65536)
 def _escape_key(s: str) -> str:
-    return s.replace("\\", "\\\\").replace(",", "\\,").replace("=", "\\=").replace(" ", "\\ ").replace("\n", "\\n")
+    _check_representable(s)
+    return s.replace(",", "\\,").replace("=", "\\=").replace(" ", "\\ ")
 
 
 @functools.lru_cache(maxsize=65536)
@@ -100,7 +108,10 @@ def _tag_string(tags: Tags) -> str:
 
 
 def _escape_measurement(s: str) -> str:
-    return s.replace("\\", "\\\\").replace(",", "\\,").replace(" ", "\\ ").replace("\n", "\\n")
+    _check_representable(s)
+    if s.startswith("#"):
+        raise ValueError(f"measurement {s!r} starts with '#': InfluxDB would read the line as a comment and drop it")
+    return s.replace(",", "\\,").replace(" ", "\\ ")
 
 
 def _field_value(v: float | int | bool | str) -> str:

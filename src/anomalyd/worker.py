@@ -267,7 +267,11 @@ class Worker:
         n_ctx = -(-sig.window // sig.slide) - 1 if self.cfg.output.write_reconstruction else 0
         span = (sig.window - 1) * sig.period_ns
         read_lo = q_lo - span - n_ctx * step + sig.period_ns
-        data = self.store.read(Query(sig.measurement, sig.field, sig.where, sig.group_by, sig.period_ns), read_lo, hi)
+        # Samples are rounded to the nearest grid point: read half a period beyond both ends so that a jittered
+        # sample of the first or last grid point is not left out.
+        half = sig.period_ns // 2
+        data = self.store.read(Query(sig.measurement, sig.field, sig.where, sig.group_by, sig.period_ns),
+                               read_lo - half, hi + half)
         batches: dict[str, _Batch] = {}
         untrained = 0
         shared = self._model_for(sig, ()) if sig.scope == "shared" else None

@@ -1,0 +1,303 @@
+"""Configuration: malformed files name the key path, every problem at once, env overrides, secrets kept out."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from anomalyd.config import ConfigError, from_dict, load
+
+ROOT = Path(__file__).resolve().parents[1]
+SECRET = "hunter2-s3cr3t-VALUE"
+
+
+def minimal() -> dict[str, Any]:
+    """The smallest valid configuration, as a parsed TOML document."""
+    return {
+        "influxdb": {"url": "http://127.0.0.1:8086", "database": "db"},
+        "daemon": {"health_listen": ""},
+        "signals": [{"name": "cpu", "measurement": "m", "field": "f", "period": "1s", "group_by": ["host"],
+                     "train_range": ["now-4h", "now-1h"]}],
+    }
+
+
+def problems_of(raw: dict[str, Any], env: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        from_dict(raw, env={} if env is None else env)
+    err = info.value
+    # Every problem is also in the exception's text, so the CLI prints all of them.
+    for p in err.problems:
+        assert p in str(err)
+    return err.problems
+
+
+def set_path(raw: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    """Return a copy of ``raw`` with ``a.b[0].c`` set (or deleted when ``value`` is ``DELETE``)."""
+    out = copy.deepcopy(raw)
+    parts: list[str | int] = []
+    for part in path.split("."):
+        if "[" in part:
+            name, idx = part[:-1].split("[")
+            parts += [name, int(idx)]
+        else:
+            parts.append(part)
+    node: Any = out
+    for p in parts[:-1]:
+        node = node.setdefault(p, {}) if isinstance(p, str) else node[p]
+    if value is DELETE:
+        del node[parts[-1]]
+    else:
+        node[parts[-1]] = value
+    return out
+
+
+DELETE = object()
+
+# (what is wrong, key set, value, the key path the message must name, a fragment of the accepted values/fix)
+MALFORMED = [
+    ("window too small", "signals[0].window", 2, "signals[0].window", "at least 4"),
+    ("window not an integer", "signals[0].window", "32 samples", "signals[0].window", "expected an integer"),
+    ("slide larger than window", "signals[0].slide", 64, "signals[0].slide", "between 1 and window=32"),
+    ("url not http", "influxdb.url", "ftp://db.example", "influxdb.url", "http:// or https://"),
+    ("url not a string", "influxdb.url", 8086, "influxdb.url", "expected a string"),
+    ("interval not a duration", "daemon.interval", "soon", "daemon.interval", "e.g. '16s'"),
+    ("interval zero", "daemon.interval", "0s", "daemon.interval", "greater than 0"),
+    ("lateness negative", "daemon.lateness", -5, "daemon.lateness", "0 or more"),
+    ("period in fortnights", "signals[0].period", "1 fortnight", "signals[0].period", "a number and a unit"),
+    ("unknown policy", "signals[0].threshold.policy", "p99", "signals[0].threshold.policy",
+     "max, quantile, sigma"),
+    ("quantile above 1", "signals[0].threshold.quantile", 1.5, "signals[0].threshold.quantile", "(0, 1]"),
+    ("threshold not a table", "signals[0].threshold", "max", "signals[0].threshold", "must be a table"),
+    ("unknown influxdb key", "influxdb.hots", "x", "influxdb.hots", "accepted: database"),
+    ("unknown signal key", "signals[0].windw", 32, "signals[0].windw", "accepted: clusters"),
+    ("unknown threshold key", "signals[0].threshold.margn", 2, "signals[0].threshold.margn", "accepted: k"),
+    ("unknown section", "influx", {"url": "x"}, "influx", "accepted: alerts"),
+    ("password in the file", "influxdb.password", SECRET, "influxdb.password", "ANOMALYD_INFLUXDB_PASSWORD"),
+    ("username in the file", "influxdb.username", SECRET, "influxdb.username", "username_file"),
+    ("slack webhook in the file", "alerts.slack.webhook_url", SECRET, "alerts.slack.webhook_url",
+     "ANOMALYD_SLACK_WEBHOOK_URL"),
+    ("slack token in the file", "alerts.slack.token", SECRET, "alerts.slack.token", "ANOMALYD_SLACK_TOKEN"),
+    ("password file unreadable", "influxdb.password_file", "/nonexistent/pw", "influxdb.password_file",
+     "cannot be read"),
+    ("missing measurement", "signals[0].measurement", DELETE, "signals[0].measurement", "is required"),
+    ("missing period", "signals[0].period", DELETE, "signals[0].period", "is required"),
+    ("no signals", "signals", DELETE, "signals", "[[signals]]"),
+    ("signals a table", "signals", {"name": "x"}, "signals", "[[signals]]"),
+    ("empty database", "influxdb.database", "", "influxdb.database", "must not be empty"),
+    ("train_range end before start", "signals[0].train_range", ["2024-01-08T00:00:00Z", "2024-01-01T00:00:00Z"],
+     "signals[0].train_range", "start must be before the end"),
+    ("train_range relative, reversed", "signals[0].train_range", ["now-1h", "now-4h"], "signals[0].train_range",
+     "start must be before the end"),
+    ("train_range words", "signals[0].train_range", "last fortnight", "signals[0].train_range", "last 7 days"),
+    ("train_range bad time", "signals[0].train_range", ["yesterday", "now"], "signals[0].train_range",
+     "RFC 3339"),
+    ("train_range three items", "signals[0].train_range", ["now-3h", "now-2h", "now"], "signals[0].train_range",
+     "[start, end] pair"),
+    ("where not a table", "signals[0].where", "host=h1", "signals[0].where", "table of tag"),
+    ("where value not a string", "signals[0].where", {"host": 1}, "signals[0].where", "table of tag"),
+    ("train_where a list", "signals[0].train_where", ["host"], "signals[0].train_where", "table of tag"),
+    ("group_by a string", "signals[0].group_by", "host", "signals[0].group_by", "list of tag names"),
+    ("group_by reserved tag", "signals[0].group_by", ["model"], "signals[0].group_by", "clash"),
+    ("scope unknown", "signals[0].scope", "global", "signals[0].scope", "series, shared"),
+    ("clusters zero", "signals[0].clusters", 0, "signals[0].clusters", "greater than 0"),
+    ("holdout out of range", "signals[0].holdout", 1.0, "signals[0].holdout", "(0, 1)"),
+    ("name with a slash", "signals[0].name", "../etc", "signals[0].name", "model files"),
+    ("section not a table", "daemon", 5, "daemon", "must be a table"),
+    ("bool not a bool", "influxdb.verify_ssl", "maybe", "influxdb.verify_ssl", "true or false"),
+    ("health_listen without port", "daemon.health_listen", "localhost", "daemon.health_listen", "host:port"),
+    ("unknown sink", "alerts.sinks", ["pager"], "alerts.sinks", "log, slack"),
+    ("slack sink without secret", "alerts.sinks", ["slack"], "alerts.sinks", "ANOMALYD_SLACK_WEBHOOK_URL"),
+    ("kapacitor prefix", "kapacitor.task_prefix", "a b", "kapacitor.task_prefix", "letters, digits"),
+]
+
+
+@pytest.mark.parametrize(("path", "value", "key", "hint"), [m[1:] for m in MALFORMED],
+                         ids=[m[0] for m in MALFORMED])
+def test_malformed_config_names_the_key(path: str, value: Any, key: str, hint: str) -> None:
+    problems = problems_of(set_path(minimal(), path, value))
+    mine = [p for p in problems if p.startswith(f"{key}:")]
+    assert len(mine) == 1, f"expected one problem naming {key!r}, got {problems}"
+    assert hint in mine[0], mine[0]
+    # Secrets written in the file are refused without being echoed back.
+    assert SECRET not in "\n".join(problems)
+
+
+def test_the_minimal_config_is_valid() -> None:
+    cfg = from_dict(minimal(), env={})
+    sig = cfg.signal("cpu")
+    assert (sig.window, sig.slide, sig.train_slide, sig.period_ns) == (32, 16, 2, 10**9)
+    assert sig.train_range.resolve(10 * 3600 * 10**9) == (6 * 3600 * 10**9, 9 * 3600 * 10**9)
+    with pytest.raises(KeyError, match="configured: cpu"):
+        cfg.signal("nope")
+
+
+def test_duplicate_signal_names() -> None:
+    raw = minimal()
+    raw["signals"].append(dict(raw["signals"][0]))
+    problems = problems_of(raw)
+    assert problems == ["signals[1].name: 'cpu' is used by two signals; names must be unique"]
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    raw = minimal()
+    raw["influxdb"].update(url="ftp://x", password="p", timeout="forever")
+    raw["daemon"].update(interval="soon", max_backlog_windows="many")
+    raw["output"] = {"measurement": ""}
+    raw["nonsense"] = 1
+    raw["signals"][0].update(window=2, where="host=h1", train_range="fortnight",
+                             threshold={"policy": "p99"}, windw=1)
+    raw["signals"].append({"name": "cpu", "field": "f", "period": "1 fortnight"})
+    problems = problems_of(raw)
+    keys = {p.split(":", 1)[0] for p in problems}
+    expected = {"influxdb.url", "influxdb.password", "influxdb.timeout", "daemon.interval",
+                "daemon.max_backlog_windows", "output.measurement", "nonsense", "signals[0].window",
+                "signals[0].where", "signals[0].train_range", "signals[0].threshold.policy", "signals[0].windw",
+                "signals[1].name", "signals[1].measurement", "signals[1].period"}
+    assert expected <= keys, expected - keys
+    assert len(problems) >= len(expected)
+
+
+def test_toml_syntax_error_names_the_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "broken.toml"
+    path.write_text('[influxdb]\nurl = "http://x:8086"\ndatabase = \n[[signals]]\n')
+    with pytest.raises(ConfigError) as info:
+        load(path, env={})
+    msg = str(info.value)
+    assert str(path) in msg and "not valid TOML" in msg and "line 3" in msg
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="file not found"):
+        load(tmp_path / "nope.toml", env={})
+
+
+def test_toml_datetimes_are_accepted_as_train_range(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[[signals]]\nname = "s"\nmeasurement = "m"\nfield = "f"\nperiod = "1s"\n'
+                    "train_range = [2024-01-01T00:00:00Z, 2024-01-02T00:00:00Z]\n")
+    start, end = load(path, env={}).signals[0].train_range.resolve(0)
+    assert end - start == 86400 * 10**9
+
+
+def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "c.toml"
+    path.parent.mkdir()
+    path.write_text('[paths]\nmodels = "m"\nstate = "../s"\n[[signals]]\nname = "s"\nmeasurement = "m"\n'
+                    'field = "f"\nperiod = "1s"\n')
+    cfg = load(path, env={})
+    assert cfg.paths.models == tmp_path / "sub" / "m"
+    assert cfg.paths.state.resolve() == tmp_path / "s"
+
+
+# -- environment overrides ----------------------------------------------------------------------------------
+
+
+def test_env_overrides_connection_and_daemon_settings() -> None:
+    env = {"ANOMALYD_INFLUXDB_URL": "https://influx.example:8443/", "ANOMALYD_INFLUXDB_DATABASE": "prod",
+           "ANOMALYD_INFLUXDB_RETRIES": "7", "ANOMALYD_INFLUXDB_VERIFY_SSL": "false",
+           "ANOMALYD_INFLUXDB_TIMEOUT": "2s", "ANOMALYD_DAEMON_INTERVAL": "30s",
+           "ANOMALYD_DAEMON_HEALTH_LISTEN": "0.0.0.0:9999", "ANOMALYD_DAEMON_MAX_BACKLOG_WINDOWS": "5",
+           "ANOMALYD_OUTPUT_MEASUREMENT": "errs", "ANOMALYD_SLACK_CHANNEL": "#ops",
+           "ANOMALYD_KAPACITOR_URL": "http://k:9092", "ANOMALYD_ALERTS_FOR_WINDOWS": "3",
+           "OTHER_INFLUXDB_URL": "http://ignored:1"}
+    cfg = from_dict(minimal(), env=env)
+    assert cfg.influxdb.url == "https://influx.example:8443"  # and it beats the file's value
+    assert (cfg.influxdb.database, cfg.influxdb.retries, cfg.influxdb.verify_ssl, cfg.influxdb.timeout_s) == (
+        "prod", 7, False, 2.0)
+    assert (cfg.daemon.interval_s, cfg.daemon.health_listen, cfg.daemon.max_backlog_windows) == (
+        30.0, "0.0.0.0:9999", 5)
+    assert cfg.output.measurement == "errs" and cfg.alerts.slack.channel == "#ops"
+    assert cfg.kapacitor.url == "http://k:9092" and cfg.alerts.for_windows == 3
+
+
+def test_env_overrides_from_the_process_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[influxdb]\nurl = "http://file:8086"\n[[signals]]\nname = "s"\nmeasurement = "m"\n'
+                    'field = "f"\nperiod = "1s"\n')
+    monkeypatch.setenv("ANOMALYD_INFLUXDB_URL", "http://from-env:8086")
+    assert load(path).influxdb.url == "http://from-env:8086"
+    assert load(path, env={}).influxdb.url == "http://file:8086"  # an explicit env mapping replaces os.environ
+
+
+def test_a_bad_env_override_names_the_key() -> None:
+    problems = problems_of(minimal(), env={"ANOMALYD_DAEMON_INTERVAL": "soon", "ANOMALYD_INFLUXDB_URL": "x"})
+    assert {p.split(":", 1)[0] for p in problems} == {"daemon.interval", "influxdb.url"}
+
+
+# -- secrets -------------------------------------------------------------------------------------------------
+
+
+def test_secrets_from_files_are_read_and_never_printed(tmp_path: Path) -> None:
+    files = {}
+    for name in ("user", "password", "webhook", "token"):
+        files[name] = tmp_path / name
+        files[name].write_text(f"{SECRET}-{name}\n")
+    raw = minimal()
+    raw["influxdb"].update(username_file=str(files["user"]), password_file=str(files["password"]))
+    raw["alerts"] = {"sinks": ["log", "slack"], "slack": {"webhook_url_file": str(files["webhook"]),
+                                                          "token_file": str(files["token"]), "channel": "#a"}}
+    cfg = from_dict(raw, env={})
+    assert cfg.influxdb.username == f"{SECRET}-user" and cfg.influxdb.password == f"{SECRET}-password"
+    assert cfg.alerts.slack.webhook_url == f"{SECRET}-webhook" and cfg.alerts.slack.token == f"{SECRET}-token"
+    assert SECRET not in repr(cfg) and SECRET not in str(cfg)
+
+
+def test_secret_file_named_by_env(tmp_path: Path) -> None:
+    pw = tmp_path / "pw"
+    pw.write_text(SECRET)
+    cfg = from_dict(minimal(), env={"ANOMALYD_INFLUXDB_PASSWORD_FILE": str(pw)})
+    assert cfg.influxdb.password == SECRET and SECRET not in repr(cfg)
+
+
+SECRET_VARS = [("ANOMALYD_INFLUXDB_USERNAME", "influxdb", "username"),
+               ("ANOMALYD_INFLUXDB_PASSWORD", "influxdb", "password"),
+               ("ANOMALYD_SLACK_WEBHOOK_URL", "slack", "webhook_url"),
+               ("ANOMALYD_SLACK_TOKEN", "slack", "token")]
+
+
+def _secret_of(cfg: Any, section: str, key: str) -> str:
+    return str(getattr(cfg.influxdb if section == "influxdb" else cfg.alerts.slack, key))
+
+
+@pytest.mark.parametrize(("var", "section", "key"), SECRET_VARS)
+def test_secrets_from_the_process_environment(monkeypatch: pytest.MonkeyPatch, var: str, section: str,
+                                              key: str) -> None:
+    monkeypatch.setenv(var, SECRET)
+    cfg = from_dict(minimal())
+    assert _secret_of(cfg, section, key) == SECRET
+    assert SECRET not in repr(cfg)
+
+
+@pytest.mark.parametrize(("var", "section", "key"), SECRET_VARS)
+def test_secrets_from_an_env_mapping(monkeypatch: pytest.MonkeyPatch, var: str, section: str, key: str) -> None:
+    monkeypatch.delenv(var, raising=False)
+    cfg = from_dict(minimal(), env={var: SECRET})
+    assert _secret_of(cfg, section, key) == SECRET
+    assert SECRET not in repr(cfg)
+
+
+# -- the shipped configurations -------------------------------------------------------------------------------
+
+
+def test_the_repo_config_loads() -> None:
+    cfg = load(ROOT / "config.toml", env={})
+    sig = cfg.signal("heartbeat")
+    assert (sig.measurement, sig.field, sig.group_by, sig.window, sig.slide, sig.period_ns) == (
+        "ecg", "value", ("patient",), 32, 16, 10**9)
+    assert sig.threshold.policy in ("max", "quantile", "sigma")
+    assert cfg.paths.models.is_absolute() and cfg.paths.models.parent.parent == ROOT
+    assert cfg.influxdb.password == "" and "password" not in repr(cfg.influxdb)
+
+
+def test_the_ekg_example_config_loads() -> None:
+    cfg = load(ROOT / "examples" / "ekg" / "config.toml", env={})
+    (sig,) = cfg.signals
+    assert (sig.measurement, sig.field, sig.period_ns, sig.window, sig.slide) == ("EKG", "signal_value", 10**9,
+                                                                                  32, 16)
+    assert sig.scope == "shared" and dict(sig.train_where) == {"type": "norm"}
+    assert dict(sig.where) == {"type": "anomaly"} and sig.group_by == ("type",)
+    start, end = sig.train_range.resolve(0)
+    assert 0 < start < end
