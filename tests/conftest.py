@@ -46,7 +46,7 @@ def make_config(url: str, database: str, tmp: Path, signals: list[dict] | None =
         "daemon": {"interval": "1s", "lateness": "0s", "health_listen": ""},
         "signals": signals or [{"name": "heartbeat", "measurement": "ecg", "field": "value",
                                 "group_by": ["patient"], "period": "1s", "clusters": 150,
-                                "train_range": ["now-4h", "now-1h"]}],
+                                "train_range": ["now-7h", "now-1h"]}],
     }
     for name, table in sections.items():
         raw.setdefault(name, {}).update(table)

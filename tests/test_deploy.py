@@ -190,7 +190,7 @@ def test_anomalyd_commands_parse_with_the_real_cli() -> None:
     run = seen["anomalyd"][0]
     assert run.cmd == "run" and not run.once and not run.dry_run
     feed, train = seen["demo-setup"]
-    assert (feed.cmd, feed.history, feed.follow, train.cmd) == ("feed", "3h", False, "train")
+    assert (feed.cmd, feed.history, feed.follow, train.cmd) == ("feed", "7h", False, "train")
     live = seen["demo-feeder"][0]
     assert (live.cmd, live.follow, live.history) == ("feed", True, "0s")
     svcs = services()

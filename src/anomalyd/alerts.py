@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import tempfile
 import threading
@@ -51,6 +52,7 @@ from slack_sdk.http_retry.builtin_handlers import (
 )
 from slack_sdk.http_retry.builtin_interval_calculators import BackoffRetryIntervalCalculator
 from slack_sdk.http_retry.handler import RetryHandler
+from slack_sdk.http_retry.jitter import Jitter
 from slack_sdk.http_retry.request import HttpRequest
 from slack_sdk.http_retry.response import HttpResponse
 from slack_sdk.http_retry.state import RetryState
@@ -235,6 +237,10 @@ _TITLES = {ANOMALOUS: ("ANOMALY", ":rotating_light:"), RECOVERED: ("RECOVERED", 
            RESUMED: ("DATA RESUMED", ":arrow_forward:")}
 
 
+def _windows(n: int) -> str:
+    return f"{n} anomalous window{'' if n == 1 else 's'}"
+
+
 def _mrkdwn_escape(s: str) -> str:
     return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
@@ -261,10 +267,10 @@ def format_message(t: Transition, dashboard_template: str = "") -> tuple[str, li
         what = (f"max error {_num(t.max_error)} vs threshold {_num(t.threshold)} (ratio {_num(t.ratio)}) "
                 f"in window {window}")
         if t.kind == RECOVERED and t.since_ns is not None:
-            what += (f"; anomalous since {iso_utc(t.since_ns)} ({t.windows} anomalous windows, "
+            what += (f"; anomalous since {iso_utc(t.since_ns)} ({_windows(t.windows)}, "
                      f"peak error {_num(t.peak_error)}, ratio {_num(t.peak_ratio)})")
         elif t.kind == REMINDER and t.since_ns is not None:
-            what += f"; anomalous since {iso_utc(t.since_ns)} ({t.windows} anomalous windows)"
+            what += f"; anomalous since {iso_utc(t.since_ns)} ({_windows(t.windows)})"
     text = f"{title} {t.signal} [{series}]: {what}, model {t.model_id}"
     if link:
         text += f"; dashboard: {link}"
@@ -278,7 +284,7 @@ def format_message(t: Transition, dashboard_template: str = "") -> tuple[str, li
                    f"*Ratio*\n{_num(t.ratio)}"]
     fields += [f"*Window (UTC)*\n{iso_utc(t.start_ns)}\n{iso_utc(t.end_ns)}", f"*Model*\n`{esc(t.model_id)}`"]
     if t.kind in (RECOVERED, REMINDER) and t.since_ns is not None:
-        fields.append(f"*Anomalous since*\n{iso_utc(t.since_ns)} ({t.windows} windows)")
+        fields.append(f"*Anomalous since*\n{iso_utc(t.since_ns)} ({_windows(t.windows)})")
     blocks: list[dict[str, Any]] = [
         {"type": "header", "text": {"type": "plain_text", "emoji": True,
                                     "text": f"{emoji} {title}: {t.signal} [{series}]"[:150]}},
@@ -338,6 +344,22 @@ class Sink:
     name = "sink"
 
     def send(self, t: Transition, deadline: float) -> None:
+        """Deliver ``t``.
+
+        Parameters
+        ----------
+        t
+            The transition to announce.
+        deadline
+            ``time.monotonic()`` value by which the send must be over, retries included.
+
+        Raises
+        ------
+        DeliveryError
+            Not delivered now; the alert stays queued (``retry_after_s`` asks for a pause).
+        AlertRejectedError
+            The receiver refuses this message for good; it is moved to ``outbox/rejected/``.
+        """
         raise NotImplementedError
 
 
@@ -418,7 +440,7 @@ class _BoundedRetry(RetryHandler):
 
 class _ConnectionRetry(_BoundedRetry, ConnectionErrorRetryHandler):
     def __init__(self, budget: _Budget, max_retry_count: int) -> None:
-        ConnectionErrorRetryHandler.__init__(self, max_retry_count, BackoffRetryIntervalCalculator(0.25))
+        ConnectionErrorRetryHandler.__init__(self, max_retry_count, _backoff())
         self.budget = budget
 
     def _can_retry(self, *, state: RetryState, request: HttpRequest, response: HttpResponse | None = None,
@@ -431,7 +453,7 @@ class _ServerErrorRetry(_BoundedRetry, ServerErrorRetryHandler):
     """Retries every 5xx (slack-sdk's own handler only 500 and 503)."""
 
     def __init__(self, budget: _Budget, max_retry_count: int) -> None:
-        ServerErrorRetryHandler.__init__(self, max_retry_count, BackoffRetryIntervalCalculator(0.25))
+        ServerErrorRetryHandler.__init__(self, max_retry_count, _backoff())
         self.budget = budget
 
     def _can_retry(self, *, state: RetryState, request: HttpRequest, response: HttpResponse | None = None,
@@ -479,6 +501,17 @@ def _retry_after(headers: Any) -> float | None:
             except (TypeError, ValueError):
                 return None
     return None
+
+
+class _ProportionalJitter(Jitter):
+    """Adds up to 100 % of the backoff (slack-sdk's default adds up to a whole second, even to 0.25 s)."""
+
+    def recalculate(self, duration: float) -> float:
+        return duration * (1.0 + random.random())
+
+
+def _backoff() -> BackoffRetryIntervalCalculator:
+    return BackoffRetryIntervalCalculator(backoff_factor=0.25, jitter=_ProportionalJitter())
 
 
 def _handlers(budget: _Budget, max_retries: int) -> list[RetryHandler]:
@@ -902,8 +935,8 @@ class AlertManager:
         return transitions
 
     def default_flush_s(self) -> float:
-        """The time a flush may take when none is given: two Slack timeouts, at least one second."""
-        return max(1.0, 2.0 * self.cfg.slack.timeout_s)
+        """The time a flush may take when none is given: two Slack timeouts, at least five seconds."""
+        return max(5.0, 2.0 * self.cfg.slack.timeout_s)
 
     def flush(self, deadline_s: float | None = None) -> int:
         """Deliver queued alerts, oldest first, for at most ``deadline_s`` seconds (default

@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--alert", action="store_true", help="also pass the results to the alert sinks")
     cmd("check", "validate the config, InfluxDB connectivity and the models")
     sp = cmd("feed", "write the synthetic demo signal (with injected anomalies) to InfluxDB")
-    sp.add_argument("--history", default="3h", help="how much history to write up to now (default 3h)")
+    sp.add_argument("--history", default="7h", help="how much history to write up to now (default 7h)")
     sp.add_argument("--follow", action="store_true", help="keep writing live samples until stopped")
     sp = cmd("demo", "all-in-one: local influxd, feed, train, catch up, live ticks, print findings")
     sp.add_argument("--ticks", type=int, default=3, help="live ticks after the catch-up (default 3)")
@@ -80,7 +80,9 @@ def _check(cfg: Config) -> int:
         print(f"FAIL {exc}")
         problems += 1
     for sig in cfg.signals:
-        paths = sorted(cfg.paths.models.glob(f"{model_id_for(sig.name, (), 'shared')}*.json"))
+        stem = model_id_for(sig.name, (), "shared")
+        paths = [p for p in sorted(cfg.paths.models.glob(f"{stem}*.json"))
+                 if p.stem == stem or p.stem[len(stem) + 1 :].isalnum() and p.stem[len(stem)] == "-"]
         if not paths:
             print(f"FAIL signal {sig.name}: no model in {cfg.paths.models}; run `anomalyd train -c {cfg.source}`")
             problems += 1

@@ -109,7 +109,7 @@ def report_findings(results: list[WindowResult], fed: list[FedSeries], period_ns
     return "\n".join(lines)
 
 
-def run_demo(cfg: Config, history_s: float = 3 * 3600, live_ticks: int = 3) -> str:
+def run_demo(cfg: Config, history_s: float = 7 * 3600, live_ticks: int = 3) -> str:
     """Feed, train, catch up, run a few live ticks; return the findings as text."""
     store = InfluxDB1Store(cfg.influxdb, cfg.daemon.write_batch)
     stop = threading.Event()

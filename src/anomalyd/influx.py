@@ -189,7 +189,7 @@ class InfluxDB1Store:
                 hint = "; set ANOMALYD_INFLUXDB_USERNAME and ANOMALYD_INFLUXDB_PASSWORD"
             elif "database not found" in str(exc):
                 hint = f"; create it or fix influxdb.database={self.cfg.database!r}"
-            raise StoreError(f"InfluxDB refused the {op} (HTTP {exc.code}): {exc.content!s}{hint}") from exc
+            raise StoreError(f"InfluxDB refused the {op} (HTTP {exc.code}): {str(exc.content).strip()}{hint}") from exc
 
     def ping(self) -> str:
         r = self._request("ping", "ping", "GET", {}, expected=204)

@@ -598,7 +598,16 @@ def define(cfg: Config, url: str, out_dir: Path | None = None, models: Sequence[
     specs = tasks(cfg, models, enable)
     if out_dir is not None:
         render(cfg, out_dir, models, enable)
+    own = session is None
     api = _Api(url, session or requests.Session(), timeout_s)
+    try:
+        return _define_all(api, specs)
+    finally:
+        if own:
+            api.session.close()
+
+
+def _define_all(api: _Api, specs: Sequence[TaskSpec]) -> list[str]:
     done = []
     for t in specs:
         path = f"/tasks/{quote(t.id, safe='')}"

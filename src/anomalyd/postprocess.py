@@ -264,8 +264,9 @@ class NormaliserParams:
     learning: int = 32
     red: float = 1e-5
     yellow: float = 1e-3
-    range_tolerance: float | None = 0.1
-    transform: Literal["none", "log", "rank"] = "log"
+    range_tolerance: float | None = 0.02
+    transform: Literal["none", "log", "rank"] = "none"
+    refractory: int = 1
 
     def __post_init__(self) -> None:
         if self.long_window < 2:
@@ -281,6 +282,8 @@ class NormaliserParams:
             raise ValueError(f"red={self.red} and yellow={self.yellow} must satisfy 0 <= red <= yellow < 1")
         if self.range_tolerance is not None and not self.range_tolerance >= 0:
             raise ValueError(f"range_tolerance={self.range_tolerance} must be >= 0, or None to disable the rule")
+        if self.refractory < 1:
+            raise ValueError(f"refractory={self.refractory} must be at least 1 error")
         if self.transform not in TRANSFORMS:
             raise ValueError(f"transform={self.transform!r} is not one of {', '.join(TRANSFORMS)}")
 
@@ -317,7 +320,7 @@ class ScoreNormaliser:
         self._avg: list[float] = []  # last long_window short-window averages of the transformed errors
         self._tail: list[float] = []  # last short_window - 1 transformed errors
         self._seen = 0
-        self._prev_red = False
+        self._since_red = 1 << 30  # errors since the last red one (huge: none yet)
         self._lo: float | None = None
         self._hi: float | None = None
 
@@ -339,7 +342,7 @@ class ScoreNormaliser:
         """JSON-able state (parameters included); `from_dict` restores it exactly."""
         return {"version": _STATE_VERSION, "params": asdict(self.params), "raw": list(self._raw),
                 "avg": list(self._avg), "tail": list(self._tail), "seen": self._seen,
-                "prev_red": self._prev_red, "lo": self._lo, "hi": self._hi}
+                "since_red": self._since_red, "lo": self._lo, "hi": self._hi}
 
     @classmethod
     def from_dict(cls, state: Mapping[str, Any]) -> ScoreNormaliser:
@@ -361,7 +364,7 @@ class ScoreNormaliser:
             norm._avg = [float(v) for v in state["avg"]]
             norm._tail = [float(v) for v in state["tail"]]
             norm._seen = int(state["seen"])
-            norm._prev_red = bool(state["prev_red"])
+            norm._since_red = int(state["since_red"])
             norm._lo = None if state["lo"] is None else float(state["lo"])
             norm._hi = None if state["hi"] is None else float(state["hi"])
         except (KeyError, TypeError) as exc:
@@ -451,24 +454,35 @@ class ScoreNormaliser:
         """
         p = self.params
         lik = self.likelihood(errors)
-        tail = 1.0 - lik
-        if p.red > 0:
-            finite = np.flatnonzero(np.isfinite(tail))
-            t = tail[finite]
-            red = t <= p.red
-            prev = np.concatenate(([self._prev_red], red[:-1]))
-            tail[finite] = np.where(red & prev, np.maximum(t, p.yellow), t)
-            if finite.size:
-                self._prev_red = bool(red[-1])
-        scores = log_score(1.0 - tail)
-        scores = np.where(np.isfinite(lik), scores, np.nan)
+        n = lik.shape[0]
+        flags = np.zeros(n, dtype=bool)
         if values is not None and p.range_tolerance is not None:
             v = np.asarray(values, dtype=np.float64)
-            if v.shape[0] != scores.shape[0]:
-                raise ValueError(f"values has {v.shape[0]} rows but errors has {scores.shape[0]}; give one row "
-                                 "of values per error")
+            if v.shape[0] != n:
+                raise ValueError(f"values has {v.shape[0]} rows but errors has {n}; give one row of values per "
+                                 "error")
             flags, self._lo, self._hi = _range_stream(v, p.range_tolerance, self._lo, self._hi)
-            scores = np.where(flags & np.isfinite(scores), 1.0, scores)
         elif values is not None:
             self.observe_range(values)
-        return scores
+        tail = 1.0 - lik
+        finite = np.flatnonzero(np.isfinite(tail))
+        flags_f = flags[finite]
+        if p.red > 0 and finite.size:
+            t = tail[finite]
+            red = (t <= p.red) | flags_f
+            # A red is kept only when no red came in the previous `refractory` errors.
+            r = p.refractory
+            hist = np.concatenate((np.zeros(r, dtype=np.int64), red.astype(np.int64)))
+            if self._since_red <= r:
+                hist[r - self._since_red] = 1
+            csum = np.concatenate(([0], np.cumsum(hist)))
+            idx = np.arange(red.size) + r
+            recent = csum[idx] - csum[idx - r] > 0
+            demote = red & recent
+            tail[finite] = np.where(demote, np.maximum(t, p.yellow), t)
+            flags_f = flags_f & ~demote
+            reds = np.flatnonzero(red)
+            self._since_red = int(red.size - reds[-1]) if reds.size else self._since_red + int(red.size)
+        scores = log_score(1.0 - tail)
+        scores[finite[flags_f]] = 1.0
+        return np.where(np.isfinite(lik), scores, np.nan)

@@ -281,7 +281,8 @@ class Worker:
             stored = shared if sig.scope == "shared" else self._model_for(sig, tags)
             if stored is None:
                 untrained += 1
-                if key.id not in self._reported_untrained:
+                mismatched = model_id_for(sig.name, tags, sig.scope) in self._reported_mismatch
+                if key.id not in self._reported_untrained and not mismatched:
                     self._reported_untrained.add(key.id)
                     log.warning("series %s has no model yet (new since training?); skipping it until "
                                 "`anomalyd train` covers it", key)

@@ -1,0 +1,598 @@
+"""Causal detectors over whole labelled series, for evaluation and benchmarks.
+
+The daemon scores windows as they arrive; evaluation needs the same thing over a stored series, with labels
+kept aside. The detectors here are *fair*: they train on the first part of a series only (NAB's probationary
+period, or SMD's training file), every score at row ``t`` uses rows ``<= t`` only, and one default configuration
+(`DetectorConfig`) serves every file.
+
+Univariate (`detect_series`)
+----------------------------
+1. Per-series scaling: standardise with the training part's mean and standard deviation (a zero deviation is
+   replaced by ``max(1e-3 * |mean|, 1e-12)`` so a flat training part does not divide by zero).
+2. Window: `choose_window` -- the dominant period of the training part (the first autocorrelation peak above
+   ``min_acf`` past the first zero crossing), halved, clipped to ``[min_window, max_window]``; 32 (the
+   reference) when there is no clear period. Half a period keeps windows short enough for short training
+   parts while still covering one rise or fall of the cycle.
+3. Model: `anomalyd.model.WindowReconstructor` on the training part. ``n_clusters`` is capped at a quarter of
+   the training windows (at least 2), so a 750-row NAB probation gets about 70 shapes rather than 150
+   shapes for 285 windows.
+4. Error alignment: row ``t`` gets the error of the window that *ends* at ``t`` (slide 1), i.e. it is scored as
+   soon as one window containing it is complete. The sin² taper gives the newest sample zero weight, so a
+   change at ``t`` weighs ``sin²(pi * k / (w - 1))`` in the error of row ``t + k``: a spike is seen a few rows
+   late (about 3 rows for 10% of its size at window 32) -- this is the delay the early-detection reward of NAB
+   pays for.
+5. Score: `anomalyd.postprocess.ScoreNormaliser` (anomaly likelihood plus the out-of-range rule over the raw
+   values), warmed up on the out-of-sample errors of the training hold-out and the training values' range.
+6. Refit (optional, ``refit_every`` rows): the model is refitted on the last ``refit_length`` rows with the rows
+   around high scores (``>= normal_score``) left out, so slow drift is learned while anomalies are not.
+
+Multivariate (`detect_multivariate`, SMD)
+----------------------------------------
+Windows of ``window`` rows over all ``d`` metrics are concatenated into ``window * d`` values (each metric
+tapered), after per-metric scaling with the training mean and standard deviation (floored at ``min_scale``
+so that near-constant metrics in training do not dominate). K-Means on the training windows; the error of a
+window is the largest per-metric error, each metric's error divided by its typical (median) error on the
+training hold-out, which keeps one drifting metric from drowning the others. The threshold is learned from
+the hold-out errors alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+from sklearn.cluster import KMeans
+
+from .model import WindowReconstructor, sliding_windows, taper, threshold_from_errors
+from .postprocess import NormaliserParams, ScoreNormaliser
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DetectorConfig",
+    "MultiDetection",
+    "MultiWindowReconstructor",
+    "SeriesDetection",
+    "choose_window",
+    "detect_multivariate",
+    "detect_series",
+    "dominant_period",
+    "nab_probation",
+    "standardise",
+]
+
+
+def nab_probation(n: int, fraction: float = 0.15) -> int:
+    """Rows in NAB's probationary period: ``min(floor(fraction * n), fraction * 5000)`` (750 at 0.15).
+
+    Examples
+    --------
+    >>> nab_probation(4032), nab_probation(22695)
+    (604, 750)
+    """
+    return math.ceil(min(math.floor(fraction * n), fraction * 5000))
+
+
+def standardise(train: NDArray[np.float64], min_scale: float = 0.0) -> tuple[NDArray[np.float64],
+                                                                           NDArray[np.float64]]:
+    """Per-column mean and scale of ``train`` (1-d or 2-d), the scale floored so it is never zero.
+
+    The scale is ``max(std, min_scale, 1e-3 * |mean|, 1e-12)``.
+
+    Examples
+    --------
+    >>> m, s = standardise(np.array([1.0, 3.0]))
+    >>> float(m[0]), float(s[0])
+    (2.0, 1.0)
+    >>> float(standardise(np.array([5.0, 5.0]))[1][0])
+    0.005
+    """
+    a = np.asarray(train, dtype=np.float64)
+    a2 = a[:, None] if a.ndim == 1 else a
+    mean = np.nanmean(a2, axis=0)
+    std = np.nanstd(a2, axis=0)
+    scale = np.maximum.reduce([std, np.full_like(std, min_scale), 1e-3 * np.abs(mean), np.full_like(std, 1e-12)])
+    return np.asarray(mean), np.asarray(scale)
+
+
+def dominant_period(x: ArrayLike, max_lag: int | None = None, min_acf: float = 0.3) -> int | None:
+    """The dominant period of ``x`` from its autocorrelation, or None when there is no clear one.
+
+    The autocorrelation (FFT, mean removed) is searched past its first zero crossing for its highest peak up
+    to ``max_lag`` (default ``len(x) // 3``); the lag of that peak is the period when its value is at least
+    ``min_acf``.
+
+    Examples
+    --------
+    >>> t = np.arange(1200)
+    >>> dominant_period(np.sin(2 * np.pi * t / 48))
+    48
+    >>> dominant_period(np.random.default_rng(0).normal(size=1200)) is None
+    True
+    """
+    v = np.asarray(x, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    n = v.shape[0]
+    if n < 8:
+        return None
+    v = v - v.mean()
+    denom = float(v @ v)
+    if denom <= 0:
+        return None
+    size = 1 << (2 * n - 1).bit_length()
+    f = np.fft.rfft(v, size)
+    acf = np.fft.irfft(f * np.conj(f), size)[:n] / denom
+    top = min(max_lag if max_lag is not None else n // 3, n - 1)
+    neg = np.flatnonzero(acf[1 : top + 1] <= 0)
+    if neg.size == 0:
+        return None
+    start = int(neg[0]) + 1
+    if start >= top:
+        return None
+    seg = acf[start : top + 1]
+    peaks = np.flatnonzero((seg[1:-1] >= seg[:-2]) & (seg[1:-1] >= seg[2:])) + 1
+    if peaks.size == 0:
+        return None
+    best = int(peaks[np.argmax(seg[peaks])])
+    if seg[best] < min_acf:
+        return None
+    return start + best
+
+
+def choose_window(x: ArrayLike, default: int = 32, min_window: int = 16, max_window: int = 64,
+                  min_acf: float = 0.3, period_fraction: float = 0.5, max_lag_fraction: float = 1 / 3) -> int:
+    """Window length for a series: half its dominant period, clipped to ``[min_window, max_window]``.
+
+    Falls back to ``default`` (the reference's 32) when `dominant_period` finds no clear period. The rule is
+    automatic and the same for every series: no window is picked by hand.
+
+    Examples
+    --------
+    >>> t = np.arange(3000)
+    >>> choose_window(np.sin(2 * np.pi * t / 80)), choose_window(np.sin(2 * np.pi * t / 288))
+    (40, 64)
+    >>> choose_window(np.random.default_rng(0).normal(size=3000))
+    32
+    """
+    v = np.asarray(x)
+    period = dominant_period(v, max_lag=int(len(v) * max_lag_fraction), min_acf=min_acf)
+    if period is None:
+        return default
+    return int(np.clip(round(period * period_fraction), min_window, max_window))
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """One configuration for every file of a corpus (defaults documented in the module docstring).
+
+    Parameters
+    ----------
+    window : int or None
+        Window length; None applies `choose_window` to each series' training part.
+    default_window, min_window, max_window, min_acf
+        Parameters of `choose_window`.
+    n_clusters : int
+        Catalog size, capped at ``max(2, training windows // clusters_per_window)``.
+    clusters_per_window : int
+        Training windows per cluster at least (the cap above).
+    train_slide : int
+        Step between training windows.
+    holdout : float
+        Share of the training part kept out of the clustering (threshold, normaliser warm-up).
+    n_init : int
+        K-Means restarts.
+    random_state : int
+        Seed.
+    refit_every : int
+        Rows between refits on recent normal data; 0 disables refitting.
+    refit_length : int or None
+        Rows used by a refit (the most recent ones); None means the training length.
+    normal_score : float
+        Rows within one window of a score at or above this are left out of refits.
+    normaliser : NormaliserParams
+        Error-to-score mapping.
+    min_scale : float
+        Floor of the per-metric scale in `detect_multivariate` (values are in the data's units).
+    threshold_policy, margin, quantile, sigma_k
+        How `detect_multivariate` learns its threshold from hold-out errors
+        (`anomalyd.model.threshold_from_errors`).
+    """
+
+    window: int | None = None
+    default_window: int = 32
+    min_window: int = 16
+    max_window: int = 64
+    min_acf: float = 0.3
+    period_fraction: float = 0.5
+    max_lag_fraction: float = 1 / 3
+    n_clusters: int = 150
+    clusters_per_window: int = 4
+    train_slide: int = 2
+    holdout: float = 0.2
+    n_init: int = 3
+    random_state: int = 0
+    refit_every: int = 0
+    refit_length: int | None = None
+    normal_score: float = 0.5
+    normaliser: NormaliserParams = field(default_factory=NormaliserParams)
+    error: str = "mean"
+    min_scale: float = 0.05
+    metric_norm: str = "q99"
+    aggregate: str = "max"
+    threshold_policy: str = "quantile"
+    margin: float = 1.0
+    quantile: float = 0.999
+    sigma_k: float = 6.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The configuration as plain JSON-able values (for reports)."""
+        out: dict[str, Any] = {}
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            out[name] = value.__dict__.copy() if isinstance(value, NormaliserParams) else value
+        return out
+
+
+@dataclass
+class SeriesDetection:
+    """Outcome of `detect_series` over one series (arrays have one entry per row).
+
+    Attributes
+    ----------
+    scores : ndarray
+        Scores in [0, 1]; 0 in the training part (it is not scored).
+    errors : ndarray
+        Max reconstruction error of the window ending at each row, in standardised units (NaN before the
+        first complete window).
+    reconstruction : ndarray
+        The overlap-added reconstruction (half-window slide, as the reference plots it), in the series' units.
+    threshold : float
+        The model's threshold on ``errors``, learned from the training hold-out.
+    window, n_train, n_clusters, refits : int
+        What was used.
+    """
+
+    scores: NDArray[np.float64]
+    errors: NDArray[np.float64]
+    reconstruction: NDArray[np.float64]
+    threshold: float
+    window: int
+    n_train: int
+    n_clusters: int
+    refits: int = 0
+
+
+ERROR_KINDS = ("max", "rms", "mean")
+
+
+def window_error(model: WindowReconstructor, windows: NDArray[np.float64], kind: str = "max") -> NDArray[np.float64]:
+    """Error of each (untapered) window against its nearest tapered centroid.
+
+    ``max`` is the model's own error (largest absolute difference, what the daemon writes as ``max_error``);
+    ``rms`` and ``mean`` are the root-mean-square and mean absolute differences.
+    """
+    if kind == "max":
+        return model.window_errors(windows)
+    if len(windows) == 0:
+        return np.empty(0)
+    diff = np.abs(windows * taper(model.window) - model.reconstruct(windows))
+    if kind == "rms":
+        return np.asarray(np.sqrt((diff * diff).mean(axis=1)))
+    if kind == "mean":
+        return np.asarray(diff.mean(axis=1))
+    raise ValueError(f"error kind {kind!r} is not one of {', '.join(ERROR_KINDS)}")
+
+
+def _row_errors(model: WindowReconstructor, z: NDArray[np.float64], lo: int, hi: int,
+                kind: str = "max") -> NDArray[np.float64]:
+    """Errors of the windows ending at rows ``lo .. hi - 1`` (NaN where the window would start before 0)."""
+    w = model.window
+    out = np.full(hi - lo, np.nan)
+    first = max(lo, w - 1)
+    if first >= hi:
+        return out
+    wins = sliding_windows(z[first - w + 1 : hi], w, 1)
+    out[first - lo :] = window_error(model, wins, kind)
+    return out
+
+
+def _fit_model(stretches: list[NDArray[np.float64]], window: int, cfg: DetectorConfig) -> WindowReconstructor:
+    usable = [s for s in stretches if len(s) >= 2 * window]
+    n_windows = sum(max(0, (len(s) - max(round(cfg.holdout * len(s)), window) - window) // cfg.train_slide + 1)
+                    for s in usable)
+    k = int(min(cfg.n_clusters, max(2, n_windows // cfg.clusters_per_window)))
+    model = WindowReconstructor(window=window, train_slide=cfg.train_slide, n_clusters=k,
+                                random_state=cfg.random_state, holdout=cfg.holdout, n_init=cfg.n_init)
+    return model.fit(usable)
+
+
+def _reconstruction(model: WindowReconstructor, z: NDArray[np.float64]) -> NDArray[np.float64]:
+    w = model.window
+    slide = max(1, w // 2)
+    out = np.full(z.shape[0], np.nan)
+    wins = sliding_windows(z, w, slide)
+    if len(wins) == 0:
+        return out
+    recon = model.reconstruct(wins)
+    acc = np.zeros(z.shape[0])
+    wsum = np.zeros(z.shape[0])
+    tap = taper(w)
+    for i in range(len(wins)):
+        acc[i * slide : i * slide + w] += recon[i]
+        wsum[i * slide : i * slide + w] += tap
+    ok = wsum > 0.3
+    out[ok] = acc[ok] / wsum[ok]
+    return out
+
+
+def detect_series(values: ArrayLike, n_train: int, config: DetectorConfig | None = None) -> SeriesDetection:
+    """Score a univariate series causally, training on its first ``n_train`` rows only.
+
+    Parameters
+    ----------
+    values : array_like of float, shape (n,)
+        The series, one row per sample in time order (NaN is filled with the previous value).
+    n_train : int
+        Rows of the training part (NAB: the probationary period, see `nab_probation`).
+    config : DetectorConfig, optional
+        Defaults if omitted.
+
+    Returns
+    -------
+    SeriesDetection
+        Scores, errors and reconstruction, one per row.
+
+    Raises
+    ------
+    ValueError
+        When ``n_train`` is too short for the window (``2 * window`` rows at least) or beyond the series.
+
+    Examples
+    --------
+    >>> t = np.arange(3000)
+    >>> x = np.sin(2 * np.pi * t / 50)
+    >>> x[2000:2004] += 3.0
+    >>> det = detect_series(x, 750)
+    >>> int(np.argmax(det.scores)) in range(2000, 2032)
+    True
+    """
+    cfg = config or DetectorConfig()
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim != 1:
+        raise ValueError(f"detect_series needs a 1-d series, got shape {x.shape}; use detect_multivariate")
+    n = x.shape[0]
+    if not 0 < n_train <= n:
+        raise ValueError(f"n_train={n_train} must be between 1 and the series length {n}")
+    if np.isnan(x).any():  # forward-fill (causal); leading NaNs take the first value
+        idx = np.where(np.isnan(x), 0, np.arange(n))
+        np.maximum.accumulate(idx, out=idx)
+        x = x[idx]
+        x[np.isnan(x)] = np.nanmean(x) if np.isfinite(x).any() else 0.0
+    mean, scale = standardise(x[:n_train])
+    z = (x - mean[0]) / scale[0]
+    window = cfg.window or choose_window(z[:n_train], cfg.default_window, cfg.min_window, cfg.max_window,
+                                         cfg.min_acf, cfg.period_fraction, cfg.max_lag_fraction)
+    if n_train < 2 * window + 2:
+        raise ValueError(f"window={window} needs a training part of at least {2 * window + 2} rows, got "
+                         f"n_train={n_train}; give a longer training part or a smaller window")
+    model = first_model = _fit_model([z[:n_train]], window, cfg)
+    n_clusters = model.n_clusters
+    errors = np.full(n, np.nan)
+    errors[:n_train] = _row_errors(model, z, 0, n_train, cfg.error)
+    scores = np.zeros(n)
+    norm = ScoreNormaliser(cfg.normaliser)
+    n_val = max(round(cfg.holdout * n_train), window)
+    norm.update(errors[n_train - n_val + window - 1 : n_train])  # out-of-sample warm-up, scores dropped
+    norm.observe_range(x[:n_train])
+    threshold = float(model.threshold_)
+    refits = 0
+    pos = n_train
+    step = cfg.refit_every if cfg.refit_every > 0 else n
+    length = cfg.refit_length or n_train
+    while pos < n:
+        end = min(n, pos + step)
+        errors[pos:end] = _row_errors(model, z, pos, end, cfg.error)
+        scores[pos:end] = norm.update(errors[pos:end], x[pos:end])
+        pos = end
+        if cfg.refit_every > 0 and pos < n:
+            lo = max(0, pos - length)
+            bad = scores[lo:pos] >= cfg.normal_score
+            if bad.any():  # leave out a window's span around each high score
+                bad = np.convolve(bad.astype(np.int8), np.ones(2 * window - 1, dtype=np.int8), "same") > 0
+            good = np.flatnonzero(~bad)
+            if good.size < 2 * window + 2:
+                continue
+            cuts = np.flatnonzero(np.diff(good) > 1) + 1
+            stretches = [z[lo + g[0] : lo + g[-1] + 1] for g in np.split(good, cuts)]
+            try:
+                model = _fit_model(stretches, window, cfg)
+                refits += 1
+            except ValueError as exc:  # too little normal data: keep the current model
+                log.debug("refit at row %d skipped: %s", pos, exc)
+    scores[np.isnan(scores)] = 0.0
+    recon = _reconstruction(first_model, z)
+    return SeriesDetection(scores=scores, errors=errors, reconstruction=recon * scale[0] + mean[0],
+                           threshold=threshold, window=window, n_train=n_train, n_clusters=n_clusters,
+                           refits=refits)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Multivariate (SMD)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _windows_3d(x: NDArray[np.float64], window: int, slide: int) -> NDArray[np.float64]:
+    """Windows of ``window`` rows every ``slide`` rows: shape (n_windows, window, d) (a view)."""
+    if x.shape[0] < window:
+        return np.empty((0, window, x.shape[1]))
+    v = np.lib.stride_tricks.sliding_window_view(x, window, axis=0)  # (n - w + 1, d, w)
+    return np.swapaxes(v, 1, 2)[::slide]
+
+
+class MultiWindowReconstructor:
+    """K-Means catalog of concatenated multivariate window shapes (each metric tapered with sin²).
+
+    Parameters
+    ----------
+    window, train_slide, n_clusters, random_state, holdout, n_init, max_train_windows
+        As in `anomalyd.model.WindowReconstructor`.
+
+    Examples
+    --------
+    >>> t = np.arange(1500)
+    >>> x = np.column_stack([np.sin(2 * np.pi * t / 40), np.cos(2 * np.pi * t / 40)])
+    >>> m = MultiWindowReconstructor(window=16, n_clusters=20).fit(x)
+    >>> m.metric_errors(_windows_3d(x[:200], 16, 8)).shape
+    (24, 2)
+    """
+
+    def __init__(self, window: int = 32, train_slide: int = 2, n_clusters: int = 150, random_state: int = 0,
+                 holdout: float = 0.2, n_init: int = 3, max_train_windows: int = 20_000) -> None:
+        self.window = window
+        self.train_slide = train_slide
+        self.n_clusters = n_clusters
+        self.random_state = random_state
+        self.holdout = holdout
+        self.n_init = n_init
+        self.max_train_windows = max_train_windows
+
+    def fit(self, x: ArrayLike) -> MultiWindowReconstructor:
+        """Learn the catalog from ``x`` of shape (n, d); keep the hold-out's per-metric errors."""
+        arr = np.asarray(x, dtype=np.float64)
+        if arr.ndim != 2:
+            raise ValueError(f"expected rows x metrics, got shape {arr.shape}")
+        if not np.isfinite(arr).all():
+            raise ValueError("training data has NaN or infinite values; fill or drop them first")
+        n = arr.shape[0]
+        n_val = max(round(self.holdout * n), self.window)
+        if n - n_val < 2 * self.window:
+            raise ValueError(f"window={self.window} needs at least {2 * self.window + n_val} training rows, "
+                             f"got {n}")
+        wins = _windows_3d(arr[: n - n_val], self.window, self.train_slide)
+        rng = np.random.default_rng(self.random_state)
+        self.n_train_windows_ = len(wins)
+        if len(wins) > self.max_train_windows:
+            wins = wins[np.sort(rng.choice(len(wins), self.max_train_windows, replace=False))]
+        tap = taper(self.window)[None, :, None]
+        flat = (wins * tap).reshape(len(wins), -1)
+        k = min(self.n_clusters, len(flat))
+        km = KMeans(k, n_init=self.n_init, random_state=self.random_state)
+        km.fit(flat)
+        self.cluster_centers_ = np.ascontiguousarray(km.cluster_centers_, dtype=np.float64)
+        self._center_sq = (self.cluster_centers_**2).sum(axis=1)
+        self.val_windows_ = _windows_3d(arr[n - n_val :], self.window, 1)
+        return self
+
+    def metric_errors(self, windows: NDArray[np.float64], kind: str = "max",
+                      chunk: int = 4096) -> NDArray[np.float64]:
+        """Per-metric error of each window against its nearest centroid, shape (n_windows, d).
+
+        ``kind`` is ``"max"`` (largest absolute difference over the window's rows), ``"mean"`` (mean absolute
+        difference) or ``"rms"``.
+        """
+        n, w, d = windows.shape
+        out = np.empty((n, d))
+        tap = taper(self.window)[None, :, None]
+        for a in range(0, n, chunk):
+            flat = (windows[a : a + chunk] * tap).reshape(-1, w * d)
+            dist = self._center_sq[None, :] - 2.0 * (flat @ self.cluster_centers_.T)
+            diff = np.abs(flat - self.cluster_centers_[dist.argmin(axis=1)]).reshape(-1, w, d)
+            if kind == "max":
+                out[a : a + chunk] = diff.max(axis=1)
+            elif kind == "mean":
+                out[a : a + chunk] = diff.mean(axis=1)
+            elif kind == "rms":
+                out[a : a + chunk] = np.sqrt((diff * diff).mean(axis=1))
+            else:
+                raise ValueError(f"error kind {kind!r} is not one of {', '.join(ERROR_KINDS)}")
+        return out
+
+
+@dataclass
+class MultiDetection:
+    """Outcome of `detect_multivariate` (one entry per test row).
+
+    Attributes
+    ----------
+    scores : ndarray, shape (n_test,)
+        Window error (largest per-metric error over the metric's hold-out median error) of the window ending
+        at each row; the first ``window - 1`` rows use training rows as context.
+    metric_scores : ndarray, shape (n_test, d)
+        The per-metric errors behind ``scores`` (for interpretation).
+    threshold : float
+        Threshold on ``scores`` learned from the training hold-out alone.
+    train_scores : ndarray
+        Scores of the hold-out windows (what the threshold was learned from).
+    window, n_clusters : int
+        What was used.
+    """
+
+    scores: NDArray[np.float64]
+    metric_scores: NDArray[np.float64]
+    threshold: float
+    train_scores: NDArray[np.float64]
+    window: int
+    n_clusters: int
+
+
+def detect_multivariate(train: ArrayLike, test: ArrayLike, config: DetectorConfig | None = None) -> MultiDetection:
+    """Train on ``train`` (rows x metrics) and score every row of ``test`` causally.
+
+    Parameters
+    ----------
+    train, test : array_like of float, shape (n, d)
+        Training and test rows with the same metrics.
+    config : DetectorConfig, optional
+        ``window`` (None means `default_window`: SMD metrics have no common period), ``n_clusters``,
+        ``min_scale`` and the threshold policy are used.
+
+    Returns
+    -------
+    MultiDetection
+        Scores per test row and the threshold learned from training data alone.
+    """
+    cfg = config or DetectorConfig()
+    tr = np.asarray(train, dtype=np.float64)
+    te = np.asarray(test, dtype=np.float64)
+    if tr.ndim != 2 or te.ndim != 2 or tr.shape[1] != te.shape[1]:
+        raise ValueError(f"train and test must be rows x metrics with the same metrics, got {tr.shape} and "
+                         f"{te.shape}")
+    window = cfg.window or cfg.default_window
+    mean, scale = standardise(tr, cfg.min_scale)
+    ztr = (tr - mean) / scale
+    zte = (te - mean) / scale
+    model = MultiWindowReconstructor(window=window, train_slide=cfg.train_slide, n_clusters=cfg.n_clusters,
+                                     random_state=cfg.random_state, holdout=cfg.holdout, n_init=cfg.n_init)
+    model.fit(ztr)
+    val = model.metric_errors(model.val_windows_, cfg.error)
+    if cfg.metric_norm == "none":
+        ref = np.ones(val.shape[1])
+    else:
+        q = 0.5 if cfg.metric_norm == "median" else 0.99
+        ref = np.quantile(val, q, axis=0)
+        ref = np.maximum(ref, max(float(np.median(ref)), 1e-9))
+    agg = np.max if cfg.aggregate == "max" else np.mean
+    train_scores = agg(val / ref, axis=1)
+    threshold = threshold_from_errors(train_scores, cfg.threshold_policy, cfg.margin, cfg.quantile, cfg.sigma_k)
+    context = np.concatenate((ztr[-(window - 1) :], zte)) if window > 1 else zte
+    metric = model.metric_errors(_windows_3d(context, window, 1), cfg.error) / ref
+    return MultiDetection(scores=agg(metric, axis=1), metric_scores=metric, threshold=float(threshold),
+                          train_scores=train_scores, window=window, n_clusters=int(model.cluster_centers_.shape[0]))
+
+
+def with_overrides(config: DetectorConfig, **changes: Any) -> DetectorConfig:
+    """A copy of ``config`` with ``changes``; ``normaliser_<name>`` keys change the normaliser's parameters.
+
+    Examples
+    --------
+    >>> c = with_overrides(DetectorConfig(), window=16, normaliser_short_window=4)
+    >>> c.window, c.normaliser.short_window
+    (16, 4)
+    """
+    norm_changes = {k.removeprefix("normaliser_"): v for k, v in changes.items() if k.startswith("normaliser_")}
+    rest = {k: v for k, v in changes.items() if not k.startswith("normaliser_")}
+    return replace(config, normaliser=replace(config.normaliser, **norm_changes), **rest)
