@@ -82,7 +82,7 @@ def _check(cfg: Config) -> int:
     for sig in cfg.signals:
         stem = model_id_for(sig.name, (), "shared")
         paths = [p for p in sorted(cfg.paths.models.glob(f"{stem}*.json"))
-                 if p.stem == stem or p.stem[len(stem) + 1 :].isalnum() and p.stem[len(stem)] == "-"]
+                 if p.stem == stem or (p.stem[len(stem) + 1 :].isalnum() and p.stem[len(stem)] == "-")]
         if not paths:
             print(f"FAIL signal {sig.name}: no model in {cfg.paths.models}; run `anomalyd train -c {cfg.source}`")
             problems += 1

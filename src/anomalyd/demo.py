@@ -32,6 +32,7 @@ class FedSeries:
     origin_ns: int
     values: np.ndarray
     anomalies: list[Injected]
+    written: int = 0  # samples already written to InfluxDB
 
 
 def make_series(sig: SignalConfig, origin_ns: int, n: int, anomalies_from: int, seed: int) -> FedSeries:
@@ -65,6 +66,7 @@ def feed(cfg: Config, store: InfluxDB1Store, history_s: float, now_ns: int | Non
     for i, p in enumerate(PATIENTS):
         s = make_series(sig, origin, n_hist + n_live + 1, anomalies_from + 137 * i, seed=11 + i)
         s.tag = p
+        s.written = n_hist
         fed.append(s)
     for lo in range(0, n_hist, 20_000):
         store.write([Point(sig.measurement, ((tag, s.tag), *sig.where), ((sig.field, float(s.values[k])),),
@@ -114,12 +116,14 @@ def run_demo(cfg: Config, history_s: float = 7 * 3600, live_ticks: int = 3) -> s
     store = InfluxDB1Store(cfg.influxdb, cfg.daemon.write_batch)
     stop = threading.Event()
     fed = feed(cfg, store, history_s)
-    report = training.train(cfg, store)
-    if report.failed:
-        raise RuntimeError(f"training failed: {report.failed}")
-    sig = cfg.signals[0]
+    # The live feed starts before training, so no gap opens between the history and the live samples.
     live = threading.Thread(target=feed_live, args=(cfg, store, fed, stop), daemon=True)
     live.start()
+    report = training.train(cfg, store)
+    if report.failed:
+        stop.set()
+        raise RuntimeError(f"training failed: {report.failed}")
+    sig = cfg.signals[0]
     from .alerts import AlertManager
 
     alerts = AlertManager(cfg.alerts, cfg.paths.state)
@@ -146,7 +150,7 @@ def feed_live(cfg: Config, store: InfluxDB1Store, fed: list[FedSeries], stop: th
     sig = cfg.signals[0]
     tag = sig.group_by[0] if sig.group_by else "patient"
     period = sig.period_ns
-    k = (time.time_ns() - fed[0].origin_ns) // period
+    k = fed[0].written  # go on from where the history stopped, catching up to now first
     while not stop.is_set() and k < len(fed[0].values):
         t = fed[0].origin_ns + k * period
         if t > time.time_ns():

@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 class AlertObserver(Protocol):
     def observe(self, results: Sequence[WindowResult], now_ns: int | None = None) -> object: ...
 
+    def flush(self, deadline_s: float | None = None) -> int: ...
+
 
 @dataclass
 class SignalReport:
@@ -436,7 +438,10 @@ class Worker:
                  for name, r in report.signals.items()]
         if live and stats:
             self.store.write(stats, out.retention_policy)
-        if live and self.alerts is not None and report.results:
-            self.alerts.observe(report.results, now)
+        if live and self.alerts is not None:
+            if report.results:
+                self.alerts.observe(report.results, now)  # queues durably, then delivers
+            else:
+                self.alerts.flush()  # drain what an earlier outage left queued
         if live:
             self.watermarks.save()
