@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", type=Path, default=Path("var/tickscripts"),
                     help="where render writes (default %(default)s)")
     sp.add_argument("--url", help="Kapacitor URL (default kapacitor.url from the config)")
+    sp.add_argument("--enable", default="stream",
+                    help="comma-separated tasks to create enabled: stream, batch, fixed (default %(default)s)")
     return p
 
 
@@ -171,11 +173,12 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> int:
         from .catalog import list_models
 
         models = list_models(cfg.paths.models)
+        enable = tuple(e.strip() for e in args.enable.split(",") if e.strip())
         if args.action == "render":
-            for path in kapacitor.render(cfg, args.out, models):
+            for path in kapacitor.render(cfg, args.out, models, enable=enable):
                 print(f"wrote {path}")
         else:
-            for task in kapacitor.define(cfg, args.url or cfg.kapacitor.url, args.out, models):
+            for task in kapacitor.define(cfg, args.url or cfg.kapacitor.url, args.out, models, enable=enable):
                 print(f"defined {task}")
         return 0
     raise AssertionError(args.cmd)  # pragma: no cover
