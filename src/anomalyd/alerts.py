@@ -33,7 +33,6 @@ import math
 import os
 import random
 import re
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -61,6 +60,7 @@ from slack_sdk.webhook import WebhookClient
 from .config import AlertsConfig, SlackConfig
 from .metrics import ALERTS, ALERTS_QUEUED
 from .records import Tags, WindowResult, tags_str
+from .state import atomic_write, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -669,28 +669,6 @@ class SeriesState:
     data_missing: bool = False
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @dataclass
 class _Item:
     path: Path
@@ -757,8 +735,8 @@ class AlertManager:
 
     def _save_state(self) -> None:
         doc = {"version": STATE_VERSION, "series": {sid: asdict(s) for sid, s in sorted(self.series.items())}}
-        _atomic_write(self.state_path, json.dumps(doc, indent=1, sort_keys=True).encode())
-        _fsync_dir(self.state_dir)
+        atomic_write(self.state_path, json.dumps(doc, indent=1, sort_keys=True).encode(), sync_dir=False)
+        fsync_dir(self.state_dir)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -791,10 +769,10 @@ class AlertManager:
                     continue
                 doc = {"version": STATE_VERSION, "sink": sink.name, "key": t.dedupe_key,
                        "queued_ns": time.time_ns(), "transition": t.to_dict()}
-                _atomic_write(path, json.dumps(doc).encode())
+                atomic_write(path, json.dumps(doc).encode(), sync_dir=False)
                 written += 1
         if written:
-            _fsync_dir(self.outbox)
+            fsync_dir(self.outbox)
         return written
 
     def _retire(self, item: _Item) -> None:

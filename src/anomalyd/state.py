@@ -15,8 +15,20 @@ class StateError(ValueError):
     """The state file exists but cannot be used."""
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old or the new file, never a mix."""
+def fsync_dir(path: Path) -> None:
+    """Make renames and creations inside directory ``path`` durable."""
+    dir_fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write(path: Path, data: bytes, sync_dir: bool = True) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either the old or the new file, never a mix.
+
+    With ``sync_dir=False`` the caller syncs the directory itself (once for many files, see :func:`fsync_dir`).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -28,11 +40,8 @@ def atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    if sync_dir:
+        fsync_dir(path.parent)
 
 
 class Watermarks:
