@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -74,3 +74,36 @@ def store(cfg: Config) -> InfluxDB1Store:
 def with_signal(cfg: Config, **changes: object) -> Config:
     """A copy of ``cfg`` whose first signal has ``changes`` applied."""
     return replace(cfg, signals=(replace(cfg.signals[0], **changes), *cfg.signals[1:]))
+
+
+@dataclass
+class DemoDB:
+    url: str
+    database: str
+    cfg: Config
+
+
+@pytest.fixture(scope="session")
+def demo_db(influxd: LocalInfluxd, tmp_path_factory: pytest.TempPathFactory) -> DemoDB:
+    """A real demo run on the session's influxd: config.toml's signal fed (7 h), trained, and one live tick."""
+    import time
+
+    from anomalyd import training
+    from anomalyd.catalog import Catalog
+    from anomalyd.config import load
+    from anomalyd.demo import demo_config, feed
+    from anomalyd.state import Watermarks
+    from anomalyd.worker import Worker
+
+    name = f"demo{os.getpid()}"
+    base = load(ROOT / "config.toml", env={})
+    cfg = demo_config(base, tmp_path_factory.mktemp("demo"), influxd.url)
+    cfg = replace(cfg, influxdb=replace(cfg.influxdb, database=name))
+    store = InfluxDB1Store(cfg.influxdb, cfg.daemon.write_batch)
+    now = time.time_ns() // 10**9 * 10**9
+    feed(cfg, store, 7 * 3600, now_ns=now, future_s=0)
+    report = training.train(cfg, store, now_ns=now, progress=False)
+    assert not report.failed, report.failed
+    Worker(cfg, store, Catalog(cfg.paths.models), Watermarks(cfg.paths.state / "watermarks.json"),
+           clock=lambda: now).tick()
+    return DemoDB(influxd.url, name, cfg)

@@ -8,10 +8,10 @@ Chronograf table) must return exactly the anomalous windows, and "series anomalo
 latest window is anomalous; the expected sets are computed in Python from the raw points, not from the query under
 test.
 
-The data comes from the fixture named by ``DATA_FIXTURE``: by default a private influxd holding points of
-anomalyd's output schema written as line protocol (two series with anomalous and missing-data windows, a second
-signal on the same patient, the daemon's stats). Setting ``DATA_FIXTURE = "demo_db"`` runs everything against the
-session's real demo run instead; nothing else changes.
+Every test runs twice, on the fixtures named in ``DATA_FIXTURES``: a private influxd holding points of anomalyd's
+output schema written as line protocol (two series with anomalous and missing-data windows, a second signal on the
+same patient, the daemon's stats), and the session's real demo run (``demo_db`` in conftest.py: feed, train, one
+live tick).
 """
 
 from __future__ import annotations
@@ -210,15 +210,14 @@ def _output_lines() -> str:
     return "\n".join(lines)
 
 
-#: The fixture whose ``.url`` and ``.database`` hold the output the dashboards are proven on. Set it to "demo_db"
-#: (tests/conftest.py's session-wide real demo run: feed, train, score and at least one live tick, so that
-#: anomalyd_stats has points) to prove them on the daemon's own output instead of the synthetic one.
-DATA_FIXTURE = "private_output_db"
+#: The fixtures whose ``.url`` and ``.database`` hold the output the dashboards are proven on.
+DATA_FIXTURES = ("private_output_db", "demo_db")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=DATA_FIXTURES)
 def output_db(request: pytest.FixtureRequest) -> OutputDB:
-    data = request.getfixturevalue(DATA_FIXTURE)
+    """Both: the hand-made output (two signals, missing windows) and a real demo run's output."""
+    data = request.getfixturevalue(request.param)
     return OutputDB(data.url, data.database)
 
 

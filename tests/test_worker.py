@@ -13,6 +13,7 @@ from anomalyd import training
 from anomalyd.catalog import Catalog
 from anomalyd.config import Config, load
 from anomalyd.demo import feed
+from anomalyd.synthetic import ANOMALY_KINDS
 from anomalyd.influx import InfluxDB1Store
 from anomalyd.localinflux import LocalInfluxd
 from anomalyd.state import Watermarks
@@ -93,6 +94,8 @@ def test_synthetic_signal_catch_up_flags_every_injected_anomaly(cfg: Config, sto
     assert report.signals["heartbeat"].series == 2
     assert report.windows == pytest.approx(2 * 3600 / 16, abs=4)
     flagged = [r for r in report.results if r.anomalous]
+    injected = [a for s in fed for a in s.anomalies if s.origin_ns + a.end * 10**9 <= now]
+    assert {a.kind for a in injected} == set(ANOMALY_KINDS) and len(injected) >= 8
     for s in fed:
         for a in s.anomalies:
             a0, a1 = s.origin_ns + a.start * 10**9, s.origin_ns + (a.end - 1) * 10**9

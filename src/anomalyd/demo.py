@@ -40,8 +40,11 @@ def make_series(sig: SignalConfig, origin_ns: int, n: int, anomalies_from: int, 
     x, beats = ecg(n, seed=seed)
     found: list[Injected] = []
     pos = anomalies_from
-    while pos + 4 * ANOMALY_SPACING + 2000 < n:
-        x, got = inject(x, beats, ANOMALY_KINDS, pos, seed=seed + pos, spacing=ANOMALY_SPACING)
+    for k in range(n):  # one anomaly at a time, cycling through the kinds, until the series is full
+        try:
+            x, got = inject(x, beats, (ANOMALY_KINDS[k % len(ANOMALY_KINDS)],), pos, seed=seed + pos)
+        except ValueError:  # no whole beat left
+            break
         found.extend(got)
         pos = got[-1].end + ANOMALY_SPACING
     return FedSeries("", origin_ns, x, found)
