@@ -13,10 +13,10 @@ from anomalyd import training
 from anomalyd.catalog import Catalog
 from anomalyd.config import Config, load
 from anomalyd.demo import feed
-from anomalyd.synthetic import ANOMALY_KINDS
 from anomalyd.influx import InfluxDB1Store
 from anomalyd.localinflux import LocalInfluxd
 from anomalyd.state import Watermarks
+from anomalyd.synthetic import ANOMALY_KINDS
 from anomalyd.worker import Worker
 
 ROOT = Path(__file__).resolve().parents[1]
