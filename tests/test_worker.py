@@ -14,10 +14,12 @@ from anomalyd.catalog import Catalog
 from anomalyd.config import Config, load
 from anomalyd.demo import feed
 from anomalyd.influx import InfluxDB1Store
+from anomalyd.kapacitor import render
 from anomalyd.localinflux import LocalInfluxd
 from anomalyd.state import Watermarks
 from anomalyd.synthetic import ANOMALY_KINDS
 from anomalyd.worker import Worker
+from test_kapacitor import batch_query, kapacitor_range
 
 ROOT = Path(__file__).resolve().parents[1]
 EKG_T0 = 1536778426 * 10**9  # first sample of ../shared/data/ekg/*.txt
@@ -43,7 +45,7 @@ def ekg(influxd: LocalInfluxd, database: str, tmp_path: Path, shared_data: Path)
                    paths=replace(cfg.paths, models=tmp_path / "models", state=tmp_path / "state"))
 
 
-def test_reference_ekg_case(ekg: Config, influxd: LocalInfluxd, database: str) -> None:
+def test_reference_ekg_case(ekg: Config, influxd: LocalInfluxd, database: str, tmp_path: Path) -> None:
     store = InfluxDB1Store(ekg.influxdb)
     report = training.train(ekg, store)
     assert not report.failed and [m.model_id for m in report.trained] == ["ekg"]
@@ -71,6 +73,12 @@ def test_reference_ekg_case(ekg: Config, influxd: LocalInfluxd, database: str) -
     flagged = [(s, r["max_error"]) for s, r in complete.items() if r["anomalous"] and
                not any(covers(s, a) for a in EKG_ANOMALIES)]
     assert not flagged, f"false alarms on normal windows: {flagged} (threshold {threshold:.2f})"
+    # The Kapacitor batch task's query, rendered for this config, returns exactly the anomalous windows.
+    render(ekg, tmp_path / "tick", report.trained)
+    q = kapacitor_range(batch_query(tmp_path / "tick"), EKG_T0 - 60 * 10**9, EKG_T0 + 8300 * 10**9)
+    res = influxd.query(q, database)["results"][0]
+    got = {v[0] for s in res.get("series", []) for v in s["values"]}
+    assert got == {r["time"] for r in rows if r["anomalous"]} and got
     second = max(r["max_error"] for s, r in complete.items() if covers(s, EKG_ANOMALIES[1]))
     # Reported, not asserted: the second dropout sits on a beat's steep edge (see README).
     print(f"\nEKG: threshold {threshold:.2f}; first dropout max {max(r['max_error'] for r in first_dropout):.2f}; "
