@@ -1,7 +1,7 @@
-"""Labelled evaluation of anomaly scores, and threshold tuning from labels.
+"""Labelled evaluation of anomaly scores, threshold tuning from labels, and the `anomalyd evaluate` back end.
 
 Three families of measures live here, all pure functions of arrays (numpy, scikit-learn and the standard
-library only; the NAB loaders are the only functions that read files):
+library only):
 
 * point-wise precision, recall and F1; point-adjusted F1 as the SMD / OmniAnomaly literature defines it; F1
   over fixed non-overlapping windows as the LSTM encoder-decoder (LSTM-ED) paper defines it; ROC-AUC and
@@ -9,6 +9,10 @@ library only; the NAB loaders are the only functions that read files):
 * the Numenta Anomaly Benchmark score (NAB v1.1), re-implemented from NAB's published scoring rules and
   vectorised so that a whole corpus scores in milliseconds;
 * threshold tuning from labels for both: `best_f1_threshold` and `best_nab_threshold`.
+
+The file readers (`load_nab_corpus`, `load_published_scores`, `load_labelled_csv`, `load_smd_machine`) and the
+command line back end (`add_arguments` and `run`, which train the causal detectors of `anomalyd.detect`, print a
+table, write JSON and PNG plots) sit at the end of the module; matplotlib and tqdm are imported only there.
 
 Conventions
 -----------
@@ -19,11 +23,13 @@ Conventions
 
 from __future__ import annotations
 
+import argparse
 import csv
 import gzip
 import io
 import itertools
 import json
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,24 +41,37 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+log = logging.getLogger(__name__)
+
 __all__ = [
+    "DEFAULT_SCORE_THRESHOLD",
     "NAB_PROFILES",
+    "EvalSeries",
     "Metrics",
     "NabCorpus",
     "NabFile",
     "NabFileResult",
     "NabProfile",
+    "PlotEvent",
+    "add_arguments",
     "best_f1_threshold",
     "best_nab_threshold",
+    "find_plot_events",
+    "find_smd_machines",
+    "format_table",
+    "load_labelled_csv",
     "load_nab_corpus",
     "load_nab_profiles",
     "load_published_scores",
+    "load_smd_machine",
     "nab_score",
+    "plot_event",
     "point_adjust",
     "point_adjusted_metrics",
     "point_metrics",
     "pr_auc",
     "roc_auc",
+    "run",
     "window_metrics",
 ]
 
@@ -1132,3 +1151,679 @@ def load_published_scores(
                     f"(first difference at {stamps[bad]} vs {expected[bad]})"
                 )
     return result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Labelled CSV and SMD readers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def load_labelled_csv(path: Path | str) -> tuple[list[str], NDArray[np.float64], NDArray[np.bool_] | None]:
+    """Read a ``timestamp,value[,label]`` CSV (one row per sample, in time order).
+
+    Parameters
+    ----------
+    path : Path or str
+        The file. An empty ``value`` is read as NaN (a missing sample); ``label`` is 0 or 1.
+
+    Returns
+    -------
+    timestamps : list of str
+        The timestamps as written (only used to label the output).
+    values : ndarray of float
+        The samples.
+    labels : ndarray of bool or None
+        The labels, or None when the file has no ``label`` column.
+
+    Raises
+    ------
+    ValueError
+        On a wrong header, a malformed row or a label other than 0/1, naming the line.
+    """
+    path = Path(path)
+    with path.open(newline="") as handle:
+        reader = csv.reader(handle)
+        header = [h.strip().lower() for h in next(reader, [])]
+        if header not in (["timestamp", "value"], ["timestamp", "value", "label"]):
+            raise ValueError(f"{path}: header must be 'timestamp,value' or 'timestamp,value,label', got "
+                             f"{','.join(header)!r}")
+        has_label = len(header) == 3
+        stamps: list[str] = []
+        values: list[float] = []
+        labels: list[bool] = []
+        for line_no, row in enumerate(reader, start=2):
+            if not row or not "".join(row).strip():
+                continue
+            if len(row) != len(header):
+                raise ValueError(f"{path}:{line_no}: expected {len(header)} columns ({','.join(header)}), got "
+                                 f"{row!r}")
+            stamps.append(row[0])
+            try:
+                values.append(float(row[1]) if row[1].strip() else math.nan)
+            except ValueError as exc:
+                raise ValueError(f"{path}:{line_no}: value {row[1]!r} is not a number") from exc
+            if has_label:
+                label = row[2].strip()
+                if label not in ("0", "1", "0.0", "1.0", "true", "false", "True", "False"):
+                    raise ValueError(f"{path}:{line_no}: label {label!r} must be 0 or 1")
+                labels.append(label in ("1", "1.0", "true", "True"))
+    if not values:
+        raise ValueError(f"{path}: no data rows after the header")
+    return stamps, np.asarray(values, dtype=np.float64), np.asarray(labels, dtype=bool) if has_label else None
+
+
+def find_smd_machines(root: Path | str) -> list[str]:
+    """Machine ids (``"1-6"``) with train, test and test_label files under an SMD-layout directory."""
+    root = Path(root)
+    ids = sorted(p.name.removeprefix("machine-").removesuffix("_train.npy") for p in root.glob("machine-*_train.npy"))
+    return [m for m in ids if (root / f"machine-{m}_test.npy").is_file()
+            and (root / f"machine-{m}_test_label.npy").is_file()]
+
+
+def load_smd_machine(root: Path | str, machine: str) -> tuple[NDArray[np.float64], NDArray[np.float64],
+                                                              NDArray[np.bool_]]:
+    """Read one SMD machine: ``machine-<id>_{train,test,test_label}.npy`` (plain arrays, no pickle).
+
+    Returns
+    -------
+    train, test : ndarray of float, shape (n, d)
+        Training and test rows.
+    labels : ndarray of bool, shape (n_test,)
+        Test labels.
+    """
+    root = Path(root)
+    try:
+        train = np.load(root / f"machine-{machine}_train.npy", allow_pickle=False).astype(np.float64)
+        test = np.load(root / f"machine-{machine}_test.npy", allow_pickle=False).astype(np.float64)
+        labels = np.load(root / f"machine-{machine}_test_label.npy", allow_pickle=False).astype(bool)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"SMD machine {machine!r} is incomplete under {root}: {exc.filename} is missing; "
+                                f"found machines {find_smd_machines(root)}") from exc
+    if train.ndim != 2 or test.ndim != 2 or train.shape[1] != test.shape[1] or labels.shape != (test.shape[0],):
+        raise ValueError(f"SMD machine {machine}: shapes train {train.shape}, test {test.shape}, labels "
+                         f"{labels.shape} do not fit together (rows x metrics, one label per test row)")
+    return train, test, labels
+
+
+# ---------------------------------------------------------------------------------------------------------
+# `anomalyd evaluate`: the command line back end
+# ---------------------------------------------------------------------------------------------------------
+
+#: The default threshold on normalised scores: the log-likelihood scale's 0.5 is a likelihood of 0.99999,
+#: the red zone of `anomalyd.postprocess` (and of NAB's HTM detector).
+DEFAULT_SCORE_THRESHOLD = 0.5
+TUNE_CHOICES = ("none", "f1", "point-adjusted", "window", *(f"nab-{p}" for p in NAB_PROFILES))
+FORMATS = ("auto", "csv", "nab", "smd")
+_F1_KIND: dict[str, Literal["point", "point_adjusted", "window"]] = {
+    "f1": "point", "point-adjusted": "point_adjusted", "window": "window"}
+
+
+class _UsageError(ValueError):
+    """Options that do not go together."""
+
+
+@dataclass
+class EvalSeries:
+    """One evaluated series (a CSV, a NAB file or an SMD machine); arrays have one entry per row.
+
+    ``scores`` are what the threshold applies to (``score > threshold`` flags a row); rows before ``n_train``
+    are not evaluated. ``segments`` are the labelled stretches as ``(first, last)`` rows (NAB windows, or runs
+    of label 1).
+    """
+
+    name: str
+    values: NDArray[np.float64]
+    scores: NDArray[np.float64]
+    errors: NDArray[np.float64]
+    labels: NDArray[np.bool_] | None
+    n_train: int
+    threshold: float
+    segments: list[tuple[int, int]] = field(default_factory=list)
+    reconstruction: NDArray[np.float64] | None = None
+    error_threshold: float | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of ``anomalyd evaluate`` to an `argparse.ArgumentParser`.
+
+    Parameters
+    ----------
+    parser : argparse.ArgumentParser
+        The (sub)parser to extend; `run` reads the namespace it produces.
+    """
+    parser.add_argument("input", type=Path,
+                        help="a labelled CSV (timestamp,value[,label]), a NAB folder (data/ and labels/) or an SMD "
+                             "folder (machine-<id>_train/test/test_label.npy)")
+    parser.add_argument("--format", choices=FORMATS, default="auto", help="input layout (default: guessed)")
+    parser.add_argument("--model", type=Path,
+                        help="score a CSV with this stored model (catalog JSON) instead of training a detector; "
+                             "the threshold then applies to max_error, as in the daemon")
+    parser.add_argument("--train-rows", type=int,
+                        help="CSV: rows of the training part (default: NAB's rule, min(15%%, 750 rows))")
+    parser.add_argument("--window", default="auto",
+                        help="window length, or 'auto' for the dominant-period rule (default auto)")
+    parser.add_argument("--refit-every", type=int, default=0,
+                        help="refit on recent normal data every N rows (default 0: never)")
+    parser.add_argument("--machines", nargs="+", help="SMD: only these machine ids (default: all found)")
+    parser.add_argument("--threshold", type=float,
+                        help="operating threshold (default: 0.5 on normalised scores; the threshold learned "
+                             "from training data for SMD and for --model)")
+    parser.add_argument("--tune", choices=TUNE_CHOICES, default="none",
+                        help="choose the threshold from the labels: best F1 (point, point-adjusted or window; "
+                             "per series) or best NAB profile score (one threshold for the corpus)")
+    parser.add_argument("--validation", type=float, default=0.0,
+                        help="with --tune: tune on the first share of each series' scored rows and report on the "
+                             "rest (default 0: tune and report on the same rows, an optimistic oracle)")
+    parser.add_argument("--window-size", type=int, default=100,
+                        help="rows per window of the window-level F1 (default 100, as the LSTM-ED paper)")
+    parser.add_argument("--delta", type=int, default=0,
+                        help="window-level F1: a window is flagged when more than DELTA rows exceed the threshold "
+                             "(default 0; tuned with --tune window)")
+    parser.add_argument("--write-threshold", action="store_true",
+                        help="with --model and --tune: write the tuned threshold into the model's catalog JSON")
+    parser.add_argument("--json", type=Path, help="write the full report as JSON to this file")
+    parser.add_argument("--plots", type=Path, help="write PNG plots of the worst misses and false alarms here")
+    parser.add_argument("--n-plots", type=int, default=3, help="plots of each kind (default 3)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _detector_config(args: Any) -> Any:
+    from .detect import DetectorConfig
+
+    window: int | None
+    if str(args.window).lower() == "auto":
+        window = None
+    else:
+        try:
+            window = int(args.window)
+        except ValueError:
+            raise ValueError(f"--window {args.window!r} must be a whole number of rows or 'auto'") from None
+        if window < 4:
+            raise ValueError(f"--window {window} is too small; use at least 4 rows or 'auto'")
+    if args.refit_every < 0:
+        raise ValueError(f"--refit-every {args.refit_every} must be >= 0 (0 disables refits)")
+    return DetectorConfig(window=window, refit_every=args.refit_every)
+
+
+def _guess_format(path: Path) -> str:
+    if path.is_file():
+        return "csv"
+    if path.is_dir():
+        if (path / "labels" / "combined_windows.json").is_file() and (path / "data").is_dir():
+            return "nab"
+        if any(path.glob("machine-*_train.npy")):
+            return "smd"
+        raise ValueError(f"{path} is a folder but neither NAB (data/ and labels/combined_windows.json) nor SMD "
+                         "(machine-<id>_train.npy ...); pass a CSV file or one of those folders")
+    raise FileNotFoundError(f"input {path} does not exist")
+
+
+def _label_segments(labels: NDArray[np.bool_]) -> list[tuple[int, int]]:
+    starts, ends = _segments(labels)
+    return [(int(a), int(b) - 1) for a, b in zip(starts, ends, strict=True)]
+
+
+def _series_from_detection(name: str, values: NDArray[np.float64], labels: NDArray[np.bool_] | None,
+                           n_train: int, cfg: Any, segments: list[tuple[int, int]] | None = None) -> EvalSeries:
+    from .detect import detect_series
+
+    det = detect_series(values, n_train, cfg)
+    return EvalSeries(name=name, values=values, scores=det.scores, errors=det.errors, labels=labels,
+                      n_train=n_train, threshold=DEFAULT_SCORE_THRESHOLD,
+                      segments=segments if segments is not None else
+                      (_label_segments(labels) if labels is not None else []),
+                      reconstruction=det.reconstruction, error_threshold=det.threshold,
+                      info={"window": det.window, "n_clusters": det.n_clusters, "refits": det.refits,
+                            "error_threshold": det.threshold})
+
+
+def _progress(items: Sequence[Any], args: Any, desc: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="file", disable=args.no_progress or len(items) < 2)
+
+
+def _load_csv_series(args: Any, cfg: Any) -> list[EvalSeries]:
+    from .detect import nab_probation, overlap_reconstruction, score_with_model
+
+    stamps, values, labels = load_labelled_csv(args.input)
+    n = values.shape[0]
+    name = args.input.name
+    if args.model is not None:
+        from .catalog import load as load_model
+
+        stored = load_model(args.model)
+        model = stored.model
+        errors = score_with_model(model, values)
+        series = EvalSeries(name=name, values=values, scores=errors, errors=errors, labels=labels,
+                            n_train=model.window - 1, threshold=float(model.threshold_),
+                            segments=_label_segments(labels) if labels is not None else [],
+                            reconstruction=overlap_reconstruction(model, values),
+                            error_threshold=float(model.threshold_),
+                            info={"model": stored.model_id, "window": model.window,
+                                  "model_threshold": float(model.threshold_)})
+        series.info["first_timestamp"] = stamps[0]
+        return [series]
+    n_train = args.train_rows if args.train_rows is not None else nab_probation(n)
+    if not 0 < n_train < n:
+        raise ValueError(f"--train-rows {n_train} must be between 1 and the {n} rows of {args.input} minus one")
+    series = _series_from_detection(name, values, labels, n_train, cfg)
+    series.info["first_timestamp"] = stamps[0]
+    return [series]
+
+
+def _load_nab_series(args: Any, cfg: Any) -> tuple[list[EvalSeries], NabCorpus]:
+    from .detect import nab_probation
+
+    corpus = load_nab_corpus(args.input)
+    out: list[EvalSeries] = []
+    for name in _progress(list(corpus.files), args, "evaluate NAB"):
+        f = corpus.files[name]
+        values = np.asarray(f.values, dtype=np.float64)
+        ts = np.asarray(f.timestamps)
+        segments = [(int(np.flatnonzero(ts == a)[0]), int(np.flatnonzero(ts == b)[0])) for a, b in f.windows]
+        labels = np.zeros(values.shape[0], dtype=bool)
+        for a, b in segments:
+            labels[a : b + 1] = True
+        out.append(_series_from_detection(name, values, labels, nab_probation(values.shape[0]), cfg, segments))
+    return out, corpus
+
+
+def _load_smd_series(args: Any, cfg: Any) -> list[EvalSeries]:
+    from .detect import detect_multivariate
+
+    machines = args.machines or find_smd_machines(args.input)
+    if not machines:
+        raise FileNotFoundError(f"no SMD machine (machine-<id>_train/test/test_label.npy) under {args.input}")
+    out: list[EvalSeries] = []
+    for machine in _progress(machines, args, "evaluate SMD"):
+        train, test, labels = load_smd_machine(args.input, machine)
+        det = detect_multivariate(train, test, cfg)
+        out.append(EvalSeries(name=f"machine-{machine}", values=test, scores=det.scores, errors=det.scores,
+                              labels=labels, n_train=0, threshold=det.threshold, segments=_label_segments(labels),
+                              error_threshold=det.threshold,
+                              info={"window": det.window, "n_clusters": det.n_clusters,
+                                    "train_threshold": det.threshold, "metric_scores": det.metric_scores}))
+    return out
+
+
+def _split_rows(s: EvalSeries, validation: float) -> tuple[slice, slice]:
+    """Rows to tune on and rows to report on (the same with no validation share)."""
+    n = s.scores.shape[0]
+    if validation <= 0:
+        return slice(s.n_train, n), slice(s.n_train, n)
+    cut = s.n_train + round(validation * (n - s.n_train))
+    return slice(s.n_train, cut), slice(cut, n)
+
+
+def _f1_block(labels: NDArray[np.bool_], scores: NDArray[np.float64], tau: float, size: int,
+              delta: int) -> dict[str, Any]:
+    flags = scores > tau
+    pm = point_metrics(labels, flags)
+    pa = point_adjusted_metrics(labels, flags)
+    wm = window_metrics(labels, scores, tau, size, delta)
+    return {"precision": pm["precision"], "recall": pm["recall"], "f1": pm["f1"],
+            "pa_precision": pa["precision"], "pa_recall": pa["recall"], "pa_f1": pa["f1"],
+            "window_precision": wm["precision"], "window_recall": wm["recall"], "window_f1": wm["f1"],
+            "roc_auc": roc_auc(labels, scores), "pr_auc": pr_auc(labels, scores)}
+
+
+def _nab_single(s: EvalSeries) -> NabCorpus:
+    """A one-file NAB corpus over row numbers, with the series' labelled segments as windows."""
+    n = s.scores.shape[0]
+    return NabCorpus({s.name: NabFile(s.name, np.arange(n), tuple(s.segments))})
+
+
+def _evaluate(series: list[EvalSeries], args: Any, corpus: NabCorpus | None) -> dict[str, Any]:
+    """Tune (optionally), then fill each series' metrics; return the corpus-level summary."""
+    summary: dict[str, Any] = {"tune": args.tune, "validation": args.validation}
+    size, delta = args.window_size, args.delta
+    if size < 1 or delta < 0:
+        raise ValueError(f"--window-size {size} must be >= 1 and --delta {delta} >= 0")
+    if args.threshold is not None:
+        for s in series:
+            s.threshold = float(args.threshold)
+    nab_tuned: dict[str, float] = {}
+    if args.tune.startswith("nab-"):
+        profile = args.tune.removeprefix("nab-")
+        if args.validation > 0:
+            raise ValueError("--validation applies to the F1 tunings; NAB tuning uses the whole corpus, as NAB does")
+        tuned_corpus = corpus
+        if tuned_corpus is None:
+            if len(series) != 1 or not series[0].segments:
+                raise ValueError(f"--tune {args.tune} needs labelled windows: a NAB folder, or a CSV with a label "
+                                 "column holding at least one 1")
+            tuned_corpus = _nab_single(series[0])
+        scores = {s.name: np.where(np.arange(s.scores.size) < s.n_train, np.nan, s.scores) for s in series}
+        thr, normalised, _raw = best_nab_threshold(tuned_corpus, scores, profile)
+        tau = float(np.nextafter(thr, -np.inf)) if math.isfinite(thr) else math.inf  # >= thr  <=>  > tau
+        for s in series:
+            s.threshold = tau
+        nab_tuned = {"profile": profile, "threshold": tau, "normalised": normalised}
+        summary["tuned"] = nab_tuned
+    for s in series:
+        if s.labels is None:
+            if args.tune != "none":
+                raise _UsageError(f"--tune {args.tune} needs labels, and {s.name} has no label column; add "
+                                  "'label' (0/1) to the CSV")
+            flags = s.scores[s.n_train :] > s.threshold
+            s.metrics = {"threshold": s.threshold, "alerts": int(np.count_nonzero(flags))}
+            continue
+        tune_rows, report_rows = _split_rows(s, args.validation)
+        if args.tune in _F1_KIND:
+            kind = _F1_KIND[args.tune]
+            lab, sc = s.labels[tune_rows], s.scores[tune_rows]
+            if not lab.any():
+                raise ValueError(f"{s.name}: the tuning rows hold no labelled anomaly; lower --validation or give "
+                                 "labels")
+            tau, d, f1 = best_f1_threshold(lab, sc, kind, size=size)
+            s.threshold, delta_s = tau, d if kind == "window" else delta
+            s.metrics["tuned_f1"] = f1
+        else:
+            delta_s = delta
+        lab, sc = s.labels[report_rows], s.scores[report_rows]
+        s.metrics.update(_f1_block(lab, sc, s.threshold, size, delta_s))
+        s.metrics.update({"threshold": s.threshold, "delta": delta_s, "rows": int(lab.size),
+                          "labelled_rows": int(np.count_nonzero(lab)), "segments": len(s.segments),
+                          "alerts": int(np.count_nonzero(sc > s.threshold))})
+    # NAB scores at the operating thresholds and with NAB's own per-profile optimisation.
+    nab_corpus = corpus
+    if nab_corpus is None and len(series) == 1 and series[0].segments and series[0].labels is not None:
+        nab_corpus = _nab_single(series[0])
+    if nab_corpus is not None and len({s.threshold for s in series}) == 1:
+        scores = {s.name: np.where(np.arange(s.scores.size) < s.n_train, np.nan, s.scores) for s in series}
+        tau = series[0].threshold
+        nab: dict[str, Any] = {"threshold": tau}
+        per_file: dict[str, NabFileResult] = {}
+        for profile in NAB_PROFILES:
+            at = float(np.nextafter(tau, np.inf)) if math.isfinite(tau) else math.inf
+            normalised, raw, files = nab_score(nab_corpus, scores, at, profile)
+            best_thr, best_norm, _ = best_nab_threshold(nab_corpus, scores, profile)
+            nab[profile] = {"score": normalised, "raw": raw, "optimised_threshold": best_thr,
+                            "optimised_score": best_norm}
+            if profile == "standard":
+                per_file = files
+        for s in series:
+            r = per_file.get(s.name)
+            if r is not None:
+                s.metrics.update({"nab_raw": r.score, "nab_detected": r.detected_windows,
+                                  "nab_missed": r.missed_windows, "nab_fp_rows": r.fp})
+        summary["nab"] = nab
+    labelled = [s for s in series if s.labels is not None]
+    if labelled:
+        keys = ("f1", "pa_f1", "window_f1", "roc_auc", "pr_auc")
+        summary["mean"] = {k: float(np.nanmean([s.metrics[k] for s in labelled])) if any(
+            math.isfinite(s.metrics[k]) for s in labelled) else math.nan for k in keys}
+    return summary
+
+
+def _fmt(v: Any, width: int) -> str:
+    if isinstance(v, float):
+        text = "-" if not math.isfinite(v) else f"{v:.3f}" if abs(v) < 1000 else f"{v:.4g}"
+    else:
+        text = str(v)
+    return text.rjust(width)
+
+
+def format_table(series: Sequence[EvalSeries], summary: Mapping[str, Any]) -> str:
+    """Render the per-series metrics and the summary as a plain-text table."""
+    has_nab = "nab" in summary
+    cols = [("rows", 7), ("segs", 5), ("alerts", 7), ("thresh", 9), ("P", 6), ("R", 6), ("F1", 6),
+            ("PA-F1", 6), ("win-F1", 6), ("ROC", 6), ("PR", 6)]
+    if has_nab:
+        cols += [("NAB", 6), ("det", 4), ("miss", 4)]
+    keys = {"rows": "rows", "segs": "segments", "alerts": "alerts", "thresh": "threshold", "P": "precision",
+            "R": "recall", "F1": "f1", "PA-F1": "pa_f1", "win-F1": "window_f1", "ROC": "roc_auc", "PR": "pr_auc",
+            "NAB": "nab_raw", "det": "nab_detected", "miss": "nab_missed"}
+    name_w = max([len("series"), *(len(s.name) for s in series)])
+    lines = ["series".ljust(name_w) + "".join(_fmt(c, w + 1) for c, w in cols)]
+    lines.append("-" * len(lines[0]))
+    for s in series:
+        lines.append(s.name.ljust(name_w) + "".join(_fmt(s.metrics.get(keys[c], ""), w + 1) for c, w in cols))
+    if "mean" in summary:
+        m = summary["mean"]
+        lines.append(f"mean over series: F1 {m['f1']:.3f}  PA-F1 {m['pa_f1']:.3f}  window-F1 {m['window_f1']:.3f}  "
+                     f"ROC-AUC {m['roc_auc']:.3f}  PR-AUC {m['pr_auc']:.3f}")
+    if has_nab:
+        nab = summary["nab"]
+        parts = [f"{p} {nab[p]['score']:.2f} (optimised {nab[p]['optimised_score']:.2f} at "
+                 f"{nab[p]['optimised_threshold']:.4g})" for p in NAB_PROFILES]
+        lines.append(f"NAB normalised score at threshold {nab['threshold']:.4g}: " + "; ".join(parts))
+    if "tuned" in summary:
+        lines.append(f"tuned ({summary['tune']}): {summary['tuned']}")
+    return "\n".join(lines)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (np.floating, np.integer)):
+        return _jsonable(value.item())
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return None  # arrays stay out of the report
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+# -- plots ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlotEvent:
+    """A labelled segment that was missed, or a false alarm, chosen for a plot."""
+
+    kind: Literal["miss", "false-alarm", "alert"]
+    series: str
+    start: int
+    end: int
+    badness: float  # higher is worse: threshold over peak score for misses, peak over threshold for alarms
+    error_ratio: float = 0.0  # peak error over the error threshold (breaks ties: range-rule alarms all score 1)
+
+
+def find_plot_events(series: Sequence[EvalSeries], n: int) -> list[PlotEvent]:
+    """The ``n`` worst misses (labelled segments without a flag, lowest peak score first) and the ``n`` worst
+    false alarms (flagged runs outside every segment, highest peak score first) over all series; without
+    labels the flagged runs are plain alerts.
+
+    A flag within ``window - 1`` rows after a segment is not a false alarm: the window ending there still holds
+    the segment's last row.
+
+    Examples
+    --------
+    >>> s = EvalSeries("a", np.zeros(10), np.array([0, 0, .2, 0, 0, .9, 0, 0, 0, 0.]), np.zeros(10),
+    ...                np.array([0, 1, 1, 1, 0, 0, 0, 0, 0, 0], bool), 0, 0.5, [(1, 3)])
+    >>> [(e.kind, e.start, e.end) for e in find_plot_events([s], 3)]
+    [('miss', 1, 3), ('false-alarm', 5, 5)]
+    """
+    misses: list[PlotEvent] = []
+    alarms: list[PlotEvent] = []
+    for s in series:
+        sc = np.where(np.arange(s.scores.size) < s.n_train, np.nan, s.scores)
+        inside = np.zeros(sc.size, dtype=bool)
+        tail = int(s.info.get("window", 1)) - 1  # rows whose window still holds the segment's last row
+        for a, b in s.segments:
+            inside[a : b + 1 + tail] = True
+            seg = sc[a : b + 1]
+            if seg.size and not np.any(seg > s.threshold):
+                peak = float(np.nanmax(seg)) if np.isfinite(seg).any() else 0.0
+                if b >= s.n_train:
+                    misses.append(PlotEvent("miss", s.name, a, b, s.threshold / max(peak, 1e-12)))
+        flags = (sc > s.threshold) & ~inside
+        gap = int(s.info.get("window", 32))
+        rows = np.flatnonzero(flags)
+        if rows.size:
+            breaks = np.flatnonzero(np.diff(rows) > gap) + 1
+            for run in np.split(rows, breaks):
+                peak = float(np.nanmax(sc[run]))
+                err = s.errors[run[0] : run[-1] + 1]
+                ratio = (float(np.nanmax(err)) / s.error_threshold if s.error_threshold and np.isfinite(err).any()
+                         else 0.0)
+                kind: Literal["false-alarm", "alert"] = "false-alarm" if s.labels is not None else "alert"
+                alarms.append(PlotEvent(kind, s.name, int(run[0]), int(run[-1]),
+                                        peak / max(abs(s.threshold), 1e-12), ratio))
+    misses.sort(key=lambda e: -e.badness)
+    alarms.sort(key=lambda e: (-e.badness, -e.error_ratio))
+    return misses[:n] + alarms[:n]
+
+
+def plot_event(s: EvalSeries, event: PlotEvent, path: Path) -> Path:
+    """Plot one event in the reference blog's style (Agg backend, PNG).
+
+    Top: the original series and its reconstruction (for SMD: the three metrics that contribute most).
+    Middle: the reconstruction error, with its threshold when the operating threshold is on the error.
+    Bottom: the normalised score with the operating threshold (left out when the score is the error).
+    Labelled segments are shaded in every panel; the training part is greyed.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = s.scores.size
+    span = event.end - event.start + 1
+    pad = max(3 * int(s.info.get("window", 32)), span, 50)
+    lo, hi = max(0, event.start - pad), min(n, event.end + pad + 1)
+    x = np.arange(lo, hi)
+    score_is_error = s.scores is s.errors
+    panels = 2 if score_is_error else 3
+    fig, axes = plt.subplots(panels, 1, figsize=(11, 2.4 * panels + 0.6), sharex=True)
+    top = axes[0]
+    if s.values.ndim == 1:
+        top.plot(x, s.values[lo:hi], lw=0.9, label="original")
+        if s.reconstruction is not None:
+            top.plot(x, s.reconstruction[lo:hi], lw=0.9, label="reconstruction")
+    else:
+        ms = s.info.get("metric_scores")
+        if isinstance(ms, np.ndarray):
+            best = np.argsort(-np.nanmax(ms[event.start : event.end + 1], axis=0))[:3]
+        else:
+            best = np.arange(min(3, s.values.shape[1]))
+        for j in best:
+            top.plot(x, s.values[lo:hi, j], lw=0.9, label=f"metric {j + 1}")
+    top.legend(loc="upper left", fontsize=8)
+    top.set_title(f"{event.kind}: {s.name}, rows {event.start}-{event.end}")
+    err_ax = axes[1]
+    err_ax.plot(x, s.errors[lo:hi], lw=0.9, color="tab:red", label="reconstruction error")
+    thr_err = s.threshold if score_is_error else s.error_threshold
+    if thr_err is not None and math.isfinite(thr_err):
+        err_ax.axhline(thr_err, color="k", ls="--", lw=0.8,
+                       label="threshold" if score_is_error else "training threshold")
+    err_ax.legend(loc="upper left", fontsize=8)
+    if not score_is_error:
+        axes[2].plot(x, s.scores[lo:hi], lw=0.9, color="tab:purple", label="score")
+        if math.isfinite(s.threshold):
+            axes[2].axhline(s.threshold, color="k", ls="--", lw=0.8, label="threshold")
+        axes[2].set_ylim(-0.02, 1.05)
+        axes[2].legend(loc="upper left", fontsize=8)
+    for ax in axes:
+        for a, b in s.segments:
+            if b >= lo and a < hi:
+                ax.axvspan(max(a, lo), min(b, hi - 1), color="tab:orange", alpha=0.2, lw=0)
+        if s.n_train > lo:
+            ax.axvspan(lo, min(s.n_train, hi - 1), color="grey", alpha=0.15, lw=0)
+    axes[-1].set_xlabel("row")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("_")
+
+
+# -- entry point ------------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``anomalyd evaluate`` with the options of `add_arguments`; return the exit status.
+
+    Trains the default causal detector on each series' training part (or scores with ``--model``), applies
+    the operating or tuned threshold, prints the table, and writes JSON, plots and the tuned threshold as
+    asked. Problems with the input are reported on stderr with exit status 1 (2 for bad option combinations).
+    """
+    import sys
+
+    try:
+        return _run(args)
+    except _UsageError as exc:
+        print(f"anomalyd evaluate: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:
+        log.debug("evaluate failed", exc_info=True)
+        print(f"anomalyd evaluate: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    import time
+
+    started = time.perf_counter()
+    fmt = args.format if args.format != "auto" else _guess_format(args.input)
+    if args.model is not None and fmt != "csv":
+        raise _UsageError("--model scores one CSV series; NAB and SMD folders are evaluated with the default "
+                          "detector trained on each file's training part")
+    if args.write_threshold and (args.model is None or args.tune == "none"):
+        raise _UsageError("--write-threshold needs --model PATH and --tune: only a threshold tuned on the stored "
+                          "model's own max_error means the same thing to the daemon")
+    if not 0.0 <= args.validation < 1.0:
+        raise _UsageError(f"--validation {args.validation} must be in [0, 1)")
+    if args.n_plots < 0:
+        raise _UsageError(f"--n-plots {args.n_plots} must be >= 0")
+    cfg = _detector_config(args)
+    corpus: NabCorpus | None = None
+    if fmt == "csv":
+        series = _load_csv_series(args, cfg)
+    elif fmt == "nab":
+        series, corpus = _load_nab_series(args, cfg)
+    elif fmt == "smd":
+        series = _load_smd_series(args, cfg)
+    else:  # pragma: no cover - argparse restricts the choices
+        raise _UsageError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+    summary = _evaluate(series, args, corpus)
+    print(format_table(series, summary))
+    plots: list[str] = []
+    if args.plots is not None and args.n_plots > 0:
+        by_name = {s.name: s for s in series}
+        counts = {"miss": 0, "false-alarm": 0, "alert": 0}
+        for event in find_plot_events(series, args.n_plots):
+            counts[event.kind] += 1
+            path = args.plots / f"{event.kind}-{counts[event.kind]:02d}-{_safe(event.series)}-{event.start}.png"
+            plots.append(str(plot_event(by_name[event.series], event, path)))
+        print(f"wrote {len(plots)} plots to {args.plots}")
+    if args.write_threshold:
+        from .catalog import set_threshold
+
+        tau = series[0].threshold
+        if not math.isfinite(tau):
+            raise ValueError(f"the tuned threshold is {tau}: flagging nothing scored best, so nothing was written "
+                             f"to {args.model}")
+        set_threshold(args.model, tau, f"anomalyd evaluate --tune {args.tune} on {args.input}")
+        print(f"wrote threshold {tau:.6g} (tuned: {args.tune}) to {args.model}")
+    if args.json is not None:
+        from .detect import DetectorConfig
+
+        report = {
+            "input": str(args.input), "format": fmt,
+            "detector": "stored model" if args.model is not None else (cfg if isinstance(cfg, DetectorConfig)
+                                                                        else None),
+            "summary": summary,
+            "series": [{"name": s.name, "n_rows": int(s.scores.size), "n_train": s.n_train, **s.info,
+                        **s.metrics} for s in series],
+            "plots": plots,
+            "seconds": time.perf_counter() - started,
+        }
+        if isinstance(report["detector"], DetectorConfig):
+            report["detector"] = report["detector"].to_dict()
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(_jsonable(report), indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0

@@ -406,7 +406,7 @@ class ScoreNormaliser:
         # Reference statistics over the previous long_window averages (excluding the current one).
         hist = np.concatenate((np.asarray(self._avg, dtype=np.float64), avg))
         h0 = len(self._avg)
-        ref = float(hist.mean()) if hist.size else 0.0
+        ref = float(hist[0])  # centre the sums on an old value (causal, and keeps the cumsums precise)
         centred = hist - ref
         s1 = np.concatenate(([0.0], np.cumsum(centred)))
         s2 = np.concatenate(([0.0], np.cumsum(centred * centred)))
