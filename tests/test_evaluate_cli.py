@@ -1,8 +1,7 @@
-"""Tests of the `anomalyd evaluate` back end (evaluate.add_arguments / evaluate.run) on small inputs."""
+"""Tests of `anomalyd evaluate` (cli -> evaluate.add_arguments / evaluate.run) on small inputs."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
@@ -12,13 +11,12 @@ import pytest
 
 from anomalyd import catalog
 from anomalyd.catalog import StoredModel
+from anomalyd.cli import main
 from anomalyd.evaluate import (
     EvalSeries,
-    add_arguments,
     find_plot_events,
     format_table,
     load_labelled_csv,
-    run,
 )
 from anomalyd.model import WindowReconstructor
 from anomalyd.synthetic import ANOMALY_KINDS, ecg, inject
@@ -28,9 +26,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def evaluate(*argv: str | Path) -> int:
-    parser = argparse.ArgumentParser(prog="anomalyd evaluate")
-    add_arguments(parser)
-    return run(parser.parse_args([str(a) for a in argv]))
+    """``anomalyd evaluate ARGV...`` through the real command line (no config file is needed)."""
+    return main(["evaluate", *(str(a) for a in argv)])
 
 
 @pytest.fixture(scope="module")

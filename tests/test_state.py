@@ -1,4 +1,5 @@
-"""Watermarks: persisted, never moving backwards, written atomically, a corrupt file is a clear StateError."""
+"""Watermarks: persisted, never moving backwards, written atomically, a corrupt file is a clear StateError.
+Score states: a restart continues the same history; a corrupt file is moved aside."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from anomalyd import state
-from anomalyd.state import StateError, Watermarks, atomic_write
+from anomalyd.postprocess import NormaliserParams, ScoreNormaliser
+from anomalyd.state import ScoreStates, StateError, Watermarks, atomic_write
 
 
 def test_watermarks_persist_across_instances(tmp_path: Path) -> None:
@@ -117,3 +120,43 @@ def test_a_corrupt_state_file_is_a_clear_state_error(tmp_path: Path, content: by
     assert str(path) in msg and "corrupt" in msg and "move it aside" in msg
     assert isinstance(info.value, ValueError)
     assert path.read_bytes() == content  # left as it was, for the operator to inspect
+
+
+def _errors(seed: int, n: int) -> np.ndarray:
+    return np.abs(np.random.default_rng(seed).normal(1.0, 0.1, n))
+
+
+def test_score_states_restart_continues_the_same_history(tmp_path: Path) -> None:
+
+    initial = ScoreNormaliser(NormaliserParams.for_windows(32, 16, 100)).to_dict()
+    e = _errors(0, 300)
+    e[250] = 8.0
+    # One process scoring everything...
+    one = ScoreStates(tmp_path / "a.json")
+    whole = one.get("s|k=v", "m1", initial).update(e)
+    # ...and one that is stopped (state saved on close) and restarted halfway.
+    path = tmp_path / "b.json"
+    first = ScoreStates(path, save_every_s=3600)
+    part1 = first.get("s|k=v", "m1", initial).update(e[:150])
+    first.touch()
+    first.maybe_save()
+    assert not path.exists()  # not yet: saves are rate-limited
+    first.close()
+    again = ScoreStates(path)
+    part2 = again.get("s|k=v", "m1", initial).update(e[150:])
+    np.testing.assert_allclose(np.concatenate([part1, part2]), whole, rtol=1e-9)  # same up to rounding
+    assert whole[250] >= 0.5 and (whole[:250] < 0.5).all()
+    # A retrained model (another tag) starts from its own warm-up state, not the old history.
+    fresh = again.get("s|k=v", "m2", initial)
+    assert fresh.n_seen == 0
+
+
+def test_score_states_corrupt_file_is_moved_aside_with_a_warning(tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "scores.json"
+    path.write_text('{"version": 1, "series": {"s": ')
+    states = ScoreStates(path)
+    assert "unreadable" in caplog.text and path.with_suffix(".corrupt").exists() and not path.exists()
+    assert states.get("s", "m", None).n_seen == 0
+    states.close()
+    assert ScoreStates(path).get("s", "m", None).n_seen == 0

@@ -42,6 +42,12 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--ticks", type=int, default=3, help="live ticks after the catch-up (default 3)")
     sp.add_argument("--dir", type=Path, default=Path("var/demo"), help="working directory (default var/demo)")
     sp.add_argument("--external", action="store_true", help="use influxdb.url from the config, start no influxd")
+    from . import evaluate
+
+    ev = sub.add_parser("evaluate", help="measure detection quality on labelled data (CSV, NAB, SMD, InfluxDB)",
+                        description="measure detection quality on labelled data: F1, point-adjusted F1, window "
+                                    "F1, ROC/PR-AUC, NAB scores; tune the threshold from labels")
+    evaluate.add_arguments(ev)
     sp = cmd("kapacitor", "render the TICKscripts or define the tasks in Kapacitor")
     sp.add_argument("action", choices=["render", "define"])
     sp.add_argument("--out", type=Path, default=Path("var/tickscripts"),
@@ -61,12 +67,12 @@ def _store(cfg: Config):  # type: ignore[no-untyped-def]
 def _worker(cfg: Config, dry_run: bool = False):  # type: ignore[no-untyped-def]
     from .alerts import AlertManager
     from .catalog import Catalog
-    from .state import Watermarks
+    from .state import ScoreStates, Watermarks
     from .worker import Worker
 
     alerts = AlertManager(cfg.alerts, cfg.paths.state, dry_run=dry_run)
     return Worker(cfg, _store(cfg), Catalog(cfg.paths.models), Watermarks(cfg.paths.state / "watermarks.json"),
-                  alerts)
+                  alerts, scores=ScoreStates(cfg.paths.state / "scores.json"))
 
 
 def _check(cfg: Config) -> int:
@@ -111,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.cmd == "evaluate":  # reads its own inputs (and its own config, for an InfluxDB range)
+        from . import evaluate
+
+        return evaluate.run(args)
     try:
         cfg = load(args.config)
     except ConfigError as exc:
@@ -144,7 +154,9 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> int:
         worker = _worker(cfg, dry_run=args.dry_run)
         service = Service(worker, cfg.daemon.interval_s, cfg.daemon.max_backoff_s, cfg.daemon.health_listen)
         if args.once:
-            return 0 if service.run_tick() is not None else 1
+            ok = service.run_tick() is not None
+            service.close_worker()
+            return 0 if ok else 1
         service.run_forever()
         return 0
     if args.cmd == "score":

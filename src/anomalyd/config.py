@@ -124,6 +124,7 @@ class SignalConfig:
     holdout: float
     max_train_windows: int
     threshold: ThresholdConfig
+    score_history: int = 500
 
 
 @dataclass(frozen=True)
@@ -484,7 +485,8 @@ def from_dict(raw: dict[str, Any], source: str = "<config>", env: Mapping[str, s
 
 _SIGNAL_KEYS = {"name", "measurement", "field", "where", "group_by", "period", "window", "train_slide", "slide",
                 "clusters", "random_state", "n_init", "max_gap", "scope", "train_where", "train_range",
-                "holdout", "max_train_windows", "threshold"}
+                "holdout", "max_train_windows", "threshold",
+                "score_history"}
 
 
 def _signals(c: _Checker, raw: Any) -> tuple[SignalConfig, ...]:
@@ -571,5 +573,7 @@ def _signals(c: _Checker, raw: Any) -> tuple[SignalConfig, ...]:
             train_range=train_range,
             holdout=c.get(t, "holdout", p, "float", 0.2, lambda v: None if 0 < v < 1 else "must be in (0, 1)"),
             max_train_windows=c.get(t, "max_train_windows", p, "int", 50_000, _positive),
-            threshold=threshold))
+            threshold=threshold,
+            score_history=c.get(t, "score_history", p, "int", 500,
+                                lambda v: None if v >= 2 else "must be at least 2 windows")))
     return tuple(out)

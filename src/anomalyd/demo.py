@@ -16,7 +16,7 @@ from .catalog import Catalog
 from .config import Config, SignalConfig
 from .influx import InfluxDB1Store, Point
 from .records import WindowResult
-from .state import Watermarks
+from .state import ScoreStates, Watermarks
 from .synthetic import ANOMALY_KINDS, Injected, ecg, inject
 from .worker import Worker
 
@@ -131,7 +131,7 @@ def run_demo(cfg: Config, history_s: float = 7 * 3600, live_ticks: int = 3) -> s
 
     alerts = AlertManager(cfg.alerts, cfg.paths.state)
     worker = Worker(cfg, store, Catalog(cfg.paths.models), Watermarks(cfg.paths.state / "watermarks.json"),
-                    alerts)
+                    alerts, scores=ScoreStates(cfg.paths.state / "scores.json"))
     results = []
     try:
         first = worker.tick()
@@ -145,6 +145,7 @@ def run_demo(cfg: Config, history_s: float = 7 * 3600, live_ticks: int = 3) -> s
     finally:
         stop.set()
         live.join(5)
+        worker.close()
     return report_findings(results, fed, sig.period_ns)
 
 

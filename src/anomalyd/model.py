@@ -15,6 +15,8 @@ from sklearn.cluster import KMeans
 from sklearn.utils.validation import check_is_fitted
 
 THRESHOLD_POLICIES = ("max", "quantile", "sigma")
+#: Window errors `WindowReconstructor.window_errors` computes.
+ERROR_KINDS = ("max", "mean")
 #: Number of validation-error quantiles kept to map an error to a normalised score in [0, 1].
 N_SCORE_QUANTILES = 201
 
@@ -199,28 +201,35 @@ class WindowReconstructor(BaseEstimator):
                 continue
             n += len(seg)
             n_val = max(round(self.holdout * len(seg)), self.window)
-            train_w.append(sliding_windows(seg[: len(seg) - n_val], self.window, self.train_slide))
+            train_w.append(sliding_windows(seg[: len(seg) - n_val], self.window, self.train_slide))  # views
             val_w.append(sliding_windows(seg[len(seg) - n_val :], self.window, 1))
         if n < 2 * self.window:
             got = sum(len(s) for s in segments)
             raise TooLittleDataError(f"window={self.window} needs at least {2 * self.window} samples in a "
                                      f"gap-free stretch, got {got}")
-        windows = np.concatenate(train_w) * tap
-        val = np.concatenate(val_w)
-        if len(windows) < self.n_clusters:
+        n_windows = sum(len(w) for w in train_w)
+        if n_windows < self.n_clusters:
             raise TooLittleDataError(
                 f"n_clusters={self.n_clusters} needs at least {self.n_clusters} training windows, got "
-                f"{len(windows)} from {n} samples (window={self.window}, train_slide={self.train_slide}, "
+                f"{n_windows} from {n} samples (window={self.window}, train_slide={self.train_slide}, "
                 f"holdout={self.holdout}); give more data or fewer clusters")
         rng = np.random.default_rng(self.random_state)
-        self.n_train_windows_ = len(windows)
-        if len(windows) > self.max_train_windows:
-            windows = windows[np.sort(rng.choice(len(windows), self.max_train_windows, replace=False))]
+        self.n_train_windows_ = n_windows
+        if n_windows > self.max_train_windows:
+            # Draw the subsample's indices first and copy only those windows: memory stays bounded by
+            # max_train_windows whatever the training length.
+            pick = np.sort(rng.choice(n_windows, self.max_train_windows, replace=False))
+            bounds = np.cumsum([0] + [len(w) for w in train_w])
+            windows = np.concatenate([w[pick[(pick >= lo) & (pick < hi)] - lo]
+                                      for w, lo, hi in zip(train_w, bounds[:-1], bounds[1:], strict=True)])
+        else:
+            windows = np.concatenate(train_w)
+        windows = windows * tap
         km = KMeans(self.n_clusters, n_init=self.n_init, random_state=self.random_state)
         km.fit(windows)
         self.cluster_centers_ = np.ascontiguousarray(km.cluster_centers_, dtype=np.float64)
         self._center_sq = (self.cluster_centers_**2).sum(axis=1)
-        val_errors = self.window_errors(val)
+        val_errors = np.concatenate([self.window_errors(v) for v in val_w])
         self.threshold_ = threshold_from_errors(val_errors, self.threshold_policy, self.margin,
                                                 self.quantile, self.sigma_k)
         self.error_quantiles_ = np.quantile(val_errors, np.linspace(0.0, 1.0, N_SCORE_QUANTILES))
@@ -245,13 +254,44 @@ class WindowReconstructor(BaseEstimator):
         idx = self.nearest(windows)
         return np.asarray(self.cluster_centers_[idx])
 
-    def window_errors(self, windows: ArrayLike) -> NDArray[np.float64]:
-        """Max absolute difference between each tapered window and its nearest centroid."""
+    def window_errors(self, windows: ArrayLike, kind: str = "max") -> NDArray[np.float64]:
+        """Error of each tapered window against its nearest centroid.
+
+        ``kind="max"`` is the largest absolute difference (the daemon's ``max_error``), ``"mean"`` the mean
+        absolute difference (what the anomaly likelihood is fed, see `anomalyd.postprocess`).
+        """
+        if kind not in ERROR_KINDS:
+            raise ValueError(f"error kind {kind!r} is not one of {', '.join(ERROR_KINDS)}")
+        return self.window_error_stats(windows)[ERROR_KINDS.index(kind)]
+
+    def window_error_stats(self, windows: ArrayLike, chunk: int = 4096) -> tuple[NDArray[np.float64],
+                                                                             NDArray[np.float64]]:
+        """Max and mean absolute reconstruction error of each window, computed in chunks.
+
+        Chunking keeps the ``n x n_clusters`` distance matrix small (bounded memory, cache-friendly) and
+        tapers each window once.
+        """
+        check_is_fitted(self, "cluster_centers_")
         w = np.asarray(windows, dtype=np.float64)
-        if len(w) == 0:
-            return np.empty(0)
-        recon = self.reconstruct(w)
-        return np.asarray(np.abs(w * taper(self.window) - recon).max(axis=1))
+        if w.ndim != 2 or w.shape[1] != self.window:
+            if len(w) == 0:
+                return np.empty(0), np.empty(0)
+            raise ValueError(f"expected windows of {self.window} samples, got shape {w.shape}")
+        if not hasattr(self, "_center_sq"):
+            self._center_sq = (self.cluster_centers_**2).sum(axis=1)
+        tap = taper(self.window)
+        n = len(w)
+        e_max, e_mean = np.empty(n), np.empty(n)
+        for lo in range(0, n, chunk):
+            t = w[lo : lo + chunk] * tap
+            d = t @ self.cluster_centers_.T
+            d *= -2.0
+            d += self._center_sq
+            t -= self.cluster_centers_[d.argmin(axis=1)]
+            np.abs(t, out=t)
+            e_max[lo : lo + len(t)] = t.max(axis=1)
+            e_mean[lo : lo + len(t)] = t.mean(axis=1)
+        return e_max, e_mean
 
     def normalised_score(self, errors: ArrayLike) -> NDArray[np.float64]:
         """Map errors to [0, 1]: the share of validation errors below each error (1 above all of them).

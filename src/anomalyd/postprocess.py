@@ -268,6 +268,20 @@ class NormaliserParams:
     transform: Literal["none", "log", "rank"] = "none"
     refractory: int = 1
 
+    @classmethod
+    def for_windows(cls, window: int, slide: int, history: int = 500) -> NormaliserParams:
+        """Parameters for errors of windows scored every ``slide`` samples, as the daemon scores them.
+
+        The short average spans about one window (``ceil(window / slide)`` errors: a spike is seen by that
+        many windows) and the reference holds ``history`` errors; the rest are the defaults.
+
+        Examples
+        --------
+        >>> NormaliserParams.for_windows(32, 16, 500).short_window
+        2
+        """
+        return cls(long_window=history, short_window=max(1, min(history, -(-window // slide))))
+
     def __post_init__(self) -> None:
         if self.long_window < 2:
             raise ValueError(f"long_window={self.long_window} must be at least 2 errors")

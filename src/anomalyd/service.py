@@ -157,4 +157,15 @@ class Service:
         finally:
             if server is not None:
                 server.shutdown()
+            self.close_worker()
             log.info("stopped")
+
+    def close_worker(self) -> None:
+        """Let the worker save what it keeps in memory between ticks (the score history)."""
+        close = getattr(self.worker, "close", None)
+        if close is None:
+            return
+        try:
+            close()
+        except OSError as exc:
+            log.error("could not save the score history on shutdown: %s", exc)

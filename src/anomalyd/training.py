@@ -17,7 +17,8 @@ from . import catalog
 from .catalog import StoredModel, model_id_for
 from .config import Config, SignalConfig
 from .influx import Query, Store
-from .model import WindowReconstructor
+from .model import WindowReconstructor, sliding_windows
+from .postprocess import NormaliserParams, ScoreNormaliser
 from .records import SeriesKey, Tags
 from .worker import align
 
@@ -36,6 +37,23 @@ def _estimator(sig: SignalConfig) -> WindowReconstructor:
                                random_state=sig.random_state, holdout=sig.holdout, threshold_policy=th.policy,
                                margin=th.margin, quantile=th.quantile, sigma_k=th.k,
                                max_train_windows=sig.max_train_windows, n_init=sig.n_init)
+
+
+def warm_normaliser(model: WindowReconstructor, parts: list[np.ndarray], sig: SignalConfig) -> ScoreNormaliser:
+    """A score normaliser that has seen the hold-out windows (at the scoring slide) and the training range.
+
+    The hold-out is out of sample for the clustering, so its errors are what normal data scores like; every
+    series starts its ``score`` history from this state instead of a blank one.
+    """
+    norm = ScoreNormaliser(NormaliserParams.for_windows(sig.window, sig.slide, sig.score_history))
+    for seg in parts:
+        if len(seg) < 2 * sig.window:
+            continue
+        n_val = max(round(sig.holdout * len(seg)), sig.window)
+        _, mean_errors = model.window_error_stats(sliding_windows(seg[len(seg) - n_val :], sig.window, sig.slide))
+        norm.update(mean_errors)
+        norm.observe_range(seg)
+    return norm
 
 
 def prepare(times: np.ndarray, values: np.ndarray, sig: SignalConfig, key: SeriesKey) -> list[np.ndarray]:
@@ -112,7 +130,8 @@ def _fit_save(cfg: Config, sig: SignalConfig, tags: Tags, x: list[np.ndarray], s
     mid = model_id_for(sig.name, tags, sig.scope)
     stored = StoredModel(model_id=mid, signal=sig.name, tags=tags, scope=sig.scope, model=model,
                          period_ns=sig.period_ns, train_start_ns=start, train_end_ns=end,
-                         meta={"n_samples": sum(len(p) for p in x), "n_series": n_series})
+                         meta={"n_samples": sum(len(p) for p in x), "n_series": n_series,
+                               "normaliser": warm_normaliser(model, x, sig).to_dict()})
     catalog.save(cfg.paths.models, stored)
     report.trained.append(stored)
     log.info("trained %s on %d samples: threshold %.4g (%s policy)", mid, sum(len(p) for p in x), model.threshold_,

@@ -24,8 +24,9 @@ from .config import Config, SignalConfig
 from .influx import Point, Query, Store
 from .metrics import DATA_PROBLEMS, LAG_SECONDS, UNTRAINED_SERIES, WINDOWS
 from .model import taper
+from .postprocess import NormaliserParams, ScoreNormaliser
 from .records import SeriesKey, Tags, WindowResult, tags_str
-from .state import Watermarks
+from .state import ScoreStates, Watermarks
 
 log = logging.getLogger(__name__)
 
@@ -186,13 +187,16 @@ class Worker:
     """Runs ticks (and backfills) over every configured signal."""
 
     def __init__(self, cfg: Config, store: Store, catalog: Catalog, watermarks: Watermarks,
-                 alerts: AlertObserver | None = None, clock: Callable[[], int] = time.time_ns) -> None:
+                 alerts: AlertObserver | None = None, clock: Callable[[], int] = time.time_ns,
+                 scores: ScoreStates | None = None) -> None:
         self.cfg = cfg
         self.store = store
         self.catalog = catalog
         self.watermarks = watermarks
         self.alerts = alerts
         self.clock = clock
+        self.scores = scores if scores is not None else ScoreStates(None)
+        self._backfill_scores = self.scores
         self._reported_untrained: set[str] = set()
         self._reported_mismatch: set[str] = set()
 
@@ -218,6 +222,8 @@ class Worker:
         """
         t_start = time.perf_counter()
         report = TickReport()
+        # A backfill scores from each model's warm-up state in memory: it never disturbs the live score history.
+        self._backfill_scores = ScoreStates(None)
         for sig in self.cfg.signals:
             step = sig.slide * sig.period_ns
             lo = start_ns // step * step
@@ -326,7 +332,8 @@ class Worker:
         recon_points: list[Point] = []
         results: list[WindowResult] = []
         for batch in batches.values():
-            self._score_batch(sig, batch, rep, results, points, recon_points)
+            self._score_batch(sig, batch, rep, results, points, recon_points,
+                              self.scores if live else self._backfill_scores)
         if points:
             self.store.write(points, self.cfg.output.retention_policy)
         if recon_points:
@@ -349,18 +356,21 @@ class Worker:
         return marks
 
     def _score_batch(self, sig: SignalConfig, batch: _Batch, rep: SignalReport, results: list[WindowResult],
-                     points: list[Point], recon_points: list[Point]) -> None:
+                     points: list[Point], recon_points: list[Point], score_states: ScoreStates) -> None:
         out = self.cfg.output
         model = batch.stored.model
         allw = np.concatenate(batch.rows) if batch.rows else np.empty((0, sig.window))
         complete = np.asarray(~np.isnan(allw).any(axis=1), dtype=bool)
         errors = np.full(len(allw), np.nan)
-        scores = np.full(len(allw), np.nan)
+        mean_errors = np.full(len(allw), np.nan)
         centroids = np.zeros_like(allw)
         if complete.any():
-            e, _, s = model.score_windows(allw[complete])
-            errors[complete], scores[complete] = e, s
+            errors[complete], mean_errors[complete] = model.window_error_stats(allw[complete])
             centroids[complete] = model.reconstruct(allw[complete])
+        meta = batch.stored.meta
+        model_tag = str(meta.get("npz_sha256", batch.stored.model_id))
+        initial = meta.get("normaliser") or ScoreNormaliser(
+            NormaliserParams.for_windows(sig.window, sig.slide, sig.score_history)).to_dict()
         thr = float(model.threshold_)
         tap = taper(sig.window)
         safe_tap = np.where(tap > 0.05, tap, np.nan)
@@ -372,8 +382,16 @@ class Worker:
             i += n
             base_tags: Tags = (("signal", sig.name), ("series", tags_str(key.tags)),
                                ("model", batch.stored.model_id), *key.tags)
-            e_s, s_s, ok = errors[sl], scores[sl], complete[sl]
+            e_s, ok = errors[sl], complete[sl]
             w_s, c_s = allw[sl], centroids[sl]
+            # The score: the anomaly likelihood of the new windows' mean errors against this series' own recent
+            # history, plus the out-of-range rule (anomalyd.postprocess), in time order; missing windows are NaN.
+            new = np.flatnonzero(emit)
+            s_s = np.full(n, np.nan)
+            if new.size:
+                norm = score_states.get(key.id, model_tag, initial)
+                s_s[new] = norm.update(np.where(ok[new], mean_errors[sl][new], np.nan), w_s[new])
+                score_states.touch()
             for j in np.flatnonzero(emit):
                 end = int(ends[j])
                 start = end - (sig.window - 1) * period
@@ -445,3 +463,8 @@ class Worker:
                 self.alerts.flush()  # drain what an earlier outage left queued
         if live:
             self.watermarks.save()
+            self.scores.maybe_save()
+
+    def close(self) -> None:
+        """Save what is kept between ticks only in memory (the score history); call on shutdown."""
+        self.scores.save()
