@@ -95,6 +95,10 @@ STREAM_TICK = """\
 // Optional extra filter on the points, e.g. lambda: "signal" == 'heartbeat'
 var where_filter = lambda: TRUE
 
+// When a window is critical: its error passes its learned threshold; or use the likelihood score,
+// e.g. lambda: "score" >= 0.5 (0.5 is the score's red zone, a tail probability of 1e-5)
+var crit = lambda: "max_error" > "threshold"
+
 // Alert id: one per series
 var id = 'anomalyd:{{ index .Tags "signal" }}[{{ index .Tags "series" }}]'
 
@@ -117,7 +121,7 @@ stream
     |alert()
         .id(id)
         .message(message)
-        .crit(lambda: "max_error" > "threshold")
+        .crit(crit)
         .stateChangesOnly()
         .log(log_path)
         .slack()
