@@ -32,8 +32,9 @@ from anomalyd.influx import InfluxDB1Store, Query
 from anomalyd.localinflux import LocalInfluxd
 from anomalyd.model import WindowReconstructor, sliding_windows
 from anomalyd.records import SeriesKey
-from anomalyd.state import Watermarks
+from anomalyd.state import ScoreStates, Watermarks
 from anomalyd.synthetic import ecg
+from anomalyd.training import warm_normaliser
 from anomalyd.worker import Worker
 
 SEC = 10**9
@@ -51,7 +52,9 @@ def setup(server: LocalInfluxd, n: int, root: Path, now: int) -> tuple[object, n
     }, env={})
     x, _ = ecg(20_000, seed=1)
     model = WindowReconstructor().fit(x[:8000])
-    catalog.save(cfg.paths.models, StoredModel("bench", "bench", (), "shared", model, SEC, 0, 0))
+    warm = warm_normaliser(model, [x[:8000]], cfg.signals[0]).to_dict()  # type: ignore[attr-defined]
+    catalog.save(cfg.paths.models, StoredModel("bench", "bench", (), "shared", model, SEC, 0, 0,
+                                               meta={"normaliser": warm}))
     step = 16 * SEC
     hi = now // step * step
     t = hi - 63 * SEC + np.arange(64) * SEC  # 64 samples per series: the due window and what precedes it
@@ -104,13 +107,15 @@ def blog_loop(cfg, model: WindowReconstructor, n: int, hi: int) -> float:  # typ
     return time.perf_counter() - t0
 
 
-def fresh_worker(cfg, store: InfluxDB1Store, n: int, hi: int, now: int) -> Worker:  # type: ignore[no-untyped-def]
-    """A worker whose watermarks put exactly one window per series due."""
+def fresh_worker(cfg, store: InfluxDB1Store, n: int, hi: int, now: int,  # type: ignore[no-untyped-def]
+                 scores: ScoreStates) -> Worker:
+    """A worker whose watermarks put exactly one window per series due (the score history is kept in memory
+    across ticks, as in the daemon)."""
     (cfg.paths.state / "bench.json").unlink(missing_ok=True)  # the previous run's tick saved its watermarks
     wm = Watermarks(cfg.paths.state / "bench.json")
     for i in range(n):
         wm.advance(SeriesKey("bench", (("host", f"h{i:05d}"),)).id, hi - 16 * SEC)
-    return Worker(cfg, store, Catalog(cfg.paths.models), wm, clock=lambda: now)
+    return Worker(cfg, store, Catalog(cfg.paths.models), wm, clock=lambda: now, scores=scores)
 
 
 def measure(server: LocalInfluxd, n: int, root: Path, baseline_max: int) -> tuple[float, float, float, int, int]:
@@ -120,13 +125,14 @@ def measure(server: LocalInfluxd, n: int, root: Path, baseline_max: int) -> tupl
     hi = now // (16 * SEC) * (16 * SEC)
     floor = min(curl_floor(cfg, store, hi, n, root) for _ in range(3))
     ticks = []
+    scores = ScoreStates(None)
     for _ in range(3):  # best of three, like the floor
-        w = fresh_worker(cfg, store, n, hi, now)
+        w = fresh_worker(cfg, store, n, hi, now, scores)
         t0 = time.perf_counter()
         rep = w.tick()
         ticks.append(time.perf_counter() - t0)
         assert rep.windows == n, (rep.windows, n)
-    w = fresh_worker(cfg, store, n, hi, now)
+    w = fresh_worker(cfg, store, n, hi, now, scores)
     tracemalloc.start()
     w.tick()
     peak = tracemalloc.get_traced_memory()[1]

@@ -10,9 +10,11 @@ library only):
   vectorised so that a whole corpus scores in milliseconds;
 * threshold tuning from labels for both: `best_f1_threshold` and `best_nab_threshold`.
 
-The file readers (`load_nab_corpus`, `load_published_scores`, `load_labelled_csv`, `load_smd_machine`) and the
-command line back end (`add_arguments` and `run`, which train the causal detectors of `anomalyd.detect`, print a
-table, write JSON and PNG plots) sit at the end of the module; matplotlib and tqdm are imported only there.
+The file readers (`load_nab_corpus`, `load_published_scores`, `load_labelled_csv`, `load_smd_machine`,
+`load_label_windows`) and the command line back end (`add_arguments` and `run`, which read a labelled CSV, a NAB
+or SMD folder, or a signal's series over an InfluxDB range, score them with the causal detectors of
+`anomalyd.detect` or stored models, print a table, write JSON and PNG plots) sit at the end of the module;
+matplotlib, tqdm and the InfluxDB client are imported only there.
 
 Conventions
 -----------
@@ -33,6 +35,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal, TypedDict
@@ -59,6 +62,7 @@ __all__ = [
     "find_plot_events",
     "find_smd_machines",
     "format_table",
+    "load_label_windows",
     "load_labelled_csv",
     "load_nab_corpus",
     "load_nab_profiles",
@@ -1245,6 +1249,114 @@ def load_smd_machine(root: Path | str, machine: str) -> tuple[NDArray[np.float64
     return train, test, labels
 
 
+def _rfc3339(ns: int) -> str:
+    """Epoch nanoseconds as an RFC 3339 UTC time (for messages and reports).
+
+    Examples
+    --------
+    >>> _rfc3339(10**9), _rfc3339(1_500_000_000)
+    ('1970-01-01T00:00:01Z', '1970-01-01T00:00:01.5Z')
+    """
+    sec, rest = divmod(int(ns), 10**9)
+    text = datetime.fromtimestamp(sec, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return text + (f".{rest:09d}".rstrip("0") if rest else "") + "Z"
+
+
+_LABEL_LAYOUT = 'write a list of ["start", "end"] pairs, or {"<series>": [["start", "end"], ...]}'
+
+
+def load_label_windows(path: Path | str, series: Sequence[str], start_ns: int, end_ns: int,
+                       now_ns: int | None = None) -> dict[str, list[tuple[int, int]]]:
+    """Read the label windows of an InfluxDB range: epoch-ns ``(first, last)`` pairs per series.
+
+    Parameters
+    ----------
+    path : Path or str
+        JSON: a list of ``[start, end]`` pairs applying to every series, or NAB-style
+        ``{"<series>": [[start, end], ...]}`` keyed by the series' tags as `anomalyd.records.tags_str` renders
+        them (``"host=h1"``; ``""`` for a signal without ``group_by``). In the keyed form every series read needs
+        a key (an empty list means no anomaly). Bounds are RFC 3339 times (or ``now``, ``now-2h``), inclusive.
+    series : sequence of str
+        The series read, as tags strings.
+    start_ns, end_ns : int
+        The evaluated range. A window must overlap it; one reaching past either end is clipped to it.
+    now_ns : int, optional
+        What ``now`` means in the bounds (default: the current time).
+
+    Returns
+    -------
+    dict of str to list of (int, int)
+        The windows of each series, sorted and clipped to the range.
+
+    Raises
+    ------
+    ValueError
+        Naming the file and the window: not JSON, a wrong layout, a bound that is not a time, a start after its
+        end, a window outside the range, a key that is not a series read, or a series without a key.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     p = Path(d) / "labels.json"
+    ...     _ = p.write_text('{"host=a": [["1970-01-01T00:00:10Z", "1970-01-01T00:00:20Z"]], "host=b": []}')
+    ...     load_label_windows(p, ["host=a", "host=b"], 0, 60 * 10**9)
+    {'host=a': [(10000000000, 20000000000)], 'host=b': []}
+    """
+    import time
+
+    from .config import parse_time_ns
+
+    path = Path(path)
+    now = time.time_ns() if now_ns is None else now_ns
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"labels {path} is not valid JSON ({exc}); {_LABEL_LAYOUT}") from None
+    except OSError as exc:
+        raise ValueError(f"labels {path} cannot be read ({exc.strerror}); pass an existing JSON file to --labels"
+                         ) from None
+    known = list(series)
+    entries: Mapping[str, Any]
+    if isinstance(doc, list):
+        entries = dict.fromkeys(known, doc)
+    elif isinstance(doc, dict):
+        unknown = [k for k in doc if k not in known]
+        if unknown:
+            raise ValueError(f"labels {path}: {unknown[0]!r} is not a series read from the range; the series are "
+                             f"{', '.join(repr(k) for k in known)} (tags as k=v,k=v, sorted by key)")
+        missing = [k for k in known if k not in doc]
+        if missing:
+            raise ValueError(f"labels {path} have no windows for series {missing[0]!r}; add it (an empty list means "
+                             "no anomaly)")
+        entries = doc
+    else:
+        raise ValueError(f"labels {path}: the top level is a JSON {type(doc).__name__}; {_LABEL_LAYOUT}")
+    span = f"{_rfc3339(start_ns)} .. {_rfc3339(end_ns)}"
+    out: dict[str, list[tuple[int, int]]] = {}
+    for name in known:
+        pairs = entries[name]
+        where = f"labels {path}" if isinstance(doc, list) else f"labels {path} [{name!r}]"
+        if not isinstance(pairs, list):
+            raise ValueError(f"{where}: expected a list of [start, end] pairs, got {pairs!r}; {_LABEL_LAYOUT}")
+        windows: list[tuple[int, int]] = []
+        for i, pair in enumerate(pairs, start=1):
+            if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
+                raise ValueError(f"{where} window {i}: expected [start, end] as two RFC 3339 strings, got {pair!r}")
+            try:
+                a, b = (parse_time_ns(t, now) for t in pair)
+            except ValueError as exc:
+                raise ValueError(f"{where} window {i}: {exc}") from None
+            if a > b:
+                raise ValueError(f"{where} window {i}: start {pair[0]} is after end {pair[1]}; swap them")
+            if b < start_ns or a > end_ns:
+                raise ValueError(f"{where} window {i} ({pair[0]} .. {pair[1]}) lies outside the evaluated range "
+                                 f"{span}; widen --start/--end or fix the window (times without a zone are UTC)")
+            windows.append((max(a, start_ns), min(b, end_ns)))
+        out[name] = sorted(windows)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------
 # `anomalyd evaluate`: the command line back end
 # ---------------------------------------------------------------------------------------------------------
@@ -1253,7 +1365,7 @@ def load_smd_machine(root: Path | str, machine: str) -> tuple[NDArray[np.float64
 #: the red zone of `anomalyd.postprocess` (and of NAB's HTM detector).
 DEFAULT_SCORE_THRESHOLD = 0.5
 TUNE_CHOICES = ("none", "f1", "point-adjusted", "window", *(f"nab-{p}" for p in NAB_PROFILES))
-FORMATS = ("auto", "csv", "nab", "smd")
+FORMATS = ("auto", "csv", "nab", "smd", "influx")
 _F1_KIND: dict[str, Literal["point", "point_adjusted", "window"]] = {
     "f1": "point", "point-adjusted": "point_adjusted", "window": "window"}
 
@@ -1293,15 +1405,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser : argparse.ArgumentParser
         The (sub)parser to extend; `run` reads the namespace it produces.
     """
-    parser.add_argument("input", type=Path,
+    parser.add_argument("input", type=Path, nargs="?",
                         help="a labelled CSV (timestamp,value[,label]), a NAB folder (data/ and labels/) or an SMD "
-                             "folder (machine-<id>_train/test/test_label.npy)")
-    parser.add_argument("--format", choices=FORMATS, default="auto", help="input layout (default: guessed)")
+                             "folder (machine-<id>_train/test/test_label.npy); none with --format influx")
+    parser.add_argument("--format", choices=FORMATS, default="auto",
+                        help="input layout (default: guessed; influx when -c/--config is given)")
+    influx = parser.add_argument_group(
+        "InfluxDB range (--format influx)",
+        "Reads every series of a signal of an anomalyd config between --start and --end, on the signal's grid "
+        "(period, gaps up to max_gap filled, as the daemon does). Scoring: with --model, that stored model's "
+        "max_error; otherwise the signal's trained models in paths.models (the daemon's own models, thresholds "
+        "and max_error; series without a model are left out, as the daemon skips them); with no trained model "
+        "at all, the default causal detector trained on the first --train-rows rows of each series. Rows up to "
+        "a stored model's training end are not evaluated.")
+    influx.add_argument("-c", "--config", type=Path,
+                        help="anomalyd TOML config to read InfluxDB, the signal and paths.models from (with "
+                             "--format influx, default config.toml)")
+    influx.add_argument("--signal", help="signal of the config to evaluate (default: the only one)")
+    influx.add_argument("--start", help="start of the range: RFC 3339 time, 'now' or 'now-2h'")
+    influx.add_argument("--end", default="now", help="end of the range (default now)")
+    influx.add_argument("--labels", type=Path,
+                        help="label windows as JSON: a list of [start, end] RFC 3339 pairs for every series, or "
+                             "{\"<series>\": [[start, end], ...]} keyed by the series' tags as k=v,k=v (sorted, "
+                             "e.g. \"host=h1\"; an empty list means no anomaly); without it, alerts are counted "
+                             "only")
     parser.add_argument("--model", type=Path,
-                        help="score a CSV with this stored model (catalog JSON) instead of training a detector; "
-                             "the threshold then applies to max_error, as in the daemon")
+                        help="score a CSV or an InfluxDB range with this stored model (catalog JSON) instead of "
+                             "training a detector (InfluxDB: a per-series model scores its own series only, a shared "
+                             "one every series); the threshold then applies to max_error, as in the daemon")
     parser.add_argument("--train-rows", type=int,
-                        help="CSV: rows of the training part (default: NAB's rule, min(15%%, 750 rows))")
+                        help="CSV, and InfluxDB series without a trained model: rows of the training part (default: "
+                             "NAB's rule, min(15%%, 750 rows))")
     parser.add_argument("--window", default="auto",
                         help="window length, or 'auto' for the dominant-period rule (default auto)")
     parser.add_argument("--refit-every", type=int, default=0,
@@ -1309,7 +1443,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--machines", nargs="+", help="SMD: only these machine ids (default: all found)")
     parser.add_argument("--threshold", type=float,
                         help="operating threshold (default: 0.5 on normalised scores; the threshold learned "
-                             "from training data for SMD and for --model)")
+                             "from training data for SMD, --model and InfluxDB stored models)")
     parser.add_argument("--tune", choices=TUNE_CHOICES, default="none",
                         help="choose the threshold from the labels: best F1 (point, point-adjusted or window; "
                              "per series) or best NAB profile score (one threshold for the corpus)")
@@ -1358,6 +1492,34 @@ def _guess_format(path: Path) -> str:
         raise ValueError(f"{path} is a folder but neither NAB (data/ and labels/combined_windows.json) nor SMD "
                          "(machine-<id>_train.npy ...); pass a CSV file or one of those folders")
     raise FileNotFoundError(f"input {path} does not exist")
+
+
+def _resolve_format(args: Any) -> str:
+    """The input layout: ``--format``, else influx with ``-c/--config``, else guessed from the input path."""
+    fmt = str(args.format)
+    config = getattr(args, "config", None)
+    if fmt == "auto":
+        if config is not None:
+            fmt = "influx"
+        elif args.input is None:
+            raise _UsageError("give an input (a labelled CSV, a NAB or an SMD folder), or -c CONFIG --start T to "
+                              "evaluate a signal over an InfluxDB range")
+        else:
+            fmt = _guess_format(args.input)
+    if fmt == "influx":
+        if args.input is not None:
+            raise _UsageError(f"--format influx reads InfluxDB, not {args.input}; drop the input, or drop "
+                              "-c/--config to evaluate the file")
+        if getattr(args, "start", None) is None:
+            raise _UsageError("--format influx needs --start T (RFC 3339, 'now' or 'now-2h'); --end defaults to now")
+        return fmt
+    if args.input is None:
+        raise _UsageError(f"--format {fmt} needs an input path")
+    given = [f"--{name}" for name in ("config", "signal", "start", "labels") if getattr(args, name, None) is not None]
+    if given:
+        raise _UsageError(f"{', '.join(given)} select an InfluxDB range (--format influx); a {fmt} input does not "
+                          "take them")
+    return fmt
 
 
 def _label_segments(labels: NDArray[np.bool_]) -> list[tuple[int, int]]:
@@ -1449,6 +1611,181 @@ def _load_smd_series(args: Any, cfg: Any) -> list[EvalSeries]:
     return out
 
 
+def _rows_in_windows(windows: Sequence[tuple[int, int]], t0: int, period: int, n: int) -> NDArray[np.bool_]:
+    """Per-row labels of the grid ``t0 + i * period`` (``n`` rows): True inside any window (bounds inclusive).
+
+    A window narrower than a period that holds no grid point labels its nearest row.
+
+    Examples
+    --------
+    >>> _rows_in_windows([(20, 40), (64, 66)], 0, 10, 10).astype(int).tolist()
+    [0, 0, 1, 1, 1, 0, 1, 0, 0, 0]
+    """
+    labels = np.zeros(n, dtype=bool)
+    for a, b in windows:
+        first, last = -(-(a - t0) // period), (b - t0) // period
+        if last < first:
+            first = last = round((a - t0) / period)
+        first, last = max(first, 0), min(last, n - 1)
+        if first <= last:
+            labels[first : last + 1] = True
+    return labels
+
+
+def _load_influx_series(args: Any, det_cfg: Any) -> tuple[list[EvalSeries], str, bool]:
+    """Read, align, label and score the series of one signal over an InfluxDB range.
+
+    Returns the series, the input's description for the report, and whether stored models scored them.
+    """
+    import time
+
+    from .catalog import Catalog, StoredModel, model_id_for
+    from .catalog import load as load_model
+    from .config import ConfigError, parse_time_ns
+    from .config import load as load_config
+    from .detect import nab_probation, overlap_reconstruction, score_with_model
+    from .influx import InfluxDB1Store, Query
+    from .records import SeriesKey, Tags, tags_str
+    from .worker import align_many
+
+    config_path = args.config if args.config is not None else Path("config.toml")
+    try:
+        cfg = load_config(config_path)
+    except ConfigError as exc:
+        raise _UsageError(str(exc)) from None
+    names = [s.name for s in cfg.signals]
+    if args.signal is None:
+        if len(names) != 1:
+            raise _UsageError(f"{cfg.source} configures {len(names)} signals ({', '.join(names)}); pick one with "
+                              "--signal NAME")
+        sig = cfg.signals[0]
+    elif args.signal in names:
+        sig = cfg.signal(args.signal)
+    else:
+        raise ValueError(f"--signal {args.signal!r} is not a signal of {cfg.source}; configured: {', '.join(names)}")
+    now = time.time_ns()
+    bounds: list[int] = []
+    for option, text in (("--start", args.start), ("--end", args.end)):
+        try:
+            bounds.append(parse_time_ns(text, now))
+        except ValueError as exc:
+            raise ValueError(f"{option}: {exc}") from None
+    start, end = bounds
+    if start >= end:
+        raise ValueError(f"--start {args.start} ({_rfc3339(start)}) must be before --end {args.end} "
+                         f"({_rfc3339(end)})")
+    period = sig.period_ns
+    t0 = -(-start // period) * period  # the daemon's grid: multiples of the period since the epoch
+    n = int((end // period * period - t0) // period + 1)
+    if n < 1:
+        raise ValueError(f"--start {args.start} .. --end {args.end} holds no sample time of signal {sig.name} "
+                         f"(period {period / 1e9:g}s); widen the range")
+    explicit: StoredModel | None = None
+    if args.model is not None:
+        explicit = load_model(args.model)
+        if explicit.signal != sig.name:
+            raise ValueError(f"--model {args.model} was trained for signal {explicit.signal!r}, not {sig.name!r}; "
+                             f"pass --signal {explicit.signal}")
+        if explicit.period_ns != period:
+            raise ValueError(f"--model {args.model} was trained at a period of {explicit.period_ns}ns but signal "
+                             f"{sig.name} samples every {period}ns; retrain it or restore the config")
+    # The daemon's read (worker.py): the signal's where, one series per group_by tag set, half a period beyond
+    # both ends so a jittered sample of the first or last grid point is kept.
+    store = InfluxDB1Store(cfg.influxdb, cfg.daemon.write_batch)
+    half = period // 2
+    data = store.read(Query(sig.measurement, sig.field, sig.where, sig.group_by, period), start - half, end + half)
+    if not data:
+        where = f" where {tags_str(sig.where)}" if sig.where else ""
+        raise ValueError(f"signal {sig.name}: no samples of {sig.measurement}.{sig.field}{where} between "
+                         f"{_rfc3339(start)} and {_rfc3339(end)} in database {cfg.influxdb.database!r} at "
+                         f"{cfg.influxdb.url}; check --start/--end (UTC) and the signal's measurement, field and where")
+    items = sorted(data.items())
+    keys = [tags_str(tags) for tags, _ in items]
+    matrix, problems = align_many([tv for _, tv in items], period, t0, n, sig.max_gap)
+    windows = load_label_windows(args.labels, keys, start, end, now) if args.labels is not None else None
+
+    models: dict[Tags, StoredModel] = {}
+    if explicit is not None:
+        if explicit.scope == "series":
+            if explicit.tags not in data:
+                raise ValueError(f"--model {args.model} scores series {tags_str(explicit.tags)!r} of signal "
+                                 f"{sig.name}, which has no samples in the range; the series read are "
+                                 f"{', '.join(repr(k) for k in keys)}")
+            models[explicit.tags] = explicit
+        else:
+            models = {tags: explicit for tags, _ in items}
+    else:
+        catalog = Catalog(cfg.paths.models)
+        for tags, _ in items:
+            stored = catalog.get(model_id_for(sig.name, tags, sig.scope))
+            if stored is None:
+                continue
+            if (stored.model.window, stored.period_ns) != (sig.window, period):
+                log.warning("model %s was trained with window=%d period=%dns but signal %s is configured with "
+                            "window=%d period=%dns; the daemon ignores it and so does this evaluation (retrain "
+                            "with `anomalyd train`)", stored.model_id, stored.model.window, stored.period_ns,
+                            sig.name, sig.window, period)
+                continue
+            models[tags] = stored
+        untrained = [k for (tags, _), k in zip(items, keys, strict=True) if tags not in models]
+        if not models:
+            log.warning("signal %s has no trained model in %s: scoring each series with the default causal "
+                        "detector trained on its first rows (run `anomalyd train -c %s` to evaluate what the "
+                        "daemon does)", sig.name, cfg.paths.models, cfg.source)
+        elif untrained:
+            log.warning("signal %s: %d series without a model in %s left out, as the daemon skips them: %s",
+                        sig.name, len(untrained), cfg.paths.models, ", ".join(untrained))
+
+    out: list[EvalSeries] = []
+    for r in _progress(list(range(len(items))), args, "evaluate InfluxDB"):
+        tags, key = items[r][0], keys[r]
+        if models and tags not in models:
+            continue
+        name = str(SeriesKey(sig.name, tags))
+        values = matrix[r]
+        for kind, count in problems[r].items():
+            if kind != "filled":
+                log.info("series %s: %d %s samples", name, count, kind)
+        if not np.isfinite(values).any():
+            log.warning("series %s has no sample on the grid of the range; left out", name)
+            continue
+        labels = _rows_in_windows(windows[key], t0, period, n) if windows is not None else None
+        info: dict[str, Any] = {"series": key, "first_timestamp": _rfc3339(t0), "period_ns": period}
+        stored = models.get(tags)
+        if stored is None:
+            n_train = args.train_rows if args.train_rows is not None else nab_probation(n)
+            if not 0 < n_train < n:
+                raise ValueError(f"--train-rows {n_train} must be between 1 and the {n} rows of {name} minus one")
+            s = _series_from_detection(name, values, labels, n_train, det_cfg)
+            s.info.update(info)
+        else:
+            model = stored.model
+            errors = score_with_model(model, values)
+            # Rows the model was trained on (up to its training end) are not evaluated, nor rows before its
+            # first complete window.
+            in_training = int(np.clip((stored.train_end_ns - t0) // period + 1, 0, n))
+            n_train = max(model.window - 1, in_training)
+            if n_train >= n:
+                later = max(stored.train_end_ns + period, t0 + (model.window - 1) * period)
+                raise ValueError(f"{name}: none of the {n} rows of the range comes after model {stored.model_id}'s "
+                                 f"training end ({_rfc3339(stored.train_end_ns)}) and its first window; evaluate a "
+                                 f"later or longer range, e.g. --start {_rfc3339(later)}")
+            tau = float(model.threshold_)
+            s = EvalSeries(name=name, values=values, scores=errors, errors=errors, labels=labels, n_train=n_train,
+                           threshold=tau, segments=_label_segments(labels) if labels is not None else [],
+                           reconstruction=overlap_reconstruction(model, values), error_threshold=tau,
+                           info={**info, "model": stored.model_id, "window": model.window, "model_threshold": tau,
+                                 "rows_in_training": in_training,
+                                 "missing_rows": int(np.count_nonzero(np.isnan(errors[n_train:])))})
+        out.append(s)
+    if not out:
+        raise ValueError(f"signal {sig.name}: no series left to evaluate between {_rfc3339(start)} and "
+                         f"{_rfc3339(end)}; widen the range")
+    desc = (f"influx {cfg.influxdb.url} database {cfg.influxdb.database} signal {sig.name} "
+            f"{_rfc3339(start)} .. {_rfc3339(end)}")
+    return out, desc, bool(models)
+
+
 def _split_rows(s: EvalSeries, validation: float) -> tuple[slice, slice]:
     """Rows to tune on and rows to report on (the same with no validation share)."""
     n = s.scores.shape[0]
@@ -1464,10 +1801,11 @@ def _f1_block(labels: NDArray[np.bool_], scores: NDArray[np.float64], tau: float
     pm = point_metrics(labels, flags)
     pa = point_adjusted_metrics(labels, flags)
     wm = window_metrics(labels, scores, tau, size, delta)
+    scored = np.isfinite(scores)  # NaN (a stored model's missing-data windows) is never flagged, and not ranked
     return {"precision": pm["precision"], "recall": pm["recall"], "f1": pm["f1"],
             "pa_precision": pa["precision"], "pa_recall": pa["recall"], "pa_f1": pa["f1"],
             "window_precision": wm["precision"], "window_recall": wm["recall"], "window_f1": wm["f1"],
-            "roc_auc": roc_auc(labels, scores), "pr_auc": pr_auc(labels, scores)}
+            "roc_auc": roc_auc(labels[scored], scores[scored]), "pr_auc": pr_auc(labels[scored], scores[scored])}
 
 
 def _nab_single(s: EvalSeries) -> NabCorpus:
@@ -1767,10 +2105,10 @@ def _run(args: argparse.Namespace) -> int:
     import time
 
     started = time.perf_counter()
-    fmt = args.format if args.format != "auto" else _guess_format(args.input)
-    if args.model is not None and fmt != "csv":
-        raise _UsageError("--model scores one CSV series; NAB and SMD folders are evaluated with the default "
-                          "detector trained on each file's training part")
+    fmt = _resolve_format(args)
+    if args.model is not None and fmt not in ("csv", "influx"):
+        raise _UsageError("--model scores one CSV series or an InfluxDB range; NAB and SMD folders are evaluated "
+                          "with the default detector trained on each file's training part")
     if args.write_threshold and (args.model is None or args.tune == "none"):
         raise _UsageError("--write-threshold needs --model PATH and --tune: only a threshold tuned on the stored "
                           "model's own max_error means the same thing to the daemon")
@@ -1780,7 +2118,11 @@ def _run(args: argparse.Namespace) -> int:
         raise _UsageError(f"--n-plots {args.n_plots} must be >= 0")
     cfg = _detector_config(args)
     corpus: NabCorpus | None = None
-    if fmt == "csv":
+    input_desc = str(args.input)
+    stored_models = args.model is not None
+    if fmt == "influx":
+        series, input_desc, stored_models = _load_influx_series(args, cfg)
+    elif fmt == "csv":
         series = _load_csv_series(args, cfg)
     elif fmt == "nab":
         series, corpus = _load_nab_series(args, cfg)
@@ -1802,19 +2144,21 @@ def _run(args: argparse.Namespace) -> int:
     if args.write_threshold:
         from .catalog import set_threshold
 
+        if len({s.threshold for s in series}) != 1:
+            raise ValueError(f"--write-threshold: the {len(series)} series got different tuned thresholds; tune "
+                             "one threshold for all of them with --tune nab-standard, or evaluate one series")
         tau = series[0].threshold
         if not math.isfinite(tau):
             raise ValueError(f"the tuned threshold is {tau}: flagging nothing scored best, so nothing was written "
                              f"to {args.model}")
-        set_threshold(args.model, tau, f"anomalyd evaluate --tune {args.tune} on {args.input}")
+        set_threshold(args.model, tau, f"anomalyd evaluate --tune {args.tune} on {input_desc}")
         print(f"wrote threshold {tau:.6g} (tuned: {args.tune}) to {args.model}")
     if args.json is not None:
         from .detect import DetectorConfig
 
         report = {
-            "input": str(args.input), "format": fmt,
-            "detector": "stored model" if args.model is not None else (cfg if isinstance(cfg, DetectorConfig)
-                                                                        else None),
+            "input": input_desc, "format": fmt,
+            "detector": "stored model" if stored_models else (cfg if isinstance(cfg, DetectorConfig) else None),
             "summary": summary,
             "series": [{"name": s.name, "n_rows": int(s.scores.size), "n_train": s.n_train, **s.info,
                         **s.metrics} for s in series],
