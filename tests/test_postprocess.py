@@ -172,3 +172,25 @@ def test_state_is_bounded_and_restores() -> None:
 def test_bad_parameters_name_the_value(changes: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         NormaliserParams(**changes)
+
+
+@pytest.mark.parametrize("transform", ["none", "log"])
+def test_one_error_at_a_time_scores_like_one_call(transform: str) -> None:
+    """The daemon feeds one window per series per tick: that path must give the batch path's scores."""
+    rng = np.random.default_rng(7)
+    errors = rng.gamma(2.0, 1.0, 500)
+    errors[[120, 300, 301, 302]] = [30.0, 45.0, 50.0, 41.0]
+    errors[200] = np.nan
+    values = rng.standard_normal((500, 8)).cumsum(axis=0)
+    values[400, 3] = 1e3  # out of range
+    values[410, :] = np.nan
+    p = NormaliserParams(long_window=100, short_window=3, learning=10, transform=transform)  # type: ignore[arg-type]
+    whole = ScoreNormaliser(p).update(errors, values)
+    norm = ScoreNormaliser(p)
+    single = np.concatenate([norm.update(errors[i : i + 1], values[i : i + 1]) for i in range(500)])
+    assert np.isnan(single[200])
+    np.testing.assert_allclose(single, whole, rtol=0, atol=1e-9, equal_nan=True)
+    assert single[400] == 1.0  # the out-of-range rule fired on the single path too
+    again = ScoreNormaliser(p)
+    again.update(errors, values)
+    assert again.to_dict()["avg"] == pytest.approx(norm.to_dict()["avg"], abs=1e-12)
