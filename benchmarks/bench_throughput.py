@@ -5,9 +5,12 @@ argmin), and take the error against that centroid. The matrix product is the irr
 the time of ``windows @ centroids.T`` alone for the same shapes (float64, one BLAS thread; the faster of one
 product and a product in 4096-row chunks into a reused buffer). Measured:
 
-* ``model.score_windows`` -- what the daemon's worker calls (max error, flag, normalised score);
-* ``window_error(kind="mean")`` -- the error the evaluation detector feeds to the normaliser;
-* ``ScoreNormaliser.update`` -- the likelihood post-processing, per error.
+* ``model.score_stats`` -- what the daemon's worker calls: nearest centroid, max error and mean error of each
+  window, in 4096-window chunks;
+* ``model.window_errors`` before this change (kept here as ``unchunked_max_errors`` for comparison: one
+  ``n x clusters`` distance matrix, each window tapered twice);
+* ``ScoreNormaliser.update`` -- the likelihood post-processing: all errors of a series in one call, and one
+  error per call (the daemon's case: one new window per series per tick), per error.
 
 Usage::
 
@@ -30,9 +33,8 @@ from collections.abc import Callable
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from anomalyd.detect import window_error
 from anomalyd.model import WindowReconstructor, sliding_windows, taper
-from anomalyd.postprocess import ScoreNormaliser
+from anomalyd.postprocess import NormaliserParams, ScoreNormaliser
 from anomalyd.synthetic import ecg
 
 
@@ -47,29 +49,12 @@ def best_time(fn: Callable[[], object], repeat: int) -> float:
     return min(times)
 
 
-def fast_window_errors(model: WindowReconstructor, windows: np.ndarray, chunk: int = 4096) -> np.ndarray:
-    """The max error as the proposed ``model.window_errors`` patch computes it: chunked, in place.
-
-    Same result as ``model.window_errors``: the ``-2`` is folded into a transposed copy of the centroids, the
-    distance matrix is built in a reused buffer of ``chunk`` rows (it stays in cache instead of a
-    ``n x clusters`` temporary), and the error comes from the same tapered chunk.
-    """
-    centers = model.cluster_centers_
-    m2t = np.ascontiguousarray(-2.0 * centers.T)
-    csq = (centers**2).sum(axis=1)
-    tap = taper(model.window)
-    out = np.empty(len(windows))
-    buf = np.empty((chunk, len(centers)))
-    for a in range(0, len(windows), chunk):
-        wt = windows[a : a + chunk] * tap
-        d = buf[: len(wt)]
-        np.matmul(wt, m2t, out=d)
-        d += csq
-        idx = d.argmin(axis=1)
-        wt -= centers[idx]
-        np.abs(wt, out=wt)
-        out[a : a + chunk] = wt.max(axis=1)
-    return out
+def unchunked_max_errors(model: WindowReconstructor, windows: np.ndarray) -> np.ndarray:
+    """The max error as ``model.window_errors`` computed it before chunking (the comparison row)."""
+    w = windows * taper(model.window)
+    d = (model.cluster_centers_**2).sum(axis=1)[None, :] - 2.0 * (w @ model.cluster_centers_.T)
+    recon = model.cluster_centers_[d.argmin(axis=1)]
+    return np.asarray(np.abs(windows * taper(model.window) - recon).max(axis=1))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     model = WindowReconstructor(window=w, n_clusters=k, n_init=1).fit(x)
     centers = model.cluster_centers_
     print(f"## Scoring throughput, one core (window {w}, {k} centroids, float64)\n")
-    print("| windows | matmul bound (win/s) | score_windows (win/s) | / bound | chunked in-place max error "
-          "(win/s) | / bound | mean error (win/s) | normaliser (err/s) |")
+    print("| windows | matmul bound (win/s) | `score_stats` (win/s) | / bound | unchunked max error, before "
+          "(win/s) | / bound | normaliser, one call (err/s) | normaliser, one error per call (err/s) |")
     print("|---|---|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)
     y, _ = ecg(max(args.windows) * 16 + w, seed=1)
@@ -103,18 +88,31 @@ def main(argv: list[str] | None = None) -> int:
 
             t_bound = min(best_time(lambda t=tapered: t @ centers.T, args.repeat),
                           best_time(chunked_matmul, args.repeat))
-            t_score = best_time(lambda v=wins: model.score_windows(v), args.repeat)
-            assert np.allclose(fast_window_errors(model, wins), model.window_errors(wins))
-            t_fast = best_time(lambda v=wins: fast_window_errors(model, v), args.repeat)
-            t_mean = best_time(lambda v=wins: window_error(model, v, "mean"), args.repeat)
+            t_stats = best_time(lambda v=wins: model.score_stats(v), args.repeat)
+            assert np.allclose(unchunked_max_errors(model, wins), model.score_stats(wins)[1])
+            t_old = best_time(lambda v=wins: unchunked_max_errors(model, v), args.repeat)
             errors = rng.gamma(2.0, 1.0, n)
+            params = NormaliserParams.for_windows(w, 16, 500)
 
-            def normalise(e: np.ndarray = errors) -> None:
-                ScoreNormaliser().update(e)
+            def normalise(e: np.ndarray = errors, v: np.ndarray = wins,
+                          p: NormaliserParams = params) -> None:
+                ScoreNormaliser(p).update(e, v)
 
             t_norm = best_time(normalise, args.repeat)
-            print(f"| {n:,} | {n / t_bound:,.0f} | {n / t_score:,.0f} | {t_bound / t_score:.2f} | "
-                  f"{n / t_fast:,.0f} | {t_bound / t_fast:.2f} | {n / t_mean:,.0f} | {n / t_norm:,.0f} |", flush=True)
+            m = min(n, 20_000)  # the one-error path is per call: 20,000 calls are enough to time it
+            warm = ScoreNormaliser(params)
+            warm.update(errors[:600])
+            state = warm.to_dict()
+
+            def one_by_one(e: np.ndarray = errors[:m], v: np.ndarray = wins[:m],
+                           st: dict = state) -> None:
+                norm = ScoreNormaliser.from_dict(st)
+                for i in range(len(e)):
+                    norm.update(e[i : i + 1], v[i : i + 1])
+
+            t_one = best_time(one_by_one, 1)
+            print(f"| {n:,} | {n / t_bound:,.0f} | {n / t_stats:,.0f} | {t_bound / t_stats:.2f} | "
+                  f"{n / t_old:,.0f} | {t_bound / t_old:.2f} | {n / t_norm:,.0f} | {m / t_one:,.0f} |", flush=True)
     return 0
 
 

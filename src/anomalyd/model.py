@@ -266,32 +266,41 @@ class WindowReconstructor(BaseEstimator):
 
     def window_error_stats(self, windows: ArrayLike, chunk: int = 4096) -> tuple[NDArray[np.float64],
                                                                              NDArray[np.float64]]:
-        """Max and mean absolute reconstruction error of each window, computed in chunks.
+        """Max and mean absolute reconstruction error of each window (see `score_stats`)."""
+        _, e_max, e_mean = self.score_stats(windows, chunk)
+        return e_max, e_mean
 
-        Chunking keeps the ``n x n_clusters`` distance matrix small (bounded memory, cache-friendly) and
-        tapers each window once.
+    def score_stats(self, windows: ArrayLike, chunk: int = 4096) -> tuple[NDArray[np.intp], NDArray[np.float64],
+                                                                        NDArray[np.float64]]:
+        """Nearest centroid, max and mean absolute reconstruction error of each window, in one pass.
+
+        Computed in chunks, so the ``n x n_clusters`` distance matrix stays small (bounded memory, in cache),
+        and each window is tapered once.
         """
         check_is_fitted(self, "cluster_centers_")
         w = np.asarray(windows, dtype=np.float64)
         if w.ndim != 2 or w.shape[1] != self.window:
             if len(w) == 0:
-                return np.empty(0), np.empty(0)
+                return np.empty(0, dtype=np.intp), np.empty(0), np.empty(0)
             raise ValueError(f"expected windows of {self.window} samples, got shape {w.shape}")
         if not hasattr(self, "_center_sq"):
             self._center_sq = (self.cluster_centers_**2).sum(axis=1)
         tap = taper(self.window)
         n = len(w)
+        idx = np.empty(n, dtype=np.intp)
         e_max, e_mean = np.empty(n), np.empty(n)
         for lo in range(0, n, chunk):
             t = w[lo : lo + chunk] * tap
             d = t @ self.cluster_centers_.T
             d *= -2.0
             d += self._center_sq
-            t -= self.cluster_centers_[d.argmin(axis=1)]
+            near = d.argmin(axis=1)
+            idx[lo : lo + len(t)] = near
+            t -= self.cluster_centers_[near]
             np.abs(t, out=t)
             e_max[lo : lo + len(t)] = t.max(axis=1)
             e_mean[lo : lo + len(t)] = t.mean(axis=1)
-        return e_max, e_mean
+        return idx, e_max, e_mean
 
     def normalised_score(self, errors: ArrayLike) -> NDArray[np.float64]:
         """Map errors to [0, 1]: the share of validation errors below each error (1 above all of them).

@@ -365,8 +365,8 @@ class Worker:
         mean_errors = np.full(len(allw), np.nan)
         centroids = np.zeros_like(allw)
         if complete.any():
-            errors[complete], mean_errors[complete] = model.window_error_stats(allw[complete])
-            centroids[complete] = model.reconstruct(allw[complete])
+            nearest, errors[complete], mean_errors[complete] = model.score_stats(allw[complete])
+            centroids[complete] = model.cluster_centers_[nearest]
         meta = batch.stored.meta
         model_tag = str(meta.get("npz_sha256", batch.stored.model_id))
         initial = meta.get("normaliser") or ScoreNormaliser(
