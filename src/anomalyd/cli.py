@@ -27,6 +27,9 @@ def _parser() -> argparse.ArgumentParser:
 
     sp = cmd("train", "fit a model per series (or per signal) from its training range")
     sp.add_argument("--signal", action="append", help="only this signal (repeatable)")
+    sp.add_argument("--exclude-anomalous", action="store_true",
+                    help="leave out the windows anomalyd flagged anomalous in the training range (a refit on "
+                         "recent normal data)")
     sp = cmd("run", "run the daemon: score new windows every interval")
     sp.add_argument("--once", action="store_true", help="run a single tick and exit (for cron and tests)")
     sp.add_argument("--dry-run", action="store_true", help="compute alerts but do not send them")
@@ -142,7 +145,7 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> int:
     if args.cmd == "train":
         from .training import train
 
-        report = train(cfg, _store(cfg), signals=args.signal)
+        report = train(cfg, _store(cfg), signals=args.signal, exclude_anomalous=args.exclude_anomalous)
         for m in report.trained:
             print(f"trained {m.model_id}: threshold {m.threshold:.4g}")
         for key, why in report.failed.items():
@@ -151,8 +154,11 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> int:
     if args.cmd == "run":
         from .service import Service
 
+        from .training import refit
+
         worker = _worker(cfg, dry_run=args.dry_run)
-        service = Service(worker, cfg.daemon.interval_s, cfg.daemon.max_backoff_s, cfg.daemon.health_listen)
+        service = Service(worker, cfg.daemon.interval_s, cfg.daemon.max_backoff_s, cfg.daemon.health_listen,
+                          refit=lambda: refit(cfg, _store(cfg)), refit_every_s=cfg.daemon.refit_every_s)
         if args.once:
             ok = service.run_tick() is not None
             service.close_worker()

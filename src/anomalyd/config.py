@@ -162,6 +162,7 @@ class DaemonConfig:
     write_batch: int = 10_000
     health_listen: str = "127.0.0.1:9108"
     max_backoff_s: float = 300.0
+    refit_every_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -419,7 +420,7 @@ def from_dict(raw: dict[str, Any], source: str = "<config>", env: Mapping[str, s
 
     t = sec["daemon"]
     c.unknown(t, "daemon", {"interval", "lateness", "max_backlog_windows", "write_batch", "health_listen",
-                            "max_backoff"})
+                            "max_backoff", "refit_every"})
     listen = c.get(t, "health_listen", "daemon", "str", DaemonConfig.health_listen,
                    lambda v: None if v == "" or re.match(r"^[\w.\-\[\]:]*:\d{1,5}$", v)
                    else "must be host:port (e.g. 127.0.0.1:9108) or \"\" to turn the endpoint off")
@@ -429,7 +430,8 @@ def from_dict(raw: dict[str, Any], source: str = "<config>", env: Mapping[str, s
         max_backlog_windows=c.get(t, "max_backlog_windows", "daemon", "int", 2000, _positive),
         write_batch=c.get(t, "write_batch", "daemon", "int", 10_000, _positive),
         health_listen=listen,
-        max_backoff_s=c.get(t, "max_backoff", "daemon", "duration", 300 * 10**9, _positive) / 1e9)
+        max_backoff_s=c.get(t, "max_backoff", "daemon", "duration", 300 * 10**9, _positive) / 1e9,
+        refit_every_s=c.get(t, "refit_every", "daemon", "duration", 0, _non_negative) / 1e9)
 
     t = sec["alerts"]
     st = t.pop("slack", {}) if isinstance(t.get("slack", {}), dict) else {}

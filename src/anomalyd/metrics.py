@@ -24,3 +24,5 @@ ALERTS = Counter("anomalyd_alerts", "Alert deliveries, by sink and outcome (sent
 ALERTS_QUEUED = Gauge("anomalyd_alerts_queued", "Alerts waiting in the outbox", registry=REGISTRY)
 LAST_SUCCESS = Gauge("anomalyd_last_success_timestamp_seconds", "Unix time of the last successful tick",
                      registry=REGISTRY)
+REFITS = Counter("anomalyd_refits", "Scheduled refits on recent normal data, by outcome (ok, failed)", ["outcome"],
+                 registry=REGISTRY)

@@ -10,13 +10,15 @@ import threading
 import time
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 from apscheduler.schedulers.blocking import BlockingScheduler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .influx import StoreError
-from .metrics import LAST_SUCCESS, REGISTRY, TICK_SECONDS, TICKS
+from .metrics import LAST_SUCCESS, REFITS, REGISTRY, TICK_SECONDS, TICKS
 from .worker import TickReport, Worker
 
 log = logging.getLogger(__name__)
@@ -89,8 +91,11 @@ class Service:
     """Runs ``worker.tick`` every interval; survives failed ticks with exponential backoff."""
 
     def __init__(self, worker: Worker, interval_s: float, max_backoff_s: float = 300.0,
-                 health_listen: str = "") -> None:
+                 health_listen: str = "", refit: Callable[[], object] | None = None,
+                 refit_every_s: float = 0.0) -> None:
         self.worker = worker
+        self.refit = refit
+        self.refit_every_s = refit_every_s
         self.interval_s = interval_s
         self.max_backoff_s = max_backoff_s
         self.health = Health(interval_s)
@@ -129,6 +134,22 @@ class Service:
                  report.anomalous, report.missing, report.seconds)
         return report
 
+    def run_refit(self) -> bool:
+        """One guarded refit (retraining on the recent, unflagged data); never raises."""
+        if self.refit is None:
+            return False
+        t0 = time.perf_counter()
+        try:
+            self.refit()
+        except Exception as exc:  # a failed refit keeps the current models; the ticks go on
+            REFITS.labels(outcome="failed").inc()
+            log.error("refit failed, keeping the current models: %s: %s", type(exc).__name__, exc,
+                      exc_info=not isinstance(exc, StoreError))
+            return False
+        REFITS.labels(outcome="ok").inc()
+        log.info("refit done in %.1fs", time.perf_counter() - t0)
+        return True
+
     def _failed(self, msg: str, traceback: bool) -> None:
         TICKS.labels(outcome="failed").inc()
         self.health.consecutive_failures += 1
@@ -152,6 +173,10 @@ class Service:
         signal.signal(signal.SIGINT, stop)
         self.scheduler.add_job(self.run_tick, "interval", seconds=self.interval_s, id="tick",
                                next_run_time=datetime.now())
+        if self.refit is not None and self.refit_every_s > 0:
+            # Its own job (thread): ticks go on while models are refitted; the catalog swaps them atomically.
+            self.scheduler.add_job(self.run_refit, "interval", seconds=self.refit_every_s, id="refit",
+                                   next_run_time=datetime.now() + timedelta(seconds=self.refit_every_s))
         try:
             self.scheduler.start()
         finally:

@@ -19,7 +19,7 @@ from .config import Config, SignalConfig
 from .influx import Query, Store
 from .model import WindowReconstructor, sliding_windows
 from .postprocess import NormaliserParams, ScoreNormaliser
-from .records import SeriesKey, Tags
+from .records import SeriesKey, Tags, tags_str
 from .worker import align
 
 log = logging.getLogger(__name__)
@@ -56,10 +56,24 @@ def warm_normaliser(model: WindowReconstructor, parts: list[np.ndarray], sig: Si
     return norm
 
 
-def prepare(times: np.ndarray, values: np.ndarray, sig: SignalConfig, key: SeriesKey) -> list[np.ndarray]:
+def flagged_windows(cfg: Config, store: Store, sig: SignalConfig, start: int, end: int) -> dict[str, np.ndarray]:
+    """End times (ns) of the windows anomalyd flagged anomalous in ``[start, end]``, per ``series`` tag value."""
+    q = Query(cfg.output.measurement, "anomalous", (("signal", sig.name),), ("series",), sig.slide * sig.period_ns)
+    out: dict[str, np.ndarray] = {}
+    for tags, (t, v) in store.read(q, start, end + (sig.window - 1) * sig.period_ns).items():
+        ends = t[v == 1]
+        if len(ends):
+            out[dict(tags).get("series", "")] = ends
+    return out
+
+
+def prepare(times: np.ndarray, values: np.ndarray, sig: SignalConfig, key: SeriesKey,
+            exclude_ends: np.ndarray | None = None) -> list[np.ndarray]:
     """Align a training series to its period, fill short gaps, and split it at the longer ones.
 
-    Returns the gap-free stretches; raises ValueError naming the series when there are no samples.
+    ``exclude_ends`` are the end times of windows to leave out (windows flagged anomalous by an earlier run):
+    their samples are cut out like a gap. Returns the gap-free stretches; raises ValueError naming the series
+    when there are no samples.
     """
     if len(times) == 0:
         raise ValueError(f"series {key} has no samples in the training range; widen signals.train_range")
@@ -70,25 +84,42 @@ def prepare(times: np.ndarray, values: np.ndarray, sig: SignalConfig, key: Serie
         if kind != "filled":
             log.warning("series %s: %d %s samples in the training range", key, count, kind)
     x = aligned.values
+    if exclude_ends is not None and len(exclude_ends):
+        last = (np.asarray(exclude_ends, dtype=np.int64) - t0) // sig.period_ns
+        cut = np.zeros(n + 1, dtype=np.int64)  # +1 at each flagged window's first sample, -1 after its last
+        np.add.at(cut, np.clip(last - sig.window + 1, 0, n), 1)
+        np.add.at(cut, np.clip(last + 1, 0, n), -1)
+        drop = np.cumsum(cut[:n]) > 0
+        x = np.where(drop, np.nan, x)
+        log.info("series %s: leaving %d samples of %d windows flagged anomalous out of training", key,
+                 int(drop.sum()), len(exclude_ends))
     holes = np.isnan(x)
     if not holes.any():
         return [x]
     edges = np.flatnonzero(np.diff(np.concatenate([[1], holes.astype(np.int8), [1]])))
     runs = edges.reshape(-1, 2)
-    log.warning("series %s has %d samples missing in gaps longer than max_gap=%d; training on its %d gap-free "
-                "stretches", key, int(holes.sum()), sig.max_gap, len(runs))
+    gaps = int(np.isnan(aligned.values).sum())
+    if gaps:
+        log.warning("series %s has %d samples missing in gaps longer than max_gap=%d; training on its %d gap-free "
+                    "stretches", key, gaps, sig.max_gap, len(runs))
     return [x[a:b] for a, b in runs]
 
 
 def train(cfg: Config, store: Store, now_ns: int | None = None, signals: list[str] | None = None,
-          progress: bool = True, clock: Callable[[], int] = time.time_ns) -> TrainReport:
-    """Train every configured signal (or those named) and save the models."""
+          progress: bool = True, clock: Callable[[], int] = time.time_ns,
+          exclude_anomalous: bool = False) -> TrainReport:
+    """Train every configured signal (or those named) and save the models.
+
+    With ``exclude_anomalous``, windows that anomalyd itself flagged anomalous in the training range (read back
+    from the output measurement) are left out, so a refit on recent data learns only what was normal.
+    """
     now = clock() if now_ns is None else now_ns
     report = TrainReport()
     for sig in cfg.signals:
         if signals and sig.name not in signals:
             continue
         start, end = sig.train_range.resolve(now)
+        flagged = flagged_windows(cfg, store, sig, start, end) if exclude_anomalous else {}
         if sig.scope == "shared":
             where = tuple(sorted({**dict(sig.where), **dict(sig.train_where)}.items()))
             data = store.read(Query(sig.measurement, sig.field, where, sig.group_by, sig.period_ns), start, end)
@@ -99,7 +130,7 @@ def train(cfg: Config, store: Store, now_ns: int | None = None, signals: list[st
                                      f"range; check signals.train_where and signals.train_range")
                 # Windows never straddle two series: each series' stretches are fitted as separate segments.
                 parts = [p for tags, (t, v) in sorted(data.items())
-                         for p in prepare(t, v, sig, SeriesKey(sig.name, tags))]
+                         for p in prepare(t, v, sig, SeriesKey(sig.name, tags), flagged.get(tags_str(tags)))]
                 _fit_save(cfg, sig, (), parts, start, end, report, n_series=len(data))
             except ValueError as exc:
                 report.failed[key.id] = str(exc)
@@ -117,7 +148,7 @@ def train(cfg: Config, store: Store, now_ns: int | None = None, signals: list[st
                                  or len(items) < 10):
             key = SeriesKey(sig.name, tags)
             try:
-                _fit_save(cfg, sig, tags, prepare(t, v, sig, key), start, end, report)
+                _fit_save(cfg, sig, tags, prepare(t, v, sig, key, flagged.get(tags_str(tags))), start, end, report)
             except ValueError as exc:
                 report.failed[key.id] = str(exc)
                 log.error("cannot train %s: %s", key, exc)
@@ -136,3 +167,19 @@ def _fit_save(cfg: Config, sig: SignalConfig, tags: Tags, x: list[np.ndarray], s
     report.trained.append(stored)
     log.info("trained %s on %d samples: threshold %.4g (%s policy)", mid, sum(len(p) for p in x), model.threshold_,
              sig.threshold.policy)
+
+
+def refit(cfg: Config, store: Store) -> TrainReport:
+    """The daemon's scheduled refit (``daemon.refit_every``): retrain on the training range, resolved now, without
+    the windows flagged anomalous. Models that cannot be refitted keep their current version."""
+    absolute = [s.name for s in cfg.signals if "now" not in s.train_range.start + s.train_range.end]
+    if absolute:
+        log.warning("signals %s have an absolute train_range: a refit trains on the same data again; use a "
+                    "relative range such as \"last 7 days\"", ", ".join(absolute))
+    report = train(cfg, store, progress=False, exclude_anomalous=True)
+    if report.failed:
+        log.error("refit: %d models could not be refitted and keep their current version: %s", len(report.failed),
+                  "; ".join(f"{k}: {v}" for k, v in list(report.failed.items())[:5]))
+    if not report.trained and report.failed:
+        raise RuntimeError(f"no model could be refitted ({len(report.failed)} failures)")
+    return report

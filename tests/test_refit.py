@@ -1,0 +1,97 @@
+"""Refitting on recent normal data: training leaves out the windows anomalyd flagged; the daemon's refit job."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import pytest
+
+from anomalyd import training
+from anomalyd.catalog import Catalog, model_id_for
+from anomalyd.catalog import load as load_model
+from anomalyd.config import Config, TrainRange
+from anomalyd.demo import feed
+from anomalyd.influx import InfluxDB1Store
+from anomalyd.metrics import REFITS
+from anomalyd.service import Service
+from anomalyd.state import Watermarks
+from anomalyd.worker import Worker
+from conftest import with_signal
+
+
+def _thresholds(cfg: Config) -> dict[str, tuple[float, int]]:
+    out = {}
+    for p in sorted(cfg.paths.models.glob("*.json")):
+        m = load_model(p)
+        out[m.model_id] = (m.threshold, int(m.meta["n_samples"]))
+    return out
+
+
+def test_refit_leaves_out_the_flagged_windows(cfg: Config, store: InfluxDB1Store) -> None:
+    now = time.time_ns() // 10**9 * 10**9
+    fed = feed(cfg, store, 7 * 3600, now_ns=now, future_s=0)
+    assert not training.train(cfg, store, now_ns=now, progress=False).failed
+    first = _thresholds(cfg)
+    report = Worker(cfg, store, Catalog(cfg.paths.models), Watermarks(cfg.paths.state / "wm.json"),
+                    clock=lambda: now).tick()  # scores the last hour, where the anomalies are
+    flagged = [r for r in report.results if r.anomalous]
+    assert flagged
+    # Retrain on the whole 7 h, anomalies included: the last 20% (the hold-out that sets the threshold) now
+    # holds the injected anomalies.
+    recent = with_signal(cfg, train_range=TrainRange("now-7h", "now"))
+    assert not training.train(recent, store, now_ns=now, progress=False).failed
+    polluted = _thresholds(recent)
+    assert not training.train(recent, store, now_ns=now, progress=False, exclude_anomalous=True).failed
+    clean = _thresholds(recent)
+    n_fed = sum(1 for s in fed for a in s.anomalies if s.origin_ns + a.end * 10**9 <= now)
+    for mid, (thr0, n0) in first.items():
+        thr_p, n_p = polluted[mid]
+        thr_c, n_c = clean[mid]
+        print(f"\n{mid}: threshold trained on 6 h {thr0:.2f}; on 7 h with the anomalies {thr_p:.2f}; "
+              f"without the flagged windows {thr_c:.2f} ({n_p - n_c} samples left out)")
+        assert n_c < n_p  # the flagged windows' samples were cut out
+        assert thr_c < thr_p  # the anomalies no longer inflate the threshold learned from the hold-out...
+        assert thr_c < 1.5 * thr0  # ...which stays close to the one learned from clean data
+    assert n_fed >= 8
+
+
+def test_refit_of_series_models_uses_each_series_flags(cfg: Config, store: InfluxDB1Store) -> None:
+    """Per-series scope: each model leaves out only its own series' flagged windows."""
+    now = time.time_ns() // 10**9 * 10**9
+    feed(cfg, store, 5 * 3600, now_ns=now, future_s=0)
+    cfg1 = with_signal(cfg, train_range=TrainRange("now-5h", "now-1h"), scope="series")
+    assert not training.train(cfg1, store, now_ns=now, progress=False).failed
+    Worker(cfg1, store, Catalog(cfg1.paths.models), Watermarks(cfg1.paths.state / "wm.json"),
+           clock=lambda: now).tick()
+    flagged = training.flagged_windows(cfg1, store, cfg1.signals[0], now - 5 * 3600 * 10**9, now)
+    assert set(flagged) == {"patient=p1", "patient=p2"}
+    recent = with_signal(cfg1, train_range=TrainRange("now-5h", "now"))
+    rep = training.train(recent, store, now_ns=now, progress=False, exclude_anomalous=True)
+    assert not rep.failed and {m.model_id for m in rep.trained} == {
+        model_id_for("heartbeat", (("patient", p),), "series") for p in ("p1", "p2")}
+
+
+class _Worker:
+    def tick(self) -> None:  # pragma: no cover - not called
+        raise AssertionError
+
+
+def test_service_refit_job_survives_failures(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    calls: list[int] = []
+
+    def failing() -> None:
+        calls.append(1)
+        raise RuntimeError("InfluxDB went away")
+
+    before_failed = REFITS.labels(outcome="failed")._value.get()
+    before_ok = REFITS.labels(outcome="ok")._value.get()
+    svc = Service(_Worker(), 1.0, refit=failing, refit_every_s=3600)  # type: ignore[arg-type]
+    with caplog.at_level(logging.ERROR):
+        assert svc.run_refit() is False
+    assert "refit failed, keeping the current models: RuntimeError: InfluxDB went away" in caplog.text
+    assert REFITS.labels(outcome="failed")._value.get() == before_failed + 1
+    svc.refit = lambda: None
+    assert svc.run_refit() is True and REFITS.labels(outcome="ok")._value.get() == before_ok + 1
+    assert calls == [1]
