@@ -46,7 +46,7 @@ def test_refit_leaves_out_the_flagged_windows(cfg: Config, store: InfluxDB1Store
     assert not training.train(recent, store, now_ns=now, progress=False, exclude_anomalous=True).failed
     clean = _thresholds(recent)
     n_fed = sum(1 for s in fed for a in s.anomalies if s.origin_ns + a.end * 10**9 <= now)
-    for mid, (thr0, n0) in first.items():
+    for mid, (thr0, _) in first.items():
         thr_p, n_p = polluted[mid]
         thr_c, n_c = clean[mid]
         print(f"\n{mid}: threshold trained on 6 h {thr0:.2f}; on 7 h with the anomalies {thr_p:.2f}; "

@@ -153,7 +153,6 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> int:
         return 1 if report.failed and not report.trained else 0
     if args.cmd == "run":
         from .service import Service
-
         from .training import refit
 
         worker = _worker(cfg, dry_run=args.dry_run)
