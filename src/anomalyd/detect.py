@@ -18,7 +18,7 @@ Univariate (`detect_series`)
    shapes for 285 windows.
 4. Error: the *mean* absolute difference between the tapered window and its nearest centroid (``error="mean"``;
    the daemon's ``max_error`` is ``error="max"``). On NAB the mean error scores 66.9 against 59.6 for the max
-   (benchmarks/RESULTS_eval.md): the max of 32 differences is dominated by the noisiest sample.
+   (benchmarks/RESULTS.md): the max of 32 differences is dominated by the noisiest sample.
 5. Alignment: row ``t`` gets the error of the window that *ends* at ``t`` (slide 1), i.e. it is scored as soon
    as one window containing it is complete. The sin² taper gives the newest sample zero weight, so a change
    at ``t`` weighs ``sin²(pi * k / (w - 1))`` in the error of row ``t + k``: a spike is seen a few rows late
