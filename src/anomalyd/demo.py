@@ -99,8 +99,9 @@ def report_findings(results: list[WindowResult], fed: list[FedSeries], period_ns
                 if a0 <= r.end_ns and a1 >= r.start_ns:
                     what = f"injected {a.kind}"
                     hit.add((s.tag, a.start))
+        score = f"{r.score:.2f}" if r.score is not None else "-"
         lines.append(f"  {r.key!s:28} {_fmt(r.start_ns)}-{_fmt(r.end_ns)} UTC  max_error {r.max_error:8.2f} > "
-                     f"threshold {r.threshold:7.2f} (x{r.ratio:.2f})  {what}")
+                     f"threshold {r.threshold:7.2f} (x{r.ratio:.2f})  score {score}  {what}")
     if not flagged:
         lines.append("  (none)")
     scored_until = max((r.end_ns for r in results), default=0)
@@ -109,7 +110,8 @@ def report_findings(results: list[WindowResult], fed: list[FedSeries], period_ns
     lines.append(f"injected anomalies in the scored range: {len(due)}, caught: {len(due) - len(missed)}"
                  + (f", missed: {', '.join(missed)}" if missed else ""))
     windows = sum(1 for r in results if not r.missing)
-    lines.append(f"windows scored: {windows}, anomalous: {len(flagged)}, missing-data: "
+    high = sum(1 for r in results if r.score is not None and r.score >= 0.5)
+    lines.append(f"windows scored: {windows}, anomalous: {len(flagged)}, score >= 0.5: {high}, missing-data: "
                  f"{sum(1 for r in results if r.missing)}")
     return "\n".join(lines)
 
