@@ -331,7 +331,9 @@ class ScoreNormaliser:
     def __init__(self, params: NormaliserParams | None = None) -> None:
         self.params = params or NormaliserParams()
         self._raw: list[float] = []  # last long_window finite raw errors (for the rank) or short_window - 1
-        self._avg: list[float] = []  # last long_window short-window averages of the transformed errors
+        # Last long_window short-window averages of the transformed errors (an array: 8 bytes per value, where a
+        # list of floats takes 32; the daemon keeps one per series).
+        self._avg: NDArray[np.float64] = np.empty(0)
         self._tail: list[float] = []  # last short_window - 1 transformed errors
         self._seen = 0
         self._since_red = 1 << 30  # errors since the last red one (huge: none yet)
@@ -355,7 +357,7 @@ class ScoreNormaliser:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able state (parameters included); `from_dict` restores it exactly."""
         return {"version": _STATE_VERSION, "params": asdict(self.params), "raw": list(self._raw),
-                "avg": list(self._avg), "tail": list(self._tail), "seen": self._seen,
+                "avg": self._avg.tolist(), "tail": list(self._tail), "seen": self._seen,
                 "since_red": self._since_red, "lo": self._lo, "hi": self._hi}
 
     @classmethod
@@ -375,7 +377,7 @@ class ScoreNormaliser:
             params = NormaliserParams(**{k: v for k, v in dict(state["params"]).items() if k in names})
             norm = cls(params)
             norm._raw = [float(v) for v in state["raw"]]
-            norm._avg = [float(v) for v in state["avg"]]
+            norm._avg = np.array([float(v) for v in state["avg"]], dtype=np.float64)
             norm._tail = [float(v) for v in state["tail"]]
             norm._seen = int(state["seen"])
             norm._since_red = int(state["since_red"])
@@ -418,7 +420,7 @@ class ScoreNormaliser:
         first = np.maximum(idx - k + 1, 0)
         avg = (csum[idx + 1] - csum[first]) / (idx + 1 - first)
         # Reference statistics over the previous long_window averages (excluding the current one).
-        hist = np.concatenate((np.asarray(self._avg, dtype=np.float64), avg))
+        hist = np.concatenate((self._avg, avg))
         h0 = len(self._avg)
         ref = float(hist[0])  # centre the sums on an old value (causal, and keeps the cumsums precise)
         centred = hist - ref
@@ -443,7 +445,7 @@ class ScoreNormaliser:
         lik = np.where((seen_before < p.learning) | (cnt < 2), 0.5, lik)
         out[finite] = lik
         # Keep the state bounded.
-        self._avg = hist[-p.long_window:].tolist()
+        self._avg = hist[-p.long_window:].copy()
         self._tail = ext[ext.shape[0] - (k - 1):].tolist() if k > 1 else []
         if p.transform != "rank":
             self._raw = []
@@ -518,17 +520,18 @@ class ScoreNormaliser:
         if self._seen < p.learning or cnt < 2:
             lik = 0.5
         else:
-            centred = np.asarray(hist, dtype=np.float64) - hist[0]
-            mean_c = float(np.cumsum(centred)[-1]) / cnt
-            var = float(np.cumsum(centred * centred)[-1]) / cnt - mean_c * mean_c
-            mean = mean_c + hist[0]
+            ref = float(hist[0])
+            centred = hist - ref
+            mean_c = float(np.cumsum(centred)[-1]) / cnt  # sequential sums, like the batch path's
+            centred *= centred
+            var = float(np.cumsum(centred)[-1]) / cnt - mean_c * mean_c
+            mean = mean_c + ref
             std = math.sqrt(max(var, 0.0))
             floor = max(p.min_std, 1e-12) if p.transform == "log" else max(p.min_std * abs(mean), 1e-12)
             z = (avg - mean) / max(std if math.isfinite(std) else 0.0, floor)
             lik = 1.0 - 0.5 * math.erfc(z / math.sqrt(2.0))
-        hist.append(avg)
-        if len(hist) > p.long_window:
-            del hist[: len(hist) - p.long_window]
+        keep = p.long_window - 1
+        self._avg = np.append(hist[len(hist) - keep :] if len(hist) > keep else hist, avg)
         if p.short_window > 1:
             tail.append(t)
             if len(tail) > p.short_window - 1:
