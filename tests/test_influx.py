@@ -75,6 +75,23 @@ def test_read_groups_series_and_filters_by_bound_tags(store: InfluxDB1Store, inf
     assert store.read(Query("nothing", "load", (), ("host",), S), T0, T0 + 10 * S) == {}
 
 
+def test_reads_are_plain_unless_gzip_is_asked_and_equal_either_way(store: InfluxDB1Store, influxd: LocalInfluxd,
+                                                                  database: str) -> None:
+    influxd.write_lines(database, "\n".join(raw_line("cpu", {"host": f"h{j}"}, "load", float(i * j), T0 + i * S)
+                                            for j in range(20) for i in range(200)))
+    q = Query("cpu", "load", (), ("host",), S)
+    plain = store.read(q, T0, T0 + 300 * S)
+    r = store._request("query", "query", "POST", {"q": "SHOW MEASUREMENTS", "db": database})
+    assert "Content-Encoding" not in r.headers  # influxd did not spend CPU compressing
+    zipped_store = InfluxDB1Store(replace(store.cfg, gzip=True))
+    r = zipped_store._request("query", "query", "POST", {"q": "SHOW MEASUREMENTS", "db": database})
+    assert r.headers.get("Content-Encoding") == "gzip"
+    zipped = zipped_store.read(q, T0, T0 + 300 * S)
+    assert plain.keys() == zipped.keys() and len(plain) == 20
+    for k in plain:
+        assert np.array_equal(plain[k][0], zipped[k][0]) and np.array_equal(plain[k][1], zipped[k][1])
+
+
 def test_sub_millisecond_periods_keep_nanosecond_times(store: InfluxDB1Store, influxd: LocalInfluxd,
                                                        database: str) -> None:
     influxd.write_lines(database, "\n".join(raw_line("fast", {}, "v", float(i), T0 + i * 250_001) for i in range(4)))

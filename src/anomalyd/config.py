@@ -135,6 +135,7 @@ class InfluxConfig:
     timeout_s: float = 10.0
     retries: int = 3
     verify_ssl: bool = True
+    gzip: bool = False
     username: str = field(default="", repr=False)
     password: str = field(default="", repr=False)
 
@@ -387,7 +388,8 @@ def from_dict(raw: dict[str, Any], source: str = "<config>", env: Mapping[str, s
     t = sec["influxdb"]
     user = _secret(c, t, "username", "influxdb", "ANOMALYD_INFLUXDB_USERNAME", env)
     password = _secret(c, t, "password", "influxdb", "ANOMALYD_INFLUXDB_PASSWORD", env)
-    c.unknown(t, "influxdb", {"url", "database", "retention_policy", "timeout", "retries", "verify_ssl"})
+    c.unknown(t, "influxdb", {"url", "database", "retention_policy", "timeout", "retries", "verify_ssl",
+                              "gzip"})
     url = c.get(t, "url", "influxdb", "str", InfluxConfig.url,
                 lambda v: None if re.match(r"^https?://[^/\s]+", v) else "must be an http:// or https:// URL")
     influx = InfluxConfig(
@@ -398,6 +400,7 @@ def from_dict(raw: dict[str, Any], source: str = "<config>", env: Mapping[str, s
         timeout_s=c.get(t, "timeout", "influxdb", "duration", 10 * 10**9, _positive) / 1e9,
         retries=c.get(t, "retries", "influxdb", "int", 3, _non_negative),
         verify_ssl=c.get(t, "verify_ssl", "influxdb", "bool", True),
+        gzip=c.get(t, "gzip", "influxdb", "bool", False),
         username=user, password=password)
 
     t = sec["output"]

