@@ -404,6 +404,7 @@ def test_grafana_dashboard_structure_and_references() -> None:
     assert has('"n_missing"'), "no missing-data panel"
     assert has('last("anomalous")', '"anomalous" = true'), "no 'series anomalous now' table"
     assert has(f'FROM "{STATS_MEASUREMENT}"', '"lag_seconds"'), "no daemon lag panel"
+    assert has(f'FROM "{MEASUREMENT}"', 'max("score")', "GROUP BY time"), "no score panel"
     error_panel = next(p for p in dash["panels"] if any('"threshold"' in t["query"] and "GROUP BY time" in t["query"]
                                                         for t in p["targets"]))
     styled = [o for o in error_panel["fieldConfig"]["overrides"] if "threshold" in o["matcher"]["options"]]
