@@ -49,6 +49,21 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "refit every 750 rows on recent normal data": {"refit_every": 750},
     "random_state 1": {"random_state": 1},
     "random_state 2": {"random_state": 2},
+    # The daemon's cadence: one window scored every 16 rows, the score's averaging over ~one window (2 errors)
+    # and a 500-window history (NormaliserParams.for_windows(32, 16, 500)).
+    "daemon cadence: score every 16th row, short window 2, history 500": {
+        "score_slide": 16, "normaliser_short_window": 2, "normaliser_long_window": 500},
+    "score every 16th row only": {"score_slide": 16},
+    "score every 4th row, short window 8, history 500": {
+        "score_slide": 4, "normaliser_short_window": 8, "normaliser_long_window": 500},
+    "short window 2, history 500 only (every row scored)": {
+        "normaliser_short_window": 2, "normaliser_long_window": 500},
+    "history 500 only (every row scored)": {"normaliser_long_window": 500},
+    "short window 32 (one window's span at slide 1)": {"normaliser_short_window": 32},
+    "score every 16th row, short window 1, history 500": {
+        "score_slide": 16, "normaliser_short_window": 1, "normaliser_long_window": 500},
+    "score every 16th row, short window 1, history 2000": {
+        "score_slide": 16, "normaliser_short_window": 1},
 }
 
 _CORPUS: NabCorpus | None = None
@@ -98,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="NAB folder (default %(default)s)")
     p.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
     p.add_argument("--ablation", action="store_true", help="also score the variants in ABLATIONS")
+    p.add_argument("--only", help="with --ablation: only the variants whose name contains this text")
     p.add_argument("--json", type=Path, help="write all figures to this JSON file")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -153,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         print("|---|---|---|---|")
         report["ablation"] = {}
         for label, changes in ABLATIONS.items():
+            if args.only and args.only not in label:
+                continue
             sc, _, _ = score_corpus(corpus, args.data, with_overrides(default, **changes), args.jobs)
             t = nab_table(corpus, sc)
             report["ablation"][label] = t

@@ -213,6 +213,9 @@ class DetectorConfig:
         Rows used by a refit (the most recent ones); None means the training length.
     normal_score : float
         Rows within one window of a score at or above this are left out of refits.
+    score_slide : int
+        Score one window every ``score_slide`` rows (the daemon's ``slide``); the rows between get score 0.
+        1 scores every row.
     normaliser : NormaliserParams
         Error-to-score mapping.
     error : {"mean", "max", "rms"}
@@ -244,6 +247,7 @@ class DetectorConfig:
     refit_every: int = 0
     refit_length: int | None = None
     normal_score: float = 0.5
+    score_slide: int = 1
     normaliser: NormaliserParams = field(default_factory=NormaliserParams)
     error: str = "mean"
     min_scale: float = 0.01
@@ -264,6 +268,8 @@ class DetectorConfig:
                              f"({self.default_window}) <= max_window ({self.max_window})")
         if self.refit_every < 0:
             raise ValueError(f"DetectorConfig refit_every={self.refit_every} must be >= 0 (0 disables refits)")
+        if self.score_slide < 1:
+            raise ValueError(f"DetectorConfig score_slide={self.score_slide} must be >= 1")
 
     def to_dict(self) -> dict[str, Any]:
         """The configuration as plain JSON-able values (for reports)."""
@@ -439,7 +445,9 @@ def detect_series(values: ArrayLike, n_train: int, config: DetectorConfig | None
     scores = np.zeros(n)
     norm = ScoreNormaliser(cfg.normaliser)
     n_val = max(round(cfg.holdout * n_train), window)
-    norm.update(errors[n_train - n_val + window - 1 : n_train])  # out-of-sample warm-up, scores dropped
+    on_grid = np.arange(n) % cfg.score_slide == 0  # rows whose window is scored (all rows with score_slide 1)
+    warm = slice(n_train - n_val + window - 1, n_train)
+    norm.update(np.where(on_grid[warm], errors[warm], np.nan))  # out-of-sample warm-up, scores dropped
     norm.observe_range(x[:n_train])
     holdout_errors = errors[n_train - n_val + window - 1 : n_train]
     threshold = threshold_from_errors(holdout_errors[np.isfinite(holdout_errors)], cfg.threshold_policy, cfg.margin,
@@ -451,7 +459,7 @@ def detect_series(values: ArrayLike, n_train: int, config: DetectorConfig | None
     while pos < n:
         end = min(n, pos + step)
         errors[pos:end] = _row_errors(model, z, pos, end, cfg.error)
-        scores[pos:end] = norm.update(errors[pos:end], x[pos:end])
+        scores[pos:end] = norm.update(np.where(on_grid[pos:end], errors[pos:end], np.nan), x[pos:end])
         pos = end
         if cfg.refit_every > 0 and pos < n:
             lo = max(0, pos - length)
