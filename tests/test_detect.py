@@ -153,3 +153,15 @@ def test_nab_quality_floor_with_the_default_configuration() -> None:
     low_fn, _, _ = nab_score(corpus, scores, 0.5, "reward_low_FN_rate")
     assert standard >= 65.0
     assert low_fn >= 70.0
+
+
+def test_score_slide_scores_only_the_grid_rows() -> None:
+    t = np.arange(4000)
+    x = np.sin(2 * np.pi * t / 50) + 0.05 * np.random.default_rng(0).standard_normal(4000)
+    x[3000:3006] += 4.0
+    every = detect_series(x, 750, DetectorConfig(window=32))
+    sparse = detect_series(x, 750, DetectorConfig(window=32, score_slide=16))
+    off_grid = np.arange(4000) % 16 != 0
+    assert not sparse.scores[off_grid].any() and sparse.scores[~off_grid].any()
+    # the spike is still seen, by a grid row within one window after it
+    assert sparse.scores[3000:3032].max() >= 0.5 and every.scores[3000:3032].max() >= 0.5

@@ -91,6 +91,17 @@ def test_csv_writes_table_json_and_plots(labelled: tuple, tmp_path: Path, capsys
     assert [str(p) for p in pngs] == sorted(report["plots"])
 
 
+def test_csv_at_the_daemons_slide(labelled: tuple, tmp_path: Path) -> None:
+    path, _, _ = labelled
+    out_json = tmp_path / "slide.json"
+    assert evaluate(path, "--train-rows", 1200, "--slide", 16, "--json", out_json, "--no-progress") == 0
+    report = json.loads(out_json.read_text())
+    assert report["detector"]["score_slide"] == 16
+    (row,) = report["series"]
+    assert row["pa_recall"] > 0  # still finds the obvious anomalies, on fewer rows
+    assert evaluate(path, "--slide", 0, "--no-progress") == 1
+
+
 def test_csv_tuning_with_a_validation_split(labelled: tuple, tmp_path: Path) -> None:
     path, _, _ = labelled
     out_json = tmp_path / "r.json"

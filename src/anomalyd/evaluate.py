@@ -1438,6 +1438,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "NAB's rule, min(15%%, 750 rows))")
     parser.add_argument("--window", default="auto",
                         help="window length, or 'auto' for the dominant-period rule (default auto)")
+    parser.add_argument("--slide", type=int, default=1,
+                        help="score one window every N rows, as the daemon does with signals.slide = N (default 1: "
+                             "every row; rows in between score 0)")
     parser.add_argument("--refit-every", type=int, default=0,
                         help="refit on recent normal data every N rows (default 0: never)")
     parser.add_argument("--machines", nargs="+", help="SMD: only these machine ids (default: all found)")
@@ -1478,7 +1481,9 @@ def _detector_config(args: Any) -> Any:
             raise ValueError(f"--window {window} is too small; use at least 4 rows or 'auto'")
     if args.refit_every < 0:
         raise ValueError(f"--refit-every {args.refit_every} must be >= 0 (0 disables refits)")
-    return DetectorConfig(window=window, refit_every=args.refit_every)
+    if args.slide < 1:
+        raise ValueError(f"--slide {args.slide} must be at least 1 (1 scores every row)")
+    return DetectorConfig(window=window, refit_every=args.refit_every, score_slide=args.slide)
 
 
 def _guess_format(path: Path) -> str:
