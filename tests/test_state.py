@@ -132,10 +132,10 @@ def test_score_states_restart_continues_the_same_history(tmp_path: Path) -> None
     e = _errors(0, 300)
     e[250] = 8.0
     # One process scoring everything...
-    one = ScoreStates(tmp_path / "a.json")
+    one = ScoreStates(tmp_path / "a.npz")
     whole = one.get("s|k=v", "m1", initial).update(e)
     # ...and one that is stopped (state saved on close) and restarted halfway.
-    path = tmp_path / "b.json"
+    path = tmp_path / "b.npz"
     first = ScoreStates(path, save_every_s=3600)
     part1 = first.get("s|k=v", "m1", initial).update(e[:150])
     first.touch()
@@ -153,8 +153,8 @@ def test_score_states_restart_continues_the_same_history(tmp_path: Path) -> None
 
 def test_score_states_corrupt_file_is_moved_aside_with_a_warning(tmp_path: Path,
                                                                 caplog: pytest.LogCaptureFixture) -> None:
-    path = tmp_path / "scores.json"
-    path.write_text('{"version": 1, "series": {"s": ')
+    path = tmp_path / "scores.npz"
+    path.write_bytes(b"PK\x03\x04 truncated")
     states = ScoreStates(path)
     assert "unreadable" in caplog.text and path.with_suffix(".corrupt").exists() and not path.exists()
     assert states.get("s", "m", None).n_seen == 0

@@ -75,7 +75,7 @@ def _worker(cfg: Config, dry_run: bool = False):  # type: ignore[no-untyped-def]
 
     alerts = AlertManager(cfg.alerts, cfg.paths.state, dry_run=dry_run)
     return Worker(cfg, _store(cfg), Catalog(cfg.paths.models), Watermarks(cfg.paths.state / "watermarks.json"),
-                  alerts, scores=ScoreStates(cfg.paths.state / "scores.json"))
+                  alerts, scores=ScoreStates(cfg.paths.state / "scores.npz"))
 
 
 def _check(cfg: Config) -> int:

@@ -133,7 +133,7 @@ def run_demo(cfg: Config, history_s: float = 7 * 3600, live_ticks: int = 3) -> s
 
     alerts = AlertManager(cfg.alerts, cfg.paths.state)
     worker = Worker(cfg, store, Catalog(cfg.paths.models), Watermarks(cfg.paths.state / "watermarks.json"),
-                    alerts, scores=ScoreStates(cfg.paths.state / "scores.json"))
+                    alerts, scores=ScoreStates(cfg.paths.state / "scores.npz"))
     results = []
     try:
         first = worker.tick()

@@ -356,9 +356,14 @@ class ScoreNormaliser:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able state (parameters included); `from_dict` restores it exactly."""
-        return {"version": _STATE_VERSION, "params": asdict(self.params), "raw": list(self._raw),
-                "avg": self._avg.tolist(), "tail": list(self._tail), "seen": self._seen,
-                "since_red": self._since_red, "lo": self._lo, "hi": self._hi}
+        return {**self.snapshot(), "params": asdict(self.params), "avg": self._avg.tolist()}
+
+    def snapshot(self) -> dict[str, Any]:
+        """The state as `to_dict` gives it, but cheaper and not JSON-able: ``params`` is the
+        `NormaliserParams` object and ``avg`` an array (for binary storage of many normalisers)."""
+        return {"version": _STATE_VERSION, "params": self.params, "raw": list(self._raw), "avg": self._avg,
+                "tail": list(self._tail), "seen": self._seen, "since_red": self._since_red, "lo": self._lo,
+                "hi": self._hi}
 
     @classmethod
     def from_dict(cls, state: Mapping[str, Any]) -> ScoreNormaliser:
@@ -373,11 +378,14 @@ class ScoreNormaliser:
             raise ValueError(f"normaliser state version {state.get('version')!r} is not {_STATE_VERSION}; "
                              "delete the saved state so it is learned again")
         try:
-            names = {f.name for f in fields(NormaliserParams)}
-            params = NormaliserParams(**{k: v for k, v in dict(state["params"]).items() if k in names})
+            if isinstance(state["params"], NormaliserParams):
+                params = state["params"]
+            else:
+                names = {f.name for f in fields(NormaliserParams)}
+                params = NormaliserParams(**{k: v for k, v in dict(state["params"]).items() if k in names})
             norm = cls(params)
             norm._raw = [float(v) for v in state["raw"]]
-            norm._avg = np.array([float(v) for v in state["avg"]], dtype=np.float64)
+            norm._avg = np.array(state["avg"], dtype=np.float64).reshape(-1)  # a copy, never a view
             norm._tail = [float(v) for v in state["tail"]]
             norm._seen = int(state["seen"])
             norm._since_red = int(state["since_red"])

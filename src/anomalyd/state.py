@@ -3,18 +3,23 @@ and per-series score normalisers (the recent error history behind the ``score`` 
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import math
 import os
 import tempfile
 import time
+import zipfile
+import zlib
 from collections.abc import Callable, Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import orjson
+import numpy as np
 
-from .postprocess import ScoreNormaliser
+from .postprocess import NormaliserParams, ScoreNormaliser
 
 log = logging.getLogger(__name__)
 
@@ -103,16 +108,16 @@ class ScoreStates:
     """Per-series `ScoreNormaliser` state (see `anomalyd.postprocess`), kept in memory between ticks.
 
     It is soft state: the recent error history of each series, which the ``score`` field is computed from. It is
-    saved (one JSON file for all series) at most every ``save_every_s`` seconds and on `close`, not on every
-    tick, so that many series do not cost a large write per tick. After a crash the windows scored since the
-    last save are missing from the history, which only shortens it. A normaliser is started afresh from the
-    model's warm-up state when its model is retrained (the errors change scale), and when the file is corrupt
-    (with a warning: the scores then need ``learning`` windows to settle again).
+    saved at most every ``save_every_s`` seconds and on `close`, not on every tick, as one ``.npz`` of plain
+    arrays (no pickle; about 8 bytes per remembered error, 40 MB for 10,000 series of 500 windows). After a
+    crash the windows scored since the last save are missing from the history, which only shortens it. A
+    normaliser is started afresh from the model's warm-up state when its model is retrained (the errors change
+    scale), and when the file is corrupt (with a warning: the scores then need ``learning`` windows to settle).
 
     Parameters
     ----------
     path : Path or None
-        The JSON file; None keeps the state in memory only (backfills).
+        The ``.npz`` file; None keeps the state in memory only (backfills).
     save_every_s : float
         Smallest interval between two saves by `maybe_save`.
     """
@@ -128,9 +133,8 @@ class ScoreStates:
         self._last_save = clock()
         if path is not None and path.exists():
             try:
-                raw = orjson.loads(path.read_bytes())
-                self._saved = {str(k): (str(v["model"]), dict(v["state"])) for k, v in raw["series"].items()}
-            except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as exc:
+                self._saved = _unpack_states(path.read_bytes())
+            except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, zlib.error) as exc:
                 log.warning("score state %s is unreadable (%s); starting the score history afresh (moved aside "
                             "to %s)", path, exc, path.with_suffix(".corrupt"))
                 path.replace(path.with_suffix(".corrupt"))
@@ -166,11 +170,74 @@ class ScoreStates:
         """Write every series' state now (atomically)."""
         if self.path is None or not self._dirty:
             return
-        series = {k: {"model": m, "state": st} for k, (m, st) in self._saved.items()}
-        series.update({k: {"model": m, "state": n.to_dict()} for k, (m, n) in self._norms.items()})
+        entries = dict(self._saved)
+        entries.update({k: (m, n.snapshot()) for k, (m, n) in self._norms.items()})
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.path, orjson.dumps({"version": 1, "series": series}))
+        atomic_write(self.path, _pack_states(entries))
         self._dirty = False
         self._last_save = self.clock()
 
     close = save
+
+
+_LISTS = ("raw", "avg", "tail")
+
+
+def _params_json(params: Any) -> str:
+    return json.dumps(asdict(params) if isinstance(params, NormaliserParams) else dict(params), sort_keys=True)
+
+
+def _pack_states(entries: Mapping[str, tuple[str, Mapping[str, Any]]]) -> bytes:
+    """``{series: (model tag, ScoreNormaliser.snapshot() or .to_dict())}`` as an ``.npz`` of plain arrays (one
+    row per series)."""
+    ids = list(entries)
+    states = [entries[k][1] for k in ids]
+    texts: dict[int, str] = {}  # params objects are shared by the series of a model: serialise each once
+    keys = []
+    for st in states:
+        p = st["params"]
+        if id(p) not in texts:
+            texts[id(p)] = _params_json(p)
+        keys.append(texts[id(p)])
+    params = sorted(set(keys))
+    index = {p: i for i, p in enumerate(params)}
+    arrays: dict[str, Any] = {
+        "version": np.array(1),
+        "ids": np.array(ids, dtype=str), "models": np.array([entries[k][0] for k in ids], dtype=str),
+        "params": np.array(params, dtype=str),
+        "param_idx": np.array([index[k] for k in keys], dtype=np.int64),
+        "state_version": np.array([st["version"] for st in states], dtype=np.int64),
+        "seen": np.array([st["seen"] for st in states], dtype=np.int64),
+        "since_red": np.array([st["since_red"] for st in states], dtype=np.int64),
+        "lo": np.array([np.nan if st["lo"] is None else st["lo"] for st in states], dtype=np.float64),
+        "hi": np.array([np.nan if st["hi"] is None else st["hi"] for st in states], dtype=np.float64),
+    }
+    for name in _LISTS:
+        lengths = np.array([len(st[name]) for st in states], dtype=np.int64)
+        block = np.full((len(states), int(lengths.max(initial=0))), np.nan)
+        for r, st in enumerate(states):
+            block[r, : lengths[r]] = st[name]
+        arrays[name], arrays[f"{name}_len"] = block, lengths
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _unpack_states(blob: bytes) -> dict[str, tuple[str, dict[str, Any]]]:
+    """The inverse of `_pack_states` (rows become ``ScoreNormaliser.to_dict()`` dicts)."""
+    with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+        a = {name: z[name] for name in z.files}
+    if int(a["version"]) != 1:
+        raise ValueError(f"score state version {int(a['version'])} is not 1")
+    params = [json.loads(str(p)) for p in a["params"]]
+    out: dict[str, tuple[str, dict[str, Any]]] = {}
+    for r, (sid, model) in enumerate(zip(a["ids"].tolist(), a["models"].tolist(), strict=True)):
+        lo, hi = float(a["lo"][r]), float(a["hi"][r])
+        state: dict[str, Any] = {
+            "version": int(a["state_version"][r]), "params": params[int(a["param_idx"][r])],
+            "seen": int(a["seen"][r]), "since_red": int(a["since_red"][r]),
+            "lo": None if math.isnan(lo) else lo, "hi": None if math.isnan(hi) else hi}
+        for name in _LISTS:
+            state[name] = a[name][r, : int(a[f"{name}_len"][r])]  # from_dict copies
+        out[str(sid)] = (str(model), state)
+    return out
