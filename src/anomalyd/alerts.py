@@ -127,6 +127,7 @@ class Transition:
     peak_ratio: float | None = None
     values: tuple[float, ...] | None = None
     reconstruction: tuple[float, ...] | None = None
+    score: float | None = None
 
     @property
     def dedupe_key(self) -> str:
@@ -169,7 +170,7 @@ class Transition:
                    n_missing=int(d.get("n_missing", 0)), since_ns=_opt_int(d.get("since_ns")),
                    windows=int(d.get("windows", 0)), peak_error=_opt_float(d.get("peak_error")),
                    peak_ratio=_opt_float(d.get("peak_ratio")), values=arr(d.get("values")),
-                   reconstruction=arr(d.get("reconstruction")))
+                   reconstruction=arr(d.get("reconstruction")), score=_opt_float(d.get("score")))
 
 
 def _opt_float(v: Any) -> float | None:
@@ -264,7 +265,8 @@ def format_message(t: Transition, dashboard_template: str = "") -> tuple[str, li
         what = (f"{t.n_missing} missing samples in window {window}" if t.kind == MISSING
                 else f"scored again from window {window}")
     else:
-        what = (f"max error {_num(t.max_error)} vs threshold {_num(t.threshold)} (ratio {_num(t.ratio)}) "
+        score = "" if t.score is None else f", score {t.score:.2f}"
+        what = (f"max error {_num(t.max_error)} vs threshold {_num(t.threshold)} (ratio {_num(t.ratio)}{score}) "
                 f"in window {window}")
         if t.kind == RECOVERED and t.since_ns is not None:
             what += (f"; anomalous since {iso_utc(t.since_ns)} ({_windows(t.windows)}, "
@@ -281,7 +283,7 @@ def format_message(t: Transition, dashboard_template: str = "") -> tuple[str, li
         fields.append(f"*Missing samples*\n{t.n_missing}")
     else:
         fields += [f"*Max error / threshold*\n{_num(t.max_error)} / {_num(t.threshold)}",
-                   f"*Ratio*\n{_num(t.ratio)}"]
+                   f"*Ratio*\n{_num(t.ratio)}" + ("" if t.score is None else f"  (score {t.score:.2f})")]
     fields += [f"*Window (UTC)*\n{iso_utc(t.start_ns)}\n{iso_utc(t.end_ns)}", f"*Model*\n`{esc(t.model_id)}`"]
     if t.kind in (RECOVERED, REMINDER) and t.since_ns is not None:
         fields.append(f"*Anomalous since*\n{iso_utc(t.since_ns)} ({_windows(t.windows)})")
@@ -822,7 +824,8 @@ class AlertManager:
                 max_error=None if r.max_error is None else float(r.max_error), ratio=r.ratio,
                 n_missing=int(r.n_missing), since_ns=st.since_ns, windows=st.windows,
                 peak_error=st.peak_error, peak_ratio=st.peak_ratio, values=_floats(r.values),
-                reconstruction=_floats(r.reconstruction))
+                reconstruction=_floats(r.reconstruction),
+                score=None if r.score is None or not math.isfinite(r.score) else float(r.score))
 
         st.last_end_ns = r.end_ns
         if r.missing:

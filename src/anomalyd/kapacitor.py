@@ -105,8 +105,8 @@ var id = 'anomalyd:{{ index .Tags "signal" }}[{{ index .Tags "series" }}]'
 // Alert message: the series, its error and its threshold
 var message = '{{ .Level }} {{ index .Tags "signal" }} [{{ index .Tags "series" }}]: max_error \
 {{ index .Fields "max_error" | printf "%.4g" }} vs threshold {{ index .Fields "threshold" | printf "%.4g" }} \
-(ratio {{ index .Fields "ratio" | printf "%.3g" }}), model {{ index .Tags "model" }}, \
-window ending {{ .Time }}'
+(ratio {{ index .Fields "ratio" | printf "%.3g" }}, score {{ index .Fields "score" | printf "%.2f" }}), \
+model {{ index .Tags "model" }}, window ending {{ .Time }}'
 
 stream
     |from()
@@ -150,8 +150,8 @@ var id = 'anomalyd-batch:{{ index .Tags "signal" }}[{{ index .Tags "series" }}]'
 // Alert message: the series, the worst window's error and its threshold
 var message = '{{ .Level }} {{ index .Tags "signal" }} [{{ index .Tags "series" }}]: max_error \
 {{ index .Fields "max_error" | printf "%.4g" }} vs threshold {{ index .Fields "threshold" | printf "%.4g" }} \
-(ratio {{ index .Fields "ratio" | printf "%.3g" }}), model {{ index .Tags "model" }}, \
-window ending {{ .Time }}'
+(ratio {{ index .Fields "ratio" | printf "%.3g" }}, score {{ index .Fields "score" | printf "%.2f" }}), \
+model {{ index .Tags "model" }}, window ending {{ .Time }}'
 
 // The anomalous windows; Kapacitor adds the time range and the GROUP BY
 var query = 'SELECT "max_error", "threshold", "score" FROM "' + db + '"."' + rp + '"."' + measurement + '" \
@@ -193,8 +193,8 @@ var id = 'anomalyd-fixed:{{ index .Tags "signal" }}[{{ index .Tags "series" }}]'
 // Alert message: the series, its error and the fixed threshold
 var message = '{{ .Level }} {{ index .Tags "signal" }} [{{ index .Tags "series" }}]: max_error \
 {{ index .Fields "max_error" | printf "%.4g" }} vs fixed threshold \
-{{ index .Fields "fixed_threshold" | printf "%.4g" }} (ratio {{ index .Fields "ratio" | printf "%.3g" }}), \
-model {{ index .Tags "model" }}, window ending {{ .Time }}'
+{{ index .Fields "fixed_threshold" | printf "%.4g" }} (ratio {{ index .Fields "ratio" | printf "%.3g" }}, \
+score {{ index .Fields "score" | printf "%.2f" }}), model {{ index .Tags "model" }}, window ending {{ .Time }}'
 
 stream
     |from()
