@@ -160,3 +160,21 @@ def test_score_states_corrupt_file_is_moved_aside_with_a_warning(tmp_path: Path,
     assert states.get("s", "m", None).n_seen == 0
     states.close()
     assert ScoreStates(path).get("s", "m", None).n_seen == 0
+
+
+def test_score_states_forget_series_not_scored_for_a_long_time(tmp_path: Path) -> None:
+    now = [0.0]
+    path = tmp_path / "scores.npz"
+    states = ScoreStates(path, save_every_s=0, forget_after_s=100.0, clock=lambda: now[0])
+    states.get("a", "m", None).update([1.0])
+    states.get("b", "m", None).update([1.0])
+    states.close()
+    now[0] = 60.0
+    again = ScoreStates(path, save_every_s=0, forget_after_s=100.0, clock=lambda: now[0])
+    now[0] = 120.0
+    again.get("a", "m", None)  # still scored; "b" is not
+    now[0] = 170.0
+    again.touch()
+    again.save()  # "b" was last seen at load time (60 s), more than 100 s ago
+    kept = ScoreStates(path, clock=lambda: now[0])
+    assert kept.get("a", "m", None).n_seen == 1 and kept.get("b", "m", None).n_seen == 0

@@ -120,20 +120,26 @@ class ScoreStates:
         The ``.npz`` file; None keeps the state in memory only (backfills).
     save_every_s : float
         Smallest interval between two saves by `maybe_save`.
+    forget_after_s : float
+        A series not scored for this long (a week by default: gone from InfluxDB, or from the config) is dropped
+        from the state at the next save, so the file does not grow forever.
     """
 
-    def __init__(self, path: Path | None, save_every_s: float = 60.0,
+    def __init__(self, path: Path | None, save_every_s: float = 60.0, forget_after_s: float = 7 * 86400.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.path = path
         self.save_every_s = save_every_s
+        self.forget_after_s = forget_after_s
         self.clock = clock
         self._norms: dict[str, tuple[str, ScoreNormaliser]] = {}
         self._saved: dict[str, tuple[str, dict[str, Any]]] = {}
+        self._used: dict[str, float] = {}  # when each series was last scored (or loaded)
         self._dirty = False
         self._last_save = clock()
         if path is not None and path.exists():
             try:
                 self._saved = _unpack_states(path.read_bytes())
+                self._used = dict.fromkeys(self._saved, self._last_save)
             except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, zlib.error) as exc:
                 log.warning("score state %s is unreadable (%s); starting the score history afresh (moved aside "
                             "to %s)", path, exc, path.with_suffix(".corrupt"))
@@ -141,6 +147,7 @@ class ScoreStates:
 
     def get(self, series_id: str, model_tag: str, initial: Mapping[str, Any] | None) -> ScoreNormaliser:
         """The normaliser of a series scored by the model ``model_tag``, created from ``initial`` if new."""
+        self._used[series_id] = self.clock()
         have = self._norms.get(series_id)
         if have is not None and have[0] == model_tag:
             return have[1]
@@ -170,6 +177,15 @@ class ScoreStates:
         """Write every series' state now (atomically)."""
         if self.path is None or not self._dirty:
             return
+        cutoff = self.clock() - self.forget_after_s
+        stale = [k for k, t in self._used.items() if t < cutoff]
+        for k in stale:
+            self._used.pop(k)
+            self._saved.pop(k, None)
+            self._norms.pop(k, None)
+        if stale:
+            log.info("forgot the score history of %d series not scored for %.0f days", len(stale),
+                     self.forget_after_s / 86400)
         entries = dict(self._saved)
         entries.update({k: (m, n.snapshot()) for k, (m, n) in self._norms.items()})
         self.path.parent.mkdir(parents=True, exist_ok=True)
