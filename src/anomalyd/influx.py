@@ -224,10 +224,17 @@ class InfluxDB1Store:
         """The result objects of a chunked query (one JSON document per line of the body)."""
         r = self._request("query", "query", "POST", {
             "q": q, "db": self.cfg.database, "epoch": epoch, "chunked": "true", "chunk_size": self.chunk_size,
-            "params": json.dumps(params)})
-        for line in r.content.split(b"\n"):
-            if line:
-                yield orjson.loads(line)
+            "params": json.dumps(params)}, stream=True)
+        # Parse each JSON document as it arrives, while influxd is still producing the next ones.
+        with r:
+            try:
+                for line in r.iter_lines(chunk_size=1 << 16):
+                    if line:
+                        yield orjson.loads(line)
+            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
+                INFLUX_ERRORS.labels(op="query").inc()
+                raise StoreError(f"InfluxDB at {self.cfg.url} broke off the answer ({type(exc).__name__}); "
+                                 "check that influxd is running") from exc
 
     def read(self, query: Query, start_ns: int, end_ns: int) -> SeriesData:
         q, params = self.build_select(query)
