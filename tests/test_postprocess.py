@@ -19,6 +19,7 @@ from anomalyd.postprocess import (
     out_of_range,
     running_rank,
     tail_probability,
+    update_many,
 )
 
 
@@ -194,3 +195,33 @@ def test_one_error_at_a_time_scores_like_one_call(transform: str) -> None:
     again = ScoreNormaliser(p)
     again.update(errors, values)
     assert again.to_dict()["avg"] == pytest.approx(norm.to_dict()["avg"], abs=1e-12)
+
+
+@pytest.mark.parametrize("transform", ["none", "log"])
+def test_update_many_scores_like_one_update_each(transform: str) -> None:
+    """The daemon's tick updates many series' normalisers at once: same scores and states as one call each."""
+    rng = np.random.default_rng(11)
+    p = NormaliserParams(long_window=50, short_window=3, learning=10, transform=transform)  # type: ignore[arg-type]
+    k = 40
+    a = [ScoreNormaliser(p) for _ in range(k)]
+    warm = [int(n) for n in rng.integers(0, 120, k)]  # some still learning or filling their history
+    for n, w in zip(a, warm, strict=True):
+        n.update(rng.gamma(2.0, 1.0, w), rng.standard_normal((w, 4)))
+    b = [ScoreNormaliser.from_dict(n.to_dict()) for n in a]
+    b[3] = ScoreNormaliser(NormaliserParams(long_window=20))  # other parameters: the one-by-one path
+    a[3] = ScoreNormaliser.from_dict(b[3].to_dict())
+    for step in range(30):
+        errors = rng.gamma(2.0, 1.0, k)
+        errors[step % k] = 40.0  # an anomaly somewhere, every step
+        errors[(step * 7) % k] = np.nan
+        values = rng.standard_normal((k, 4))
+        values[(step * 3) % k, 1] = 50.0  # out of range
+        one = np.array([n.update(errors[i : i + 1], values[i : i + 1])[0] for i, n in enumerate(a)])
+        many = update_many(b, errors, values)
+        np.testing.assert_allclose(many, one, rtol=0, atol=1e-9, equal_nan=True)
+    for x, y in zip(a, b, strict=True):
+        sx, sy = x.to_dict(), y.to_dict()
+        for name in ("avg", "tail"):  # np.log and math.log may differ in the last bit
+            np.testing.assert_allclose(sy.pop(name), sx.pop(name), rtol=0, atol=1e-12)
+        assert sx == sy
+    assert (many[~np.isnan(many)] >= 0).all() and np.nanmax(many) <= 1.0

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
@@ -49,6 +49,7 @@ __all__ = [
     "out_of_range",
     "running_rank",
     "tail_probability",
+    "update_many",
 ]
 
 #: Transforms applied to the errors before the likelihood.
@@ -575,3 +576,110 @@ class ScoreNormaliser:
             return 1.0
         like = min(max(1.0 - tail_p, 0.0), 1.0)
         return min(max(math.log1p(_LOG_EPS - like) / math.log(_LOG_EPS), 0.0), 1.0)
+
+
+def update_many(norms: Sequence[ScoreNormaliser], errors: ArrayLike,
+                values: ArrayLike | None = None) -> NDArray[np.float64]:
+    """``norms[i].update(errors[i:i+1], values[i:i+1])`` for many normalisers at once (one error each).
+
+    This is the daemon's tick: one new window for each of many series. Normalisers in the steady state (same
+    parameters, a full reference history, past the learning period, a finite error, no rank transform) are
+    updated together with array operations over all of them; the others go one by one. The scores are the same
+    as one call each, to rounding.
+
+    Parameters
+    ----------
+    norms : sequence of ScoreNormaliser
+        Distinct normalisers (one per series).
+    errors : array_like of float, shape (k,)
+        One error per normaliser.
+    values : array_like of float, shape (k, m), optional
+        The samples behind each error, for the out-of-range rule.
+
+    Returns
+    -------
+    ndarray of float, shape (k,)
+    """
+    e = np.asarray(errors, dtype=np.float64).reshape(-1)
+    k = len(norms)
+    if e.shape[0] != k:
+        raise ValueError(f"update_many: {e.shape[0]} errors for {k} normalisers; give one error per normaliser")
+    v = None if values is None else np.asarray(values, dtype=np.float64).reshape(k, -1)
+    out = np.full(k, np.nan)
+    if k == 0:
+        return out
+    p = norms[0].params
+    fast = [i for i, n in enumerate(norms)
+            if n.params == p and p.transform != "rank" and len(n._avg) == p.long_window and n._seen >= p.learning
+            and p.long_window >= 2 and math.isfinite(e[i])]
+    fast_set = set(fast)
+    for i in range(k):
+        if i not in fast_set:
+            out[i] = norms[i].update(e[i : i + 1], None if v is None else v[i : i + 1])[0]
+    if not fast:
+        return out
+    group = [norms[i] for i in fast]
+    idx = np.asarray(fast)
+    # -- likelihood (as `ScoreNormaliser._update_one`, over all rows) --
+    ee = e[idx]
+    t = np.log(np.maximum(ee, 0.0) + _LOG_EPS) if p.transform == "log" else ee
+    tails = [n._tail for n in group]
+    avg = (np.fromiter((sum(tl) for tl in tails), dtype=np.float64, count=len(group)) + t) / np.fromiter(
+        (len(tl) + 1 for tl in tails), dtype=np.float64, count=len(group))
+    hist = np.stack([n._avg for n in group])
+    ref = hist[:, :1].copy()
+    centred = hist - ref
+    cnt = hist.shape[1]
+    mean_c = np.cumsum(centred, axis=1)[:, -1] / cnt  # sequential sums per row, like the scalar path
+    centred *= centred
+    var = np.cumsum(centred, axis=1)[:, -1] / cnt - mean_c * mean_c
+    mean = mean_c + ref[:, 0]
+    std = np.sqrt(np.maximum(var, 0.0))
+    floor = (np.full_like(mean, max(p.min_std, 1e-12)) if p.transform == "log"
+             else np.maximum(p.min_std * np.abs(mean), 1e-12))
+    z = (avg - mean) / np.maximum(np.where(np.isfinite(std), std, 0.0), floor)
+    lik = 1.0 - tail_probability(z)
+    new_hist = np.concatenate((hist[:, 1:], avg[:, None]), axis=1)
+    # -- out-of-range rule --
+    flags = np.zeros(len(group), dtype=bool)
+    if v is not None:
+        rows = v[idx]
+        finite = np.isfinite(rows)
+        f_lo = np.where(finite, rows, np.inf).min(axis=1)
+        f_hi = np.where(finite, rows, -np.inf).max(axis=1)
+        prev_lo = np.array([np.inf if n._lo is None else n._lo for n in group])
+        prev_hi = np.array([-np.inf if n._hi is None else n._hi for n in group])
+        if p.range_tolerance is not None:
+            width = prev_hi - prev_lo
+            with np.errstate(invalid="ignore"):
+                ok = np.isfinite(width) & (width > 0)
+                tol = np.where(ok, p.range_tolerance * width, 0.0)
+                flags = ok & ((f_hi > prev_hi + tol) | (f_lo < prev_lo - tol))
+        new_lo, new_hi = np.minimum(prev_lo, f_lo), np.maximum(prev_hi, f_hi)
+    # -- red-zone filter --
+    tail_p = 1.0 - lik
+    since = np.array([n._since_red for n in group], dtype=np.int64)
+    if p.red > 0:
+        red = (tail_p <= p.red) | flags
+        demote = red & (since <= p.refractory)
+        tail_p = np.where(demote, np.maximum(tail_p, p.yellow), tail_p)
+        flags = flags & ~demote
+        since = np.where(red, 1, since + 1)
+    scores = log_score(1.0 - tail_p)
+    scores[flags] = 1.0
+    out[idx] = scores
+    # -- write the state back --
+    keep_tail = p.short_window - 1
+    for r, n in enumerate(group):
+        n._avg = new_hist[r]
+        if keep_tail > 0:
+            n._tail.append(float(t[r]))
+            if len(n._tail) > keep_tail:
+                del n._tail[: len(n._tail) - keep_tail]
+        n._raw = []
+        n._seen += 1
+        n._since_red = int(since[r])
+        if v is not None:
+            n._lo = None if math.isinf(new_lo[r]) else float(new_lo[r])
+            n._hi = None if math.isinf(new_hi[r]) else float(new_hi[r])
+    return out

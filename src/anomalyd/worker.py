@@ -24,7 +24,7 @@ from .config import Config, SignalConfig
 from .influx import Point, Query, Store
 from .metrics import DATA_PROBLEMS, LAG_SECONDS, UNTRAINED_SERIES, WINDOWS
 from .model import taper
-from .postprocess import NormaliserParams, ScoreNormaliser
+from .postprocess import NormaliserParams, ScoreNormaliser, update_many
 from .records import SeriesKey, Tags, WindowResult, tags_str
 from .state import ScoreStates, Watermarks
 
@@ -368,9 +368,9 @@ class Worker:
             nearest, errors[complete], mean_errors[complete] = model.score_stats(allw[complete])
             centroids[complete] = model.cluster_centers_[nearest]
         meta = batch.stored.meta
-        model_tag = str(meta.get("npz_sha256", batch.stored.model_id))
-        initial = meta.get("normaliser") or ScoreNormaliser(
-            NormaliserParams.for_windows(sig.window, sig.slide, sig.score_history)).to_dict()
+        scores = self._scores(batch, allw, complete, mean_errors, score_states,
+                              meta.get("normaliser") or ScoreNormaliser(
+                                  NormaliserParams.for_windows(sig.window, sig.slide, sig.score_history)).to_dict())
         thr = float(model.threshold_)
         tap = taper(sig.window)
         safe_tap = np.where(tap > 0.05, tap, np.nan)
@@ -382,16 +382,8 @@ class Worker:
             i += n
             base_tags: Tags = (("signal", sig.name), ("series", tags_str(key.tags)),
                                ("model", batch.stored.model_id), *key.tags)
-            e_s, ok = errors[sl], complete[sl]
+            e_s, s_s, ok = errors[sl], scores[sl], complete[sl]
             w_s, c_s = allw[sl], centroids[sl]
-            # The score: the anomaly likelihood of the new windows' mean errors against this series' own recent
-            # history, plus the out-of-range rule (anomalyd.postprocess), in time order; missing windows are NaN.
-            new = np.flatnonzero(emit)
-            s_s = np.full(n, np.nan)
-            if new.size:
-                norm = score_states.get(key.id, model_tag, initial)
-                s_s[new] = norm.update(np.where(ok[new], mean_errors[sl][new], np.nan), w_s[new])
-                score_states.touch()
             for j in np.flatnonzero(emit):
                 end = int(ends[j])
                 start = end - (sig.window - 1) * period
@@ -419,6 +411,37 @@ class Worker:
         WINDOWS.labels(signal=sig.name, result="scored").inc(rep.windows)
         WINDOWS.labels(signal=sig.name, result="anomalous").inc(rep.anomalous)
         WINDOWS.labels(signal=sig.name, result="missing").inc(rep.missing)
+
+    @staticmethod
+    def _scores(batch: _Batch, allw: NDArray[np.float64], complete: NDArray[np.bool_],
+                mean_errors: NDArray[np.float64], score_states: ScoreStates,
+                initial: dict[str, object]) -> NDArray[np.float64]:
+        """The ``score`` of every new window of the batch (NaN for missing or context windows).
+
+        The anomaly likelihood of each new window's mean error against its series' own recent history, plus the
+        out-of-range rule (`anomalyd.postprocess`), in time order per series. Series with one new window (the
+        live tick's usual case) are updated together by `update_many`; a catch-up goes series by series.
+        """
+        model_tag = str(batch.stored.meta.get("npz_sha256", batch.stored.model_id))
+        scores = np.full(len(allw), np.nan)
+        errs = np.where(complete, mean_errors, np.nan)
+        single: list[tuple[ScoreNormaliser, int]] = []
+        i = 0
+        for key, ends, emit, _ in batch.owners:
+            new = np.flatnonzero(emit) + i
+            i += len(ends)
+            if not new.size:
+                continue
+            norm = score_states.get(key.id, model_tag, initial)
+            if new.size == 1:
+                single.append((norm, int(new[0])))
+            else:
+                scores[new] = norm.update(errs[new], allw[new])
+        if single:
+            rows = np.fromiter((r for _, r in single), dtype=np.intp, count=len(single))
+            scores[rows] = update_many([n for n, _ in single], errs[rows], allw[rows])
+        score_states.touch()
+        return scores
 
     def _reconstruction_points(self, sig: SignalConfig, tags: Tags, ends: NDArray[np.int64],
                                emit: NDArray[np.bool_], ok: NDArray[np.bool_], centroids: NDArray[np.float64],
