@@ -582,10 +582,10 @@ def update_many(norms: Sequence[ScoreNormaliser], errors: ArrayLike,
                 values: ArrayLike | None = None) -> NDArray[np.float64]:
     """``norms[i].update(errors[i:i+1], values[i:i+1])`` for many normalisers at once (one error each).
 
-    This is the daemon's tick: one new window for each of many series. Normalisers in the steady state (same
-    parameters, a full reference history, past the learning period, a finite error, no rank transform) are
-    updated together with array operations over all of them; the others go one by one. The scores are the same
-    as one call each, to rounding.
+    This is the daemon's tick: one new window for each of many series. Normalisers with the same parameters and
+    the same length of reference history, past the learning period, with a finite error and no rank transform,
+    are updated together with array operations; the others go one by one. The scores are the same as one call
+    each, to rounding.
 
     Parameters
     ----------
@@ -608,20 +608,23 @@ def update_many(norms: Sequence[ScoreNormaliser], errors: ArrayLike,
     out = np.full(k, np.nan)
     if k == 0:
         return out
-    p = norms[0].params
-    fast = [i for i, n in enumerate(norms)
-            if n.params == p and p.transform != "rank" and len(n._avg) == p.long_window and n._seen >= p.learning
-            and p.long_window >= 2 and math.isfinite(e[i])]
-    fast_set = set(fast)
-    for i in range(k):
-        if i not in fast_set:
-            out[i] = norms[i].update(e[i : i + 1], None if v is None else v[i : i + 1])[0]
-    if not fast:
-        return out
-    group = [norms[i] for i in fast]
-    idx = np.asarray(fast)
+    groups: dict[tuple[NormaliserParams, int], list[int]] = {}
+    for i, n in enumerate(norms):
+        p = n.params
+        if p.transform != "rank" and len(n._avg) >= 2 and n._seen >= p.learning and math.isfinite(e[i]):
+            groups.setdefault((p, len(n._avg)), []).append(i)
+        else:
+            out[i] = n.update(e[i : i + 1], None if v is None else v[i : i + 1])[0]
+    for (p, _), members in groups.items():
+        idx = np.asarray(members)
+        out[idx] = _update_group([norms[i] for i in members], p, e[idx], None if v is None else v[idx])
+    return out
+
+
+def _update_group(group: Sequence[ScoreNormaliser], p: NormaliserParams, ee: NDArray[np.float64],
+                  rows: NDArray[np.float64] | None) -> NDArray[np.float64]:
+    """One error for each normaliser of ``group`` (same parameters and history length; see `update_many`)."""
     # -- likelihood (as `ScoreNormaliser._update_one`, over all rows) --
-    ee = e[idx]
     t = np.log(np.maximum(ee, 0.0) + _LOG_EPS) if p.transform == "log" else ee
     tails = [n._tail for n in group]
     avg = (np.fromiter((sum(tl) for tl in tails), dtype=np.float64, count=len(group)) + t) / np.fromiter(
@@ -639,11 +642,11 @@ def update_many(norms: Sequence[ScoreNormaliser], errors: ArrayLike,
              else np.maximum(p.min_std * np.abs(mean), 1e-12))
     z = (avg - mean) / np.maximum(np.where(np.isfinite(std), std, 0.0), floor)
     lik = 1.0 - tail_probability(z)
-    new_hist = np.concatenate((hist[:, 1:], avg[:, None]), axis=1)
+    keep = hist[:, 1:] if cnt >= p.long_window else hist
+    new_hist = np.concatenate((keep, avg[:, None]), axis=1)
     # -- out-of-range rule --
     flags = np.zeros(len(group), dtype=bool)
-    if v is not None:
-        rows = v[idx]
+    if rows is not None:
         finite = np.isfinite(rows)
         f_lo = np.where(finite, rows, np.inf).min(axis=1)
         f_hi = np.where(finite, rows, -np.inf).max(axis=1)
@@ -667,7 +670,6 @@ def update_many(norms: Sequence[ScoreNormaliser], errors: ArrayLike,
         since = np.where(red, 1, since + 1)
     scores = log_score(1.0 - tail_p)
     scores[flags] = 1.0
-    out[idx] = scores
     # -- write the state back --
     keep_tail = p.short_window - 1
     for r, n in enumerate(group):
@@ -679,7 +681,7 @@ def update_many(norms: Sequence[ScoreNormaliser], errors: ArrayLike,
         n._raw = []
         n._seen += 1
         n._since_red = int(since[r])
-        if v is not None:
+        if rows is not None:
             n._lo = None if math.isinf(new_lo[r]) else float(new_lo[r])
             n._hi = None if math.isinf(new_hi[r]) else float(new_hi[r])
-    return out
+    return scores
