@@ -10,7 +10,8 @@ product and a product in 4096-row chunks into a reused buffer). Measured:
 * ``model.window_errors`` before this change (kept here as ``unchunked_max_errors`` for comparison: one
   ``n x clusters`` distance matrix, each window tapered twice);
 * ``ScoreNormaliser.update`` -- the likelihood post-processing: all errors of a series in one call, and one
-  error per call (the daemon's case: one new window per series per tick), per error.
+  error per call; and ``update_many`` -- one error for each of many series in one call (the daemon's tick:
+  one new window per series), per error.
 
 Usage::
 
@@ -34,7 +35,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from anomalyd.model import WindowReconstructor, sliding_windows, taper
-from anomalyd.postprocess import NormaliserParams, ScoreNormaliser
+from anomalyd.postprocess import NormaliserParams, ScoreNormaliser, update_many
 from anomalyd.synthetic import ecg
 
 
@@ -70,8 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     centers = model.cluster_centers_
     print(f"## Scoring throughput, one core (window {w}, {k} centroids, float64)\n")
     print("| windows | matmul bound (win/s) | `score_stats` (win/s) | / bound | unchunked max error, before "
-          "(win/s) | / bound | normaliser, one call (err/s) | normaliser, one error per call (err/s) |")
-    print("|---|---|---|---|---|---|---|---|")
+          "(win/s) | / bound | normaliser, one call (err/s) | normaliser, one error per call (err/s) | "
+          "update_many, one error per series (err/s) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)
     y, _ = ecg(max(args.windows) * 16 + w, seed=1)
     with threadpool_limits(limits=1):
@@ -111,8 +113,16 @@ def main(argv: list[str] | None = None) -> int:
                     norm.update(e[i : i + 1], v[i : i + 1])
 
             t_one = best_time(one_by_one, 1)
+            bank = [ScoreNormaliser.from_dict(state) for _ in range(m)]  # m series, one new window each
+
+            def many(e: np.ndarray = errors[:m], v: np.ndarray = wins[:m],
+                     norms: list[ScoreNormaliser] = bank) -> None:
+                update_many(norms, e, v)
+
+            t_many = best_time(many, args.repeat)
             print(f"| {n:,} | {n / t_bound:,.0f} | {n / t_stats:,.0f} | {t_bound / t_stats:.2f} | "
-                  f"{n / t_old:,.0f} | {t_bound / t_old:.2f} | {n / t_norm:,.0f} | {m / t_one:,.0f} |", flush=True)
+                  f"{n / t_old:,.0f} | {t_bound / t_old:.2f} | {n / t_norm:,.0f} | {m / t_one:,.0f} | "
+                  f"{m / t_many:,.0f} |", flush=True)
     return 0
 
 
