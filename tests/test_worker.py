@@ -84,6 +84,10 @@ def test_reference_ekg_case(ekg: Config, influxd: LocalInfluxd, database: str, t
     print(f"\nEKG: threshold {threshold:.2f}; first dropout max {max(r['max_error'] for r in first_dropout):.2f}; "
           f"second dropout max {second:.2f} ({second / threshold:.2f}x); normal max "
           f"{max(r['max_error'] for r in normal):.2f}")
+    second_dropout = [r for s, r in complete.items() if covers(s, EKG_ANOMALIES[1])]
+    print(f"EKG score: first dropout max {max(r['score'] for r in first_dropout):.2f}, second dropout max "
+          f"{max(r['score'] for r in second_dropout):.2f}, normal windows >= 0.5: "
+          f"{sum(r['score'] >= 0.5 for r in normal)} of {len(normal)} (max {max(r['score'] for r in normal):.2f})")
 
 
 def _fresh_worker(cfg: Config, store: InfluxDB1Store, clock: object = time.time_ns) -> Worker:
