@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,8 @@ from anomalyd.catalog import Catalog, model_id_for
 from anomalyd.catalog import load as load_model
 from anomalyd.config import Config, TrainRange
 from anomalyd.demo import feed
-from anomalyd.influx import InfluxDB1Store
+from anomalyd.influx import InfluxDB1Store, Point
+from anomalyd.localinflux import LocalInfluxd
 from anomalyd.metrics import REFITS
 from anomalyd.service import Service
 from anomalyd.state import Watermarks
@@ -95,3 +97,17 @@ def test_service_refit_job_survives_failures(caplog: pytest.LogCaptureFixture, t
     svc.refit = lambda: None
     assert svc.run_refit() is True and REFITS.labels(outcome="ok")._value.get() == before_ok + 1
     assert calls == [1]
+
+
+def test_flagged_windows_are_read_from_the_output_retention_policy(cfg: Config, store: InfluxDB1Store,
+                                                                  influxd: LocalInfluxd, database: str) -> None:
+    influxd.query(f'CREATE RETENTION POLICY "scores" ON "{database}" DURATION 30d REPLICATION 1', database)
+    out_cfg = replace(cfg, output=replace(cfg.output, retention_policy="scores"))
+    end = time.time_ns() // 10**9 * 10**9 - 3600 * 10**9  # inside the 30-day policy
+    tags = (("signal", "heartbeat"), ("series", "patient=p1"), ("model", "m"), ("patient", "p1"))
+    store.write([Point(cfg.output.measurement, tags, (("max_error", 9.0), ("threshold", 1.0), ("anomalous", True)),
+                       end)], "scores")
+    sig = cfg.signals[0]
+    found = training.flagged_windows(out_cfg, store, sig, end - 10**12, end)
+    assert list(found) == ["patient=p1"] and found["patient=p1"].tolist() == [end]
+    assert training.flagged_windows(cfg, store, sig, end - 10**12, end) == {}  # not in the default policy

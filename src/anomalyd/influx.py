@@ -58,6 +58,8 @@ class Query:
     group_by: tuple[str, ...]
     #: The series' sample period; when it is a whole number of milliseconds, times are fetched in ms.
     period_ns: int = 1
+    #: Retention policy to read from ("" = ``influxdb.retention_policy``, else the database's default).
+    retention_policy: str = ""
 
 
 class Store(Protocol):
@@ -215,7 +217,8 @@ class InfluxDB1Store:
         for i, (k, v) in enumerate(query.where):
             params[f"w{i}"] = v
             cond.append(f"{quote_ident(k)} = $w{i}")
-        q = f"SELECT {quote_ident(query.field)} FROM {self._source(query.measurement)} WHERE {' AND '.join(cond)}"
+        source = self._source(query.measurement, query.retention_policy)
+        q = f"SELECT {quote_ident(query.field)} FROM {source} WHERE {' AND '.join(cond)}"
         if query.group_by:
             q += " GROUP BY " + ",".join(quote_ident(g) for g in query.group_by)
         return q, params

@@ -58,7 +58,8 @@ def warm_normaliser(model: WindowReconstructor, parts: list[np.ndarray], sig: Si
 
 def flagged_windows(cfg: Config, store: Store, sig: SignalConfig, start: int, end: int) -> dict[str, np.ndarray]:
     """End times (ns) of the windows anomalyd flagged anomalous in ``[start, end]``, per ``series`` tag value."""
-    q = Query(cfg.output.measurement, "anomalous", (("signal", sig.name),), ("series",), sig.slide * sig.period_ns)
+    q = Query(cfg.output.measurement, "anomalous", (("signal", sig.name),), ("series",), sig.slide * sig.period_ns,
+              cfg.output.retention_policy)
     out: dict[str, np.ndarray] = {}
     for tags, (t, v) in store.read(q, start, end + (sig.window - 1) * sig.period_ns).items():
         ends = t[v == 1]
