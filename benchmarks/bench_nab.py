@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -32,7 +33,7 @@ from anomalyd.evaluate import NAB_PROFILES, NabCorpus, best_nab_threshold, load_
 
 log = logging.getLogger("bench_nab")
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "nab"
+DEFAULT_DATA = Path(os.environ.get("ANOMALYD_SHARED_DATA") or ROOT.parent / "shared" / "data") / "nab"
 
 #: Variants of the default configuration (name -> overrides), each one change away from the default.
 ABLATIONS: dict[str, dict[str, Any]] = {

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -37,7 +38,7 @@ from anomalyd.evaluate import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "smd"
+DEFAULT_DATA = Path(os.environ.get("ANOMALYD_SHARED_DATA") or ROOT.parent / "shared" / "data") / "smd"
 PAPER = {"1-6": 0.4820, "2-1": 0.5696, "2-7": 0.3792, "3-3": 0.4130}
 SIZE = 100
 

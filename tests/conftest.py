@@ -15,14 +15,18 @@ from anomalyd.influx import InfluxDB1Store
 from anomalyd.localinflux import InfluxdMissingError, LocalInfluxd
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+#: The reference and benchmark data (never copied into the project): ../shared/data beside the project, or the
+#: folder named by $ANOMALYD_SHARED_DATA when the checkout lives elsewhere.
+SHARED_DATA = Path(os.environ.get("ANOMALYD_SHARED_DATA") or ROOT.parent / "shared" / "data")
+NAB = SHARED_DATA / "nab"
+WHERE = "the tests read ../shared/data beside the project, or the folder $ANOMALYD_SHARED_DATA names"
 _db_counter = itertools.count()
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
-        pytest.fail(f"reference data not found at {SHARED_DATA}; the tests read ../shared/data beside the project")
+        pytest.fail(f"reference data not found at {SHARED_DATA}; {WHERE}")
     return SHARED_DATA
 
 

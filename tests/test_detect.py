@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import doctest
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,8 +22,7 @@ from anomalyd.detect import (
 from anomalyd.evaluate import load_nab_corpus, nab_score
 from anomalyd.model import WindowReconstructor, sliding_windows, taper
 from anomalyd.synthetic import ANOMALY_KINDS, ecg, inject
-
-NAB = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nab"
+from conftest import NAB, WHERE
 
 
 def test_doctests() -> None:
@@ -143,7 +141,7 @@ def test_detect_multivariate_flags_an_anomaly_in_one_metric() -> None:
 def test_nab_quality_floor_with_the_default_configuration() -> None:
     """The headline figure: NAB standard profile >= 65 over all 58 files at the fixed threshold 0.5."""
     if not (NAB / "data").is_dir():
-        pytest.fail(f"NAB data not found at {NAB}; the tests read ../shared/data beside the project")
+        pytest.fail(f"NAB data not found at {NAB}; {WHERE}")
     corpus = load_nab_corpus(NAB)
     scores = {}
     for name, f in corpus.files.items():

@@ -34,9 +34,8 @@ from anomalyd.evaluate import (
     roc_auc,
     window_metrics,
 )
+from conftest import NAB, WHERE
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-NAB = DATA / "nab"
 DETECTORS = ("numenta", "randomCutForest", "windowedGaussian")
 PROFILES = ("standard", "reward_low_FP_rate", "reward_low_FN_rate")
 
@@ -566,10 +565,7 @@ def test_load_nab_corpus_missing_root(tmp_path: Path) -> None:
 
 def require_nab() -> Path:
     if not (NAB / "data").is_dir() or not (NAB / "results").is_dir():
-        pytest.fail(
-            f"NAB benchmark data not found at {NAB}; the conformance tests need the shared data at "
-            "../shared/data relative to the project root (see shared/data/README.md)"
-        )
+        pytest.fail(f"NAB benchmark data not found at {NAB}; {WHERE} (see shared/data/README.md)")
     return NAB
 
 

@@ -20,8 +20,8 @@ from anomalyd.evaluate import (
 )
 from anomalyd.model import WindowReconstructor
 from anomalyd.synthetic import ANOMALY_KINDS, ecg, inject
+from conftest import NAB, WHERE
 
-NAB = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nab"
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -151,7 +151,7 @@ def test_bad_option_combinations_exit_2_naming_the_fix(labelled: tuple, tmp_path
 
 def test_nab_layout_on_two_real_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     if not (NAB / "data").is_dir():
-        pytest.fail(f"NAB data not found at {NAB}; the tests read ../shared/data beside the project")
+        pytest.fail(f"NAB data not found at {NAB}; {WHERE}")
     names = ["realAdExchange/exchange-3_cpc_results.csv", "realTraffic/speed_7578.csv"]
     windows = json.loads((NAB / "labels" / "combined_windows.json").read_text())
     for name in names:
