@@ -315,16 +315,14 @@ def window_error(model: WindowReconstructor, windows: NDArray[np.float64], kind:
     ``max`` is the model's own error (largest absolute difference, what the daemon writes as ``max_error``);
     ``rms`` and ``mean`` are the root-mean-square and mean absolute differences.
     """
-    if kind == "max":
-        return model.window_errors(windows)
+    if kind in ("max", "mean"):  # the model's own chunked pass (the daemon's max_error and score input)
+        return model.window_errors(windows, kind)
+    if kind != "rms":
+        raise ValueError(f"error kind {kind!r} is not one of {', '.join(ERROR_KINDS)}")
     if len(windows) == 0:
         return np.empty(0)
     diff = np.abs(windows * taper(model.window) - model.reconstruct(windows))
-    if kind == "rms":
-        return np.asarray(np.sqrt((diff * diff).mean(axis=1)))
-    if kind == "mean":
-        return np.asarray(diff.mean(axis=1))
-    raise ValueError(f"error kind {kind!r} is not one of {', '.join(ERROR_KINDS)}")
+    return np.asarray(np.sqrt((diff * diff).mean(axis=1)))
 
 
 def _row_errors(model: WindowReconstructor, z: NDArray[np.float64], lo: int, hi: int,

@@ -478,11 +478,11 @@ class ScoreNormaliser:
             Scores in [0, 1] (NaN where the error was NaN).
         """
         p = self.params
-        if p.transform != "rank" and np.ndim(errors) == 1 and len(errors) == 1:  # type: ignore[arg-type]
-            one = float(np.asarray(errors, dtype=np.float64)[0])
-            if math.isfinite(one):  # the daemon's common case: one new window per series per tick
-                row = None if values is None else np.asarray(values, dtype=np.float64).reshape(1, -1)
-                return np.array([self._update_one(one, row)])
+        e_in = np.asarray(errors, dtype=np.float64)
+        if (e_in.shape == (1,) and p.transform != "rank" and len(self._avg) >= 2 and self._seen >= p.learning
+                and math.isfinite(e_in[0])):  # one new error in the steady state: the daemon's common case
+            row = None if values is None else np.asarray(values, dtype=np.float64).reshape(1, -1)
+            return _update_group([self], p, e_in, row)
         lik = self.likelihood(errors)
         n = lik.shape[0]
         flags = np.zeros(n, dtype=bool)
@@ -516,66 +516,6 @@ class ScoreNormaliser:
         scores = log_score(1.0 - tail)
         scores[finite[flags_f]] = 1.0
         return np.where(np.isfinite(lik), scores, np.nan)
-
-    def _update_one(self, e: float, row: NDArray[np.float64] | None) -> float:
-        """`update` for one finite error, without the array machinery (same results, to rounding)."""
-        p = self.params
-        # -- likelihood (see `likelihood`) --
-        t = math.log(max(e, 0.0) + _LOG_EPS) if p.transform == "log" else e
-        tail = self._tail
-        avg = (sum(tail) + t) / (len(tail) + 1)  # sequential, like the cumulative sums
-        hist = self._avg
-        cnt = len(hist)
-        if self._seen < p.learning or cnt < 2:
-            lik = 0.5
-        else:
-            ref = float(hist[0])
-            centred = hist - ref
-            mean_c = float(np.cumsum(centred)[-1]) / cnt  # sequential sums, like the batch path's
-            centred *= centred
-            var = float(np.cumsum(centred)[-1]) / cnt - mean_c * mean_c
-            mean = mean_c + ref
-            std = math.sqrt(max(var, 0.0))
-            floor = max(p.min_std, 1e-12) if p.transform == "log" else max(p.min_std * abs(mean), 1e-12)
-            z = (avg - mean) / max(std if math.isfinite(std) else 0.0, floor)
-            lik = 1.0 - 0.5 * math.erfc(z / math.sqrt(2.0))
-        keep = p.long_window - 1
-        self._avg = np.append(hist[len(hist) - keep :] if len(hist) > keep else hist, avg)
-        if p.short_window > 1:
-            tail.append(t)
-            if len(tail) > p.short_window - 1:
-                del tail[: len(tail) - (p.short_window - 1)]
-        self._raw = []
-        self._seen += 1
-        # -- out-of-range rule (see `_range_stream`) --
-        flag = False
-        if row is not None and p.range_tolerance is not None:
-            finite = row[np.isfinite(row)]
-            f_lo = float(finite.min()) if finite.size else math.inf
-            f_hi = float(finite.max()) if finite.size else -math.inf
-            prev_lo = math.inf if self._lo is None else self._lo
-            prev_hi = -math.inf if self._hi is None else self._hi
-            width = prev_hi - prev_lo
-            if math.isfinite(width) and width > 0:
-                tol = p.range_tolerance * width
-                flag = f_hi > prev_hi + tol or f_lo < prev_lo - tol
-            new_lo, new_hi = min(prev_lo, f_lo), max(prev_hi, f_hi)
-            self._lo = None if math.isinf(new_lo) else new_lo
-            self._hi = None if math.isinf(new_hi) else new_hi
-        elif row is not None:
-            self.observe_range(row)
-        # -- red-zone filter --
-        tail_p = 1.0 - lik
-        if p.red > 0:
-            red = tail_p <= p.red or flag
-            if red and self._since_red <= p.refractory:  # a red right after another one is demoted
-                tail_p = max(tail_p, p.yellow)
-                flag = False
-            self._since_red = 1 if red else self._since_red + 1
-        if flag:
-            return 1.0
-        like = min(max(1.0 - tail_p, 0.0), 1.0)
-        return min(max(math.log1p(_LOG_EPS - like) / math.log(_LOG_EPS), 0.0), 1.0)
 
 
 def update_many(norms: Sequence[ScoreNormaliser], errors: ArrayLike,
@@ -624,7 +564,7 @@ def update_many(norms: Sequence[ScoreNormaliser], errors: ArrayLike,
 def _update_group(group: Sequence[ScoreNormaliser], p: NormaliserParams, ee: NDArray[np.float64],
                   rows: NDArray[np.float64] | None) -> NDArray[np.float64]:
     """One error for each normaliser of ``group`` (same parameters and history length; see `update_many`)."""
-    # -- likelihood (as `ScoreNormaliser._update_one`, over all rows) --
+    # -- likelihood (as `ScoreNormaliser.likelihood` for one more error, over all rows) --
     t = np.log(np.maximum(ee, 0.0) + _LOG_EPS) if p.transform == "log" else ee
     tails = [n._tail for n in group]
     avg = (np.fromiter((sum(tl) for tl in tails), dtype=np.float64, count=len(group)) + t) / np.fromiter(
