@@ -196,7 +196,7 @@ class Worker:
         self.alerts = alerts
         self.clock = clock
         self.scores = scores if scores is not None else ScoreStates(None)
-        self._backfill_scores = self.scores
+        self._backfill_scores = ScoreStates(None)  # replaced by each score_range: never the live history
         self._reported_untrained: set[str] = set()
         self._reported_mismatch: set[str] = set()
 
