@@ -4,9 +4,12 @@ Each query is rendered the way the tool renders it (Grafana: ``$timeFilter``, ``
 ``$series`` variables; Chronograf: ``:dashboardTime:``, ``:upperDashboardTime:``, ``:interval:`` and the
 ``:signal:`` / ``:series:`` templates, with Chronograf's quoting rules), sent to a real ``influxd`` holding
 anomalyd's output, and must parse and return rows. The anomalous-window queries (the Grafana annotation, the
-Chronograf table) must return exactly the anomalous windows, and "series anomalous now" exactly the series whose
-latest window is anomalous; the expected sets are computed in Python from the raw points, not from the query under
-test.
+Chronograf table) must return exactly the anomalous windows, "series anomalous now" exactly the series whose
+latest window is anomalous, and "anomalous windows per series" exactly their counts; the expected sets are
+computed in Python from the raw points, not from the query under test. "Anomalous" is the detector's decision,
+the ``anomalous`` field: the hand-made output holds windows whose max_error passes the threshold while the
+detector calls them normal, and anomalous windows below the threshold, so a panel deciding on max_error vs
+threshold fails.
 
 Every test runs twice, on the fixtures named in ``DATA_FIXTURES``: a private influxd holding points of anomalyd's
 output schema written as line protocol (two series with anomalous and missing-data windows, a second signal on the
@@ -151,10 +154,12 @@ THRESHOLD = 12.63
 class FakeSeries:
     signal: str
     tags: tuple[tuple[str, str], ...]
-    anomalous: set[int]
+    anomalous: set[int]  # the detector's decision (the anomalous field)
     missing: dict[int, int]  # window index -> missing samples
     offset_ms: int = 0
     windows: list[int] = field(default_factory=lambda: list(range(N_WINDOWS)))
+    loud: set[int] = field(default_factory=set)  # normal windows whose max_error passes the threshold
+    quiet: set[int] = field(default_factory=set)  # anomalous windows whose max_error stays below it
 
     @property
     def key(self) -> str:
@@ -162,8 +167,11 @@ class FakeSeries:
 
 
 FAKE = [
-    FakeSeries(SIGNAL, ((GROUP_TAG, "p1"),), anomalous={20, 21, 55}, missing={70: 9}),
-    FakeSeries(SIGNAL, ((GROUP_TAG, "p2"),), anomalous={40, N_WINDOWS - 1}, missing={10: 32, 11: 17}),
+    # p1's latest window passes its threshold but is normal: p1 is not "anomalous now" at the end of the output.
+    FakeSeries(SIGNAL, ((GROUP_TAG, "p1"),), anomalous={20, 21, 55}, missing={70: 9}, loud={30, 31, N_WINDOWS - 1},
+               quiet={55}),
+    FakeSeries(SIGNAL, ((GROUP_TAG, "p2"),), anomalous={40, N_WINDOWS - 1}, missing={10: 32, 11: 17}, loud={60},
+               quiet={40}),
     # A second signal on the same patient (same series key), written last: its anomalies must never show up on
     # the first signal's panels, nor make p1 look "anomalous now".
     FakeSeries("resp", ((GROUP_TAG, "p1"),), anomalous={6, 34, N_WINDOWS - 1}, missing={}, offset_ms=4_000,
@@ -186,8 +194,13 @@ def _output_lines() -> str:
             if k in s.missing:
                 fields = f"threshold={THRESHOLD},anomalous=false,missing=true,n_missing={s.missing[k]}i"
             else:
-                err = THRESHOLD * (2.5 if k in s.anomalous else 0.3 + 0.4 * abs(math.sin(k)))
-                score = 1.0 if k in s.anomalous else round(0.2 + 0.7 * abs(math.sin(k)), 3)
+                assert not (s.loud & s.anomalous) and s.quiet <= s.anomalous
+                if k in s.anomalous:
+                    err, score = THRESHOLD * (0.9 if k in s.quiet else 2.5), (0.8 if k in s.quiet else 1.0)
+                elif k in s.loud:
+                    err, score = THRESHOLD * 1.8, 0.3
+                else:
+                    err, score = THRESHOLD * (0.3 + 0.4 * abs(math.sin(k))), round(0.2 + 0.7 * abs(math.sin(k)), 3)
                 anom = "true" if k in s.anomalous else "false"
                 fields = (f"max_error={err:.4f},threshold={THRESHOLD},anomalous={anom},score={score},"
                           "missing=false,n_missing=0i")
@@ -265,6 +278,13 @@ class Truth:
             hi = max(w["time"] for w in self.of(self.signal) if w["anomalous"])
             return hi - 3600_000, hi
         return self.lo, self.hi
+
+    def anomalous_counts(self, signal: str, lo: int, hi: int) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for w in self.of(signal, lo=lo, hi=hi):
+            if w["anomalous"]:
+                counts[w["series"]] = counts.get(w["series"], 0) + 1
+        return counts
 
     def anomalous_now(self, signal: str, lo: int, hi: int) -> set[str]:
         last: dict[str, dict[str, Any]] = {}
@@ -403,6 +423,8 @@ def test_grafana_dashboard_structure_and_references() -> None:
     assert has(f'FROM "{MEASUREMENT}"', '"max_error"', '"threshold"', "GROUP BY time"), "no max_error panel"
     assert has('"n_missing"'), "no missing-data panel"
     assert has('last("anomalous")', '"anomalous" = true'), "no 'series anomalous now' table"
+    assert has(f'FROM "{MEASUREMENT}"', 'count("anomalous")', '"anomalous" = true', 'GROUP BY "series"'), (
+        "no count of anomalous windows per series")
     assert has(f'FROM "{STATS_MEASUREMENT}"', '"lag_seconds"'), "no daemon lag panel"
     assert has(f'FROM "{MEASUREMENT}"', 'max("score")', "GROUP BY time"), "no score panel"
     error_panel = next(p for p in dash["panels"] if any('"threshold"' in t["query"] and "GROUP BY time" in t["query"]
@@ -415,6 +437,15 @@ def test_grafana_dashboard_structure_and_references() -> None:
     assert a["target"]["query"] == a["query"], "legacy and current annotation queries differ"
     assert '"anomalous" = true' in a["query"] and a["target"]["tagsColumn"] == "series"
     assert re.search(r'SELECT .*"series"', a["query"]), "the annotation's tagsColumn is not selected"
+    for what, q in _grafana_all_queries(dash):
+        assert not _decides_on_error(q), f"{what} decides on max_error/threshold, not on the anomalous field: {q}"
+
+
+def _decides_on_error(q: str) -> bool:
+    """Whether a query's conditions compare max_error, threshold or the score: the detector's decision is the
+    anomalous field, and max_error vs threshold no longer makes a window anomalous."""
+    conditions = " ".join(part.split(" GROUP BY ")[0] for part in q.split(" WHERE ")[1:])
+    return re.search(r'"(max_error|threshold|score)"\s*(?:[<>]=?|!?=)', conditions) is not None
 
 
 # Go JSON field names of chronograf.Dashboard / DashboardCell / DashboardQuery / QueryConfig / Template:
@@ -487,8 +518,10 @@ def test_chronograf_dashboard_is_valid_for_the_server() -> None:
     # The same core cells as the Grafana dashboard.
     text = " ".join(q["query"] for c in d["cells"] for q in c["queries"])
     for part in ('"reconstruction"', '"max_error"', '"threshold"', '"n_missing"', 'last("anomalous")',
-                 '"anomalous" = true', '"lag_seconds"'):
+                 '"anomalous" = true', '"lag_seconds"', 'count("anomalous")'):
         assert part in text, f"no Chronograf cell selects {part}"
+    for what, q in _chronograf_queries(d):
+        assert not _decides_on_error(q), f"{what} decides on max_error/threshold, not on the anomalous field: {q}"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -577,6 +610,17 @@ def test_grafana_anomalous_now_table(output_db: OutputDB, truth: Truth) -> None:
     assert hits, "the table never listed a series, even at the end of an anomalous window"
 
 
+def test_grafana_anomalous_windows_per_series(output_db: OutputDB, truth: Truth) -> None:
+    """The count per series over the whole output and while each of the latest anomalies is current."""
+    q = next(t["query"] for _, t in _grafana_targets(load_grafana()) if 'count("anomalous")' in t["query"])
+    for hi in _anomaly_ends(truth):
+        for lo in (truth.lo, hi - 3600_000):
+            rows = output_db.rows(grafana_render(q, lo, hi, {"signal": [truth.signal]}))
+            got = {r["series"]: r["anomalous windows"] for r in rows}
+            assert got == truth.anomalous_counts(truth.signal, lo, hi), f"range {lo}..{hi}: {rows}"
+    assert truth.anomalous_counts(truth.signal, truth.lo, truth.hi)
+
+
 def _chronograf_queries(d: dict[str, Any]) -> list[tuple[str, str]]:
     return [(f"cell {c['name']!r}", q["query"]) for c in d["cells"] for q in c["queries"]]
 
@@ -604,7 +648,7 @@ def test_chronograf_anomalous_cells_are_exact(output_db: OutputDB, truth: Truth)
     d = load_chronograf()
     queries = dict(_chronograf_queries(d))
     values = {":signal:": truth.signal, ":series:": truth.series}
-    table = next(q for q in queries.values() if '"anomalous" = true' in q and "last(" not in q)
+    table = next(q for q in queries.values() if '"anomalous" = true' in q and "last(" not in q and "count(" not in q)
     rows = output_db.rows(chronograf_render(table, truth.lo, truth.hi, d["templates"], values, output_db.database))
     assert sorted((r["time"], r["series"]) for r in rows) == sorted(
         (w["time"], w["series"]) for w in truth.of(truth.signal) if w["anomalous"])
@@ -616,3 +660,9 @@ def test_chronograf_anomalous_cells_are_exact(output_db: OutputDB, truth: Truth)
         assert {r["series"] for r in rows} == truth.anomalous_now(truth.signal, lo, hi), f"range ending {hi}"
         hits += bool(rows)
     assert hits
+    count = next(q for q in queries.values() if 'count("anomalous")' in q)
+    for hi in _anomaly_ends(truth):
+        for lo in (truth.lo, hi - 3600_000):
+            rows = output_db.rows(chronograf_render(count, lo, hi, d["templates"], values, output_db.database))
+            got = {r["series"]: r["anomalous windows"] for r in rows}
+            assert got == truth.anomalous_counts(truth.signal, lo, hi), f"range {lo}..{hi}: {rows}"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -124,17 +124,128 @@ def test_every_identifier_in_the_scripts_is_in_the_output_schema(name: str) -> N
     # the computed fields are produced by the script's eval node
     as_names = set(re.findall(r"'(\w+)'", " ".join(re.findall(r"\.as\(([^)]*)\)", script))))
     assert as_names == COMPUTED[kind]
-    # the alert condition is the schema's: max_error above the threshold (the point's own, or the var)
-    # (the stream template takes it as a lambda var, so that operators can alert on the score instead)
+    # the alert condition is the detector's decision, the point's "anomalous" field (the stream template takes
+    # it as a lambda var, so that operators can alert on the score instead); only the fixed-threshold task
+    # compares max_error with the operator's threshold var
     crit = re.search(r"\.crit\(lambda: (.*)\)$", script, re.M) or re.search(r"^var crit = lambda: (.*)$", script, re.M)
-    assert crit is not None and crit.group(1) in ('"max_error" > "threshold"', '"max_error" > threshold')
+    assert crit is not None
+    assert crit.group(1) == {"stream": '"anomalous" == TRUE', "batch": '"anomalous" == TRUE',
+                             "fixed": '"max_error" > threshold'}[kind]
     # missing-data windows (no max_error) are kept out before comparing
-    assert ('"missing" == FALSE AND isPresent("max_error")' in script
-            or '"missing" = false AND "max_error" > "threshold"' in script)
+    if kind == "batch":
+        assert 'WHERE "missing" = false AND "anomalous" = true' in script
+        assert 'SELECT max("max_error") AS "max_error", ' in script      # the worst window, not the first
+    else:
+        assert '|where(lambda: "missing" == FALSE AND isPresent("max_error"))' in script
     if kind != "batch":
         assert ".stateChangesOnly()" in script and ".groupBy(groups)" in script
     for handler in (".slack()", ".channel(slack_channel)", ".log(log_path)", ".message(message)", ".id(id)"):
         assert handler in script
+
+
+_LAMBDA_TOKEN = re.compile(r'\s*(?:"(\w+)"|\b(TRUE|FALSE|AND|OR)\b|isPresent\("(\w+)"\)|(==|!=|>=|<=|>|<|/|\(|\))'
+                           r"|(-?\d+(?:\.\d+)?)|'((?:\\.|[^'\\])*)'|([a-z_]\w*))")
+
+
+def tick_lambda(expr: str, env: Mapping[str, Any]) -> Callable[[Mapping[str, Any]], Any]:
+    """A Python function for a TICKscript lambda of fields/tags, vars, literals, comparisons, AND/OR, isPresent.
+
+    A field the point lacks raises KeyError, as Kapacitor fails the evaluation ("no field or tag exists")."""
+    out, i = [], 0
+    for tok in _LAMBDA_TOKEN.finditer(expr):
+        assert tok.start() == i, f"cannot translate {expr[i:]!r} in {expr!r}"
+        i = tok.end()
+        field, word, present, op, number, string, var = tok.groups()
+        if field:
+            out.append(f"p[{field!r}]")
+        elif word:
+            out.append({"TRUE": "True", "FALSE": "False", "AND": "and", "OR": "or"}[word])
+        elif present:
+            out.append(f"({present!r} in p)")
+        elif op or number:
+            out.append(op or number)
+        elif string is not None:
+            out.append(repr(re.sub(r"\\(.)", r"\1", string)))
+        else:
+            out.append(repr(env[var]))
+    assert expr[i:].strip() == "", f"cannot translate {expr[i:]!r}"
+    code = compile(" ".join(out), "<lambda>", "eval")
+    return lambda p: eval(code, {}, {"p": p})  # our own translation of the shipped scripts
+
+
+def stream_alerts(script: str, points: list[dict[str, Any]], env: Mapping[str, Any] | None = None
+                  ) -> list[tuple[int, str]]:
+    """The (time, level) messages a stream template sends for one series with ``.stateChangesOnly()``: the
+    points pass ``from().where(where_filter)`` and the ``|where`` node, and the crit lambda (the ``crit`` var's
+    default, or the one in ``.crit(...)``) sets the level; an OK point after a critical one is the recovery.
+
+    ``env`` holds the vars' values; the lambda vars (``where_filter``, ``crit``) as expressions."""
+    env = dict(env or {})
+    where_filter = re.search(r"^var where_filter = lambda: (.*)$", script, re.M)
+    where = re.search(r"^\s*\|where\(lambda: (.*)\)$", script, re.M)
+    crit = re.search(r"^var crit = lambda: (.*)$", script, re.M) or re.search(r"\.crit\(lambda: (.*)\)$",
+                                                                               script, re.M)
+    assert where is not None and crit is not None
+    assert ".where(where_filter)" in script
+    wf = env.pop("where_filter", where_filter.group(1) if where_filter else None)
+    assert wf is not None, "where_filter has no default: give it"
+    crit_expr = str(env.pop("crit", crit.group(1)))
+    filters = [tick_lambda(str(wf), env), tick_lambda(where.group(1), env)]
+    is_crit = tick_lambda(crit_expr, env)
+    level, sent = "OK", []
+    for p in points:
+        if not all(f(p) for f in filters):
+            continue                                    # dropped: neither raises nor clears
+        new = "CRITICAL" if is_crit(p) else "OK"
+        if new != level:
+            sent.append((p["time"], new))
+            level = new
+    return sent
+
+
+def _point(i: int, max_error: float | None, anomalous: bool, threshold: float = 0.42,
+           score: float = 0.1) -> dict[str, Any]:
+    if max_error is None:                               # a missing-data window, as the worker writes it
+        return {"time": i, "threshold": threshold, "anomalous": False, "missing": True, "n_missing": 7}
+    return {"time": i, "max_error": max_error, "threshold": threshold, "anomalous": anomalous, "score": score,
+            "missing": False, "n_missing": 0}
+
+
+# One series: its error passes its threshold at 1 and 5 while the detector calls those windows normal; the
+# detector flags 2 and 4, whose error is below the threshold; 3 is a missing-data window.
+DECISIONS = [_point(0, 0.2, False), _point(1, 0.9, False, score=0.3), _point(2, 0.3, True, score=0.8),
+             _point(3, None, False), _point(4, 0.35, True, score=0.7), _point(5, 0.5, False, score=0.2),
+             _point(6, 0.1, False), _point(7, None, False), _point(8, 0.6, True, score=0.9)]
+
+
+def test_the_stream_task_alerts_on_the_detectors_decision() -> None:
+    script = TEMPLATES["anomaly_stream"][1]
+    # raised at the first anomalous window and cleared at the first normal one, whatever max_error says;
+    # the missing-data windows (3, 7: anomalous false) neither clear the alert nor raise it
+    assert stream_alerts(script, DECISIONS) == [(2, "CRITICAL"), (5, "OK"), (8, "CRITICAL")]
+    # the alternatives documented in the script work as the crit var
+    assert 'lambda: "score" >= 0.5' in script and 'lambda: "max_error" > "threshold"' in script
+    assert stream_alerts(script, DECISIONS, {"crit": '"score" >= 0.5'}) == [
+        (2, "CRITICAL"), (5, "OK"), (8, "CRITICAL")]
+    assert stream_alerts(script, DECISIONS, {"crit": '"max_error" > "threshold"'}) == [
+        (1, "CRITICAL"), (2, "OK"), (5, "CRITICAL"), (6, "OK"), (8, "CRITICAL")]
+    # the where_filter var still selects the series
+    assert stream_alerts(script, [p | {"signal": "resp"} for p in DECISIONS],
+                         {"where_filter": "\"signal\" == 'heartbeat'"}) == []
+
+
+def test_the_fixed_task_keeps_the_operators_threshold_on_max_error() -> None:
+    script = TEMPLATES["anomaly_fixed"][1]
+    model = example_models()[0]
+    tags = {"signal": model.signal, "series": tags_str(model.tags)}
+    points = [p | tags for p in DECISIONS]
+    where_filter = kapacitor.series_filter(model)
+    assert stream_alerts(script, points, {"where_filter": where_filter, "threshold": 0.42}) == [
+        (1, "CRITICAL"), (2, "OK"), (5, "CRITICAL"), (6, "OK"), (8, "CRITICAL")]
+    assert stream_alerts(script, points, {"where_filter": where_filter, "threshold": 0.55}) == [
+        (1, "CRITICAL"), (2, "OK"), (8, "CRITICAL")]
+    other = [p | {"series": "patient=p2"} for p in points]
+    assert stream_alerts(script, other, {"where_filter": where_filter, "threshold": 0.42}) == []
 
 
 @pytest.mark.parametrize("name", list(TEMPLATES))
@@ -352,50 +463,76 @@ def kapacitor_range(query: str, start_ns: int, stop_ns: int) -> str:
 
 
 def _line(signal: str, patient: str, model: str, t_ns: int, max_error: float | None, threshold: float,
-          n_missing: int = 0) -> str:
+          anomalous: bool = False, score: float = 0.1, n_missing: int = 0) -> str:
+    """One output point; ``anomalous`` is the detector's decision, independent of max_error vs threshold."""
     tags = f"signal={signal},series=patient\\={patient},model={model},patient={patient}"
     if max_error is None:
         fields = f"threshold={threshold},anomalous=false,missing=true,n_missing={n_missing}i"
     else:
-        anomalous = str(max_error > threshold).lower()
-        fields = (f"max_error={max_error},threshold={threshold},anomalous={anomalous},"
-                  f"score={min(max_error / threshold / 2, 1.0)},missing=false,n_missing=0i")
+        fields = (f"max_error={max_error},threshold={threshold},anomalous={str(anomalous).lower()},"
+                  f"score={score},missing=false,n_missing=0i")
     return f"anomaly_error,{tags} {fields} {t_ns}"
 
 
-def test_batch_query_returns_exactly_the_anomalous_windows(influxd: LocalInfluxd, tmp_path: Path) -> None:
+def test_batch_query_returns_the_worst_anomalous_window_of_each_series(influxd: LocalInfluxd,
+                                                                       tmp_path: Path) -> None:
     db = "kapacitor_batch_test"
     influxd.query(f'DROP DATABASE "{db}"')
     influxd.query(f'CREATE DATABASE "{db}"')
     cfg = example_config(database=db)
     render(cfg, tmp_path, example_models())
     t0 = 1_700_000_000 * S
-    # (patient, window index, max_error or None for missing data, threshold): a window every 16 s
-    rows = [("p1", 0, 0.2, 0.42), ("p1", 1, 0.9, 0.42), ("p1", 2, None, 0.42), ("p1", 3, 0.42, 0.42),
-            ("p1", 4, 0.43, 0.42), ("p1", 5, 0.1, 0.42), ("p1", 6, 5.0, 0.42),
-            ("p2", 0, 0.6, 0.5625), ("p2", 1, 0.5, 0.5625), ("p2", 2, None, 0.5625), ("p2", 3, 0.7, 0.5625),
-            ("p2", 9, 3.0, 0.5625)]  # the last one lies outside the queried period
+    # (patient, window index, max_error or None for missing data, threshold, anomalous, score): a window every
+    # 16 s. "anomalous" is the detector's decision: max_error passing the threshold no longer implies it.
+    rows = [("p1", 0, 0.2, 0.42, False, 0.1),
+            ("p1", 1, 0.9, 0.42, False, 0.4),   # the largest error of p1, above its threshold, but normal
+            ("p1", 2, None, 0.42, False, 0.0),
+            ("p1", 3, 0.3, 0.42, True, 0.6),    # the first anomalous window of p1: not the worst
+            ("p1", 4, 0.8, 0.42, True, 0.9),    # the worst anomalous window of p1
+            ("p1", 5, 0.1, 0.42, False, 0.1),
+            ("p1", 6, 0.43, 0.42, True, 0.7),   # the last anomalous window of p1: not the worst either
+            ("p2", 0, 0.6, 0.5625, False, 0.3),  # above its threshold, but normal
+            ("p2", 1, 0.5, 0.5625, True, 0.8),  # anomalous below its threshold: the only one of p2
+            ("p2", 2, None, 0.5625, False, 0.0),
+            ("p2", 3, 0.7, 0.5625, False, 0.4),
+            ("p2", 9, 3.0, 0.5625, True, 1.0),  # outside the queried period
+            ("p3", 0, 2.0, 0.5, False, 0.4),    # above its threshold in every window, never anomalous
+            ("p3", 1, 1.5, 0.5, False, 0.3)]
     lines = [_line("heartbeat", p, model_id_for("heartbeat", (("patient", p),), "series"), t0 + i * 16 * S,
-                   e, th) for p, i, e, th in rows]
+                   e, th, anom, sc) for p, i, e, th, anom, sc in rows]
     # another measurement with the same field names (the daemon's own stats carry "missing") is not read
-    lines.append(f"anomalyd_stats,signal=heartbeat max_error=9.0,threshold=1.0,missing=false {t0 + 16 * S}")
+    lines.append(f"anomalyd_stats,signal=heartbeat max_error=9.0,threshold=1.0,missing=false,anomalous=true "
+                 f"{t0 + 16 * S}")
     influxd.write_lines(db, "\n".join(lines))
 
     query = batch_query(tmp_path)
-    assert query == (f'SELECT "max_error", "threshold", "score" FROM "{db}"."autogen"."anomaly_error" '
-                     'WHERE "missing" = false AND "max_error" > "threshold"')
+    assert query == (f'SELECT max("max_error") AS "max_error", "threshold", "score", "anomalous" '
+                     f'FROM "{db}"."autogen"."anomaly_error" WHERE "missing" = false AND "anomalous" = true')
     res = influxd.query(kapacitor_range(query, t0, t0 + 7 * 16 * S))["results"][0]
-    got = {(s["tags"]["series"], v[0]) for s in res["series"] for v in s["values"]}
-    expected = {(f"patient={p}", t0 + i * 16 * S) for p, i, e, th in rows
-                if e is not None and e > th and i < 7}
-    assert got == expected == {("patient=p1", t0 + 16 * S), ("patient=p1", t0 + 4 * 16 * S),
-                               ("patient=p1", t0 + 6 * 16 * S), ("patient=p2", t0),
-                               ("patient=p2", t0 + 3 * 16 * S)}
-    # every group carries the tags the alert's id and message read
+    assert "error" not in res, res
+    got = {s["tags"]["series"]: v for s in res["series"] for v in s["values"]}
+    # expected from the raw rows: per series, the anomalous scored window of the period with the largest error
+    expected: dict[str, list[Any]] = {}
+    for p, i, e, th, anom, sc in rows:
+        if e is not None and anom and i < 7 and e > expected.get(f"patient={p}", [0, -1.0])[1]:
+            expected[f"patient={p}"] = [t0 + i * 16 * S, e, th, sc, True]
+    assert got == expected == {"patient=p1": [t0 + 4 * 16 * S, 0.8, 0.42, 0.9, True],
+                               "patient=p2": [t0 + 16 * S, 0.5, 0.5625, 0.8, True]}
+    # every group carries the tags the alert's id and message read, and one row: the alert reports it
+    script = (tmp_path / "anomaly_batch.tick").read_text()
+    crit = re.search(r"\.crit\(lambda: (.*)\)$", script, re.M)
+    ratio = re.search(r"\|eval\(lambda: (.*)\)$", script, re.M)
+    assert crit is not None and ratio is not None
+    message_fields = set(re.findall(r'index \.Fields "(\w+)"', script))
     for s in res["series"]:
         assert set(s["tags"]) == {"signal", "series", "model", "patient"}
-        assert s["columns"] == ["time", "max_error", "threshold", "score"]
+        assert s["columns"] == ["time", "max_error", "threshold", "score", "anomalous"]
         assert s["tags"]["series"] == tags_str((("patient", s["tags"]["patient"]),))
+        assert len(s["values"]) == 1
+        point = dict(zip(s["columns"], s["values"][0], strict=True))
+        point["ratio"] = tick_lambda(ratio.group(1), {})(point)
+        assert tick_lambda(crit.group(1), {})(point) is True, f"the alert would not raise for {point}"
+        assert message_fields <= set(point), message_fields - set(point)
     influxd.query(f'DROP DATABASE "{db}"')
 
 

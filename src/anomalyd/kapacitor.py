@@ -3,11 +3,15 @@
 Three templates (the same text is shipped in ``tickscripts/``):
 
 - ``anomaly_stream.tick`` (a): a stream task over every series of the output measurement. Because each point
-  carries its own ``threshold``, one task alerts on ``"max_error" > "threshold"`` for all of them, grouped by
-  every tag, with ``.stateChangesOnly()``: one message when a series goes anomalous, one when it recovers.
+  carries the detector's own decision (``anomalous``), one task alerts on ``"anomalous" == TRUE`` for all of
+  them (the ``crit`` var; ``"score" >= 0.5`` or ``"max_error" > "threshold"`` are documented alternatives),
+  grouped by every tag, with ``.stateChangesOnly()``: one message when a series goes anomalous, one when it
+  recovers. Missing-data windows neither raise nor clear.
 - ``anomaly_batch.tick`` (b): queries the anomalous windows every period (``"missing" = false AND
-  "max_error" > "threshold"``) and sends, per series with anomalous windows in the period, one message.
-- ``anomaly_fixed.tick`` (c): the blog's approach, a task per series with the learned threshold as a var.
+  "anomalous" = true``) and sends, per series with anomalous windows in the period, one message about its
+  worst window (``max("max_error")`` selects it, with its threshold and score).
+- ``anomaly_fixed.tick`` (c): the blog's approach, a task per series with a fixed threshold on ``max_error``
+  as a var (the operator's explicit threshold, not the detector's decision).
 
 :func:`render` writes the templates, their vars files and a ``define.sh`` for the ``kapacitor`` CLI;
 :func:`define` creates or updates the tasks through Kapacitor's HTTP API (``/kapacitor/v1/tasks``).
@@ -87,7 +91,7 @@ var log_path = '/var/log/kapacitor/anomalyd_alerts.log'
 """
 
 STREAM_TICK = """\
-// anomalyd (a): alert when a window's reconstruction error passes the threshold that travels with its point.
+// anomalyd (a): alert when the detector flags a window anomalous (the point's own "anomalous" field).
 // One task serves every series of the output measurement. Points: tags signal, series (k=v,k=v), model and
 // the signal's group_by tags; fields max_error, threshold, anomalous, score, missing, n_missing.
 
@@ -95,14 +99,16 @@ STREAM_TICK = """\
 // Optional extra filter on the points, e.g. lambda: "signal" == 'heartbeat'
 var where_filter = lambda: TRUE
 
-// When a window is critical: its error passes its learned threshold; or use the likelihood score,
-// e.g. lambda: "score" >= 0.5 (0.5 is the score's red zone, a tail probability of 1e-5)
-var crit = lambda: "max_error" > "threshold"
+// When a window is critical: the detector's decision, written by anomalyd as the "anomalous" field.
+// Alternatives: the likelihood score alone, lambda: "score" >= 0.5 (0.5 is the score's red zone, a tail
+// probability of 1e-5); or the raw error against its learned threshold, lambda: "max_error" > "threshold"
+// (no longer the detector's decision; max_error and threshold are in every scored point for information).
+var crit = lambda: "anomalous" == TRUE
 
 // Alert id: one per series
 var id = 'anomalyd:{{ index .Tags "signal" }}[{{ index .Tags "series" }}]'
 
-// Alert message: the series, its error and its threshold
+// Alert message: the series, its error, its threshold and its score
 var message = '{{ .Level }} {{ index .Tags "signal" }} [{{ index .Tags "series" }}]: max_error \
 {{ index .Fields "max_error" | printf "%.4g" }} vs threshold {{ index .Fields "threshold" | printf "%.4g" }} \
 (ratio {{ index .Fields "ratio" | printf "%.3g" }}, score {{ index .Fields "score" | printf "%.2f" }}), \
@@ -113,7 +119,7 @@ stream
         .measurement(measurement)
         .where(where_filter)
         .groupBy(groups)
-    // Missing-data windows carry no max_error: they neither raise nor clear the alert.
+    // Missing-data windows carry no max_error (and anomalous false): they neither raise nor clear the alert.
     |where(lambda: "missing" == FALSE AND isPresent("max_error"))
     |eval(lambda: "max_error" / "threshold")
         .as('ratio')
@@ -129,8 +135,8 @@ stream
 """
 
 BATCH_TICK = """\
-// anomalyd (b): every period, query the windows whose reconstruction error passed their own threshold and
-// send one alert per series that had any. The query skips missing-data windows (they have no max_error).
+// anomalyd (b): every period, query the windows the detector flagged anomalous and send one alert per series
+// that had any, about its worst window. The query skips missing-data windows (they have no max_error).
 
 // Database and retention policy anomalyd writes to
 var db string
@@ -147,15 +153,19 @@ var offset = 1m
 // Alert id: one per series
 var id = 'anomalyd-batch:{{ index .Tags "signal" }}[{{ index .Tags "series" }}]'
 
-// Alert message: the series, the worst window's error and its threshold
+// Alert message: the series, the worst window's error, its threshold and its score
 var message = '{{ .Level }} {{ index .Tags "signal" }} [{{ index .Tags "series" }}]: max_error \
 {{ index .Fields "max_error" | printf "%.4g" }} vs threshold {{ index .Fields "threshold" | printf "%.4g" }} \
 (ratio {{ index .Fields "ratio" | printf "%.3g" }}, score {{ index .Fields "score" | printf "%.2f" }}), \
 model {{ index .Tags "model" }}, window ending {{ .Time }}'
 
-// The anomalous windows; Kapacitor adds the time range and the GROUP BY
-var query = 'SELECT "max_error", "threshold", "score" FROM "' + db + '"."' + rp + '"."' + measurement + '" \
-WHERE "missing" = false AND "max_error" > "threshold"'
+// The worst anomalous window of each series in the period; Kapacitor adds the time range and the GROUP BY.
+// max() is a selector: "threshold", "score" and "anomalous" (and the time) are those of the window with the
+// largest max_error. Without it the alert would report the period's first anomalous window, not its worst.
+// To alert on something other than the detector's decision, put the same test in the WHERE condition and in
+// the crit lambda below, e.g. "score" >= 0.5, or "max_error" > "threshold" (no longer the detector's decision).
+var query = 'SELECT max("max_error") AS "max_error", "threshold", "score", "anomalous" FROM "' + db + '"."' + \
+rp + '"."' + measurement + '" WHERE "missing" = false AND "anomalous" = true'
 
 batch
     |query(query)
@@ -170,15 +180,16 @@ batch
     |alert()
         .id(id)
         .message(message)
-        .crit(lambda: "max_error" > "threshold")
+        .crit(lambda: "anomalous" == TRUE)
         .log(log_path)
         .slack()
         .channel(slack_channel)
 """
 
 FIXED_TICK = """\
-// anomalyd (c): the blog's approach, one task per series with the learned threshold as a var.
-// `anomalyd kapacitor render` writes one vars file per model, filled from the catalog.
+// anomalyd (c): the blog's approach, one task per series with a fixed threshold on max_error as a var.
+// `anomalyd kapacitor render` writes one vars file per model, filled from the catalog's learned threshold;
+// the operator may set another. This alerts on max_error alone, not on the detector's decision (anomalous).
 
 """ + _COMMON_VARS + """
 // The series this task watches, e.g. lambda: "signal" == 'heartbeat' AND "series" == 'patient=p1'
