@@ -1,5 +1,8 @@
 """The persisted models: ``<model_id>.npz`` arrays plus ``<model_id>.json`` metadata, written atomically.
 
+A model is the whole `anomalyd.detector.Detector`: its spec, the learned arrays (scaling, catalog shapes, field
+references) and the warm score state, so a series starts scoring exactly where training left it.
+
 Never pickle: ``np.load(allow_pickle=False)`` reads plain arrays only, and the JSON carries a SHA-256 of the
 ``.npz`` bytes so a truncated or tampered file is refused. The JSON is written last; it is the commit record.
 """
@@ -12,7 +15,7 @@ import json
 import logging
 import zipfile
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +23,13 @@ import numpy as np
 import sklearn
 
 from . import __version__
-from .model import WindowReconstructor
+from .detector import Detector
 from .records import Tags, tags_str
 from .state import atomic_write
 
 log = logging.getLogger(__name__)
-SCHEMA_VERSION = 1
-_PARAMS = ("window", "train_slide", "n_clusters", "random_state", "holdout", "threshold_policy", "margin",
-           "quantile", "sigma_k", "max_train_windows", "n_init")
+SCHEMA_VERSION = 2
+_ARRAYS = ("cluster_centers", "mean", "scale", "field_ref", "norm_hist", "norm_tail", "norm_lo", "norm_hi")
 
 
 class CatalogError(ValueError):
@@ -57,7 +59,7 @@ class StoredModel:
     signal: str
     tags: Tags
     scope: str
-    model: WindowReconstructor
+    model: Detector
     period_ns: int
     train_start_ns: int
     train_end_ns: int
@@ -65,7 +67,34 @@ class StoredModel:
 
     @property
     def threshold(self) -> float:
+        """The level on ``max_error`` learned from the hold-out (informational; the decision is the detector's)."""
         return float(self.model.threshold_)
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The fields the model was trained on, in window order."""
+        return tuple(self.meta.get("fields", ()))
+
+
+def model_mismatch(stored: StoredModel, sig: Any) -> str | None:
+    """Why a stored model cannot score a signal as configured now (None when it can).
+
+    ``sig`` is a `anomalyd.config.SignalConfig`; a window of ``None`` (automatic) accepts any learned window.
+    """
+    det = stored.model
+    problems = []
+    if stored.period_ns != sig.period_ns:
+        problems.append(f"period {stored.period_ns}ns (config: {sig.period_ns}ns)")
+    if sig.window is not None and det.window_ != sig.window:
+        problems.append(f"window {det.window_} (config: {sig.window})")
+    if stored.scope != sig.scope:
+        problems.append(f"scope {stored.scope} (config: {sig.scope})")
+    fields = stored.fields
+    if fields and tuple(fields) != (sig.field,):
+        problems.append(f"fields {', '.join(fields)} (config: {sig.field})")
+    if not problems:
+        return None
+    return (f"trained with {'; '.join(problems)}; retrain with `anomalyd train` or restore the config")
 
 
 def _meta_digest(meta: dict[str, Any]) -> str:
@@ -76,9 +105,9 @@ def _meta_digest(meta: dict[str, Any]) -> str:
 
 def save(models_dir: Path, stored: StoredModel) -> Path:
     """Write the model atomically; return the path of its JSON metadata."""
-    m = stored.model
+    arrays, det_meta = stored.model.to_state()
     buf = io.BytesIO()
-    np.savez(buf, cluster_centers=m.cluster_centers_, error_quantiles=m.error_quantiles_)
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
     blob = buf.getvalue()
     meta = {
         **{k: v for k, v in stored.meta.items() if k not in ("schema_version", "npz_sha256", "meta_sha256")},
@@ -88,9 +117,8 @@ def save(models_dir: Path, stored: StoredModel) -> Path:
         "series": tags_str(stored.tags),
         "tags": [list(t) for t in stored.tags],
         "scope": stored.scope,
-        "params": {p: getattr(m, p) for p in _PARAMS},
-        "threshold": float(m.threshold_),
-        "n_train_windows": int(m.n_train_windows_),
+        "detector": det_meta,
+        "threshold": det_meta["threshold"],
         "period_ns": stored.period_ns,
         "train_start_ns": stored.train_start_ns,
         "train_end_ns": stored.train_end_ns,
@@ -115,8 +143,8 @@ def load(path: Path) -> StoredModel:
         raise CatalogError(f"model metadata {path} is unreadable ({exc}); retrain with `anomalyd train`") from exc
     if not isinstance(meta, dict) or meta.get("schema_version") != SCHEMA_VERSION:
         got = meta.get("schema_version") if isinstance(meta, dict) else None
-        raise CatalogError(f"model {path} has schema_version={got!r}, this anomalyd reads {SCHEMA_VERSION}; "
-                           f"retrain with `anomalyd train`")
+        raise CatalogError(f"model {path} has schema_version={got!r} (an earlier anomalyd's model, without the "
+                           f"whole detector), this anomalyd reads {SCHEMA_VERSION}; retrain with `anomalyd train`")
     if meta.get("meta_sha256") != _meta_digest(meta):
         raise CatalogError(f"model metadata {path} fails its checksum (edited or corrupt); retrain with "
                            f"`anomalyd train`, or change a threshold with catalog.set_threshold")
@@ -130,18 +158,9 @@ def load(path: Path) -> StoredModel:
         raise CatalogError(f"model arrays {npz} fail their checksum (truncated or modified); retrain with "
                            f"`anomalyd train`")
     try:
-        with np.load(io.BytesIO(blob), allow_pickle=False) as arrays:
-            centers = np.asarray(arrays["cluster_centers"], dtype=np.float64)
-            quantiles = np.asarray(arrays["error_quantiles"], dtype=np.float64)
-        params = {p: meta["params"][p] for p in _PARAMS}
-        model = WindowReconstructor(**params)
-        if centers.ndim != 2 or centers.shape[1] != model.window:
-            raise ValueError(f"centroids of shape {centers.shape} do not match window={model.window}")
-        model.cluster_centers_ = centers
-        model.error_quantiles_ = quantiles
-        model.threshold_ = float(meta["threshold"])
-        model.n_train_windows_ = int(meta.get("n_train_windows", 0))
-        model.n_features_in_ = model.window
+        with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+            arrays = {name: np.asarray(z[name]) for name in _ARRAYS}
+        model = Detector.from_state(arrays, meta["detector"])
         tags: Tags = tuple((str(k), str(v)) for k, v in meta["tags"])
         return StoredModel(model_id=str(meta["model_id"]), signal=str(meta["signal"]), tags=tags,
                            scope=str(meta["scope"]), model=model, period_ns=int(meta["period_ns"]),
@@ -163,9 +182,11 @@ def list_models(models_dir: Path) -> list[StoredModel]:
 
 
 def set_threshold(path: Path, threshold: float, source: str) -> None:
-    """Replace a stored model's threshold (e.g. one tuned from labels), keeping everything else."""
+    """Replace a stored model's decision level (``score_threshold``, e.g. one tuned from labels), keeping
+    everything else."""
     stored = load(path)
-    stored.model.threshold_ = float(threshold)
+    det = stored.model
+    det.spec = replace(det.spec, score_threshold=float(threshold))
     meta = dict(stored.meta)
     meta["threshold_source"] = source
     save(path.parent, StoredModel(**{**stored.__dict__, "meta": meta}))

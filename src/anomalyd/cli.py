@@ -79,7 +79,7 @@ def _worker(cfg: Config, dry_run: bool = False):  # type: ignore[no-untyped-def]
 
 
 def _check(cfg: Config) -> int:
-    from .catalog import CatalogError, model_id_for
+    from .catalog import CatalogError, model_id_for, model_mismatch
     from .catalog import load as load_model
     from .influx import StoreError
 
@@ -106,13 +106,13 @@ def _check(cfg: Config) -> int:
                 continue
             if m.signal != sig.name:
                 continue
-            if (m.model.window, m.period_ns, m.scope) != (sig.window, sig.period_ns, sig.scope):
-                print(f"FAIL model {m.model_id}: trained with window={m.model.window} period={m.period_ns}ns "
-                      f"scope={m.scope}, config says window={sig.window} period={sig.period_ns}ns "
-                      f"scope={sig.scope}; retrain")
+            why = model_mismatch(m, sig)
+            if why:
+                print(f"FAIL model {m.model_id}: {why}")
                 problems += 1
             else:
-                print(f"ok   model {m.model_id} ({m.scope}, threshold {m.threshold:.4g})")
+                print(f"ok   model {m.model_id} ({m.scope}, window {m.model.window_}, max_error threshold "
+                      f"{m.threshold:.4g}, decision score >= {m.model.spec.score_threshold:g})")
     return 1 if problems else 0
 
 
@@ -147,10 +147,14 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> int:
 
         report = train(cfg, _store(cfg), signals=args.signal, exclude_anomalous=args.exclude_anomalous)
         for m in report.trained:
-            print(f"trained {m.model_id}: threshold {m.threshold:.4g}")
+            print(f"trained {m.model_id}: window {m.model.window_}, {len(m.model.catalog_.cluster_centers_)} shapes, "
+                  f"max_error threshold {m.threshold:.4g}")
         for key, why in report.failed.items():
             print(f"FAILED  {key}: {why}", file=sys.stderr)
-        return 1 if report.failed and not report.trained else 0
+        if report.failed:
+            print(f"anomalyd train: {len(report.failed)} of {len(report.failed) + len(report.trained)} failed "
+                  "(see above); those series are not scored until they are trained", file=sys.stderr)
+        return 1 if report.failed else 0
     if args.cmd == "run":
         from .service import Service
         from .training import refit

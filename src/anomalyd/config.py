@@ -15,10 +15,12 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from .detector import DECISIONS, DetectorSpec
 
 ENV_PREFIX = "ANOMALYD_"
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ns|us|µs|ms|s|m|h|d|w)\s*$")
@@ -29,6 +31,7 @@ _LAST_UNIT = {"m": "m", "minute": "m", "minutes": "m", "h": "h", "hour": "h", "h
               "day": "d", "days": "d", "w": "w", "week": "w", "weeks": "w"}
 SCOPES = ("series", "shared")
 POLICIES = ("max", "quantile", "sigma")
+MAX_GAP = 8  # samples filled by interpolation: a quarter of the reference window
 SINKS = ("log", "slack")
 
 
@@ -93,12 +96,17 @@ class TrainRange:
         return parse_time_ns(self.start, now_ns), parse_time_ns(self.end, now_ns)
 
 
+_SPEC = DetectorSpec()
+
+
 @dataclass(frozen=True)
 class ThresholdConfig:
-    policy: str = "max"
-    margin: float = 1.2
-    quantile: float = 0.999
-    k: float = 6.0
+    """How the hold-out's max errors become the ``threshold`` field (information beside the decision)."""
+
+    policy: str = _SPEC.threshold_policy
+    margin: float = _SPEC.margin
+    quantile: float = _SPEC.quantile
+    k: float = _SPEC.sigma_k
 
 
 @dataclass(frozen=True)
@@ -111,7 +119,7 @@ class SignalConfig:
     where: tuple[tuple[str, str], ...]
     group_by: tuple[str, ...]
     period_ns: int
-    window: int
+    window: int | None
     train_slide: int
     slide: int
     clusters: int
@@ -124,7 +132,25 @@ class SignalConfig:
     holdout: float
     max_train_windows: int
     threshold: ThresholdConfig
-    score_history: int = 500
+    score_history: int = _SPEC.normaliser.long_window
+    score_threshold: float = _SPEC.score_threshold
+    decision: str = _SPEC.decision
+    write_every: int = 1
+
+    def spec(self) -> DetectorSpec:
+        """The detector's parameters for this signal (the rest are `DetectorSpec`'s defaults)."""
+        th = self.threshold
+        return replace(_SPEC, window=self.window, train_slide=self.train_slide, stride=self.slide,
+                       n_clusters=self.clusters, random_state=self.random_state, n_init=self.n_init,
+                       holdout=self.holdout, max_train_windows=self.max_train_windows, threshold_policy=th.policy,
+                       margin=th.margin, quantile=th.quantile, sigma_k=th.k,
+                       normaliser=replace(_SPEC.normaliser, long_window=self.score_history),
+                       score_threshold=self.score_threshold, decision=self.decision)
+
+    @property
+    def step_ns(self) -> int:
+        """Time between two written points: ``write_every`` scored windows of ``slide`` samples each."""
+        return self.slide * self.write_every * self.period_ns
 
 
 @dataclass(frozen=True)
@@ -489,9 +515,8 @@ def from_dict(raw: dict[str, Any], source: str = "<config>", env: Mapping[str, s
 
 
 _SIGNAL_KEYS = {"name", "measurement", "field", "where", "group_by", "period", "window", "train_slide", "slide",
-                "clusters", "random_state", "n_init", "max_gap", "scope", "train_where", "train_range",
-                "holdout", "max_train_windows", "threshold",
-                "score_history"}
+                "write_every", "clusters", "random_state", "n_init", "max_gap", "scope", "train_where", "train_range",
+                "holdout", "max_train_windows", "threshold", "score_history", "score_threshold", "decision"}
 
 
 def _signals(c: _Checker, raw: Any) -> tuple[SignalConfig, ...]:
@@ -515,9 +540,12 @@ def _signals(c: _Checker, raw: Any) -> tuple[SignalConfig, ...]:
         if name in names:
             c.bad(f"{p}.name", f"{name!r} is used by two signals; names must be unique")
         names.add(name)
-        window = c.get(t, "window", p, "int", 32, lambda v: None if v >= 4 else "must be at least 4")
-        slide = c.get(t, "slide", p, "int", 16,
-                      _between(1, window, "window"))
+        window: int | None = None
+        raw_window = t.get("window", "auto")
+        if raw_window != "auto":
+            window = c.get(t, "window", p, "int", None,
+                           lambda v: None if v >= 4 else "must be at least 4, or \"auto\" (chosen at training)")
+        slide = c.get(t, "slide", p, "int", 1, _positive)
         group_by = t.get("group_by", [])
         if not isinstance(group_by, list) or not all(isinstance(g, str) and g for g in group_by):
             c.bad(f"{p}.group_by", f"{group_by!r} must be a list of tag names, e.g. [\"host\"]")
@@ -553,11 +581,11 @@ def _signals(c: _Checker, raw: Any) -> tuple[SignalConfig, ...]:
         c.unknown(th, f"{p}.threshold", {"policy", "margin", "quantile", "k"})
         pt = f"{p}.threshold"
         threshold = ThresholdConfig(
-            policy=c.get(th, "policy", pt, "str", "max", _one_of(POLICIES)),
-            margin=c.get(th, "margin", pt, "float", 1.2, _positive),
-            quantile=c.get(th, "quantile", pt, "float", 0.999,
+            policy=c.get(th, "policy", pt, "str", ThresholdConfig.policy, _one_of(POLICIES)),
+            margin=c.get(th, "margin", pt, "float", ThresholdConfig.margin, _positive),
+            quantile=c.get(th, "quantile", pt, "float", ThresholdConfig.quantile,
                            lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
-            k=c.get(th, "k", pt, "float", 6.0, _positive))
+            k=c.get(th, "k", pt, "float", ThresholdConfig.k, _positive))
         out.append(SignalConfig(
             name=name,
             measurement=c.get(t, "measurement", p, "str", "", lambda v: None if v else "must not be empty"),
@@ -566,19 +594,25 @@ def _signals(c: _Checker, raw: Any) -> tuple[SignalConfig, ...]:
             group_by=tuple(group_by),
             period_ns=c.get(t, "period", p, "duration", 10**9, _positive),
             window=window,
-            train_slide=c.get(t, "train_slide", p, "int", 2,
-                              _between(1, window, "window")),
+            train_slide=c.get(t, "train_slide", p, "int", _SPEC.train_slide,
+                              _between(1, window, "window") if window else _positive),
             slide=slide,
-            clusters=c.get(t, "clusters", p, "int", 150, _positive),
-            random_state=c.get(t, "random_state", p, "int", 0),
-            n_init=c.get(t, "n_init", p, "int", 5, _positive),
-            max_gap=c.get(t, "max_gap", p, "int", 2, _non_negative),
+            clusters=c.get(t, "clusters", p, "int", _SPEC.n_clusters,
+                           lambda v: None if v >= 2 else "must be at least 2 (the most shapes in the catalog)"),
+            random_state=c.get(t, "random_state", p, "int", _SPEC.random_state),
+            n_init=c.get(t, "n_init", p, "int", _SPEC.n_init, _positive),
+            max_gap=c.get(t, "max_gap", p, "int", MAX_GAP, _non_negative),
             scope=scope,
             train_where=_tags(c, t, "train_where", p),
             train_range=train_range,
-            holdout=c.get(t, "holdout", p, "float", 0.2, lambda v: None if 0 < v < 1 else "must be in (0, 1)"),
-            max_train_windows=c.get(t, "max_train_windows", p, "int", 50_000, _positive),
+            holdout=c.get(t, "holdout", p, "float", _SPEC.holdout,
+                          lambda v: None if 0 < v < 1 else "must be in (0, 1)"),
+            max_train_windows=c.get(t, "max_train_windows", p, "int", _SPEC.max_train_windows, _positive),
             threshold=threshold,
-            score_history=c.get(t, "score_history", p, "int", 500,
-                                lambda v: None if v >= 2 else "must be at least 2 windows")))
+            score_history=c.get(t, "score_history", p, "int", _SPEC.normaliser.long_window,
+                                lambda v: None if v >= 8 else "must be at least 8 windows"),
+            score_threshold=c.get(t, "score_threshold", p, "float", _SPEC.score_threshold,
+                                  lambda v: None if 0 < v <= 1 else "must be in (0, 1] (0.5 is the red zone)"),
+            decision=c.get(t, "decision", p, "str", _SPEC.decision, _one_of(DECISIONS)),
+            write_every=c.get(t, "write_every", p, "int", 1, _positive)))
     return tuple(out)

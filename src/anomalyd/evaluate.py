@@ -1441,8 +1441,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slide", type=int, default=1,
                         help="score one window every N rows, as the daemon does with signals.slide = N (default 1: "
                              "every row; rows in between score 0)")
-    parser.add_argument("--refit-every", type=int, default=0,
-                        help="refit on recent normal data every N rows (default 0: never)")
+    parser.add_argument("--max-gap", type=int, default=8,
+                        help="CSV and NAB: gaps of up to N samples are filled, as signals.max_gap does (default 8)")
+    parser.add_argument("--jobs", type=int, default=1, help="NAB: files evaluated in parallel (default 1)")
     parser.add_argument("--machines", nargs="+", help="SMD: only these machine ids (default: all found)")
     parser.add_argument("--threshold", type=float,
                         help="operating threshold (default: 0.5 on normalised scores; the threshold learned "
@@ -1466,8 +1467,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _detector_config(args: Any) -> Any:
-    from .detect import DetectorConfig
+def _detector_spec(args: Any) -> Any:
+    """The detector's parameters for ``evaluate``: the defaults every signal gets, with ``--window`` and
+    ``--slide``."""
+    from .detector import DetectorSpec
 
     window: int | None
     if str(args.window).lower() == "auto":
@@ -1479,11 +1482,11 @@ def _detector_config(args: Any) -> Any:
             raise ValueError(f"--window {args.window!r} must be a whole number of rows or 'auto'") from None
         if window < 4:
             raise ValueError(f"--window {window} is too small; use at least 4 rows or 'auto'")
-    if args.refit_every < 0:
-        raise ValueError(f"--refit-every {args.refit_every} must be >= 0 (0 disables refits)")
     if args.slide < 1:
         raise ValueError(f"--slide {args.slide} must be at least 1 (1 scores every row)")
-    return DetectorConfig(window=window, refit_every=args.refit_every, score_slide=args.slide)
+    if args.max_gap < 0:
+        raise ValueError(f"--max-gap {args.max_gap} must be >= 0")
+    return DetectorSpec(window=window, stride=args.slide)
 
 
 def _guess_format(path: Path) -> str:
@@ -1532,18 +1535,41 @@ def _label_segments(labels: NDArray[np.bool_]) -> list[tuple[int, int]]:
     return [(int(a), int(b) - 1) for a, b in zip(starts, ends, strict=True)]
 
 
-def _series_from_detection(name: str, values: NDArray[np.float64], labels: NDArray[np.bool_] | None,
-                           n_train: int, cfg: Any, segments: list[tuple[int, int]] | None = None) -> EvalSeries:
-    from .detect import detect_series
+def nab_probation(n: int, fraction: float = 0.15) -> int:
+    """Rows in NAB's probationary period: ``min(floor(fraction * n), fraction * 5000)`` (750 at 0.15).
 
-    det = detect_series(values, n_train, cfg)
-    return EvalSeries(name=name, values=values, scores=det.scores, errors=det.errors, labels=labels,
-                      n_train=n_train, threshold=DEFAULT_SCORE_THRESHOLD,
-                      segments=segments if segments is not None else
+    Examples
+    --------
+    >>> nab_probation(4032), nab_probation(22695)
+    (604, 750)
+    """
+    return math.ceil(min(math.floor(fraction * n), fraction * 5000))
+
+
+def _series_from_run(name: str, times: NDArray[np.int64], values: NDArray[np.float64],
+                     labels: NDArray[np.bool_] | None, n_train: int, run: Any,
+                     segments: list[tuple[int, int]] | None = None, info: dict[str, Any] | None = None) -> EvalSeries:
+    """An evaluated series from a `anomalyd.stored.StoredRun`: the daemon's points, one per row by timestamp.
+
+    A row gets the score and error of the window whose point carries its timestamp (what a join on time with
+    the daemon's output gives); rows without one (probation, missing-data windows) score 0.
+    """
+    from .stored import by_timestamp
+
+    det = run.detector
+    scores = np.nan_to_num(by_timestamp(run, times, run.batch.score), nan=0.0)
+    errors = by_timestamp(run, times, run.batch.max_error)
+    flags = by_timestamp(run, times, run.batch.anomalous.astype(np.float64)) == 1.0
+    slot = (np.asarray(times, dtype=np.int64) - run.t0 + run.period // 2) // run.period
+    recon = det.overlap_reconstruction(run.values, first_index=run.t0 // run.period)
+    tau = float(np.nextafter(det.spec.score_threshold, -np.inf))  # score > tau  <=>  score >= score_threshold
+    return EvalSeries(name=name, values=values, scores=scores, errors=errors, labels=labels, n_train=n_train,
+                      threshold=tau, segments=segments if segments is not None else
                       (_label_segments(labels) if labels is not None else []),
-                      reconstruction=det.reconstruction, error_threshold=det.threshold,
-                      info={"window": det.window, "n_clusters": det.n_clusters, "refits": det.refits,
-                            "error_threshold": det.threshold})
+                      reconstruction=recon[np.clip(slot, 0, len(recon) - 1)], error_threshold=float(det.threshold_),
+                      info={"window": det.window_, "n_clusters": len(det.catalog_.cluster_centers_),
+                            "error_threshold": float(det.threshold_), "decisions": int(flags.sum()),
+                            **(info or {})})
 
 
 def _progress(items: Sequence[Any], args: Any, desc: str) -> Any:
@@ -1552,41 +1578,51 @@ def _progress(items: Sequence[Any], args: Any, desc: str) -> Any:
     return tqdm(items, desc=desc, unit="file", disable=args.no_progress or len(items) < 2)
 
 
-def _load_csv_series(args: Any, cfg: Any) -> list[EvalSeries]:
-    from .detect import nab_probation, overlap_reconstruction, score_with_model
+def _csv_times(stamps: list[str]) -> tuple[NDArray[np.int64], bool]:
+    """Epoch-ns times of a CSV's timestamps, or the row numbers (one per second) when they are not times."""
+    try:
+        t = np.array(stamps, dtype="datetime64[ns]").astype(np.int64)
+        if len(t) < 2 or not np.any(np.diff(t) > 0):
+            raise ValueError("no two distinct times")
+        return t, True
+    except ValueError:
+        return np.arange(len(stamps), dtype=np.int64) * 10**9, False
+
+
+def _load_csv_series(args: Any, spec: Any) -> list[EvalSeries]:
+    from .stored import run_stored
 
     stamps, values, labels = load_labelled_csv(args.input)
     n = values.shape[0]
     name = args.input.name
+    times, timed = _csv_times(stamps)
+    if not timed:
+        log.warning("%s: the timestamps are not times; rows are taken as one sample per second", args.input)
+    info: dict[str, Any] = {"first_timestamp": stamps[0]}
     if args.model is not None:
         from .catalog import load as load_model
 
         stored = load_model(args.model)
-        model = stored.model
-        errors = score_with_model(model, values)
-        series = EvalSeries(name=name, values=values, scores=errors, errors=errors, labels=labels,
-                            n_train=model.window - 1, threshold=float(model.threshold_),
-                            segments=_label_segments(labels) if labels is not None else [],
-                            reconstruction=overlap_reconstruction(model, values),
-                            error_threshold=float(model.threshold_),
-                            info={"model": stored.model_id, "window": model.window,
-                                  "model_threshold": float(model.threshold_)})
-        series.info["first_timestamp"] = stamps[0]
-        return [series]
-    n_train = args.train_rows if args.train_rows is not None else nab_probation(n)
-    if not 0 < n_train < n:
-        raise ValueError(f"--train-rows {n_train} must be between 1 and the {n} rows of {args.input} minus one")
-    series = _series_from_detection(name, values, labels, n_train, cfg)
-    series.info["first_timestamp"] = stamps[0]
-    return [series]
+        run = run_stored(times, values, int(times[0]) - 1, period_ns=stored.period_ns, max_gap=args.max_gap,
+                         detector=stored.model)
+        info.update(model=stored.model_id, model_threshold=float(stored.model.threshold_))
+        n_train = stored.model.window_ - 1
+    else:
+        n_train = args.train_rows if args.train_rows is not None else nab_probation(n)
+        if not 0 < n_train < n:
+            raise ValueError(f"--train-rows {n_train} must be between 1 and the {n} rows of {args.input} minus one")
+        run = run_stored(times, values, int(times[n_train - 1]), spec, max_gap=args.max_gap)
+    return [_series_from_run(name, times, values, labels, n_train, run, info=info)]
 
 
-def _load_nab_series(args: Any, cfg: Any) -> tuple[list[EvalSeries], NabCorpus]:
-    from .detect import nab_probation
-
+def _load_nab_series(args: Any, spec: Any) -> tuple[list[EvalSeries], NabCorpus]:
     corpus = load_nab_corpus(args.input)
+    names = list(corpus.files)
+    with _pool(args) as pool:
+        runs = list(_progress_map(pool, _nab_run, [(corpus.files[n], spec, args.max_gap) for n in names], args,
+                                  "evaluate NAB"))
     out: list[EvalSeries] = []
-    for name in _progress(list(corpus.files), args, "evaluate NAB"):
+    for name, (times, n_train, run) in zip(names, runs, strict=True):
         f = corpus.files[name]
         values = np.asarray(f.values, dtype=np.float64)
         ts = np.asarray(f.timestamps)
@@ -1594,25 +1630,60 @@ def _load_nab_series(args: Any, cfg: Any) -> tuple[list[EvalSeries], NabCorpus]:
         labels = np.zeros(values.shape[0], dtype=bool)
         for a, b in segments:
             labels[a : b + 1] = True
-        out.append(_series_from_detection(name, values, labels, nab_probation(values.shape[0]), cfg, segments))
+        out.append(_series_from_run(name, times, values, labels, n_train, run, segments))
     return out, corpus
 
 
-def _load_smd_series(args: Any, cfg: Any) -> list[EvalSeries]:
-    from .detect import detect_multivariate
+def _nab_run(job: tuple[NabFile, Any, int]) -> tuple[NDArray[np.int64], int, Any]:
+    """One NAB file through the daemon's path: trained on its probationary period, every later row scored."""
+    from .stored import run_stored
 
+    f, spec, max_gap = job
+    times = np.asarray(f.timestamps).astype("datetime64[ns]").astype(np.int64)
+    n_train = nab_probation(len(times))
+    return times, n_train, run_stored(times, np.asarray(f.values, dtype=np.float64), int(times[n_train - 1]), spec,
+                                      max_gap=max_gap)
+
+
+def _pool(args: Any) -> Any:
+    """A process pool of ``--jobs`` workers (a no-op pool with one job)."""
+    from concurrent.futures import ProcessPoolExecutor
+    from contextlib import nullcontext
+
+    return ProcessPoolExecutor(args.jobs) if args.jobs > 1 else nullcontext(None)
+
+
+def _progress_map(pool: Any, fn: Any, jobs: Sequence[Any], args: Any, desc: str) -> Any:
+    from tqdm import tqdm
+
+    it = map(fn, jobs) if pool is None else pool.map(fn, jobs)
+    return tqdm(it, desc=desc, unit="file", total=len(jobs), disable=args.no_progress or len(jobs) < 2)
+
+
+def smd_run(train: NDArray[np.float64], test: NDArray[np.float64], spec: Any) -> Any:
+    """An SMD machine through the detector: trained on its training file, every test row scored (one sample per
+    row, the training file's end as the first windows' context)."""
+    from .detector import Detector
+
+    det = Detector(spec).fit([train], [0])
+    state = det.start(len(train), train)
+    return det, det.update(state, test)
+
+
+def _load_smd_series(args: Any, spec: Any) -> list[EvalSeries]:
     machines = args.machines or find_smd_machines(args.input)
     if not machines:
         raise FileNotFoundError(f"no SMD machine (machine-<id>_train/test/test_label.npy) under {args.input}")
     out: list[EvalSeries] = []
     for machine in _progress(machines, args, "evaluate SMD"):
         train, test, labels = load_smd_machine(args.input, machine)
-        det = detect_multivariate(train, test, cfg)
-        out.append(EvalSeries(name=f"machine-{machine}", values=test, scores=det.scores, errors=det.scores,
-                              labels=labels, n_train=0, threshold=det.threshold, segments=_label_segments(labels),
-                              error_threshold=det.threshold,
-                              info={"window": det.window, "n_clusters": det.n_clusters,
-                                    "train_threshold": det.threshold, "metric_scores": det.metric_scores}))
+        det, batch = smd_run(train, test, spec)
+        tau = float(np.nextafter(det.spec.score_threshold, -np.inf))
+        out.append(EvalSeries(name=f"machine-{machine}", values=test, scores=np.nan_to_num(batch.score),
+                              errors=batch.error, labels=labels, n_train=0, threshold=tau,
+                              segments=_label_segments(labels), error_threshold=float(det.error_threshold_),
+                              info={"window": det.window_, "n_clusters": len(det.catalog_.cluster_centers_),
+                                    "metric_scores": batch.field_error}))
     return out
 
 
@@ -1637,21 +1708,20 @@ def _rows_in_windows(windows: Sequence[tuple[int, int]], t0: int, period: int, n
     return labels
 
 
-def _load_influx_series(args: Any, det_cfg: Any) -> tuple[list[EvalSeries], str, bool]:
+def _load_influx_series(args: Any, spec: Any) -> tuple[list[EvalSeries], str, bool]:
     """Read, align, label and score the series of one signal over an InfluxDB range.
 
     Returns the series, the input's description for the report, and whether stored models scored them.
     """
     import time
 
-    from .catalog import Catalog, StoredModel, model_id_for
+    from .catalog import Catalog, StoredModel, model_id_for, model_mismatch
     from .catalog import load as load_model
     from .config import ConfigError, parse_time_ns
     from .config import load as load_config
-    from .detect import nab_probation, overlap_reconstruction, score_with_model
     from .influx import InfluxDB1Store, Query
     from .records import SeriesKey, Tags, tags_str
-    from .worker import align_many
+    from .stored import run_stored
 
     config_path = args.config if args.config is not None else Path("config.toml")
     try:
@@ -1696,9 +1766,12 @@ def _load_influx_series(args: Any, det_cfg: Any) -> tuple[list[EvalSeries], str,
                              f"{sig.name} samples every {period}ns; retrain it or restore the config")
     # The daemon's read (worker.py): the signal's where, one series per group_by tag set, half a period beyond
     # both ends so a jittered sample of the first or last grid point is kept.
+    # The daemon's read (worker.py): the signal's where, one series per group_by tag set, with one window of
+    # context before --start and the gap-filling margin beyond both ends.
     store = InfluxDB1Store(cfg.influxdb, cfg.daemon.write_batch)
-    half = period // 2
-    data = store.read(Query(sig.measurement, sig.field, sig.where, sig.group_by, period), start - half, end + half)
+    margin = ((sig.window or sig.spec().max_window) - 1 + sig.max_gap + 1) * period + period // 2
+    data = store.read(Query(sig.measurement, sig.field, sig.where, sig.group_by, period), start - margin,
+                      end + (sig.max_gap + 1) * period + period // 2)
     if not data:
         where = f" where {tags_str(sig.where)}" if sig.where else ""
         raise ValueError(f"signal {sig.name}: no samples of {sig.measurement}.{sig.field}{where} between "
@@ -1706,7 +1779,6 @@ def _load_influx_series(args: Any, det_cfg: Any) -> tuple[list[EvalSeries], str,
                          f"{cfg.influxdb.url}; check --start/--end (UTC) and the signal's measurement, field and where")
     items = sorted(data.items())
     keys = [tags_str(tags) for tags, _ in items]
-    matrix, problems = align_many([tv for _, tv in items], period, t0, n, sig.max_gap)
     windows = load_label_windows(args.labels, keys, start, end, now) if args.labels is not None else None
 
     models: dict[Tags, StoredModel] = {}
@@ -1725,63 +1797,54 @@ def _load_influx_series(args: Any, det_cfg: Any) -> tuple[list[EvalSeries], str,
             stored = catalog.get(model_id_for(sig.name, tags, sig.scope))
             if stored is None:
                 continue
-            if (stored.model.window, stored.period_ns) != (sig.window, period):
-                log.warning("model %s was trained with window=%d period=%dns but signal %s is configured with "
-                            "window=%d period=%dns; the daemon ignores it and so does this evaluation (retrain "
-                            "with `anomalyd train`)", stored.model_id, stored.model.window, stored.period_ns,
-                            sig.name, sig.window, period)
+            why = model_mismatch(stored, sig)
+            if why:
+                log.warning("model %s %s; the daemon ignores it and so does this evaluation", stored.model_id, why)
                 continue
             models[tags] = stored
         untrained = [k for (tags, _), k in zip(items, keys, strict=True) if tags not in models]
         if not models:
-            log.warning("signal %s has no trained model in %s: scoring each series with the default causal "
-                        "detector trained on its first rows (run `anomalyd train -c %s` to evaluate what the "
-                        "daemon does)", sig.name, cfg.paths.models, cfg.source)
+            log.warning("signal %s has no trained model in %s: training the default detector on the first rows of "
+                        "each series (run `anomalyd train -c %s` to evaluate what the daemon does)", sig.name,
+                        cfg.paths.models, cfg.source)
         elif untrained:
             log.warning("signal %s: %d series without a model in %s left out, as the daemon skips them: %s",
                         sig.name, len(untrained), cfg.paths.models, ", ".join(untrained))
 
     out: list[EvalSeries] = []
+    first_end = start // period * period  # the daemon's score: windows ending after --start
     for r in _progress(list(range(len(items))), args, "evaluate InfluxDB"):
-        tags, key = items[r][0], keys[r]
+        (tags, (times, vals)), key = items[r], keys[r]
         if models and tags not in models:
             continue
         name = str(SeriesKey(sig.name, tags))
-        values = matrix[r]
-        for kind, count in problems[r].items():
-            if kind != "filled":
-                log.info("series %s: %d %s samples", name, count, kind)
-        if not np.isfinite(values).any():
-            log.warning("series %s has no sample on the grid of the range; left out", name)
-            continue
-        labels = _rows_in_windows(windows[key], t0, period, n) if windows is not None else None
-        info: dict[str, Any] = {"series": key, "first_timestamp": _rfc3339(t0), "period_ns": period}
+        info: dict[str, Any] = {"series": key, "first_timestamp": _rfc3339(first_end + period), "period_ns": period}
         stored = models.get(tags)
         if stored is None:
-            n_train = args.train_rows if args.train_rows is not None else nab_probation(n)
-            if not 0 < n_train < n:
-                raise ValueError(f"--train-rows {n_train} must be between 1 and the {n} rows of {name} minus one")
-            s = _series_from_detection(name, values, labels, n_train, det_cfg)
-            s.info.update(info)
+            inside = times[times > first_end]
+            n_rows = len(inside)
+            n_train = args.train_rows if args.train_rows is not None else nab_probation(n_rows)
+            if not 0 < n_train < n_rows:
+                raise ValueError(f"--train-rows {n_train} must be between 1 and the {n_rows} rows of {name} minus one")
+            run = run_stored(times, vals, int(inside[n_train - 1]), spec, period, sig.max_gap)
+            info["train_rows"] = n_train
         else:
-            model = stored.model
-            errors = score_with_model(model, values)
-            # Rows the model was trained on (up to its training end) are not evaluated, nor rows before its
-            # first complete window.
-            in_training = int(np.clip((stored.train_end_ns - t0) // period + 1, 0, n))
-            n_train = max(model.window - 1, in_training)
-            if n_train >= n:
-                later = max(stored.train_end_ns + period, t0 + (model.window - 1) * period)
-                raise ValueError(f"{name}: none of the {n} rows of the range comes after model {stored.model_id}'s "
-                                 f"training end ({_rfc3339(stored.train_end_ns)}) and its first window; evaluate a "
-                                 f"later or longer range, e.g. --start {_rfc3339(later)}")
-            tau = float(model.threshold_)
-            s = EvalSeries(name=name, values=values, scores=errors, errors=errors, labels=labels, n_train=n_train,
-                           threshold=tau, segments=_label_segments(labels) if labels is not None else [],
-                           reconstruction=overlap_reconstruction(model, values), error_threshold=tau,
-                           info={**info, "model": stored.model_id, "window": model.window, "model_threshold": tau,
-                                 "rows_in_training": in_training,
-                                 "missing_rows": int(np.count_nonzero(np.isnan(errors[n_train:])))})
+            boundary = max(first_end, stored.train_end_ns // period * period)
+            if boundary >= end:
+                later = _rfc3339(stored.train_end_ns + period)
+                raise ValueError(f"{name}: no window of the range ends after model {stored.model_id}'s training end "
+                                 f"({_rfc3339(stored.train_end_ns)}); evaluate a later range, e.g. --start {later}")
+            run = run_stored(times, vals, boundary, period_ns=period, max_gap=sig.max_gap, detector=stored.model)
+            info.update(model=stored.model_id, model_threshold=float(stored.model.threshold_))
+        keep = run.stamps <= end
+        t_rows = run.stamps[keep]
+        labels = None
+        if windows is not None:
+            labels = np.zeros(len(t_rows), dtype=bool)
+            for a, b in windows[key]:
+                labels |= (t_rows >= a) & (t_rows <= b)
+        s = _series_from_run(name, t_rows, run.values[run.first :][keep], labels, 0, run, info=info)
+        s.info["missing_rows"] = int(np.count_nonzero(run.written[keep] & ~run.batch.complete[keep]))
         out.append(s)
     if not out:
         raise ValueError(f"signal {sig.name}: no series left to evaluate between {_rfc3339(start)} and "
@@ -2121,7 +2184,7 @@ def _run(args: argparse.Namespace) -> int:
         raise _UsageError(f"--validation {args.validation} must be in [0, 1)")
     if args.n_plots < 0:
         raise _UsageError(f"--n-plots {args.n_plots} must be >= 0")
-    cfg = _detector_config(args)
+    cfg = _detector_spec(args)
     corpus: NabCorpus | None = None
     input_desc = str(args.input)
     stored_models = args.model is not None
@@ -2159,19 +2222,15 @@ def _run(args: argparse.Namespace) -> int:
         set_threshold(args.model, tau, f"anomalyd evaluate --tune {args.tune} on {input_desc}")
         print(f"wrote threshold {tau:.6g} (tuned: {args.tune}) to {args.model}")
     if args.json is not None:
-        from .detect import DetectorConfig
-
         report = {
             "input": input_desc, "format": fmt,
-            "detector": "stored model" if stored_models else (cfg if isinstance(cfg, DetectorConfig) else None),
+            "detector": "stored model" if stored_models else cfg.to_dict(),
             "summary": summary,
             "series": [{"name": s.name, "n_rows": int(s.scores.size), "n_train": s.n_train, **s.info,
                         **s.metrics} for s in series],
             "plots": plots,
             "seconds": time.perf_counter() - started,
         }
-        if isinstance(report["detector"], DetectorConfig):
-            report["detector"] = report["detector"].to_dict()
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(_jsonable(report), indent=2) + "\n")
         print(f"wrote {args.json}")

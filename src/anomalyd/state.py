@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import math
 import os
 import tempfile
 import time
@@ -145,8 +144,9 @@ class ScoreStates:
                             "to %s)", path, exc, path.with_suffix(".corrupt"))
                 path.replace(path.with_suffix(".corrupt"))
 
-    def get(self, series_id: str, model_tag: str, initial: Mapping[str, Any] | None) -> ScoreNormaliser:
-        """The normaliser of a series scored by the model ``model_tag``, created from ``initial`` if new."""
+    def get(self, series_id: str, model_tag: str, initial: ScoreNormaliser) -> ScoreNormaliser:
+        """The normaliser of a series scored by the model ``model_tag``; a copy of ``initial`` (the model's
+        warm state) if the series is new or its model changed."""
         self._used[series_id] = self.clock()
         have = self._norms.get(series_id)
         if have is not None and have[0] == model_tag:
@@ -156,10 +156,12 @@ class ScoreStates:
         if saved is not None and saved[0] == model_tag:
             try:
                 norm = ScoreNormaliser.from_dict(saved[1])
+                if norm.params != initial.params:
+                    norm = None
             except ValueError as exc:
                 log.warning("series %s: saved score state ignored (%s)", series_id, exc)
         if norm is None:
-            norm = ScoreNormaliser.from_dict(initial) if initial else ScoreNormaliser()
+            norm = initial.copy()
         self._norms[series_id] = (model_tag, norm)
         self._dirty = True
         return norm
@@ -196,7 +198,8 @@ class ScoreStates:
     close = save
 
 
-_LISTS = ("raw", "avg", "tail")
+_LISTS = ("hist", "tail", "lo", "hi")
+_VERSION = 2
 
 
 def _params_json(params: Any) -> str:
@@ -205,7 +208,7 @@ def _params_json(params: Any) -> str:
 
 def _pack_states(entries: Mapping[str, tuple[str, Mapping[str, Any]]]) -> bytes:
     """``{series: (model tag, ScoreNormaliser.snapshot() or .to_dict())}`` as an ``.npz`` of plain arrays (one
-    row per series)."""
+    row per series; ragged arrays padded with NaN beside their lengths)."""
     ids = list(entries)
     states = [entries[k][1] for k in ids]
     texts: dict[int, str] = {}  # params objects are shared by the series of a model: serialise each once
@@ -218,21 +221,22 @@ def _pack_states(entries: Mapping[str, tuple[str, Mapping[str, Any]]]) -> bytes:
     params = sorted(set(keys))
     index = {p: i for i, p in enumerate(params)}
     arrays: dict[str, Any] = {
-        "version": np.array(1),
+        "version": np.array(_VERSION),
         "ids": np.array(ids, dtype=str), "models": np.array([entries[k][0] for k in ids], dtype=str),
         "params": np.array(params, dtype=str),
         "param_idx": np.array([index[k] for k in keys], dtype=np.int64),
         "state_version": np.array([st["version"] for st in states], dtype=np.int64),
         "seen": np.array([st["seen"] for st in states], dtype=np.int64),
         "since_red": np.array([st["since_red"] for st in states], dtype=np.int64),
-        "lo": np.array([np.nan if st["lo"] is None else st["lo"] for st in states], dtype=np.float64),
-        "hi": np.array([np.nan if st["hi"] is None else st["hi"] for st in states], dtype=np.float64),
+        "s1": np.array([st["s1"] for st in states], dtype=np.float64),
+        "s2": np.array([st["s2"] for st in states], dtype=np.float64),
     }
     for name in _LISTS:
-        lengths = np.array([len(st[name]) for st in states], dtype=np.int64)
+        rows = [np.empty(0) if st[name] is None else np.asarray(st[name], dtype=np.float64) for st in states]
+        lengths = np.array([len(r) for r in rows], dtype=np.int64)
         block = np.full((len(states), int(lengths.max(initial=0))), np.nan)
-        for r, st in enumerate(states):
-            block[r, : lengths[r]] = st[name]
+        for r, row in enumerate(rows):
+            block[r, : lengths[r]] = row
         arrays[name], arrays[f"{name}_len"] = block, lengths
     buf = io.BytesIO()
     np.savez(buf, **arrays)
@@ -240,20 +244,22 @@ def _pack_states(entries: Mapping[str, tuple[str, Mapping[str, Any]]]) -> bytes:
 
 
 def _unpack_states(blob: bytes) -> dict[str, tuple[str, dict[str, Any]]]:
-    """The inverse of `_pack_states` (rows become ``ScoreNormaliser.to_dict()`` dicts)."""
+    """The inverse of `_pack_states` (rows become ``ScoreNormaliser.snapshot()``-like dicts)."""
     with np.load(io.BytesIO(blob), allow_pickle=False) as z:
         a = {name: z[name] for name in z.files}
-    if int(a["version"]) != 1:
-        raise ValueError(f"score state version {int(a['version'])} is not 1")
+    if int(a["version"]) != _VERSION:
+        raise ValueError(f"score state version {int(a['version'])} is not {_VERSION}")
     params = [json.loads(str(p)) for p in a["params"]]
     out: dict[str, tuple[str, dict[str, Any]]] = {}
     for r, (sid, model) in enumerate(zip(a["ids"].tolist(), a["models"].tolist(), strict=True)):
-        lo, hi = float(a["lo"][r]), float(a["hi"][r])
         state: dict[str, Any] = {
             "version": int(a["state_version"][r]), "params": params[int(a["param_idx"][r])],
-            "seen": int(a["seen"][r]), "since_red": int(a["since_red"][r]),
-            "lo": None if math.isnan(lo) else lo, "hi": None if math.isnan(hi) else hi}
+            "seen": int(a["seen"][r]), "since_red": int(a["since_red"][r]), "s1": float(a["s1"][r]),
+            "s2": float(a["s2"][r])}
         for name in _LISTS:
             state[name] = a[name][r, : int(a[f"{name}_len"][r])]  # from_dict copies
+        for name in ("lo", "hi"):
+            if len(state[name]) == 0:
+                state[name] = None
         out[str(sid)] = (str(model), state)
     return out
