@@ -185,7 +185,7 @@ class PathsConfig:
 class DaemonConfig:
     interval_s: float = 16.0
     lateness_ns: int = 30 * 10**9
-    max_backlog_windows: int = 2000
+    max_backlog_windows: int = 10_000
     write_batch: int = 10_000
     health_listen: str = "127.0.0.1:9108"
     max_backoff_s: float = 300.0
@@ -207,7 +207,7 @@ class SlackConfig:
 class AlertsConfig:
     sinks: tuple[str, ...] = ("log",)
     for_windows: int = 1
-    recover_windows: int = 2
+    recover_windows: int = 32
     repeat_every_s: float = 0.0
     missing_data: bool = False
     dashboard_url: str = ""
@@ -456,7 +456,7 @@ def from_dict(raw: dict[str, Any], source: str = "<config>", env: Mapping[str, s
     daemon = DaemonConfig(
         interval_s=c.get(t, "interval", "daemon", "duration", 16 * 10**9, _positive) / 1e9,
         lateness_ns=c.get(t, "lateness", "daemon", "duration", 30 * 10**9, _non_negative),
-        max_backlog_windows=c.get(t, "max_backlog_windows", "daemon", "int", 2000, _positive),
+        max_backlog_windows=c.get(t, "max_backlog_windows", "daemon", "int", DaemonConfig.max_backlog_windows, _positive),
         write_batch=c.get(t, "write_batch", "daemon", "int", 10_000, _positive),
         health_listen=listen,
         max_backoff_s=c.get(t, "max_backoff", "daemon", "duration", 300 * 10**9, _positive) / 1e9,
@@ -490,7 +490,7 @@ def from_dict(raw: dict[str, Any], source: str = "<config>", env: Mapping[str, s
     alerts = AlertsConfig(
         sinks=sinks,
         for_windows=c.get(t, "for_windows", "alerts", "int", 1, _positive),
-        recover_windows=c.get(t, "recover_windows", "alerts", "int", 2, _positive),
+        recover_windows=c.get(t, "recover_windows", "alerts", "int", AlertsConfig.recover_windows, _positive),
         repeat_every_s=c.get(t, "repeat_every", "alerts", "duration", 0, _non_negative) / 1e9,
         missing_data=c.get(t, "missing_data", "alerts", "bool", False),
         dashboard_url=c.get(t, "dashboard_url", "alerts", "str", ""),

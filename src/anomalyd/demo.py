@@ -84,7 +84,8 @@ def _fmt(ns: int) -> str:
 
 
 def report_findings(results: list[WindowResult], fed: list[FedSeries], period_ns: int) -> str:
-    """Which windows were flagged, their error against the threshold, and which injected anomaly they hit."""
+    """Which windows the detector flagged (score, and max_error against its threshold), and which injected anomaly
+    they hit."""
     lines = ["", "anomalous windows found:"]
     flagged = [r for r in results if r.anomalous]
     hit: set[tuple[str, int]] = set()
@@ -100,8 +101,8 @@ def report_findings(results: list[WindowResult], fed: list[FedSeries], period_ns
                     what = f"injected {a.kind}"
                     hit.add((s.tag, a.start))
         score = f"{r.score:.2f}" if r.score is not None else "-"
-        lines.append(f"  {r.key!s:28} {_fmt(r.start_ns)}-{_fmt(r.end_ns)} UTC  max_error {r.max_error:8.2f} > "
-                     f"threshold {r.threshold:7.2f} (x{r.ratio:.2f})  score {score}  {what}")
+        lines.append(f"  {r.key!s:28} {_fmt(r.start_ns)}-{_fmt(r.end_ns)} UTC  score {score}  max_error "
+                     f"{r.max_error:8.2f} (threshold {r.threshold:7.2f}, x{r.ratio:.2f})  {what}")
     if not flagged:
         lines.append("  (none)")
     scored_until = max((r.end_ns for r in results), default=0)
@@ -110,8 +111,8 @@ def report_findings(results: list[WindowResult], fed: list[FedSeries], period_ns
     lines.append(f"injected anomalies in the scored range: {len(due)}, caught: {len(due) - len(missed)}"
                  + (f", missed: {', '.join(missed)}" if missed else ""))
     windows = sum(1 for r in results if not r.missing)
-    high = sum(1 for r in results if r.score is not None and r.score >= 0.5)
-    lines.append(f"windows scored: {windows}, anomalous: {len(flagged)}, score >= 0.5: {high}, missing-data: "
+    false = sum(1 for line in lines if line.endswith("(false alarm)"))
+    lines.append(f"windows scored: {windows}, anomalous: {len(flagged)} ({false} false alarms), missing-data: "
                  f"{sum(1 for r in results if r.missing)}")
     return "\n".join(lines)
 
