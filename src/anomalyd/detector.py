@@ -308,6 +308,8 @@ class WindowBatch:
         Per field, its error (the score input's units) and direction (+1 above the shape, -1 below).
     n_missing : ndarray of int
         Missing samples in each window.
+    last_present : ndarray of bool
+        The window's last sample is there (real or filled): the daemon writes a point only for such windows.
     """
 
     position: NDArray[np.int64]
@@ -321,6 +323,7 @@ class WindowBatch:
     field_error: NDArray[np.float64]
     field_sign: NDArray[np.float64]
     n_missing: NDArray[np.int64]
+    last_present: NDArray[np.bool_]
 
 
 class Detector:
@@ -537,7 +540,7 @@ class Detector:
         anomalous = by_score if s.decision == "score" else by_error if s.decision == "error" else by_score | by_error
         return WindowBatch(position=pos, scored=scored, complete=complete, error=error, max_error=max_error,
                            score=score, anomalous=anomalous, nearest=nearest, field_error=f_err, field_sign=f_sign,
-                           n_missing=n_missing.astype(np.int64))
+                           n_missing=n_missing.astype(np.int64), last_present=np.isfinite(x).all(axis=2))
 
     # -- display -----------------------------------------------------------------------------------
     def shape(self, nearest: int) -> NDArray[np.float64]:

@@ -23,8 +23,8 @@ class StoredRun:
     """The outcome of `run_stored`.
 
     ``stamps`` is the output timestamp of each window (the time of its last real sample), one per ``batch``
-    column; ``written`` marks the windows the daemon writes a point for (scored, and holding at least one real
-    sample); ``t0`` is the grid origin and ``first`` the first scored grid slot.
+    column; ``written`` marks the windows the daemon writes a point for (scored, with their last sample there);
+    ``t0`` is the grid origin and ``first`` the first scored grid slot.
     """
 
     detector: Detector
@@ -37,8 +37,7 @@ class StoredRun:
 
     @property
     def written(self) -> NDArray[np.bool_]:
-        det = self.detector
-        return np.asarray(self.batch.scored & (self.batch.n_missing < det.window_ * det.n_fields_))
+        return np.asarray(self.batch.scored & self.batch.last_present)
 
 
 def infer_period(times: NDArray[np.int64]) -> int:

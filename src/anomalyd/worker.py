@@ -8,9 +8,9 @@ all points in one batch.
 
 Windows sit on a fixed grid: a written point covers the windows up to a grid time that is a multiple of
 ``slide * write_every * period`` since the epoch, so re-scoring the same range overwrites the same points. A point
-carries the timestamp of its window's last real sample (the grid time when that sample was interpolated), so it
-joins the raw data on time. Windows that end before a series' first sample in the read, or start after its last,
-are not written.
+carries the timestamp of its window's last sample (the grid time when that sample was interpolated), so it joins
+the raw data on time. A window whose last sample is missing (before a series' first sample, after its last, inside
+an outage) is not written.
 """
 
 from __future__ import annotations
@@ -256,9 +256,9 @@ class Worker:
         batch = det.update_many(states, matrix[:, new])
         score_states.touch()
         slots = np.arange(n_new, dtype=np.int64) + (w - 1 + gap)
-        # A window that holds no sample at all (before a series starts, after it stops, inside a long outage)
-        # is not written.
-        keep = batch.n_missing < w * det.n_fields_
+        # A window whose last sample is missing (before a series starts, after it stops, inside a long outage)
+        # is not written; one with a gap before its last sample is a missing-data window.
+        keep = batch.last_present
         for r, m in enumerate(members):
             ends = output_stamps(stamps.get(r), t0, period, slots)
             self._emit(sig, stored, m.key, batch, r, keep[r], ends, matrix[r], slots, rep, results, points)
@@ -281,7 +281,7 @@ class Worker:
         ok = b.complete[r, cols]
         sc = np.where(ok, b.score[r, cols], -1.0)
         if every > 1:
-            group = (b.position[r, cols] // sig.slide) // every
+            group = (b.position[r, cols] // sig.slide - 1) // every  # (lo, hi] ranges: a group ends on a step
             starts = np.flatnonzero(np.concatenate(([True], group[1:] != group[:-1])))
         else:
             starts = np.arange(len(cols))
