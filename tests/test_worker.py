@@ -120,7 +120,7 @@ def test_daemon_path_equals_offline_path_on_nab(influxd: LocalInfluxd, database:
     data = {name: _read_nab(shared_data / "nab" / "data" / name) for name in NAB_FILES}
     lines = []
     signals = []
-    for i, (name, (t, v)) in enumerate(data.items()):
+    for i, (_name, (t, v)) in enumerate(data.items()):
         tag = f"f{i}"
         lines += [f"nab,file={tag} value={x!r} {s}" for s, x in zip(t.tolist(), v.tolist(), strict=True)]
         n_train = nab_probation(len(t))

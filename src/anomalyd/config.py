@@ -456,7 +456,8 @@ def from_dict(raw: dict[str, Any], source: str = "<config>", env: Mapping[str, s
     daemon = DaemonConfig(
         interval_s=c.get(t, "interval", "daemon", "duration", 16 * 10**9, _positive) / 1e9,
         lateness_ns=c.get(t, "lateness", "daemon", "duration", 30 * 10**9, _non_negative),
-        max_backlog_windows=c.get(t, "max_backlog_windows", "daemon", "int", DaemonConfig.max_backlog_windows, _positive),
+        max_backlog_windows=c.get(t, "max_backlog_windows", "daemon", "int", DaemonConfig.max_backlog_windows,
+                                  _positive),
         write_batch=c.get(t, "write_batch", "daemon", "int", 10_000, _positive),
         health_listen=listen,
         max_backoff_s=c.get(t, "max_backoff", "daemon", "duration", 300 * 10**9, _positive) / 1e9,
