@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from . import __version__
@@ -37,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--start", required=True, help="RFC 3339 time, 'now' or 'now-2h'")
     sp.add_argument("--end", default="now", help="RFC 3339 time, 'now' or 'now-2h' (default now)")
     sp.add_argument("--alert", action="store_true", help="also pass the results to the alert sinks")
+    sp.add_argument("--signal", action="append", help="only this signal (repeatable)")
     cmd("check", "validate the config, InfluxDB connectivity and the models")
     sp = cmd("feed", "write the synthetic demo signal (with injected anomalies) to InfluxDB")
     sp.add_argument("--history", default="7h", help="how much history to write up to now (default 7h)")
@@ -173,6 +175,12 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> int:
         start, end = parse_time_ns(args.start, now), parse_time_ns(args.end, now)
         if start >= end:
             raise ValueError(f"--start {args.start} must be before --end {args.end}")
+        if args.signal:
+            unknown = sorted(set(args.signal) - {s.name for s in cfg.signals})
+            if unknown:
+                raise ValueError(f"--signal {', '.join(unknown)}: not a signal of {cfg.source}; configured: "
+                                 f"{', '.join(s.name for s in cfg.signals)}")
+            cfg = replace(cfg, signals=tuple(s for s in cfg.signals if s.name in args.signal))
         report = _worker(cfg).score_range(start, end, alert=args.alert)
         print(f"scored {report.windows} windows: {report.anomalous} anomalous, {report.missing} missing-data "
               f"in {report.seconds:.2f}s")
