@@ -2,10 +2,13 @@
 
 Usage: .venv/bin/python benchmarks/bench_tick.py --series 1000 10000
 
-For each N: N series at 1 Hz, one shared model, watermarks one window behind, so the tick has exactly one due
-window per series (window 32, slide 16). Reported, all measured in the same run:
-- tick: wall time of ``Worker.tick`` (read all due windows, score, write all points, advance watermarks);
-- floor: the same InfluxQL query fetched with curl plus the same points written with curl;
+For each N: N series at 1 Hz, one shared model (window 32), the shipped defaults (every window scored, one point
+per window), watermarks one interval (16 s) behind, so the tick has 16 due windows per series and writes 16
+points per series. Reported, all measured in the same run:
+- tick: wall time of ``Worker.tick`` (read the samples of all due windows, score, write all points, advance
+  watermarks);
+- floor: curl fetching exactly what the tick reads (the same InfluxQL query over the same range) plus curl
+  writing the same points (same measurement, tags and fields);
 - baseline: the blog's loop, one client and one query per series per window and one write per point
   (measured on min(N, --baseline-max) series and scaled linearly to N when fewer);
 - peak memory: tracemalloc peak of a further tick run (Python + numpy allocations).
@@ -28,16 +31,18 @@ from influxdb import InfluxDBClient
 from anomalyd import catalog
 from anomalyd.catalog import Catalog, StoredModel
 from anomalyd.config import from_dict
+from anomalyd.detector import Detector
 from anomalyd.influx import InfluxDB1Store, Query
 from anomalyd.localinflux import LocalInfluxd
-from anomalyd.model import WindowReconstructor, sliding_windows
+from anomalyd.model import sliding_windows
 from anomalyd.records import SeriesKey
 from anomalyd.state import ScoreStates, Watermarks
 from anomalyd.synthetic import ecg
-from anomalyd.training import warm_normaliser
 from anomalyd.worker import Worker
 
 SEC = 10**9
+INTERVAL = 16 * SEC  # the daemon's tick interval: 16 new samples per series
+N_SAMPLES = 96  # per series: the tick's read (31 context + 16 new + the gap margins) and more
 
 
 def setup(server: LocalInfluxd, n: int, root: Path, now: int) -> tuple[object, np.ndarray]:
@@ -48,50 +53,64 @@ def setup(server: LocalInfluxd, n: int, root: Path, now: int) -> tuple[object, n
         "paths": {"models": str(root / "models"), "state": str(root / f"state{n}")},
         "daemon": {"lateness": "0s", "health_listen": ""},
         "signals": [{"name": "bench", "measurement": "m", "field": "v", "group_by": ["host"], "period": "1s",
-                     "scope": "shared", "clusters": 150}],
+                     "scope": "shared", "window": 32}],
     }, env={})
     x, _ = ecg(20_000, seed=1)
-    model = WindowReconstructor().fit(x[:8000])
-    warm = warm_normaliser(model, [x[:8000]], cfg.signals[0]).to_dict()  # type: ignore[attr-defined]
+    model = Detector(cfg.signals[0].spec()).fit([x[:8000]])  # type: ignore[attr-defined]
     catalog.save(cfg.paths.models, StoredModel("bench", "bench", (), "shared", model, SEC, 0, 0,
-                                               meta={"normaliser": warm}))
-    step = 16 * SEC
-    hi = now // step * step
-    t = hi - 63 * SEC + np.arange(64) * SEC  # 64 samples per series: the due window and what precedes it
+                                               meta={"fields": ["v"]}))
+    hi = now // INTERVAL * INTERVAL
+    t = hi - (N_SAMPLES - 1) * SEC + np.arange(N_SAMPLES) * SEC
     lines = []
     for i in range(n):
-        vals = x[(i * 37) % 10_000 : (i * 37) % 10_000 + 64]
+        vals = x[(i * 37) % 10_000 : (i * 37) % 10_000 + N_SAMPLES]
         lines.extend(f"m,host=h{i:05d} v={v:.3f} {ts}" for v, ts in zip(vals, t, strict=True))
     for k in range(0, len(lines), 100_000):
         server.write_lines(db, "\n".join(lines[k : k + 100_000]))
     wm = Watermarks(cfg.paths.state / "watermarks.json")
     for i in range(n):
-        wm.advance(SeriesKey("bench", (("host", f"h{i:05d}"),)).id, hi - step)
+        wm.advance(SeriesKey("bench", (("host", f"h{i:05d}"),)).id, hi - INTERVAL)
     wm.save()
     return cfg, x
+
+
+def tick_read_range(cfg, hi: int) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+    """The range `Worker` reads for a tick whose windows end in (hi - INTERVAL, hi] (see worker._run_signal)."""
+    sig = cfg.signals[0]
+    margin = (sig.max_gap + 1) * SEC
+    return hi - INTERVAL + SEC - 31 * SEC - margin - SEC // 2, hi + margin + SEC // 2
 
 
 def curl_floor(cfg, store: InfluxDB1Store, hi: int, n: int, root: Path) -> float:  # type: ignore[no-untyped-def]
     sig = cfg.signals[0]
     q, params = store.build_select(Query(sig.measurement, sig.field, sig.where, sig.group_by, sig.period_ns))
-    params.update(start=hi - 16 * SEC - 31 * SEC + SEC, end=hi)
-    body = root / "points.txt"
-    body.write_text("\n".join(
-        f"anomaly_error,host=h{i:05d},model=bench,series=host\\=h{i:05d},signal=bench max_error=1.5,threshold=2.5,"
-        f"anomalous=false,score=0.4,missing=false,n_missing=0i {hi}" for i in range(n)))
+    lo, end = tick_read_range(cfg, hi)
+    params.update(start=lo, end=end)
+    lines = [f"anomaly_error,host=h{i:05d},model=bench,series=host\\=h{i:05d},signal=bench max_error=1.5,"
+             f"threshold=2.5,anomalous=false,score=0.4,missing=false,n_missing=0i {hi - k * SEC}"
+             for i in range(n) for k in range(16)]
+    batch = cfg.daemon.write_batch  # the daemon writes in batches of this many points: so does the floor
+    write_args: list[str] = []
+    for b in range(0, len(lines), batch):
+        body = root / f"points{b // batch}.txt"
+        body.write_text("\n".join(lines[b : b + batch]))
+        if write_args:
+            write_args.append("--next")
+        write_args += ["-sf", "-XPOST", f"{cfg.influxdb.url}/write?db={cfg.influxdb.database}&precision=ns",
+                       "--data-binary", f"@{body}"]
     t0 = time.perf_counter()
     subprocess.run(["curl", "-sf", "-o", "/dev/null", "-XPOST", f"{cfg.influxdb.url}/query",
                     "--data-urlencode", f"q={q}", "--data-urlencode", f"db={cfg.influxdb.database}",
                     "--data-urlencode", "epoch=ms", "--data-urlencode", "chunked=true",
                     "--data-urlencode", "chunk_size=100000", "--data-urlencode", f"params={json.dumps(params)}"],
                    check=True)
-    subprocess.run(["curl", "-sf", "-XPOST", f"{cfg.influxdb.url}/write?db={cfg.influxdb.database}&precision=ns",
-                    "--data-binary", f"@{body}"], check=True)
+    subprocess.run(["curl", *write_args], check=True)
     return time.perf_counter() - t0
 
 
-def blog_loop(cfg, model: WindowReconstructor, n: int, hi: int) -> float:  # type: ignore[no-untyped-def]
-    """One client, one query and one write per series per window, as the blog's live loop does."""
+def blog_loop(cfg, model: Detector, n: int, hi: int) -> float:  # type: ignore[no-untyped-def]
+    """One client, one query and one write per series per window, as the blog's live loop does (one window of
+    32 samples every 16 s per series)."""
     port = int(cfg.influxdb.url.rsplit(":", 1)[1])
     t0 = time.perf_counter()
     for i in range(n):
@@ -100,7 +119,8 @@ def blog_loop(cfg, model: WindowReconstructor, n: int, hi: int) -> float:  # typ
                           bind_params={"h": f"h{i:05d}", "lo": hi - 32 * SEC, "hi": hi}, epoch="ns")
         vals = np.array([p["v"] for p in rs.get_points()])
         if len(vals) == 32:
-            err = float(model.window_errors(sliding_windows(vals, 32, 16))[0])
+            z = (vals - model.mean_) / model.scale_
+            err = float(model.catalog_.match(sliding_windows(z, 32, 16))[2].max())
             client.write_points([{"measurement": "baseline_error", "tags": {"host": f"h{i:05d}"},
                                   "fields": {"max_error": err}, "time": hi}], time_precision="n")
         client.close()
@@ -109,12 +129,12 @@ def blog_loop(cfg, model: WindowReconstructor, n: int, hi: int) -> float:  # typ
 
 def fresh_worker(cfg, store: InfluxDB1Store, n: int, hi: int, now: int,  # type: ignore[no-untyped-def]
                  scores: ScoreStates) -> Worker:
-    """A worker whose watermarks put exactly one window per series due (the score history is kept in memory
-    across ticks, as in the daemon)."""
+    """A worker whose watermarks put one interval (16 windows) per series due (the score history is kept in
+    memory across ticks, as in the daemon)."""
     (cfg.paths.state / "bench.json").unlink(missing_ok=True)  # the previous run's tick saved its watermarks
     wm = Watermarks(cfg.paths.state / "bench.json")
     for i in range(n):
-        wm.advance(SeriesKey("bench", (("host", f"h{i:05d}"),)).id, hi - 16 * SEC)
+        wm.advance(SeriesKey("bench", (("host", f"h{i:05d}"),)).id, hi - INTERVAL)
     return Worker(cfg, store, Catalog(cfg.paths.models), wm, clock=lambda: now, scores=scores)
 
 
@@ -122,7 +142,7 @@ def measure(server: LocalInfluxd, n: int, root: Path, baseline_max: int) -> tupl
     now = time.time_ns()
     cfg, _ = setup(server, n, root, now)
     store = InfluxDB1Store(cfg.influxdb)  # type: ignore[attr-defined]
-    hi = now // (16 * SEC) * (16 * SEC)
+    hi = now // INTERVAL * INTERVAL
     floor = min(curl_floor(cfg, store, hi, n, root) for _ in range(3))
     ticks = []
     scores = ScoreStates(None)
@@ -131,7 +151,7 @@ def measure(server: LocalInfluxd, n: int, root: Path, baseline_max: int) -> tupl
         t0 = time.perf_counter()
         rep = w.tick()
         ticks.append(time.perf_counter() - t0)
-        assert rep.windows == n, (rep.windows, n)
+        assert rep.windows == 16 * n, (rep.windows, n)
     w = fresh_worker(cfg, store, n, hi, now, scores)
     tracemalloc.start()
     w.tick()

@@ -540,7 +540,7 @@ class Detector:
         anomalous = by_score if s.decision == "score" else by_error if s.decision == "error" else by_score | by_error
         return WindowBatch(position=pos, scored=scored, complete=complete, error=error, max_error=max_error,
                            score=score, anomalous=anomalous, nearest=nearest, field_error=f_err, field_sign=f_sign,
-                           n_missing=n_missing.astype(np.int64), last_present=np.isfinite(x).all(axis=2))
+                           n_missing=n_missing.astype(np.int64), last_present=np.asarray(np.isfinite(x).all(axis=2)))
 
     # -- display -----------------------------------------------------------------------------------
     def shape(self, nearest: int) -> NDArray[np.float64]:

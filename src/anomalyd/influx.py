@@ -48,6 +48,69 @@ class Point:
     time_ns: int
 
 
+@dataclass(frozen=True, slots=True)
+class SeriesPoints:
+    """Many points of one series (one measurement and tag set, the same fields), column by column.
+
+    Formatting them is much cheaper than one `Point` each: the measurement and tags are escaped once, and each
+    column is converted in one pass. ``columns[i][j]`` is field ``names[i]`` of the point at ``times[j]``.
+    """
+
+    measurement: str
+    tags: Tags
+    names: tuple[str, ...]
+    columns: tuple[Sequence[float | int | bool | str], ...]
+    times: Sequence[int]
+
+    def points(self) -> list[Point]:
+        """The same points one by one."""
+        return [Point(self.measurement, self.tags, tuple(zip(self.names, row, strict=True)), int(t))
+                for row, t in zip(zip(*self.columns, strict=True), self.times, strict=True)]
+
+
+def expand(items: Sequence[Point | SeriesPoints]) -> list[Point]:
+    """Every point of ``items`` as a `Point` (for stores that keep points one by one)."""
+    out: list[Point] = []
+    for it in items:
+        if isinstance(it, SeriesPoints):
+            out.extend(it.points())
+        else:
+            out.append(it)
+    return out
+
+
+def _column_text(col: Sequence[float | int | bool | str]) -> list[str]:
+    """Line-protocol field values of one column, converted in one pass (floats checked finite)."""
+    if not len(col):
+        return []
+    first = col[0]
+    if isinstance(first, bool):
+        return ["true" if v else "false" for v in col]
+    if isinstance(first, int):
+        return [f"{v}i" for v in col]
+    if isinstance(first, float):
+        bad = [v for v in col if not math.isfinite(v)]  # type: ignore[arg-type]
+        if bad:
+            raise ValueError(f"field value {bad[0]} is not finite; InfluxDB cannot store it")
+        return list(map(repr, col))
+    return [_field_value(v) for v in col]
+
+
+def series_lines(sp: SeriesPoints) -> list[str]:
+    """Line protocol for a `SeriesPoints` block.
+
+    Examples
+    --------
+    >>> series_lines(SeriesPoints("m", (("h", "a"),), ("x", "ok"), ((1.5, 2.0), (True, False)), (10, 20)))
+    ['m,h=a x=1.5,ok=true 10', 'm,h=a x=2.0,ok=false 20']
+    """
+    prefix = f"{_escape_measurement(sp.measurement)}{_tag_string(sp.tags)} "
+    keys = [f"{_escape_key(k)}=" for k in sp.names]
+    texts = [_column_text(c) for c in sp.columns]
+    return [prefix + ",".join(k + v for k, v in zip(keys, row, strict=True)) + f" {t}"
+            for row, t in zip(zip(*texts, strict=True), sp.times, strict=True)]
+
+
 @dataclass(frozen=True)
 class Query:
     """What to read: one field of one measurement, filtered by tag equalities, split by ``group_by`` tags."""
@@ -73,8 +136,9 @@ class Store(Protocol):
         """Every series of ``query`` with samples in ``[start_ns, end_ns]``: tags → (times ns, values)."""
         ...
 
-    def write(self, points: Sequence[Point], retention_policy: str = "") -> None:
-        """Write the points (in batches if needed); overwrites points with the same series and time."""
+    def write(self, points: Sequence[Point | SeriesPoints], retention_policy: str = "") -> None:
+        """Write the points (`Point` or `SeriesPoints` blocks, in batches if needed); overwrites points with the
+        same series and time."""
         ...
 
 
@@ -281,8 +345,14 @@ class InfluxDB1Store:
         return out
 
     # -- writes ------------------------------------------------------------------------------------
-    def write(self, points: Sequence[Point], retention_policy: str = "") -> None:
-        self.write_lines([line_protocol(p) for p in points], retention_policy)
+    def write(self, points: Sequence[Point | SeriesPoints], retention_policy: str = "") -> None:
+        lines: list[str] = []
+        for p in points:
+            if isinstance(p, SeriesPoints):
+                lines += series_lines(p)
+            else:
+                lines.append(line_protocol(p))
+        self.write_lines(lines, retention_policy)
 
     def write_lines(self, lines: Sequence[str], retention_policy: str = "") -> None:
         params = {"db": self.cfg.database, "precision": "ns"}

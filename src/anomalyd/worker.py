@@ -28,7 +28,7 @@ from .catalog import Catalog, StoredModel, model_id_for, model_mismatch
 from .config import Config, SignalConfig
 from .detector import SeriesState, WindowBatch
 from .grid import align_many
-from .influx import Point, Query, Store
+from .influx import Point, Query, SeriesPoints, Store
 from .metrics import DATA_PROBLEMS, LAG_SECONDS, UNTRAINED_SERIES, WINDOWS
 from .records import SeriesKey, Tags, WindowResult, tags_str
 from .state import ScoreStates, Watermarks
@@ -55,12 +55,51 @@ class SignalReport:
 
 
 @dataclass
+class _SeriesResults:
+    """The window results of one series in one tick, column by column; `WindowResult` objects are made only when
+    someone asks for them (the alert policy, a report), not for every window of every tick."""
+
+    key: SeriesKey
+    model_id: str
+    threshold: float
+    span_ns: int
+    ends: list[int]
+    worst_ends: list[int]
+    max_error: list[float]
+    anomalous: list[bool]
+    score: list[float]
+    missing: list[bool]
+    n_missing: list[int]
+    plots: dict[int, tuple[NDArray[np.float64], NDArray[np.float64]]]
+
+    def results(self) -> list[WindowResult]:
+        out = []
+        for g, end in enumerate(self.ends):
+            if self.missing[g]:
+                out.append(WindowResult(self.key, self.model_id, end - self.span_ns, end, self.threshold,
+                                        missing=True, n_missing=self.n_missing[g]))
+                continue
+            values, recon = self.plots.get(g, (None, None))
+            out.append(WindowResult(self.key, self.model_id, self.worst_ends[g] - self.span_ns, end, self.threshold,
+                                    max_error=self.max_error[g], anomalous=self.anomalous[g], score=self.score[g],
+                                    n_missing=self.n_missing[g], values=values, reconstruction=recon))
+        return out
+
+
+@dataclass
 class TickReport:
-    """What one tick (or one backfill) did, per signal."""
+    """What one tick (or one backfill) did, per signal; ``results`` lists every written window's outcome."""
 
     signals: dict[str, SignalReport] = field(default_factory=dict)
-    results: list[WindowResult] = field(default_factory=list)
     seconds: float = 0.0
+    blocks: list[_SeriesResults] = field(default_factory=list, repr=False)
+    _results: list[WindowResult] | None = field(default=None, repr=False)
+
+    @property
+    def results(self) -> list[WindowResult]:
+        if self._results is None or len(self._results) != sum(len(b.ends) for b in self.blocks):
+            self._results = [r for b in self.blocks for r in b.results()]
+        return self._results
 
     @property
     def windows(self) -> int:
@@ -203,9 +242,9 @@ class Worker:
                 groups.setdefault((stored.model_id, s_lo), (stored, []))[1].append(_Member(key, times, values))
         rep.untrained = untrained
         UNTRAINED_SERIES.labels(signal=sig.name).set(untrained)
-        points: list[Point] = []
+        points: list[SeriesPoints] = []
         recon_points: list[Point] = []
-        results: list[WindowResult] = []
+        results: list[_SeriesResults] = []
         done: dict[str, int] = {}
         states = self.scores if live else self._backfill_scores
         for (_, s_lo), (stored, members) in groups.items():
@@ -217,7 +256,7 @@ class Worker:
             self.store.write(points, self.cfg.output.retention_policy)
         if recon_points:
             self.store.write(recon_points, self.cfg.output.retention_policy)
-        report.results.extend(results)
+        report.blocks.extend(results)
         WINDOWS.labels(signal=sig.name, result="scored").inc(rep.windows)
         WINDOWS.labels(signal=sig.name, result="anomalous").inc(rep.anomalous)
         WINDOWS.labels(signal=sig.name, result="missing").inc(rep.missing)
@@ -230,8 +269,8 @@ class Worker:
         return rep
 
     def _score_group(self, sig: SignalConfig, stored: StoredModel, members: list[_Member], s_lo: int, hi: int,
-                     score_states: ScoreStates, rep: SignalReport, results: list[WindowResult],
-                     points: list[Point], recon_points: list[Point]) -> None:
+                     score_states: ScoreStates, rep: SignalReport, results: list[_SeriesResults],
+                     points: list[SeriesPoints], recon_points: list[Point]) -> None:
         """Align the series of one model with one watermark, run the detector over their new samples, and
         turn the results into points and window results."""
         det = stored.model
@@ -267,8 +306,8 @@ class Worker:
 
     def _emit(self, sig: SignalConfig, stored: StoredModel, key: SeriesKey, b: WindowBatch, r: int,
               keep: NDArray[np.bool_], ends: NDArray[np.int64], row: NDArray[np.float64],
-              slots: NDArray[np.int64], rep: SignalReport, results: list[WindowResult],
-              points: list[Point]) -> None:
+              slots: NDArray[np.int64], rep: SignalReport, results: list[_SeriesResults],
+              points: list[SeriesPoints]) -> None:
         """Points and results of one series' new windows: one per window, or one summary per ``write_every``
         windows (the largest max_error and score, anomalous if any window was, and which window was worst)."""
         cols = np.flatnonzero(b.scored[r] & keep)
@@ -283,48 +322,50 @@ class Worker:
         if every > 1:
             group = (b.position[r, cols] // sig.slide - 1) // every  # (lo, hi] ranges: a group ends on a step
             starts = np.flatnonzero(np.concatenate(([True], group[1:] != group[:-1])))
-        else:
-            starts = np.arange(len(cols))
-        last = np.concatenate((starts[1:], [len(cols)])) - 1
-        n_ok = np.add.reduceat(ok.astype(np.int64), starts)
-        max_err = np.fmax.reduceat(b.max_error[r, cols], starts)
-        anom = np.logical_or.reduceat(b.anomalous[r, cols], starts)
-        n_miss = np.maximum.reduceat(b.n_missing[r, cols], starts)
-        if every > 1:  # the worst window of each group: its highest score
+            last = np.concatenate((starts[1:], [len(cols)])) - 1
+            n_ok = np.add.reduceat(ok.astype(np.int64), starts)
+            with np.errstate(invalid="ignore"):
+                max_err = np.fmax.reduceat(b.max_error[r, cols], starts)
+            anom = np.logical_or.reduceat(b.anomalous[r, cols], starts)
+            n_miss = np.maximum.reduceat(b.n_missing[r, cols], starts)
             worst = np.array([a + int(np.argmax(sc[a : z + 1])) for a, z in zip(starts, last, strict=True)])
         else:
-            worst = starts
+            last = worst = np.arange(len(cols))
+            n_ok, max_err, anom, n_miss = ok.astype(np.int64), b.max_error[r, cols], b.anomalous[r, cols], \
+                b.n_missing[r, cols]
+        good = n_ok > 0
+        end_all = ends[cols[last]]
+        worst_end = ends[cols[worst]]
         out = self.cfg.output
-        base: Tags = (("signal", sig.name), ("series", tags_str(key.tags)), ("model", stored.model_id), *key.tags)
-        end_l = ends[cols[last]].tolist()
-        worst_end = ends[cols[worst]].tolist()
-        for g, (end, n_good, me, an, nm, wi) in enumerate(zip(end_l, n_ok.tolist(), max_err.tolist(), anom.tolist(),
-                                                               n_miss.tolist(), worst.tolist(), strict=True)):
-            if n_good == 0:
-                rep.missing += 1
-                points.append(Point(out.measurement, base, (("threshold", thr), ("anomalous", False),
-                                                            ("missing", True), ("n_missing", nm)), end))
-                results.append(WindowResult(key, stored.model_id, end - (w - 1) * period, end, thr, missing=True,
-                                            n_missing=nm))
-                continue
-            s = float(sc[wi])
-            fields: tuple[tuple[str, float | int | bool | str], ...] = (
-                ("max_error", me), ("threshold", thr), ("anomalous", an), ("score", s), ("missing", False),
-                ("n_missing", nm))
+        tags: Tags = (("signal", sig.name), ("series", tags_str(key.tags)), ("model", stored.model_id), *key.tags)
+        n_good = int(good.sum())
+        if n_good:
+            g_end = end_all[good].tolist()
+            names = ["max_error", "threshold", "anomalous", "score", "missing", "n_missing"]
+            columns: list[list[float | int | bool | str]] = [
+                max_err[good].tolist(), [thr] * n_good, anom[good].tolist(), sc[worst[good]].tolist(),
+                [False] * n_good, n_miss[good].tolist()]
             if every > 1:
-                fields += (("windows", n_good), ("worst_end", worst_end[g]))
-            points.append(Point(out.measurement, base, fields, end))
-            rep.windows += 1
-            rep.anomalous += int(an)
-            values = reconstruction = None
-            j = int(cols[wi])
-            if an:  # the window behind the alert, for the plot in the message
-                k = int(slots[j])
-                values = row[k - w + 1 : k + 1].copy()
-                reconstruction = det.shape(int(b.nearest[r, j]))[:, 0]
-            results.append(WindowResult(key, stored.model_id, worst_end[g] - (w - 1) * period, end, thr,
-                                        max_error=float(b.max_error[r, j]), anomalous=an, score=s, values=values,
-                                        reconstruction=reconstruction))
+                names += ["windows", "worst_end"]
+                columns += [n_ok[good].tolist(), worst_end[good].tolist()]
+            points.append(SeriesPoints(out.measurement, tags, tuple(names), tuple(columns), g_end))
+        bad = ~good
+        if bad.any():
+            points.append(SeriesPoints(out.measurement, tags, ("threshold", "anomalous", "missing", "n_missing"),
+                                       ([thr] * int(bad.sum()), [False] * int(bad.sum()), [True] * int(bad.sum()),
+                                        n_miss[bad].tolist()), end_all[bad].tolist()))
+        rep.windows += n_good
+        rep.missing += int(bad.sum())
+        rep.anomalous += int(anom[good].sum())
+        plots = {}
+        for g in np.flatnonzero(anom & good).tolist():  # the window behind an alert, for the plot in the message
+            j = int(cols[worst[g]])
+            k = int(slots[j])
+            plots[g] = (row[k - w + 1 : k + 1].copy(), det.shape(int(b.nearest[r, j]))[:, 0])
+        results.append(_SeriesResults(
+            key, stored.model_id, thr, (w - 1) * period, end_all.tolist(), worst_end.tolist(),
+            np.where(good, max_err, np.nan).tolist(), (anom & good).tolist(),
+            np.where(good, sc[worst], np.nan).tolist(), bad.tolist(), n_miss.tolist(), plots))
 
     def _reconstruction_points(self, sig: SignalConfig, stored: StoredModel, key: SeriesKey,
                                row: NDArray[np.float64], t0: int, first: int, hi: int, out: list[Point]) -> None:
