@@ -544,9 +544,15 @@ def _signals(c: _Checker, raw: Any) -> tuple[SignalConfig, ...]:
         window: int | None = None
         raw_window = t.get("window", "auto")
         if raw_window != "auto":
-            window = c.get(t, "window", p, "int", None,
-                           lambda v: None if v >= 4 else "must be at least 4, or \"auto\" (chosen at training)")
-        slide = c.get(t, "slide", p, "int", 1, _positive)
+            if isinstance(raw_window, bool) or not isinstance(raw_window, int | str) or not str(raw_window).isdigit():
+                c.bad(f"{p}.window", f"{raw_window!r} must be a whole number of samples (at least 4), or \"auto\" "
+                                     "(chosen at training)")
+            else:
+                window = c.get(t, "window", p, "int", None,
+                               lambda v: None if v >= 4 else "must be at least 4, or \"auto\" (chosen at training)")
+        most = window or _SPEC.min_window
+        slide = c.get(t, "slide", p, "int", 1, _between(1, most, "window" if window else "the smallest automatic "
+                                                                                    "window"))
         group_by = t.get("group_by", [])
         if not isinstance(group_by, list) or not all(isinstance(g, str) and g for g in group_by):
             c.bad(f"{p}.group_by", f"{group_by!r} must be a list of tag names, e.g. [\"host\"]")

@@ -392,8 +392,8 @@ class Detector:
                               s.period_fraction, s.max_lag_fraction)
         else:
             w = s.default_window
-        # Short training stretches (gaps, little data) get a shorter window, down to min_window.
-        w = max(min(w, (len(longest) - 2) // 2), min(w, s.min_window))
+        if s.window is None:  # short training stretches (gaps, little data) get a shorter window, to min_window
+            w = max(min(w, (len(longest) - 2) // 2), min(w, s.min_window))
         need = 2 * w + 2
         if len(longest) < need:
             raise TooLittleDataError(

@@ -97,18 +97,30 @@ def _column_text(col: Sequence[float | int | bool | str]) -> list[str]:
 
 
 def series_lines(sp: SeriesPoints) -> list[str]:
-    """Line protocol for a `SeriesPoints` block.
+    """Line protocol for a `SeriesPoints` block (constant columns are formatted once).
 
     Examples
     --------
-    >>> series_lines(SeriesPoints("m", (("h", "a"),), ("x", "ok"), ((1.5, 2.0), (True, False)), (10, 20)))
-    ['m,h=a x=1.5,ok=true 10', 'm,h=a x=2.0,ok=false 20']
+    >>> series_lines(SeriesPoints("m", (("h", "a"),), ("x", "ok", "n"), ((1.5, 2.0), (True, False), (3, 3)),
+    ...                           (10, 20)))
+    ['m,h=a x=1.5,ok=true,n=3i 10', 'm,h=a x=2.0,ok=false,n=3i 20']
     """
-    prefix = f"{_escape_measurement(sp.measurement)}{_tag_string(sp.tags)} "
-    keys = [f"{_escape_key(k)}=" for k in sp.names]
-    texts = [_column_text(c) for c in sp.columns]
-    return [prefix + ",".join(k + v for k, v in zip(keys, row, strict=True)) + f" {t}"
-            for row, t in zip(zip(*texts, strict=True), sp.times, strict=True)]
+    n = len(sp.times)
+    if n == 0:
+        return []
+    fmt = [f"{_escape_measurement(sp.measurement)}{_tag_string(sp.tags)} ".replace("%", "%%")]
+    varying: list[list[str]] = []
+    for i, (k, col) in enumerate(zip(sp.names, sp.columns, strict=True)):
+        key = ("," if i else "") + f"{_escape_key(k)}=".replace("%", "%%")
+        first = col[0]
+        if all(v == first and type(v) is type(first) for v in col):
+            fmt.append(key + _column_text(col[:1])[0].replace("%", "%%"))
+        else:
+            fmt.append(key + "%s")
+            varying.append(_column_text(col))
+    fmt.append(" %d")
+    template = "".join(fmt)
+    return [template % row for row in zip(*varying, sp.times, strict=True)]
 
 
 @dataclass(frozen=True)

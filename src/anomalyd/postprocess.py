@@ -140,6 +140,15 @@ class ScoreNormaliser:
         self.lo: NDArray[np.float64] | None = None  # per-field range seen so far
         self.hi: NDArray[np.float64] | None = None
 
+    def refs(self) -> tuple[Any, ...]:
+        """The state as references, without copying: `update_block` replaces the arrays rather than changing them,
+        so `restore` can put the state back as it was (e.g. when a tick's writes failed)."""
+        return (self.hist, self.s1, self.s2, self.tail, self.seen, self.since_red, self.lo, self.hi)
+
+    def restore(self, refs: tuple[Any, ...]) -> None:
+        """Put back a state taken with `refs`."""
+        self.hist, self.s1, self.s2, self.tail, self.seen, self.since_red, self.lo, self.hi = refs
+
     def copy(self) -> ScoreNormaliser:
         """An independent copy (the arrays are copied)."""
         return ScoreNormaliser.from_dict(self.snapshot())
