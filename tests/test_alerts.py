@@ -66,7 +66,7 @@ def config(stub: SlackStub | None = None, **changes: object) -> AlertsConfig:
 def bot_config(stub: SlackStub, **changes: object) -> AlertsConfig:
     slack = SlackConfig(channel="#alerts", timeout_s=2.0, max_retries=1, attach_plot=True,
                         base_url=stub.api_url, token=TOKEN)
-    cfg = AlertsConfig(sinks=("slack",), dashboard_url=DASH, slack=slack)
+    cfg = AlertsConfig(sinks=("slack",), recover_windows=2, dashboard_url=DASH, slack=slack)
     return replace(cfg, **changes)  # type: ignore[arg-type]
 
 
@@ -129,6 +129,17 @@ def test_for_windows_one_and_recover_windows_one(slack: SlackStub, tmp_path: Pat
     m.observe(pattern("A.A.AA."), now_ns=0)
     assert summary(slack.delivered()) == [("ANOMALY", end(0)), ("RECOVERED", end(1)), ("ANOMALY", end(2)),
                                           ("RECOVERED", end(3)), ("ANOMALY", end(4)), ("RECOVERED", end(6))]
+
+
+def test_the_default_recovery_waits_one_window_span_of_normal_windows(slack: SlackStub, tmp_path: Path) -> None:
+    """Every window is scored (slide 1): by default a series recovers after ``recover_windows`` (32) normal
+    windows in a row, so one anomaly does not flap while the windows still overlapping it come in."""
+    n = AlertsConfig().recover_windows
+    assert n == 32
+    m = AlertManager(config(slack, recover_windows=n), tmp_path)
+    assert [t.kind for t in m.observe(pattern("A" + "." * (n - 1)), now_ns=0)] == ["anomalous"]
+    assert [t.kind for t in m.observe(pattern(".", first=n), now_ns=0)] == ["recovered"]
+    assert summary(slack.delivered()) == [("ANOMALY", end(0)), ("RECOVERED", end(n))]
 
 
 def test_reminders_are_spaced_by_repeat_every_in_wall_time(slack: SlackStub, tmp_path: Path) -> None:

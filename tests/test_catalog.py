@@ -7,71 +7,96 @@ import io
 import json
 import logging
 import os
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from anomalyd import catalog
-from anomalyd.catalog import Catalog, CatalogError, StoredModel, model_id_for
-from anomalyd.model import WindowReconstructor, sliding_windows
+from anomalyd.catalog import Catalog, CatalogError, StoredModel, model_id_for, model_mismatch
+from anomalyd.config import from_dict
+from anomalyd.detector import Detector, DetectorSpec, WindowBatch
 from anomalyd.synthetic import ecg
 
 TAGS = (("patient", "p1"),)
+SPEC = DetectorSpec(window=32, n_clusters=20, n_init=1, random_state=1)
 
 
 @pytest.fixture(scope="module")
-def fitted() -> WindowReconstructor:
+def fitted() -> Detector:
     x, _ = ecg(4000, seed=3)
-    return WindowReconstructor(window=32, n_clusters=20, n_init=1, random_state=1).fit(x)
+    return Detector(SPEC).fit([x])
 
 
 @pytest.fixture(scope="module")
-def test_windows() -> np.ndarray:
+def test_data() -> np.ndarray:
     x, _ = ecg(2000, seed=4)
     x[700:712] = 300.0  # a saturated stretch, so some windows are anomalous
-    return sliding_windows(x, 32, 16)
+    return x
 
 
-def stored(model: WindowReconstructor, tags: tuple[tuple[str, str], ...] = TAGS) -> StoredModel:
+def run(det: Detector, x: np.ndarray) -> WindowBatch:
+    """Stream ``x`` through the detector from its warm state, as the daemon does."""
+    return det.update(det.start(0), x)
+
+
+def assert_same_batch(a: WindowBatch, b: WindowBatch) -> None:
+    for f in fields(a):
+        np.testing.assert_array_equal(getattr(a, f.name), getattr(b, f.name), err_msg=f.name)
+
+
+def stored(model: Detector, tags: tuple[tuple[str, str], ...] = TAGS, **meta: object) -> StoredModel:
     return StoredModel(model_id=model_id_for("heartbeat", tags, "series"), signal="heartbeat", tags=tags,
                        scope="series", model=model, period_ns=10**9, train_start_ns=10, train_end_ns=20,
-                       meta={"n_samples": 4000})
+                       meta={"n_samples": 4000, **meta})
 
 
 @pytest.fixture
-def saved(tmp_path: Path, fitted: WindowReconstructor) -> Path:
+def saved(tmp_path: Path, fitted: Detector) -> Path:
     return catalog.save(tmp_path / "models", stored(fitted))
 
 
-def save_consistent(models_dir: Path, model: WindowReconstructor) -> Path:
+def save_consistent(models_dir: Path, model: Detector) -> Path:
     """Save through ``catalog.save`` itself, so every checksum matches: what a buggy writer, or an attacker who
     can write the model directory and recompute checksums, produces. Only the content can refuse it."""
     return catalog.save(models_dir, stored(model))
 
 
-def test_round_trip_scores_identically(saved: Path, fitted: WindowReconstructor, test_windows: np.ndarray) -> None:
+def rewrite_meta(path: Path, meta: dict) -> None:
+    """Write edited metadata with a recomputed checksum (a consistent file whose content is wrong)."""
+    meta["meta_sha256"] = catalog._meta_digest(meta)
+    path.write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+
+def test_round_trip_scores_identically(saved: Path, fitted: Detector, test_data: np.ndarray) -> None:
     assert sorted(p.name for p in saved.parent.iterdir()) == [saved.name, saved.with_suffix(".npz").name]
     back = catalog.load(saved)
     assert (back.model_id, back.signal, back.tags, back.scope, back.period_ns) == (
         model_id_for("heartbeat", TAGS, "series"), "heartbeat", TAGS, "series", 10**9)
     assert (back.train_start_ns, back.train_end_ns) == (10, 20)
     assert back.threshold == fitted.threshold_
-    assert back.model.get_params() == fitted.get_params()
-    np.testing.assert_array_equal(back.model.cluster_centers_, fitted.cluster_centers_)
-    e1, a1, s1 = fitted.score_windows(test_windows)
-    e2, a2, s2 = back.model.score_windows(test_windows)
-    np.testing.assert_array_equal(e1, e2)
-    np.testing.assert_array_equal(a1, a2)
-    np.testing.assert_array_equal(s1, s2)
-    assert a1.any() and not a1.all()  # the comparison covers both outcomes
+    det = back.model
+    assert isinstance(det, Detector) and det is not fitted
+    assert det.spec == fitted.spec and (det.window_, det.n_fields_) == (fitted.window_, fitted.n_fields_) == (32, 1)
+    assert det.error_threshold_ == fitted.error_threshold_
+    np.testing.assert_array_equal(det.catalog_.cluster_centers_, fitted.catalog_.cluster_centers_)
+    for name in ("mean_", "scale_", "field_ref_"):
+        np.testing.assert_array_equal(getattr(det, name), getattr(fitted, name), err_msg=name)
+    assert det.normaliser_.to_dict() == fitted.normaliser_.to_dict()  # the warm score state, exactly
+    expected = run(fitted, test_data)
+    got = run(det, test_data)
+    assert_same_batch(expected, got)
+    assert expected.anomalous.any() and not expected.anomalous.all()  # the comparison covers both outcomes
+    assert np.isfinite(expected.score).sum() > 1000
     meta = json.loads(saved.read_text())
-    assert meta["schema_version"] == catalog.SCHEMA_VERSION and meta["n_samples"] == 4000
+    assert meta["schema_version"] == catalog.SCHEMA_VERSION == 2 and meta["n_samples"] == 4000
     assert {"anomalyd", "numpy", "scikit-learn"} <= set(meta["versions"])
-    assert meta["series"] == "patient=p1" and meta["params"]["window"] == 32
+    assert meta["series"] == "patient=p1" and meta["detector"]["window"] == 32
+    assert DetectorSpec.from_dict(meta["detector"]["spec"]) == SPEC
 
 
-def test_save_leaves_no_temporary_files(tmp_path: Path, fitted: WindowReconstructor) -> None:
+def test_save_leaves_no_temporary_files(tmp_path: Path, fitted: Detector) -> None:
     for i in range(3):
         catalog.save(tmp_path, stored(fitted, (("patient", f"p{i}"),)))
     assert all(not p.name.startswith(".") for p in tmp_path.iterdir())
@@ -97,7 +122,7 @@ def test_one_flipped_byte_in_the_npz_is_refused(saved: Path, where: float) -> No
         catalog.load(saved)
 
 
-def test_truncated_npz_with_a_matching_checksum_is_refused(tmp_path: Path, fitted: WindowReconstructor,
+def test_truncated_npz_with_a_matching_checksum_is_refused(tmp_path: Path, fitted: Detector,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     real_savez = np.savez
 
@@ -123,16 +148,29 @@ def test_truncated_or_garbage_json_is_refused(saved: Path) -> None:
         catalog.load(saved)
 
 
-@pytest.mark.parametrize("version", [2, 0, "1", None])
+@pytest.mark.parametrize("version", [3, 0, "2", None])
 def test_wrong_schema_version_is_refused(saved: Path, version: object) -> None:
     meta = json.loads(saved.read_text())
     if version is None:
         del meta["schema_version"]
     else:
         meta["schema_version"] = version
-    saved.write_text(json.dumps(meta))
-    with pytest.raises(CatalogError, match=rf"schema_version={version!r}, this anomalyd reads 1; retrain"):
+    rewrite_meta(saved, meta)
+    with pytest.raises(CatalogError, match=rf"schema_version={version!r} .*this anomalyd reads 2; retrain") as info:
         catalog.load(saved)
+    assert str(saved) in str(info.value)
+
+
+def test_a_schema_1_model_is_refused_with_a_message_to_retrain(saved: Path) -> None:
+    """A model written by anomalyd before the one detector (a K-Means model without the detector's state)."""
+    meta = json.loads(saved.read_text())
+    meta["schema_version"] = 1
+    del meta["detector"]
+    meta["params"] = {"window": 32, "slide": 16, "n_clusters": 20, "margin": 1.0}
+    rewrite_meta(saved, meta)
+    with pytest.raises(CatalogError, match="schema_version=1") as info:
+        catalog.load(saved)
+    assert "retrain" in str(info.value) and "anomalyd train" in str(info.value) and str(saved) in str(info.value)
 
 
 def test_missing_files_are_refused(saved: Path, tmp_path: Path) -> None:
@@ -143,18 +181,30 @@ def test_missing_files_are_refused(saved: Path, tmp_path: Path) -> None:
         catalog.load(saved)
 
 
-def test_metadata_that_disagrees_with_the_arrays_is_refused(tmp_path: Path, fitted: WindowReconstructor,
+def test_metadata_that_disagrees_with_the_arrays_is_refused(tmp_path: Path, fitted: Detector,
                                                            saved: Path) -> None:
     wrong = copy.deepcopy(fitted)
-    wrong.window = 16  # the params say 16, the centroids have 32 columns
-    with pytest.raises(CatalogError, match="do not match window=16"):
+    wrong.window_ = 16  # the metadata says 16, the shapes have 32 columns
+    with pytest.raises(CatalogError, match=r"malformed.*do not match window=16.*retrain"):
         catalog.load(save_consistent(tmp_path / "wrong", wrong))
+    wrong = copy.deepcopy(fitted)
+    wrong.mean_ = np.zeros(2)  # two fields' scaling for a one-field model
+    with pytest.raises(CatalogError, match=r"malformed.*mean has shape \(2,\), expected \(1,\)"):
+        catalog.load(save_consistent(tmp_path / "wrong2", wrong))
     meta = json.loads(saved.read_text())
-    del meta["params"]
-    saved.write_text(json.dumps(meta))
-    with pytest.raises(CatalogError, match="retrain") as info:
+    del meta["detector"]["normaliser"]  # consistent checksums, a key missing
+    rewrite_meta(saved, meta)
+    with pytest.raises(CatalogError, match=r"malformed.*retrain") as info:
         catalog.load(saved)
     assert str(saved) in str(info.value)
+
+
+def test_an_unknown_detector_parameter_is_refused(saved: Path) -> None:
+    meta = json.loads(saved.read_text())
+    meta["detector"]["spec"]["new_knob"] = 1  # from a newer anomalyd
+    rewrite_meta(saved, meta)
+    with pytest.raises(CatalogError, match=r"malformed.*new_knob.*retrain"):
+        catalog.load(saved)
 
 
 class _Payload:
@@ -167,11 +217,12 @@ class _Payload:
         return (open, (str(self.marker), "w"))
 
 
-def test_a_pickle_bearing_npz_is_refused_without_running_it(tmp_path: Path, fitted: WindowReconstructor) -> None:
+def test_a_pickle_bearing_npz_is_refused_without_running_it(tmp_path: Path, fitted: Detector) -> None:
     marker = tmp_path / "pwned"
     evil = copy.deepcopy(fitted)
-    evil.cluster_centers_ = np.empty((1, 32), dtype=object)
-    evil.cluster_centers_[0, 0] = _Payload(marker)
+    centers = np.empty((1, 32), dtype=object)
+    centers[0, 0] = _Payload(marker)
+    evil.catalog_.cluster_centers_ = centers
     path = save_consistent(tmp_path / "models", evil)  # np.savez pickles object arrays; checksums all match
     assert b"pwned" in path.with_suffix(".npz").read_bytes()
     with pytest.raises(CatalogError, match=r"malformed.*retrain"):
@@ -179,22 +230,61 @@ def test_a_pickle_bearing_npz_is_refused_without_running_it(tmp_path: Path, fitt
     assert not marker.exists()
 
 
-def test_a_tampered_threshold_in_the_json_is_refused(saved: Path) -> None:
+@pytest.mark.parametrize("edit", ["threshold", "score_threshold", "window"])
+def test_a_tampered_json_is_refused(saved: Path, edit: str) -> None:
     meta = json.loads(saved.read_text())
-    meta["threshold"] = 1e12  # nothing would ever be flagged again
+    if edit == "threshold":
+        meta["threshold"] = 1e12  # the reported max_error level
+    elif edit == "score_threshold":
+        meta["detector"]["spec"]["score_threshold"] = 1.0  # almost nothing would be flagged again
+    else:
+        meta["detector"]["window"] = 16
     saved.write_text(json.dumps(meta, indent=2, sort_keys=True))
-    with pytest.raises(CatalogError):
+    with pytest.raises(CatalogError, match=r"fails its checksum.*retrain"):
         catalog.load(saved)
 
 
-def test_set_threshold_rewrites_a_consistent_model(saved: Path, test_windows: np.ndarray) -> None:
-    catalog.set_threshold(saved, 1.0, source="labels")
-    back = catalog.load(saved)
-    assert back.threshold == 1.0 and back.meta["threshold_source"] == "labels"
-    assert back.model.score_windows(test_windows)[1].all()
+def test_set_threshold_changes_the_decision_and_keeps_the_model_consistent(
+        saved: Path, fitted: Detector, test_data: np.ndarray) -> None:
+    before = run(fitted, test_data)
+    scores = np.nan_to_num(before.score, nan=-1.0)
+    # A level between the default 0.5 and the highest score: some windows flagged before are not any more.
+    tau = float((fitted.spec.score_threshold + scores.max()) / 2)
+    assert ((scores >= fitted.spec.score_threshold) & (scores < tau)).any()
+    catalog.set_threshold(saved, tau, source="labels")
+    back = catalog.load(saved)  # the checksums were rewritten: it loads
+    assert back.model.spec.score_threshold == tau and back.meta["threshold_source"] == "labels"
+    assert back.model.spec == replace(fitted.spec, score_threshold=tau)
+    assert back.threshold == fitted.threshold_  # the reported max_error level is unchanged
+    after = run(back.model, test_data)
+    np.testing.assert_array_equal(after.score, before.score)  # the scores do not change, only the decision
+    np.testing.assert_array_equal(after.anomalous, scores >= tau)
+    assert 0 < after.anomalous.sum() < before.anomalous.sum()
+    meta = json.loads(saved.read_text())
+    assert meta["detector"]["spec"]["score_threshold"] == tau and meta["n_samples"] == 4000
 
 
-def test_list_models_skips_and_logs_bad_ones(tmp_path: Path, fitted: WindowReconstructor,
+def test_model_mismatch_names_what_differs(fitted: Detector) -> None:
+    raw = {"signals": [{"name": "heartbeat", "measurement": "ecg", "field": "value", "period": "1s",
+                        "window": 32}]}
+    sig = from_dict(raw, env={}).signal("heartbeat")
+    model = stored(fitted, fields=["value"])
+    assert model_mismatch(model, sig) is None
+    assert model_mismatch(model, replace(sig, window=None)) is None  # automatic: any learned window
+    assert model_mismatch(stored(fitted), replace(sig, field="other")) is None  # fields unknown: not checked
+    why = model_mismatch(model, replace(sig, window=16))
+    assert why is not None and "window 32 (config: 16)" in why and "retrain with `anomalyd train`" in why
+    why = model_mismatch(model, replace(sig, period_ns=2 * 10**9))
+    assert why is not None and "period 1000000000ns (config: 2000000000ns)" in why and "retrain" in why
+    why = model_mismatch(model, replace(sig, scope="shared"))
+    assert why is not None and "scope series (config: shared)" in why
+    why = model_mismatch(model, replace(sig, field="other"))
+    assert why is not None and "fields value (config: other)" in why
+    why = model_mismatch(model, replace(sig, window=16, period_ns=2 * 10**9))
+    assert why is not None and "window 32 (config: 16)" in why and "period 1000000000ns" in why
+
+
+def test_list_models_skips_and_logs_bad_ones(tmp_path: Path, fitted: Detector,
                                              caplog: pytest.LogCaptureFixture) -> None:
     good = catalog.save(tmp_path, stored(fitted, (("patient", "good"),)))
     bad = catalog.save(tmp_path, stored(fitted, (("patient", "bad"),)))
@@ -214,7 +304,7 @@ def _bump_mtime(path: Path) -> None:
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
 
 
-def test_catalog_caches_and_reloads_on_change(tmp_path: Path, fitted: WindowReconstructor) -> None:
+def test_catalog_caches_and_reloads_on_change(tmp_path: Path, fitted: Detector) -> None:
     cat = Catalog(tmp_path)
     mid = model_id_for("heartbeat", TAGS, "series")
     assert cat.get(mid) is None  # not trained yet
@@ -222,19 +312,20 @@ def test_catalog_caches_and_reloads_on_change(tmp_path: Path, fitted: WindowReco
     first = cat.get(mid)
     assert first is not None and first.threshold == fitted.threshold_
     assert cat.get(mid) is first  # unchanged file: served from the cache
-    retrained = WindowReconstructor(**{**fitted.get_params(), "margin": 2 * fitted.margin})
-    retrained.fit(ecg(4000, seed=3)[0])
+    retrained = Detector(fitted.spec.with_overrides(margin=2 * fitted.spec.margin))
+    retrained.fit([ecg(4000, seed=3)[0]])
     catalog.save(tmp_path, stored(retrained))
     _bump_mtime(path)
     second = cat.get(mid)
     assert second is not None and second is not first
-    assert second.threshold == pytest.approx(fitted.threshold_ * 2) and second.model.margin == 2 * fitted.margin
+    assert second.threshold == pytest.approx(fitted.threshold_ * 2)
+    assert second.model.spec.margin == 2 * fitted.spec.margin
     path.unlink()
     assert cat.get(mid) is None  # removed: forgotten
 
 
 def test_catalog_returns_none_for_a_corrupt_model_with_one_log_line(
-        tmp_path: Path, fitted: WindowReconstructor, caplog: pytest.LogCaptureFixture) -> None:
+        tmp_path: Path, fitted: Detector, caplog: pytest.LogCaptureFixture) -> None:
     cat = Catalog(tmp_path)
     mid = model_id_for("heartbeat", TAGS, "series")
     path = catalog.save(tmp_path, stored(fitted))
@@ -252,7 +343,7 @@ def test_catalog_returns_none_for_a_corrupt_model_with_one_log_line(
     assert cat.get(mid) is not None
 
 
-def test_catalog_recovers_when_the_npz_arrives_after_the_json(tmp_path: Path, fitted: WindowReconstructor) -> None:
+def test_catalog_recovers_when_the_npz_arrives_after_the_json(tmp_path: Path, fitted: Detector) -> None:
     cat = Catalog(tmp_path)
     mid = model_id_for("heartbeat", TAGS, "series")
     path = catalog.save(tmp_path, stored(fitted))

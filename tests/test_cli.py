@@ -10,8 +10,9 @@ import pytest
 from anomalyd.cli import main
 from anomalyd.config import load
 from anomalyd.demo import feed
-from anomalyd.influx import InfluxDB1Store
+from anomalyd.influx import InfluxDB1Store, Point
 from anomalyd.localinflux import LocalInfluxd
+from anomalyd.synthetic import ecg
 
 CONFIG = """
 [influxdb]
@@ -51,6 +52,26 @@ def test_train_check_run_once_and_score(influxd: LocalInfluxd, database: str, tm
     assert main(["score", "-c", str(path), "--start", "now-30m", "--end", "now"]) == 0
     assert "scored" in capsys.readouterr().out
     time.sleep(0.01)
+
+
+def test_train_exits_1_when_any_series_fails(influxd: LocalInfluxd, database: str, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(CONFIG.format(url=influxd.url, db=database))
+    cfg = load(path, env={})
+    store = InfluxDB1Store(cfg.influxdb)
+    now = time.time_ns() // 10**9 * 10**9
+    x, _ = ecg(2 * 3600, seed=1)
+    t0 = now - 3 * 3600 * 10**9
+    store.write([Point("ecg", (("patient", "good"),), (("value", float(v)),), t0 + i * 10**9)
+                 for i, v in enumerate(x)])
+    store.write([Point("ecg", (("patient", "short"),), (("value", float(v)),), t0 + i * 10**9)
+                 for i, v in enumerate(x[:20])])  # far too little to train on
+    assert main(["train", "-c", str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert out.count("trained heartbeat-") == 1  # the good series is trained all the same
+    assert "FAILED  heartbeat|patient=short" in err and "1 of 2 failed" in err
+    assert len(list((tmp_path / "models").glob("*.json"))) == 1
 
 
 def test_bad_config_exits_2_with_every_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

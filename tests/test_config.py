@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from anomalyd.config import ConfigError, from_dict, load
+from anomalyd.detector import DetectorSpec
+from anomalyd.postprocess import NormaliserParams
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "hunter2-s3cr3t-VALUE"
@@ -59,8 +62,24 @@ DELETE = object()
 # (what is wrong, key set, value, the key path the message must name, a fragment of the accepted values/fix)
 MALFORMED = [
     ("window too small", "signals[0].window", 2, "signals[0].window", "at least 4"),
-    ("window not an integer", "signals[0].window", "32 samples", "signals[0].window", "expected an integer"),
-    ("slide larger than window", "signals[0].slide", 64, "signals[0].slide", "between 1 and window=32"),
+    ("window not an integer", "signals[0].window", "32 samples", "signals[0].window", "or \"auto\""),
+    ("window not auto", "signals[0].window", "automatic", "signals[0].window", "\"auto\""),
+    ("window a float", "signals[0].window", 24.5, "signals[0].window", "whole number of samples"),
+    ("slide zero", "signals[0].slide", 0, "signals[0].slide", "must be between 1 and"),
+    ("train_slide larger than window", "signals[0].train_slide", 64, "signals[0].train_slide",
+     "between 1 and window=32"),
+    ("write_every zero", "signals[0].write_every", 0, "signals[0].write_every", "greater than 0"),
+    ("max_gap negative", "signals[0].max_gap", -1, "signals[0].max_gap", "0 or more"),
+    ("n_init zero", "signals[0].n_init", 0, "signals[0].n_init", "greater than 0"),
+    ("score_history too short", "signals[0].score_history", 4, "signals[0].score_history", "at least 8"),
+    ("score_threshold zero", "signals[0].score_threshold", 0, "signals[0].score_threshold", "(0, 1]"),
+    ("score_threshold above 1", "signals[0].score_threshold", 1.5, "signals[0].score_threshold", "(0, 1]"),
+    ("score_threshold not a number", "signals[0].score_threshold", "high", "signals[0].score_threshold",
+     "expected a number"),
+    ("decision unknown", "signals[0].decision", "vote", "signals[0].decision", "score, error, either"),
+    ("max_backlog_windows zero", "daemon.max_backlog_windows", 0, "daemon.max_backlog_windows",
+     "greater than 0"),
+    ("recover_windows zero", "alerts.recover_windows", 0, "alerts.recover_windows", "greater than 0"),
     ("url not http", "influxdb.url", "ftp://db.example", "influxdb.url", "http:// or https://"),
     ("url not a string", "influxdb.url", 8086, "influxdb.url", "expected a string"),
     ("interval not a duration", "daemon.interval", "soon", "daemon.interval", "e.g. '16s'"),
@@ -102,7 +121,7 @@ MALFORMED = [
     ("group_by a string", "signals[0].group_by", "host", "signals[0].group_by", "list of tag names"),
     ("group_by reserved tag", "signals[0].group_by", ["model"], "signals[0].group_by", "clash"),
     ("scope unknown", "signals[0].scope", "global", "signals[0].scope", "series, shared"),
-    ("clusters zero", "signals[0].clusters", 0, "signals[0].clusters", "greater than 0"),
+    ("clusters one", "signals[0].clusters", 1, "signals[0].clusters", "at least 2"),
     ("holdout out of range", "signals[0].holdout", 1.0, "signals[0].holdout", "(0, 1)"),
     ("name with a slash", "signals[0].name", "../etc", "signals[0].name", "model files"),
     ("section not a table", "daemon", 5, "daemon", "must be a table"),
@@ -117,7 +136,10 @@ MALFORMED = [
 @pytest.mark.parametrize(("path", "value", "key", "hint"), [m[1:] for m in MALFORMED],
                          ids=[m[0] for m in MALFORMED])
 def test_malformed_config_names_the_key(path: str, value: Any, key: str, hint: str) -> None:
-    problems = problems_of(set_path(minimal(), path, value))
+    raw = minimal()
+    if "train_slide" in path:
+        raw = set_path(raw, "signals[0].window", 32)
+    problems = problems_of(set_path(raw, path, value))
     mine = [p for p in problems if p.startswith(f"{key}:")]
     assert len(mine) == 1, f"expected one problem naming {key!r}, got {problems}"
     assert hint in mine[0], mine[0]
@@ -128,10 +150,54 @@ def test_malformed_config_names_the_key(path: str, value: Any, key: str, hint: s
 def test_the_minimal_config_is_valid() -> None:
     cfg = from_dict(minimal(), env={})
     sig = cfg.signal("cpu")
-    assert (sig.window, sig.slide, sig.train_slide, sig.period_ns) == (32, 16, 2, 10**9)
+    assert (sig.window, sig.slide, sig.write_every, sig.train_slide, sig.period_ns) == (None, 1, 1, 2, 10**9)
     assert sig.train_range.resolve(10 * 3600 * 10**9) == (6 * 3600 * 10**9, 9 * 3600 * 10**9)
     with pytest.raises(KeyError, match="configured: cpu"):
         cfg.signal("nope")
+
+
+def test_the_defaults() -> None:
+    cfg = from_dict(minimal(), env={})
+    sig = cfg.signal("cpu")
+    assert sig.window is None  # "auto": chosen at training
+    assert (sig.clusters, sig.n_init, sig.max_gap, sig.score_history) == (150, 3, 8, 2000)
+    assert (sig.score_threshold, sig.decision, sig.scope, sig.holdout) == (0.5, "score", "series", 0.2)
+    assert (sig.threshold.policy, sig.threshold.quantile, sig.threshold.margin) == ("quantile", 0.999, 1.0)
+    assert sig.step_ns == sig.period_ns  # one point per window, every window
+    assert cfg.daemon.max_backlog_windows == 10_000 and cfg.alerts.recover_windows == 32
+    assert cfg.alerts.for_windows == 1
+    # The signal's defaults are the detector's: one configuration for the daemon and the evaluation.
+    assert sig.spec() == DetectorSpec()
+
+
+def test_explicit_auto_window_and_integer_window() -> None:
+    auto = from_dict(set_path(minimal(), "signals[0].window", "auto"), env={}).signal("cpu")
+    assert auto.window is None and auto.spec().window is None
+    fixed = from_dict(set_path(minimal(), "signals[0].window", 24), env={}).signal("cpu")
+    assert fixed.window == 24 and fixed.spec().window == 24
+
+
+def test_the_signal_spec_reflects_the_config() -> None:
+    raw = minimal()
+    raw["signals"][0].update(window=24, slide=2, write_every=4, train_slide=3, clusters=40, n_init=2,
+                             random_state=7, holdout=0.3, max_train_windows=1000, score_history=500,
+                             score_threshold=0.7, decision="either",
+                             threshold={"policy": "sigma", "margin": 1.5, "quantile": 0.99, "k": 4.0})
+    sig = from_dict(raw, env={}).signal("cpu")
+    spec = sig.spec()
+    assert isinstance(spec, DetectorSpec)
+    assert (spec.window, spec.stride, spec.train_slide, spec.n_clusters, spec.n_init, spec.random_state) == (
+        24, 2, 3, 40, 2, 7)
+    assert (spec.holdout, spec.max_train_windows, spec.score_threshold, spec.decision) == (0.3, 1000, 0.7, "either")
+    assert (spec.threshold_policy, spec.margin, spec.quantile, spec.sigma_k) == ("sigma", 1.5, 0.99, 4.0)
+    assert spec.normaliser == replace(NormaliserParams(), long_window=500)
+    # Everything the config does not set is the detector's default.
+    assert replace(spec, window=None, stride=1, train_slide=2, n_clusters=150, n_init=3, random_state=0, holdout=0.2,
+                   max_train_windows=50_000, score_threshold=0.5, decision="score", threshold_policy="quantile",
+                   margin=1.0, quantile=0.999, sigma_k=6.0, normaliser=NormaliserParams()) == DetectorSpec()
+    # Points: one summary per write_every windows of slide samples.
+    assert sig.step_ns == 2 * 4 * 10**9
+    assert (sig.write_every, sig.slide, sig.max_gap) == (4, 2, 8)
 
 
 def test_duplicate_signal_names() -> None:
@@ -286,8 +352,9 @@ def test_the_repo_config_loads() -> None:
     cfg = load(ROOT / "config.toml", env={})
     sig = cfg.signal("heartbeat")
     assert (sig.measurement, sig.field, sig.group_by, sig.window, sig.slide, sig.period_ns) == (
-        "ecg", "value", ("patient",), 32, 16, 10**9)
+        "ecg", "value", ("patient",), None, 1, 10**9)
     assert sig.threshold.policy in ("max", "quantile", "sigma")
+    assert (sig.score_threshold, sig.decision, sig.write_every) == (0.5, "score", 1)
     assert cfg.paths.models.is_absolute() and cfg.paths.models.parent.parent == ROOT
     assert cfg.influxdb.password == "" and "password" not in repr(cfg.influxdb)
 
@@ -296,7 +363,7 @@ def test_the_ekg_example_config_loads() -> None:
     cfg = load(ROOT / "examples" / "ekg" / "config.toml", env={})
     (sig,) = cfg.signals
     assert (sig.measurement, sig.field, sig.period_ns, sig.window, sig.slide) == ("EKG", "signal_value", 10**9,
-                                                                                  32, 16)
+                                                                                  32, 1)
     assert sig.scope == "shared" and dict(sig.train_where) == {"type": "norm"}
     assert dict(sig.where) == {"type": "anomaly"} and sig.group_by == ("type",)
     start, end = sig.train_range.resolve(0)

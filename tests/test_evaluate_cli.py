@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 from pathlib import Path
@@ -12,13 +13,17 @@ import pytest
 from anomalyd import catalog
 from anomalyd.catalog import StoredModel
 from anomalyd.cli import main
+from anomalyd.detector import Detector, DetectorSpec
 from anomalyd.evaluate import (
     EvalSeries,
+    _detector_spec,
+    _load_csv_series,
+    add_arguments,
     find_plot_events,
     format_table,
     load_labelled_csv,
 )
-from anomalyd.model import WindowReconstructor
+from anomalyd.stored import run_stored
 from anomalyd.synthetic import ANOMALY_KINDS, ecg, inject
 from conftest import NAB, WHERE
 
@@ -28,6 +33,20 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def evaluate(*argv: str | Path) -> int:
     """``anomalyd evaluate ARGV...`` through the real command line (no config file is needed)."""
     return main(["evaluate", *(str(a) for a in argv)])
+
+
+def csv_series(*argv: str | Path) -> EvalSeries:
+    """The series `anomalyd evaluate CSV ARGV...` scores (one row per CSV row, before thresholds and metrics)."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args([str(a) for a in argv])
+    (series,) = _load_csv_series(args, _detector_spec(args))
+    return series
+
+
+def csv_times(n: int) -> np.ndarray:
+    """Epoch-ns times of the rows of the `labelled` CSV (one per second from 2024-01-01)."""
+    return np.datetime64("2024-01-01T00:00:00", "ns").astype(np.int64) + np.arange(n, dtype=np.int64) * 10**9
 
 
 @pytest.fixture(scope="module")
@@ -79,27 +98,73 @@ def test_csv_writes_table_json_and_plots(labelled: tuple, tmp_path: Path, capsys
     assert printed.splitlines()[0].startswith("series")
     assert "ecg.csv" in printed and "NAB normalised score" in printed
     report = json.loads(out_json.read_text())
-    assert report["format"] == "csv" and report["detector"]["error"] == "mean"
+    assert report["format"] == "csv" and report["detector"] == DetectorSpec().to_dict()  # the daemon's defaults
     (row,) = report["series"]
-    assert row["n_train"] == 1200 and row["threshold"] == 0.5 and row["segments"] == len(found)
-    # every injected anomaly is caught (point-adjusted recall 1), with hardly a flag outside the labels
-    assert row["pa_recall"] == 1.0 and row["pa_precision"] > 0.99
-    assert report["summary"]["nab"]["standard"]["score"] > 80
+    # the operating threshold is the detector's decision: score >= 0.5, i.e. score > the float just below
+    assert row["n_train"] == 1200 and row["threshold"] == np.nextafter(0.5, -np.inf)
+    assert row["segments"] == len(found) and row["alerts"] == row["decisions"]
+    # the injected anomalies are found, with hardly a flag outside the labels
+    assert row["nab_detected"] >= len(found) - 1 and row["pa_precision"] > 0.9
+    assert report["summary"]["nab"]["standard"]["score"] > 50
     pngs = sorted(plots.glob("*.png"))
     assert pngs, "no plot written"
     assert all(p.read_bytes()[:8] == PNG for p in pngs)
     assert [str(p) for p in pngs] == sorted(report["plots"])
 
 
+def test_csv_is_the_stored_path_of_the_daemon(labelled: tuple) -> None:
+    """A CSV is evaluated as `run_stored` runs it (train on the first rows, stream the rest through the daemon's
+    detector), which for a gap-free series is the detector fitted on the training rows and fed the rest."""
+    path, y, _ = labelled
+    got = csv_series(path, "--train-rows", 1200)
+    times = csv_times(y.size)
+    values = load_labelled_csv(path)[1]
+    run = run_stored(times, values, int(times[1199]), DetectorSpec(), max_gap=8)
+    assert run.batch.complete.all()
+    np.testing.assert_array_equal(got.scores[:1200], 0.0)  # the training rows are not scored
+    np.testing.assert_array_equal(got.scores[1200:], run.batch.score)
+    det = Detector(DetectorSpec()).fit([values[:1200]], [int(times[0] // 10**9)])
+    batch = det.update(det.start(int(times[1200] // 10**9), values[:1200]), values[1200:])
+    np.testing.assert_array_equal(got.scores[1200:], batch.score)
+    np.testing.assert_array_equal(got.scores[1200:] > got.threshold, batch.anomalous)
+
+
 def test_csv_at_the_daemons_slide(labelled: tuple, tmp_path: Path) -> None:
     path, _, _ = labelled
     out_json = tmp_path / "slide.json"
-    assert evaluate(path, "--train-rows", 1200, "--slide", 16, "--json", out_json, "--no-progress") == 0
+    assert evaluate(path, "--train-rows", 1200, "--slide", 4, "--json", out_json, "--no-progress") == 0
     report = json.loads(out_json.read_text())
-    assert report["detector"]["score_slide"] == 16
+    assert report["detector"]["stride"] == 4
     (row,) = report["series"]
-    assert row["pa_recall"] > 0  # still finds the obvious anomalies, on fewer rows
+    assert row["nab_detected"] >= 1  # still finds the obvious anomalies, on fewer rows
+    # only every 4th row (grid index, here the epoch second, divisible by 4) is scored; the others score 0
+    got = csv_series(path, "--train-rows", 1200, "--slide", 4)
+    on_grid = csv_times(got.scores.size) // 10**9 % 4 == 0
+    assert not got.scores[~on_grid].any()
+    scored = got.scores[1200:][on_grid[1200:]]
+    assert np.count_nonzero(scored) > 0.9 * scored.size
     assert evaluate(path, "--slide", 0, "--no-progress") == 1
+
+
+def test_csv_gaps_are_filled_up_to_max_gap(labelled: tuple, tmp_path: Path) -> None:
+    """Empty values are missing samples: a hole of 5 rows is interpolated with the default --max-gap 8, as
+    signals.max_gap does; with --max-gap 2 the windows holding it are missing-data windows (score 0)."""
+    path, _, _ = labelled
+    lines = path.read_text().splitlines()
+    hole = range(2000, 2005)
+    for i in hole:
+        stamp, _, label = lines[1 + i].split(",")
+        lines[1 + i] = f"{stamp},,{label}"
+    holed = tmp_path / "holed.csv"
+    holed.write_text("\n".join(lines) + "\n")
+    filled = csv_series(holed, "--train-rows", 1200)
+    kept = csv_series(holed, "--train-rows", 1200, "--max-gap", 2)
+    w = filled.info["window"]
+    affected = slice(hole[0], hole[-1] + w)  # every window holding a missing row
+    assert np.count_nonzero(filled.scores[affected]) > 0.9 * (affected.stop - affected.start)
+    assert not kept.scores[affected].any()
+    assert kept.scores[affected.stop :].any()  # scoring resumes after the hole
+    assert evaluate(holed, "--max-gap", -1, "--no-progress") == 1
 
 
 def test_csv_tuning_with_a_validation_split(labelled: tuple, tmp_path: Path) -> None:
@@ -108,27 +173,45 @@ def test_csv_tuning_with_a_validation_split(labelled: tuple, tmp_path: Path) -> 
     assert evaluate(path, "--train-rows", 1200, "--tune", "window", "--window-size", 50, "--validation", 0.5,
                     "--json", out_json, "--no-progress") == 0
     (row,) = json.loads(out_json.read_text())["series"]
-    assert row["threshold"] != 0.5 and "tuned_f1" in row and row["delta"] >= 0
+    assert row["threshold"] != np.nextafter(0.5, -np.inf) and "tuned_f1" in row and row["delta"] >= 0
 
 
 def test_model_mode_tunes_and_writes_the_threshold_into_the_catalog(labelled: tuple, tmp_path: Path,
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
     path, y, _ = labelled
-    model = WindowReconstructor(n_clusters=60, n_init=1).fit(y[:1500])
+    # a stored detector unlike evaluate's defaults (fixed window 24, 20 shapes), so its use shows
+    model = Detector(DetectorSpec(window=24, n_clusters=20, n_init=1)).fit([y[:1500]])
     stored = StoredModel(model_id="ecg", signal="ecg", tags=(), scope="shared", model=model, period_ns=10**9,
                          train_start_ns=0, train_end_ns=1500 * 10**9)
     meta = catalog.save(tmp_path / "models", stored)
-    before = float(model.threshold_)
-    assert evaluate(path, "--model", meta, "--tune", "point-adjusted", "--write-threshold", "--no-progress") == 0
+    tuned_json = tmp_path / "tuned.json"
+    assert evaluate(path, "--model", meta, "--tune", "point-adjusted", "--write-threshold", "--json", tuned_json,
+                    "--no-progress") == 0
     assert "wrote threshold" in capsys.readouterr().out
+    report = json.loads(tuned_json.read_text())
+    assert report["detector"] == "stored model"
+    (tuned,) = report["series"]
+    assert tuned["model"] == "ecg" and tuned["window"] == 24 and tuned["n_clusters"] == 20
+    assert tuned["n_train"] == 23 and tuned["pa_recall"] > 0  # the first window - 1 rows have no window
     after = catalog.load(meta)
-    assert after.threshold != before
+    # the tuned level became the detector's decision (spec.score_threshold); the max_error level is untouched
+    assert after.model.spec.score_threshold != model.spec.score_threshold
+    assert after.model.spec.score_threshold == pytest.approx(tuned["threshold"])
+    assert after.threshold == float(model.threshold_)
     assert after.meta["threshold_source"].startswith("anomalyd evaluate --tune point-adjusted")
-    # the written threshold separates the anomalies: evaluating again at it flags every segment
-    out_json = tmp_path / "again.json"
-    assert evaluate(path, "--model", meta, "--json", out_json, "--no-progress") == 0
-    (row,) = json.loads(out_json.read_text())["series"]
-    assert row["threshold"] == pytest.approx(after.threshold) and row["pa_recall"] == 1.0
+    # the scores are the stored detector's over the CSV from its first row
+    got = csv_series(path, "--model", meta)
+    times = csv_times(y.size)
+    run = run_stored(times, load_labelled_csv(path)[1], int(times[0]) - 1, period_ns=10**9, max_gap=8,
+                     detector=after.model)
+    np.testing.assert_array_equal(got.scores, np.nan_to_num(run.batch.score))
+    # the written level means what was tuned: evaluating again with the model, its own decisions (what the
+    # daemon writes as `anomalous`) flag exactly the rows the tuned threshold flagged
+    again_json = tmp_path / "again.json"
+    assert evaluate(path, "--model", meta, "--json", again_json, "--no-progress") == 0
+    (again,) = json.loads(again_json.read_text())["series"]
+    assert again["decisions"] == again["alerts"]
+    assert again["alerts"] == tuned["alerts"], "the daemon flags a different set of rows than the tuned threshold"
 
 
 def test_bad_option_combinations_exit_2_naming_the_fix(labelled: tuple, tmp_path: Path,
@@ -166,6 +249,15 @@ def test_nab_layout_on_two_real_files(tmp_path: Path, capsys: pytest.CaptureFixt
     assert report["summary"]["tuned"]["profile"] == "standard"
     assert report["summary"]["nab"]["standard"]["score"] == pytest.approx(report["summary"]["tuned"]["normalised"])
     assert all(r["nab_detected"] >= 1 for r in report["series"])
+    # files evaluated in parallel give the same report
+    parallel_json = tmp_path / "parallel.json"
+    assert evaluate(tmp_path / "nab", "--tune", "nab-standard", "--jobs", 2, "--json", parallel_json,
+                    "--no-progress") == 0
+    parallel = json.loads(parallel_json.read_text())
+    assert parallel["summary"] == report["summary"]
+    drop = ("seconds",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in parallel["series"]] == [
+        {k: v for k, v in r.items() if k not in drop} for r in report["series"]]
 
 
 def test_smd_layout_on_synthetic_machines(tmp_path: Path) -> None:
@@ -184,11 +276,12 @@ def test_smd_layout_on_synthetic_machines(tmp_path: Path) -> None:
     out_json = tmp_path / "smd.json"
     assert evaluate(tmp_path, "--json", out_json, "--plots", tmp_path / "p", "--no-progress") == 0
     (row,) = json.loads(out_json.read_text())["series"]
+    # the one anomaly is found (an alert inside its segment, hence inside its 100-row window)
     assert row["name"] == "machine-9-9" and row["pa_recall"] == 1.0 and row["window_recall"] == 1.0
-    # rows whose window still holds the anomaly (up to 31 rows after it) stay flagged, and a training-only
-    # threshold sits in the tail of normal noise: precision is well below 1, but most alerts are the anomaly
-    assert row["precision"] > 0.6 and row["alerts"] < 100
-    assert row["threshold"] == pytest.approx(row["train_threshold"])
+    # the operating threshold is the detector's decision, as for every other input
+    assert row["threshold"] == np.nextafter(0.5, -np.inf) and row["n_train"] == 0 and row["window"] >= 16
+    # most alerts are the anomaly, and there are few of them
+    assert row["precision"] > 0.5 and 0 < row["alerts"] < 100
 
 
 def test_plot_events_and_table_by_hand() -> None:

@@ -4,6 +4,10 @@ One module-wide database holds 3 h of the synthetic heartbeat signal (two patien
 last hour only, as `anomalyd.demo.feed` writes it) and the models `anomalyd.training.train` fits on the two hours
 before them; the labels are the injected anomalies, each with the window's length after it (every window that
 holds the anomaly).
+
+With trained models the evaluation is the daemon's detector on the daemon's grid: its per-row scores are those
+`anomalyd.stored.run_stored` computes from the same samples with the same stored `Detector`, and those the
+daemon's own tick writes.
 """
 
 from __future__ import annotations
@@ -18,23 +22,40 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from anomalyd import catalog, training
-from anomalyd.catalog import model_id_for
+from anomalyd.catalog import Catalog, StoredModel, model_id_for
 from anomalyd.config import load
 from anomalyd.demo import FedSeries, feed
-from anomalyd.evaluate import add_arguments, run
+from anomalyd.detector import DetectorSpec
+from anomalyd.evaluate import EvalSeries, _detector_spec, _load_influx_series, add_arguments, run
 from anomalyd.influx import InfluxDB1Store
 from anomalyd.localinflux import LocalInfluxd, free_port
+from anomalyd.state import Watermarks
+from anomalyd.stored import run_stored
+from anomalyd.worker import Worker
 
 HOUR = 3600 * 10**9
+SECOND = 10**9
+
+
+def parse(*argv: str | Path) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="anomalyd evaluate")
+    add_arguments(parser)
+    return parser.parse_args([str(a) for a in argv])
 
 
 def evaluate(*argv: str | Path) -> int:
-    parser = argparse.ArgumentParser(prog="anomalyd evaluate")
-    add_arguments(parser)
-    return run(parser.parse_args([str(a) for a in argv]))
+    return run(parse(*argv))
+
+
+def influx_series(*argv: str | Path) -> list[EvalSeries]:
+    """The series `anomalyd evaluate -c ...` scores (one row per grid time, before thresholds and metrics)."""
+    args = parse(*argv, "--no-progress")
+    series, _, _ = _load_influx_series(args, _detector_spec(args))
+    return series
 
 
 def iso(ns: int) -> str:
@@ -84,6 +105,14 @@ class Fed:
         return [[iso(s.origin_ns + a.start * 10**9), iso(s.origin_ns + (a.end - 1 + tail) * 10**9)]
                 for a in s.anomalies if s.origin_ns + (a.end - 1 + tail) * 10**9 < self.now]
 
+    def samples(self, s: FedSeries) -> tuple[np.ndarray, np.ndarray]:
+        """The samples of one fed series, as written to InfluxDB (one per second up to now, exclusive)."""
+        return s.origin_ns + np.arange(s.written, dtype=np.int64) * SECOND, s.values[: s.written]
+
+    def stored(self, s: FedSeries) -> StoredModel:
+        """The model `anomalyd train` saved for one fed series."""
+        return catalog.load(self.models / f"{model_id_for('heartbeat', (('patient', s.tag),), 'series')}.json")
+
 
 @pytest.fixture(scope="module")
 def fed(influxd: LocalInfluxd, tmp_path_factory: pytest.TempPathFactory) -> Fed:
@@ -119,14 +148,54 @@ def test_stored_models_detect_the_labelled_anomalies(fed: Fed, tmp_path: Path,
     assert fed.database in report["input"] and "heartbeat" in report["input"]
     assert [r["name"] for r in report["series"]] == ["heartbeat[patient=p1]", "heartbeat[patient=p2]"]
     for row, s in zip(report["series"], fed.series, strict=True):
-        stored = catalog.load(fed.models / f"{model_id_for('heartbeat', (('patient', s.tag),), 'series')}.json")
-        # the daemon's own model and threshold, on the daemon's grid, from the end of its training range on
-        assert row["model"] == stored.model_id and row["threshold"] == pytest.approx(stored.threshold)
-        assert row["n_rows"] == 3601 and row["n_train"] == stored.model.window - 1
+        stored = fed.stored(s)
+        # the daemon's own model and decision (score >= score_threshold, i.e. score > the level just below it),
+        # with the max_error level beside it as information
+        assert row["model"] == stored.model_id
+        assert row["threshold"] == np.nextafter(stored.model.spec.score_threshold, -np.inf)
+        assert row["model_threshold"] == pytest.approx(stored.threshold)
+        assert row["alerts"] == row["decisions"]  # the rows flagged are the detector's decisions
+        # on the daemon's grid, one row per sample from the end of the model's training range on
+        times, _ = fed.samples(s)
+        assert row["n_train"] == 0 and row["first_timestamp"] == iso(stored.train_end_ns + SECOND)
+        assert row["n_rows"] == int(((times > stored.train_end_ns) & (times <= fed.now)).sum())
+        assert row["missing_rows"] == 0
         assert row["segments"] == len(fed.windows(s)) > 0
-        assert row["window_recall"] > 0 and row["pa_recall"] > 0
+        # the injected anomalies are found (point-adjusted: most labelled rows lie in a segment with an alert),
+        # with hardly an alert outside the labels
+        assert row["pa_recall"] > 0.4 and row["window_recall"] > 0 and row["pa_precision"] > 0.8
     assert report["summary"]["mean"]["window_f1"] > 0
     assert report["plots"] and all(Path(p).is_file() for p in report["plots"])
+
+
+def test_stored_model_scores_are_run_stored_and_the_daemons_on_the_same_samples(fed: Fed, tmp_path: Path) -> None:
+    """One detector: evaluate's per-row scores over InfluxDB are `run_stored`'s on the same samples with the same
+    stored model, and what the daemon's tick computes for the same windows, bit for bit."""
+    cfg = load(fed.config, env={})
+    sig = cfg.signals[0]
+    series = influx_series("-c", fed.config, "--start", iso(fed.now - HOUR), "--end", iso(fed.now))
+    store = InfluxDB1Store(cfg.influxdb, cfg.daemon.write_batch)
+    tick = Worker(cfg, store, Catalog(fed.models), Watermarks(tmp_path / "watermarks.json"),
+                  clock=lambda: fed.now).tick()
+    for got, s in zip(series, fed.series, strict=True):
+        stored = fed.stored(s)
+        times, values = fed.samples(s)
+        run = run_stored(times, values, stored.train_end_ns, period_ns=sig.period_ns, max_gap=sig.max_gap,
+                         detector=stored.model)
+        assert run.written.all() and run.batch.complete.all()  # no gap: every row has its complete window
+        expected = run.batch.score[run.stamps <= fed.now]
+        assert got.scores.shape == expected.shape and np.isfinite(expected).all()
+        np.testing.assert_array_equal(got.scores, expected)
+        flags = got.scores > got.threshold
+        np.testing.assert_array_equal(flags, run.batch.anomalous[run.stamps <= fed.now])
+        assert 0 < flags.sum() < 0.05 * flags.size  # the anomalies of the last hour, not every row
+        # the daemon's tick scores the same windows (up to now - lateness) with the same scores and decisions
+        stamps = run.stamps[run.stamps <= fed.now]
+        daemon = {r.end_ns: (r.score, r.anomalous) for r in tick.results
+                  if r.key.tags == (("patient", s.tag),) and not r.missing}
+        assert len(daemon) > 0.95 * len(stamps)
+        mine = dict(zip(stamps.tolist(), zip(got.scores.tolist(), flags.tolist(), strict=True), strict=True))
+        assert {t: mine[t] for t in daemon} == daemon
 
 
 def test_one_stored_model_tunes_and_writes_its_threshold(fed: Fed, tmp_path: Path,
@@ -136,6 +205,7 @@ def test_one_stored_model_tunes_and_writes_its_threshold(fed: Fed, tmp_path: Pat
     for suffix in (".json", ".npz"):  # a copy, so the module's catalog stays as trained
         shutil.copy(fed.models / f"{mid}{suffix}", tmp_path / f"{mid}{suffix}")
     model = tmp_path / f"{mid}.json"
+    before = catalog.load(model)
     labels = tmp_path / "labels.json"
     labels.write_text(json.dumps(fed.windows(p1)))  # a plain list: the windows of every series read
     out_json = tmp_path / "report.json"
@@ -143,9 +213,12 @@ def test_one_stored_model_tunes_and_writes_its_threshold(fed: Fed, tmp_path: Pat
                     "--tune", "point-adjusted", "--write-threshold", "--json", out_json, "--no-progress") == 0
     assert "wrote threshold" in capsys.readouterr().out
     (row,) = json.loads(out_json.read_text())["series"]  # a per-series model scores its own series only
-    assert row["name"] == "heartbeat[patient=p1]" and row["pa_recall"] > 0
+    assert row["name"] == "heartbeat[patient=p1]" and row["model"] == mid and row["pa_recall"] > 0
     written = catalog.load(model)
-    assert written.threshold == pytest.approx(row["threshold"])
+    # the tuned level is the detector's decision now; the informational max_error level is left as trained
+    assert written.model.spec.score_threshold == pytest.approx(row["threshold"])
+    assert written.model.spec.score_threshold != before.model.spec.score_threshold
+    assert written.threshold == before.threshold
     assert "influx" in written.meta["threshold_source"]
 
 
@@ -154,15 +227,38 @@ def test_without_trained_models_the_default_detector_is_evaluated(fed: Fed, tmp_
     config = write_config(tmp_path / "config.toml", fed.url, fed.database, tmp_path / "no-models")
     labels = labels_by_series(fed, tmp_path / "labels.json")
     out_json = tmp_path / "report.json"
+    start, end = fed.now - 2 * HOUR, fed.now
     with caplog.at_level(logging.WARNING, logger="anomalyd.evaluate"):
-        assert evaluate("--format", "influx", "-c", config, "--signal", "heartbeat", "--start",
-                        iso(fed.now - 2 * HOUR), "--end", iso(fed.now), "--labels", labels, "--train-rows", 1800,
-                        "--json", out_json, "--no-progress") == 0
+        assert evaluate("--format", "influx", "-c", config, "--signal", "heartbeat", "--start", iso(start),
+                        "--end", iso(end), "--labels", labels, "--train-rows", 1800, "--json", out_json,
+                        "--no-progress") == 0
     assert "has no trained model" in caplog.text
     report = json.loads(out_json.read_text())
     assert isinstance(report["detector"], dict) and report["detector"]["error"] == "mean"
-    for row in report["series"]:
-        assert row["n_train"] == 1800 and row["window_recall"] > 0
+    assert report["detector"]["score_threshold"] == 0.5 and report["detector"]["stride"] == 1
+    for row, s in zip(report["series"], fed.series, strict=True):
+        times, _ = fed.samples(s)
+        # the first 1800 rows of the range train the detector, every later row is evaluated
+        assert row["train_rows"] == 1800 and row["n_train"] == 0
+        assert row["n_rows"] == int(((times > start) & (times <= end)).sum()) - 1800
+        assert row["window_recall"] > 0 and row["alerts"] == row["decisions"]
+
+
+def test_without_trained_models_training_uses_only_the_first_rows_of_the_range(fed: Fed, tmp_path: Path) -> None:
+    """``--train-rows N`` trains on the first N rows of --start .. --end (the help's "first --train-rows rows of
+    each series"), not on the context read before --start."""
+    config = write_config(tmp_path / "config.toml", fed.url, fed.database, tmp_path / "no-models")
+    sig = load(config, env={}).signals[0]
+    start, end = fed.now - 2 * HOUR, fed.now
+    series = influx_series("-c", config, "--start", iso(start), "--end", iso(end), "--train-rows", 1800)
+    for got, s in zip(series, fed.series, strict=True):
+        times, values = fed.samples(s)
+        inside = (times > start) & (times <= end)
+        t, v = times[inside], values[inside]
+        # evaluate's default detector (DetectorSpec()) trained on rows 0..1799 of the range, then streaming
+        run = run_stored(t, v, int(t[1799]), DetectorSpec(), period_ns=sig.period_ns, max_gap=sig.max_gap)
+        np.testing.assert_array_equal(got.scores, run.batch.score[run.stamps <= end],
+                                      err_msg="the detector was not trained on the first 1800 rows of the range")
 
 
 def test_bad_input_exits_with_one_line_naming_the_fix(fed: Fed, tmp_path: Path,
@@ -201,3 +297,4 @@ def test_bad_input_exits_with_one_line_naming_the_fix(fed: Fed, tmp_path: Path,
     down = write_config(tmp_path / "down.toml", f"http://127.0.0.1:{free_port()}", fed.database, fed.models)
     err = fails(1, "-c", down, *start)
     assert "is unreachable" in err and "influxdb.url" in err
+

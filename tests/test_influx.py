@@ -14,9 +14,9 @@ import pytest
 
 from anomalyd.catalog import Catalog, StoredModel, model_id_for, save
 from anomalyd.config import Config, InfluxConfig
+from anomalyd.detector import Detector, DetectorSpec
 from anomalyd.influx import InfluxDB1Store, Point, Query, StoreError, line_protocol
 from anomalyd.localinflux import LocalInfluxd, free_port
-from anomalyd.model import WindowReconstructor
 from anomalyd.state import Watermarks
 from anomalyd.synthetic import ecg
 from anomalyd.worker import Worker
@@ -219,28 +219,31 @@ def test_a_measurement_that_would_be_a_comment_is_not_silently_dropped(store: In
 
 
 @pytest.fixture(scope="module")
-def shared_model() -> WindowReconstructor:
+def shared_model() -> Detector:
     x, _ = ecg(3000, seed=5)
-    return WindowReconstructor(window=32, n_clusters=20, n_init=1).fit(x)
+    return Detector(DetectorSpec(window=32, n_clusters=20, n_init=1)).fit([x])
 
 
 @pytest.mark.parametrize("value", ROUND_TRIP)
 def test_tag_values_from_the_data_reach_the_output_exactly(influxd: LocalInfluxd, database: str, tmp_path: Path,
-                                                           shared_model: WindowReconstructor, value: str) -> None:
+                                                           shared_model: Detector, value: str) -> None:
     cfg = make_config(influxd.url, database, tmp_path, signals=[{
         "name": "ekg", "measurement": "ecg", "field": "value", "group_by": ["patient"], "period": "1s",
         "scope": "shared", "clusters": 20, "train_range": ["now-2h", "now-1h"]}])
-    x, _ = ecg(96, seed=6)
+    n = 96
+    x, _ = ecg(n, seed=6)
     influxd.write_lines(database, "\n".join(raw_line("ecg", {"patient": p}, "value", float(x[i]), T0 + i * S)
-                                            for p in (value, "plain") for i in range(96)))
+                                            for p in (value, "plain") for i in range(n)))
     save(cfg.paths.models, StoredModel(model_id_for("ekg", (), "shared"), "ekg", (), "shared", shared_model, S, 0, T0))
     store = InfluxDB1Store(cfg.influxdb)
     worker = Worker(cfg, store, Catalog(cfg.paths.models), Watermarks(tmp_path / "wm.json"))
-    report = worker.score_range(T0, T0 + 95 * S)
-    assert report.signals["ekg"].series == 2 and report.windows >= 8
+    report = worker.score_range(T0, T0 + (n - 1) * S)
+    # Every window is scored: per series, one per sample from the first whole window to the last sample.
+    w = shared_model.window_
+    assert report.signals["ekg"].series == 2 and report.windows == 2 * (n - w + 1)
     rows = _rows(influxd, database, 'SELECT "max_error", "patient", "series" FROM "anomaly_error" '
                                     "WHERE missing = false")
-    assert {r["patient"] for r in rows} == {value, "plain"}
+    assert len(rows) == report.windows and {r["patient"] for r in rows} == {value, "plain"}
     assert {r["series"] for r in rows} == {f"patient={value}", "patient=plain"}
     recon = _rows(influxd, database, 'SELECT "value", "patient" FROM "anomaly_reconstruction"')
     assert {r["patient"] for r in recon} == {value, "plain"}

@@ -122,59 +122,159 @@ def test_a_corrupt_state_file_is_a_clear_state_error(tmp_path: Path, content: by
     assert path.read_bytes() == content  # left as it was, for the operator to inspect
 
 
+PARAMS = NormaliserParams(long_window=100, short_window=4, learning=10)
+
+
 def _errors(seed: int, n: int) -> np.ndarray:
     return np.abs(np.random.default_rng(seed).normal(1.0, 0.1, n))
 
 
-def test_score_states_restart_continues_the_same_history(tmp_path: Path) -> None:
+def _ranges(seed: int, n: int, d: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Per-window, per-field min and max of the window's values (for the out-of-range rule)."""
+    rng = np.random.default_rng(seed)
+    return rng.uniform(-0.95, -0.5, (n, d)), rng.uniform(0.5, 0.95, (n, d))  # inside the range seen in training
 
-    initial = ScoreNormaliser(NormaliserParams.for_windows(32, 16, 100)).to_dict()
+
+def warm_initial() -> ScoreNormaliser:
+    """What a model carries: a normaliser warmed up on its hold-out, with the training range seen."""
+    norm = ScoreNormaliser(PARAMS)
+    norm.update(_errors(9, 60))
+    norm.observe_range(np.array([[-1.0, -1.0], [1.0, 1.0]]))
+    return norm
+
+
+def test_score_states_restart_continues_the_same_history(tmp_path: Path) -> None:
+    initial = warm_initial()
+    frozen = initial.to_dict()
     e = _errors(0, 300)
     e[250] = 8.0
-    # One process scoring everything...
+    lo, hi = _ranges(1, 300)
+    hi[200, 1] = 3.0  # out of the range seen so far scoring everything...
     one = ScoreStates(tmp_path / "a.npz")
-    whole = one.get("s|k=v", "m1", initial).update(e)
+    whole = one.get("s|k=v", "m1", initial).update(e, lo, hi)
+    assert initial.to_dict() == frozen  # the model's normaliser is copied, never advanced
     # ...and one that is stopped (state saved on close) and restarted halfway.
     path = tmp_path / "b.npz"
     first = ScoreStates(path, save_every_s=3600)
-    part1 = first.get("s|k=v", "m1", initial).update(e[:150])
+    part1 = first.get("s|k=v", "m1", initial).update(e[:150], lo[:150], hi[:150])
     first.touch()
     first.maybe_save()
     assert not path.exists()  # not yet: saves are rate-limited
     first.close()
     again = ScoreStates(path)
-    part2 = again.get("s|k=v", "m1", initial).update(e[150:])
-    np.testing.assert_allclose(np.concatenate([part1, part2]), whole, rtol=1e-9)  # same up to rounding
-    assert whole[250] >= 0.5 and (whole[:250] < 0.5).all()
+    part2 = again.get("s|k=v", "m1", initial).update(e[150:], lo[150:], hi[150:])
+    np.testing.assert_array_equal(np.concatenate([part1, part2]), whole)  # bit for bit
+    assert np.flatnonzero(whole >= 0.5).tolist() == [200, 250]
     # A retrained model (another tag) starts from its own warm-up state, not the old history.
     fresh = again.get("s|k=v", "m2", initial)
-    assert fresh.n_seen == 0
+    assert fresh.to_dict() == frozen and fresh is not initial
+    assert again.get("s|k=v", "m2", initial) is fresh  # and keeps it while the model stays
 
 
-def test_score_states_corrupt_file_is_moved_aside_with_a_warning(tmp_path: Path,
-                                                                caplog: pytest.LogCaptureFixture) -> None:
+def test_score_states_hand_out_one_normaliser_per_series(tmp_path: Path) -> None:
+    initial = warm_initial()
+    states = ScoreStates(tmp_path / "s.npz")
+    a, b = states.get("a", "m", initial), states.get("b", "m", initial)
+    assert a is not b and a is not initial and states.get("a", "m", initial) is a
+    a.update([5.0])
+    assert b.to_dict() == initial.to_dict() and a.seen == initial.seen + 1
+
+
+def _assert_same_state(got: dict, want: dict) -> None:
+    assert set(got) == set(want)
+    for k, v in want.items():
+        if isinstance(v, np.ndarray) or isinstance(got[k], np.ndarray):
+            np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(v), err_msg=k)
+            assert len(np.asarray(got[k])) == len(np.asarray(v)), k
+        elif k == "params":
+            assert (NormaliserParams(**got[k]) if isinstance(got[k], dict) else got[k]) == v
+        else:
+            assert got[k] == v and type(got[k]) is type(v), k
+
+
+def test_pack_and_unpack_round_trip_every_field_exactly() -> None:
+    a = warm_initial()
+    a.update(_errors(2, 150), *_ranges(3, 150))
+    a.s1 += 1e-13  # running sums that are not a plain sum of the history must come back as they are
+    b = ScoreNormaliser(NormaliserParams(long_window=50, short_window=1, learning=0, transform="log"))
+    b.update(_errors(4, 7))  # no range seen: lo and hi stay None
+    c = ScoreNormaliser(PARAMS)  # nothing seen at all
+    d = warm_initial()
+    d.observe_range(np.array([[np.nan, 5.0]]))
+    d.lo[0] = np.nan  # a bound that is NaN (a field never seen finite) stays NaN
+    entries = {"a|x=1": ("m1", a.snapshot()), "b|ünï=\"y\"": ("m2", b.snapshot()), "c|": ("m1", c.snapshot()),
+               "d|": ("m3", d.snapshot())}
+    back = state._unpack_states(state._pack_states(entries))
+    assert list(back) == list(entries)
+    for sid, (tag, snap) in entries.items():
+        got_tag, got = back[sid]
+        assert got_tag == tag
+        _assert_same_state(got, snap)
+        restored = ScoreNormaliser.from_dict(got)
+        assert restored.to_dict() == ScoreNormaliser.from_dict(snap).to_dict()
+    assert back["a|x=1"][1]["s1"] == a.s1 and back["a|x=1"][1]["s2"] == a.s2
+    assert back["b|ünï=\"y\""][1]["lo"] is None and back["c|"][1]["hi"] is None
+    assert np.isnan(back["d|"][1]["lo"][0]) and back["d|"][1]["hi"].tolist() == [1.0, 5.0]
+    # Restored normalisers go on exactly as the originals.
+    for sid, norm in (("a|x=1", a), ("d|", d)):
+        lo, hi = _ranges(5, 40)
+        again = ScoreNormaliser.from_dict(back[sid][1])
+        np.testing.assert_array_equal(again.update(_errors(6, 40), lo, hi), norm.copy().update(_errors(6, 40), lo, hi))
+
+
+def test_a_saved_state_with_other_parameters_is_not_continued(tmp_path: Path) -> None:
+    """A changed ``score_history`` (same model file) gives a normaliser the saved history does not fit."""
     path = tmp_path / "scores.npz"
-    path.write_bytes(b"PK\x03\x04 truncated")
     states = ScoreStates(path)
-    assert "unreadable" in caplog.text and path.with_suffix(".corrupt").exists() and not path.exists()
-    assert states.get("s", "m", None).n_seen == 0
+    states.get("s", "m", warm_initial()).update(_errors(7, 20))
     states.close()
-    assert ScoreStates(path).get("s", "m", None).n_seen == 0
+    other = ScoreNormaliser(NormaliserParams(long_window=200, short_window=4, learning=10))
+    assert ScoreStates(path).get("s", "m", other).to_dict() == other.to_dict()
+    assert ScoreStates(path).get("s", "m", warm_initial()).seen == warm_initial().seen + 20
+
+
+@pytest.mark.parametrize("content", ["garbage", "version1", "missing-key"])
+def test_score_states_corrupt_file_is_moved_aside_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                                content: str) -> None:
+    path = tmp_path / "scores.npz"
+    if content == "garbage":
+        path.write_bytes(b"PK\x03\x04 truncated")
+    else:
+        good = ScoreStates(path)
+        good.get("s", "m", warm_initial()).update([1.0])
+        good.close()
+        with np.load(path) as z:
+            arrays = {k: z[k] for k in z.files}
+        if content == "version1":  # the format before the one detector
+            arrays["version"] = np.array(1)
+        else:
+            del arrays["s2"]
+        with path.open("wb") as f:
+            np.savez(f, **arrays)
+    bad = path.read_bytes()
+    initial = warm_initial()
+    states = ScoreStates(path)
+    assert "unreadable" in caplog.text and str(path) in caplog.text
+    assert path.with_suffix(".corrupt").read_bytes() == bad and not path.exists()
+    assert states.get("s", "m", initial).to_dict() == initial.to_dict()
+    states.close()
+    assert ScoreStates(path).get("s", "m", initial).to_dict() == initial.to_dict()
 
 
 def test_score_states_forget_series_not_scored_for_a_long_time(tmp_path: Path) -> None:
     now = [0.0]
     path = tmp_path / "scores.npz"
+    initial = ScoreNormaliser(PARAMS)
     states = ScoreStates(path, save_every_s=0, forget_after_s=100.0, clock=lambda: now[0])
-    states.get("a", "m", None).update([1.0])
-    states.get("b", "m", None).update([1.0])
+    states.get("a", "m", initial).update([1.0])
+    states.get("b", "m", initial).update([1.0])
     states.close()
     now[0] = 60.0
     again = ScoreStates(path, save_every_s=0, forget_after_s=100.0, clock=lambda: now[0])
     now[0] = 120.0
-    again.get("a", "m", None)  # still scored; "b" is not
+    again.get("a", "m", initial)  # still scored; "b" is not
     now[0] = 170.0
     again.touch()
     again.save()  # "b" was last seen at load time (60 s), more than 100 s ago
     kept = ScoreStates(path, clock=lambda: now[0])
-    assert kept.get("a", "m", None).n_seen == 1 and kept.get("b", "m", None).n_seen == 0
+    assert kept.get("a", "m", initial).seen == 1 and kept.get("b", "m", initial).seen == 0

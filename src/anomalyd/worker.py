@@ -321,9 +321,9 @@ class Worker:
             if fast[r] and r not in stamps:
                 self._emit_steady(sig, stored, m.key, [col[r] for col in lists], grid_ends, batch, r, matrix[r],
                                   slots, rep, results, points)
-                continue
-            ends = output_stamps(stamps.get(r), t0, period, slots)
-            self._emit(sig, stored, m.key, batch, r, keep[r], ends, matrix[r], slots, rep, results, points)
+            else:
+                ends = output_stamps(stamps.get(r), t0, period, slots)
+                self._emit(sig, stored, m.key, batch, r, keep[r], ends, matrix[r], slots, rep, results, points)
             if self.cfg.output.write_reconstruction:
                 self._reconstruction_points(sig, stored, m.key, matrix[r], t0, first, hi, recon_points)
 
