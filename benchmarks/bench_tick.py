@@ -139,7 +139,7 @@ def fresh_worker(cfg, store: InfluxDB1Store, n: int, hi: int, now: int,  # type:
 
 
 def measure(server: LocalInfluxd, n: int, root: Path, baseline_max: int) -> tuple[float, float, float, int, int]:
-    now = time.time_ns()
+    now = time.time_ns() // INTERVAL * INTERVAL  # the tick is due exactly one interval after the watermarks
     cfg, _ = setup(server, n, root, now)
     store = InfluxDB1Store(cfg.influxdb)  # type: ignore[attr-defined]
     hi = now // INTERVAL * INTERVAL

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +37,19 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def evaluate(*argv: str | Path) -> int:
     """``anomalyd evaluate ARGV...`` through the real command line (no config file is needed)."""
     return main(["evaluate", *(str(a) for a in argv)])
+
+
+def run_isolated(argv: list[str], timeout: float = 60) -> None:
+    """Run ``python ARGV`` in its own process group; fail (killing the group) when it does not finish in time."""
+    proc = subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the process and the pool workers it forked
+        proc.communicate()
+        pytest.fail(f"python {' '.join(argv)[:200]} did not finish in {timeout:g}s")
+    assert proc.returncode == 0, err
 
 
 def csv_series(*argv: str | Path) -> EvalSeries:
@@ -249,15 +266,34 @@ def test_nab_layout_on_two_real_files(tmp_path: Path, capsys: pytest.CaptureFixt
     assert report["summary"]["tuned"]["profile"] == "standard"
     assert report["summary"]["nab"]["standard"]["score"] == pytest.approx(report["summary"]["tuned"]["normalised"])
     assert all(r["nab_detected"] >= 1 for r in report["series"])
-    # files evaluated in parallel give the same report
+    # files evaluated in parallel (`anomalyd evaluate --jobs 2`, a fresh process) give the same report
     parallel_json = tmp_path / "parallel.json"
-    assert evaluate(tmp_path / "nab", "--tune", "nab-standard", "--jobs", 2, "--json", parallel_json,
-                    "--no-progress") == 0
+    run_isolated(["-m", "anomalyd.cli", "evaluate", str(tmp_path / "nab"), "--tune", "nab-standard", "--jobs", "2",
+                  "--json", str(parallel_json), "--no-progress"])
     parallel = json.loads(parallel_json.read_text())
-    assert parallel["summary"] == report["summary"]
-    drop = ("seconds",)
-    assert [{k: v for k, v in r.items() if k not in drop} for r in parallel["series"]] == [
-        {k: v for k, v in r.items() if k not in drop} for r in report["series"]]
+    assert parallel["summary"] == report["summary"] and parallel["series"] == report["series"]
+
+
+def test_parallel_nab_after_kmeans_in_the_same_process(tmp_path: Path) -> None:
+    """``evaluate.run`` with ``--jobs 2`` from a process that already fitted a detector (scikit-learn's K-Means
+    starts an OpenMP thread pool) must finish: a forked worker inherits a dead OpenMP pool and waits for ever."""
+    if not (NAB / "data").is_dir():
+        pytest.fail(f"NAB data not found at {NAB}; {WHERE}")
+    name = "realAdExchange/exchange-3_cpc_results.csv"
+    (tmp_path / "nab" / "data" / name).parent.mkdir(parents=True)
+    shutil.copy(NAB / "data" / name, tmp_path / "nab" / "data" / name)
+    windows = json.loads((NAB / "labels" / "combined_windows.json").read_text())
+    (tmp_path / "nab" / "labels").mkdir()
+    (tmp_path / "nab" / "labels" / "combined_windows.json").write_text(json.dumps({name: windows[name]}))
+    out_json = tmp_path / "nab.json"
+    code = ("import numpy as np, sys\n"
+            "from anomalyd.cli import main\n"
+            "from anomalyd.detector import Detector\n"
+            "Detector().fit([np.sin(np.arange(2000) / 5.0)])\n"
+            f"sys.exit(main(['evaluate', {str(tmp_path / 'nab')!r}, '--jobs', '2', '--json', {str(out_json)!r}, "
+            "'--no-progress']))\n")
+    run_isolated(["-c", code], timeout=20)
+    assert json.loads(out_json.read_text())["format"] == "nab"
 
 
 def test_smd_layout_on_synthetic_machines(tmp_path: Path) -> None:

@@ -19,8 +19,8 @@ def upper_tail(z: float) -> float:
 
 
 def nab_log(tail: float) -> float:
-    """NAB's log scale, written out: log(tail + 1e-10) / log(1e-10)."""
-    return math.log(tail + 1e-10) / math.log(1e-10)
+    """NAB's log scale, written out: log(tail) / log(1e-10), clipped to [0, 1]."""
+    return min(1.0, max(0.0, math.log(tail) / math.log(1e-10))) if tail > 0 else 1.0
 
 
 def bare(long_window: int, short_window: int, transform: Literal["none", "log"] = "none") -> NormaliserParams:
@@ -34,11 +34,11 @@ def bare(long_window: int, short_window: int, transform: Literal["none", "log"] 
 
 def test_log_score_hand_values() -> None:
     s = log_score([1.0, 0.5, 0.1, 1e-3, 1e-5, 0.0])
-    assert s[0] == 0.0  # clipped: log(1 + 1e-10) / log(1e-10) is a hair below 0
+    assert s[0] == 0.0
     assert s[1] == pytest.approx(nab_log(0.5))
     assert s[2] == pytest.approx(0.1, abs=1e-8)
     assert s[3] == pytest.approx(0.3, abs=1e-6)
-    assert s[4] == pytest.approx(0.5, abs=1e-5) and s[4] < 0.5  # 1e-5 + 1e-10 is just above 1e-5
+    assert s[4] == 0.5  # the red zone's edge is the decision's edge: red <=> score >= 0.5
     assert s[5] == 1.0
     assert log_score([-1.0, 2.0]).tolist() == [1.0, 0.0]  # tails are clipped into [0, 1] first
     assert np.all(np.diff(log_score(np.logspace(0, -12, 50))) >= 0)  # smaller tail, larger score

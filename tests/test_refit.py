@@ -7,6 +7,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from anomalyd import training
@@ -17,10 +18,11 @@ from anomalyd.demo import feed
 from anomalyd.influx import InfluxDB1Store, Point
 from anomalyd.localinflux import LocalInfluxd
 from anomalyd.metrics import REFITS
+from anomalyd.records import SeriesKey
 from anomalyd.service import Service
 from anomalyd.state import Watermarks
 from anomalyd.worker import Worker
-from conftest import with_signal
+from conftest import make_config, with_signal
 
 
 def _thresholds(cfg: Config) -> dict[str, tuple[float, int]]:
@@ -29,6 +31,29 @@ def _thresholds(cfg: Config) -> dict[str, tuple[float, int]]:
         m = load_model(p)
         out[m.model_id] = (m.threshold, int(m.meta["n_samples"]))
     return out
+
+
+def test_prepare_cuts_the_flagged_windows_out_like_gaps(tmp_path: Path) -> None:
+    """`training.prepare` drops every sample a flagged window (its ``window`` samples up to its end) covers; the
+    hole is longer than max_gap, so training sees separate gap-free stretches, each with its grid index."""
+    cfg = make_config("http://127.0.0.1:9", "unused", tmp_path, signals=[{
+        "name": "s", "measurement": "m", "field": "v", "period": "1s", "window": 16, "max_gap": 8}])
+    sig = cfg.signals[0]
+    t0 = 1_700_000_000  # seconds: the grid index of the first sample
+    times = (t0 + np.arange(1000, dtype=np.int64)) * 10**9
+    values = np.random.default_rng(0).normal(size=1000)
+    key = SeriesKey("s", ())
+    parts, starts = training.prepare(times, values, sig, key)
+    assert len(parts) == 1 and starts == [t0] and np.array_equal(parts[0], values)
+    # two overlapping flagged windows ending on samples 500 and 505: samples 485 .. 505 are left out
+    parts, starts = training.prepare(times, values, sig, key, exclude_ends=times[[505, 500]])
+    assert starts == [t0, t0 + 506]
+    assert np.array_equal(parts[0], values[:485]) and np.array_equal(parts[1], values[506:])
+    # a flagged window at the very end only shortens the data
+    parts, starts = training.prepare(times, values, sig, key, exclude_ends=times[[999]])
+    assert starts == [t0] and np.array_equal(parts[0], values[:984])
+    with pytest.raises(ValueError, match=r"series s\[\] has no samples"):
+        training.prepare(times[:0], values[:0], sig, key)
 
 
 def test_refit_leaves_out_the_flagged_windows(cfg: Config, store: InfluxDB1Store) -> None:
@@ -53,7 +78,10 @@ def test_refit_leaves_out_the_flagged_windows(cfg: Config, store: InfluxDB1Store
         thr_c, n_c = clean[mid]
         print(f"\n{mid}: threshold trained on 6 h {thr0:.2f}; on 7 h with the anomalies {thr_p:.2f}; "
               f"without the flagged windows {thr_c:.2f} ({n_p - n_c} samples left out)")
-        assert n_c < n_p  # the flagged windows' samples were cut out
+        assert n_c < n_p  # the flagged windows' samples were cut out...
+        w = cfg.signals[0].window or cfg.signals[0].spec().max_window
+        n_flagged = sum(1 for r in flagged if model_id_for("heartbeat", r.key.tags, "series") == mid)
+        assert n_p - n_c <= w * n_flagged  # ...and only those: at most a window's samples per flagged window
         assert thr_c < thr_p  # the anomalies no longer inflate the threshold learned from the hold-out...
         assert thr_c < 1.5 * thr0  # ...which stays close to the one learned from clean data
     assert n_fed >= 8

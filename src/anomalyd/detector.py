@@ -504,6 +504,13 @@ class Detector:
         n, m = x.shape[0], x.shape[1]
         if x.shape[2] != d or n != len(states):
             raise ValueError(f"expected samples of shape ({len(states)}, m, {d}), got {np.shape(samples)}")
+        if m == 0:
+            e = np.empty((n, 0))
+            return WindowBatch(position=np.empty((n, 0), dtype=np.int64), scored=e.astype(bool),
+                               complete=e.astype(bool),
+                               error=e, max_error=e, score=e, anomalous=e.astype(bool), nearest=e.astype(np.intp),
+                               field_error=np.empty((n, 0, d)), field_sign=np.empty((n, 0, d)),
+                               n_missing=e.astype(np.int64), last_present=e.astype(bool))
         z = (x - self.mean_) / self.scale_
         ext = np.concatenate((np.stack([st.tail for st in states]) if n else np.empty((0, w - 1, d)), z), axis=1)
         wins = np.swapaxes(np.lib.stride_tricks.sliding_window_view(ext, w, axis=1), 2, 3)  # (n, m, w, d)

@@ -42,17 +42,20 @@ _STATE_VERSION = 2
 
 
 def log_score(tail: ArrayLike) -> NDArray[np.float64]:
-    """Map an upper tail probability to NAB's HTM log scale: ``log(tail + 1e-10) / log(1e-10)``, in [0, 1].
+    """Map an upper tail probability to NAB's HTM log scale: ``log(tail) / log(1e-10)``, clipped to [0, 1].
 
-    A tail of 0.1 (likelihood 0.9) maps to 0.1, 1e-3 to 0.3, 1e-5 to 0.5.
+    A tail of 0.1 (likelihood 0.9) maps to 0.1, 1e-3 to 0.3, the red zone's 1e-5 to exactly 0.5, so a red
+    tail probability is a score of at least 0.5 and the reverse.
 
     Examples
     --------
     >>> log_score([1.0, 0.1, 1e-3, 1e-5, 0.0]).round(3).tolist()
     [0.0, 0.1, 0.3, 0.5, 1.0]
+    >>> float(log_score([1e-5])[0])
+    0.5
     """
     t = np.clip(np.asarray(tail, dtype=np.float64), 0.0, 1.0)
-    return np.asarray(np.clip(np.log(t + _LOG_EPS) / math.log(_LOG_EPS), 0.0, 1.0))
+    return np.asarray(np.clip(np.log(np.maximum(t, 1e-300)) / math.log(_LOG_EPS), 0.0, 1.0) + 0.0)
 
 
 @dataclass(frozen=True)
@@ -229,9 +232,15 @@ class ScoreNormaliser:
             Scores in [0, 1] (NaN where the error was NaN).
         """
         e = np.asarray(errors, dtype=np.float64).reshape(1, -1)
-        lo_a = None if lo is None else np.asarray(lo, dtype=np.float64).reshape(1, e.shape[1], -1)
-        hi_a = None if hi is None else np.asarray(hi, dtype=np.float64).reshape(1, e.shape[1], -1)
-        return update_block([self], e, lo_a, hi_a)[0]
+        return update_block([self], e, _per_field(lo, e.shape[1]), _per_field(hi, e.shape[1]))[0]
+
+
+def _per_field(a: ArrayLike | None, k: int) -> NDArray[np.float64] | None:
+    """``(k,)`` or ``(k, d)`` per-window values as ``(1, k, d)``."""
+    if a is None:
+        return None
+    v = np.asarray(a, dtype=np.float64)
+    return v.reshape(1, k, v.shape[-1] if v.ndim == 2 else 1)
 
 
 def _json_float(v: float) -> float | None:
