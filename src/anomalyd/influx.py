@@ -14,6 +14,7 @@ import json
 import logging
 import math
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -53,19 +54,22 @@ class SeriesPoints:
     """Many points of one series (one measurement and tag set, the same fields), column by column.
 
     Formatting them is much cheaper than one `Point` each: the measurement and tags are escaped once, and each
-    column is converted in one pass. ``columns[i][j]`` is field ``names[i]`` of the point at ``times[j]``.
+    column is converted in one pass. ``columns[i][j]`` is field ``names[i]`` of the point at ``times[j]``; a
+    column that is a single value (not a list or tuple) holds that value for every point.
     """
 
     measurement: str
     tags: Tags
     names: tuple[str, ...]
-    columns: tuple[Sequence[float | int | bool | str], ...]
+    columns: tuple[Sequence[float | int | bool | str] | float | int | bool | str, ...]
     times: Sequence[int]
 
     def points(self) -> list[Point]:
         """The same points one by one."""
+        n = len(self.times)
+        cols = [c if isinstance(c, list | tuple) else [c] * n for c in self.columns]
         return [Point(self.measurement, self.tags, tuple(zip(self.names, row, strict=True)), int(t))
-                for row, t in zip(zip(*self.columns, strict=True), self.times, strict=True)]
+                for row, t in zip(zip(*cols, strict=True), self.times, strict=True)]
 
 
 def expand(items: Sequence[Point | SeriesPoints]) -> list[Point]:
@@ -89,20 +93,19 @@ def _column_text(col: Sequence[float | int | bool | str]) -> list[str]:
     if isinstance(first, int):
         return [f"{v}i" for v in col]
     if isinstance(first, float):
-        bad = [v for v in col if not math.isfinite(v)]  # type: ignore[arg-type]
-        if bad:
-            raise ValueError(f"field value {bad[0]} is not finite; InfluxDB cannot store it")
+        if not math.isfinite(math.fsum(col)):  # type: ignore[arg-type]
+            bad = [v for v in col if not math.isfinite(v)]  # type: ignore[arg-type]
+            raise ValueError(f"field value {bad[0] if bad else 'sum'} is not finite; InfluxDB cannot store it")
         return list(map(repr, col))
     return [_field_value(v) for v in col]
 
 
 def series_lines(sp: SeriesPoints) -> list[str]:
-    """Line protocol for a `SeriesPoints` block (constant columns are formatted once).
+    """Line protocol for a `SeriesPoints` block (single-value columns are formatted once).
 
     Examples
     --------
-    >>> series_lines(SeriesPoints("m", (("h", "a"),), ("x", "ok", "n"), ((1.5, 2.0), (True, False), (3, 3)),
-    ...                           (10, 20)))
+    >>> series_lines(SeriesPoints("m", (("h", "a"),), ("x", "ok", "n"), ((1.5, 2.0), (True, False), 3), (10, 20)))
     ['m,h=a x=1.5,ok=true,n=3i 10', 'm,h=a x=2.0,ok=false,n=3i 20']
     """
     n = len(sp.times)
@@ -112,12 +115,11 @@ def series_lines(sp: SeriesPoints) -> list[str]:
     varying: list[list[str]] = []
     for i, (k, col) in enumerate(zip(sp.names, sp.columns, strict=True)):
         key = ("," if i else "") + f"{_escape_key(k)}=".replace("%", "%%")
-        first = col[0]
-        if all(v == first and type(v) is type(first) for v in col):
-            fmt.append(key + _column_text(col[:1])[0].replace("%", "%%"))
-        else:
+        if isinstance(col, list | tuple):
             fmt.append(key + "%s")
             varying.append(_column_text(col))
+        else:
+            fmt.append(key + _column_text([col])[0].replace("%", "%%"))  # type: ignore[list-item]
     fmt.append(" %d")
     template = "".join(fmt)
     return [template % row for row in zip(*varying, sp.times, strict=True)]
@@ -237,6 +239,7 @@ class InfluxDB1Store:
     def __init__(self, cfg: InfluxConfig, write_batch: int = 10_000, chunk_size: int = 100_000) -> None:
         self.cfg = cfg
         self.write_batch = write_batch
+        self._sender = ThreadPoolExecutor(1, thread_name_prefix="influx-write")  # formats and sends overlap
         self.chunk_size = chunk_size
         u = urlsplit(cfg.url)
         self.client = InfluxDBClient(
@@ -358,19 +361,43 @@ class InfluxDB1Store:
 
     # -- writes ------------------------------------------------------------------------------------
     def write(self, points: Sequence[Point | SeriesPoints], retention_policy: str = "") -> None:
-        lines: list[str] = []
-        for p in points:
-            if isinstance(p, SeriesPoints):
-                lines += series_lines(p)
-            else:
-                lines.append(line_protocol(p))
-        self.write_lines(lines, retention_policy)
+        """Format and send in batches of ``write_batch`` lines; the next batch is formatted while the previous one
+        is in flight (one at a time, in order). The first failure is raised once the batch in flight is done."""
+        params = self._write_params(retention_policy)
+        pending: Future[None] | None = None
+        buf: list[str] = []
+        try:
+            for p in points:
+                if isinstance(p, SeriesPoints):
+                    buf += series_lines(p)
+                else:
+                    buf.append(line_protocol(p))
+                while len(buf) >= self.write_batch:
+                    body = "\n".join(buf[: self.write_batch]).encode()
+                    del buf[: self.write_batch]
+                    if pending is not None:
+                        pending.result()
+                    pending = self._sender.submit(self._post_write, params, body)
+            if buf:
+                if pending is not None:
+                    pending.result()
+                pending = self._sender.submit(self._post_write, params, "\n".join(buf).encode())
+        finally:
+            if pending is not None:
+                pending.result()
 
-    def write_lines(self, lines: Sequence[str], retention_policy: str = "") -> None:
+    def _write_params(self, retention_policy: str) -> dict[str, str]:
         params = {"db": self.cfg.database, "precision": "ns"}
         rp = retention_policy or self.cfg.retention_policy
         if rp:
             params["rp"] = rp
+        return params
+
+    def _post_write(self, params: dict[str, str], body: bytes) -> None:
+        self._request("write", "write", "POST", params, data=body, expected=204)
+
+    def write_lines(self, lines: Sequence[str], retention_policy: str = "") -> None:
+        params = self._write_params(retention_policy)
         for i in range(0, len(lines), self.write_batch):
             body = "\n".join(lines[i : i + self.write_batch]).encode()
             self._request("write", "write", "POST", params, data=body, expected=204)

@@ -339,7 +339,7 @@ class Worker:
         tags: Tags = (("signal", sig.name), ("series", tags_str(key.tags)), ("model", stored.model_id), *key.tags)
         points.append(SeriesPoints(self.cfg.output.measurement, tags,
                                    ("max_error", "threshold", "anomalous", "score", "missing", "n_missing"),
-                                   (max_error, [thr] * n, anomalous, score, [False] * n, zeros), ends))
+                                   (max_error, thr, anomalous, score, False, 0), ends))
         n_anom = sum(anomalous)
         rep.windows += n
         rep.anomalous += n_anom
@@ -390,9 +390,9 @@ class Worker:
         if n_good:
             g_end = end_all[good].tolist()
             names = ["max_error", "threshold", "anomalous", "score", "missing", "n_missing"]
-            columns: list[list[float | int | bool | str]] = [
-                max_err[good].tolist(), [thr] * n_good, anom[good].tolist(), sc[worst[good]].tolist(),
-                [False] * n_good, n_miss[good].tolist()]
+            columns: list[list[float | int | bool | str] | float | bool] = [
+                max_err[good].tolist(), thr, anom[good].tolist(), sc[worst[good]].tolist(), False,
+                n_miss[good].tolist()]
             if every > 1:
                 names += ["windows", "worst_end"]
                 columns += [n_ok[good].tolist(), worst_end[good].tolist()]
@@ -400,8 +400,7 @@ class Worker:
         bad = ~good
         if bad.any():
             points.append(SeriesPoints(out.measurement, tags, ("threshold", "anomalous", "missing", "n_missing"),
-                                       ([thr] * int(bad.sum()), [False] * int(bad.sum()), [True] * int(bad.sum()),
-                                        n_miss[bad].tolist()), end_all[bad].tolist()))
+                                       (thr, False, True, n_miss[bad].tolist()), end_all[bad].tolist()))
         rep.windows += n_good
         rep.missing += int(bad.sum())
         rep.anomalous += int(anom[good].sum())
