@@ -13,7 +13,7 @@ import gc
 import json
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -150,7 +150,7 @@ class Store(Protocol):
         """Every series of ``query`` with samples in ``[start_ns, end_ns]``: tags → (times ns, values)."""
         ...
 
-    def write(self, points: Sequence[Point | SeriesPoints], retention_policy: str = "") -> None:
+    def write(self, points: Iterable[Point | SeriesPoints], retention_policy: str = "") -> None:
         """Write the points (`Point` or `SeriesPoints` blocks, in batches if needed); overwrites points with the
         same series and time."""
         ...
@@ -360,7 +360,7 @@ class InfluxDB1Store:
         return out
 
     # -- writes ------------------------------------------------------------------------------------
-    def write(self, points: Sequence[Point | SeriesPoints], retention_policy: str = "") -> None:
+    def write(self, points: Iterable[Point | SeriesPoints], retention_policy: str = "") -> None:
         """Format and send in batches of ``write_batch`` lines; the next batch is formatted while the previous one
         is in flight (one at a time, in order). The first failure is raised once the batch in flight is done."""
         params = self._write_params(retention_policy)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -36,6 +36,7 @@ from .state import ScoreStates, Watermarks
 from .stored import output_stamps
 
 log = logging.getLogger(__name__)
+_SLICE = 2000  # series scored together before their points go to the store
 
 
 class AlertObserver(Protocol):
@@ -249,16 +250,24 @@ class Worker:
         done: dict[str, int] = {}
         states = self.scores if live else self._backfill_scores
         before: list[tuple[ScoreNormaliser, tuple[object, ...]]] = []
-        try:
+
+        def scored() -> Iterator[Point | SeriesPoints]:
+            """Score a slice of the series at a time and hand over its points: the store sends one slice while
+            the next is scored."""
             for (_, s_lo), (stored, members) in groups.items():
-                self._score_group(sig, stored, members, s_lo, hi, states, rep, results, points, recon_points, before)
-                rep.series += len(members)
-                for m in members:
-                    done[m.key.id] = hi
-            if points:
-                self.store.write(points, self.cfg.output.retention_policy)
-            if recon_points:
-                self.store.write(recon_points, self.cfg.output.retention_policy)
+                for a in range(0, len(members), _SLICE):
+                    part = members[a : a + _SLICE]
+                    self._score_group(sig, stored, part, s_lo, hi, states, rep, results, points, recon_points,
+                                      before)
+                    rep.series += len(part)
+                    for m in part:
+                        done[m.key.id] = hi
+                    yield from points
+                    points.clear()
+            yield from recon_points
+
+        try:
+            self.store.write(scored(), self.cfg.output.retention_policy)
         except BaseException:
             # Nothing of this signal's windows counts as seen: the score histories go back to where they were, so
             # the retry (from the same watermarks) scores the same windows the same way.
