@@ -34,7 +34,7 @@ from conftest import NAB, WHERE
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def evaluate(*argv: str | Path) -> int:
+def evaluate(*argv: str | Path | float) -> int:
     """``anomalyd evaluate ARGV...`` through the real command line (no config file is needed)."""
     return main(["evaluate", *(str(a) for a in argv)])
 
@@ -52,7 +52,7 @@ def run_isolated(argv: list[str], timeout: float = 60) -> None:
     assert proc.returncode == 0, err
 
 
-def csv_series(*argv: str | Path) -> EvalSeries:
+def csv_series(*argv: str | Path | float) -> EvalSeries:
     """The series `anomalyd evaluate CSV ARGV...` scores (one row per CSV row, before thresholds and metrics)."""
     parser = argparse.ArgumentParser()
     add_arguments(parser)

@@ -41,17 +41,17 @@ HOUR = 3600 * 10**9
 SECOND = 10**9
 
 
-def parse(*argv: str | Path) -> argparse.Namespace:
+def parse(*argv: str | Path | float) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="anomalyd evaluate")
     add_arguments(parser)
     return parser.parse_args([str(a) for a in argv])
 
 
-def evaluate(*argv: str | Path) -> int:
+def evaluate(*argv: str | Path | float) -> int:
     return run(parse(*argv))
 
 
-def influx_series(*argv: str | Path) -> list[EvalSeries]:
+def influx_series(*argv: str | Path | float) -> list[EvalSeries]:
     """The series `anomalyd evaluate -c ...` scores (one row per grid time, before thresholds and metrics)."""
     args = parse(*argv, "--no-progress")
     series, _, _ = _load_influx_series(args, _detector_spec(args))
@@ -195,6 +195,7 @@ def test_stored_model_scores_are_run_stored_and_the_daemons_on_the_same_samples(
                   if r.key.tags == (("patient", s.tag),) and not r.missing}
         assert len(daemon) > 0.95 * len(stamps)
         mine = dict(zip(stamps.tolist(), zip(got.scores.tolist(), flags.tolist(), strict=True), strict=True))
+        assert set(daemon) <= set(mine)
         assert {t: mine[t] for t in daemon} == daemon
 
 
@@ -265,7 +266,7 @@ def test_bad_input_exits_with_one_line_naming_the_fix(fed: Fed, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     start = ("--start", iso(fed.now - HOUR), "--end", iso(fed.now))
 
-    def fails(code: int, *argv: str | Path) -> str:
+    def fails(code: int, *argv: str | Path | float) -> str:
         assert evaluate(*argv, "--no-progress") == code
         err = capsys.readouterr().err.strip()
         assert err.startswith("anomalyd evaluate: ") and "\n" not in err, err

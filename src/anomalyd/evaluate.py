@@ -1647,10 +1647,13 @@ def _nab_run(job: tuple[NabFile, Any, int]) -> tuple[NDArray[np.int64], int, Any
 
 def _pool(args: Any) -> Any:
     """A process pool of ``--jobs`` workers (a no-op pool with one job)."""
+    import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     from contextlib import nullcontext
 
-    return ProcessPoolExecutor(args.jobs) if args.jobs > 1 else nullcontext(None)
+    # forkserver: a forked child of a process that already ran K-Means (OpenMP) would hang.
+    return (ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("forkserver")) if args.jobs > 1
+            else nullcontext(None))
 
 
 def _progress_map(pool: Any, fn: Any, jobs: Sequence[Any], args: Any, desc: str) -> Any:
@@ -1826,7 +1829,8 @@ def _load_influx_series(args: Any, spec: Any) -> tuple[list[EvalSeries], str, bo
             n_train = args.train_rows if args.train_rows is not None else nab_probation(n_rows)
             if not 0 < n_train < n_rows:
                 raise ValueError(f"--train-rows {n_train} must be between 1 and the {n_rows} rows of {name} minus one")
-            run = run_stored(times, vals, int(inside[n_train - 1]), spec, period, sig.max_gap)
+            sel = times > first_end  # the range only: the context read before --start is not training data
+            run = run_stored(times[sel], vals[sel], int(inside[n_train - 1]), spec, period, sig.max_gap)
             info["train_rows"] = n_train
         else:
             boundary = max(first_end, stored.train_end_ns // period * period)
@@ -2219,7 +2223,9 @@ def _run(args: argparse.Namespace) -> int:
         if not math.isfinite(tau):
             raise ValueError(f"the tuned threshold is {tau}: flagging nothing scored best, so nothing was written "
                              f"to {args.model}")
-        set_threshold(args.model, tau, f"anomalyd evaluate --tune {args.tune} on {input_desc}")
+        # evaluate flags score > tau; the daemon flags score >= its level: the next float up is the same decision.
+        set_threshold(args.model, float(np.nextafter(tau, np.inf)), f"anomalyd evaluate --tune {args.tune} on "
+                      f"{input_desc}")
         print(f"wrote threshold {tau:.6g} (tuned: {args.tune}) to {args.model}")
     if args.json is not None:
         report = {
