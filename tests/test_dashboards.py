@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import requests
 import yaml
@@ -565,15 +566,17 @@ def test_grafana_panels_show_the_right_numbers(output_db: OutputDB, truth: Truth
     variables = {"signal": [truth.signal], "series": [truth.series]}
     by_title = {title: t["query"] for title, t in _grafana_targets(dash)}
     # Missing-data windows: the bars above zero are exactly the missing-data windows (one bucket per window at
-    # a 16 s interval, the panel's minimum).
-    q = next(q for q in by_title.values() if '"n_missing"' in q).replace("$__interval", "16s")
+    # the windows' own spacing, which the panel's minimum interval allows).
+    mine = truth.of(truth.signal, {truth.series})
+    spacing = f"{min(np.diff(sorted({w['time'] for w in mine})))}ms"  # times are epoch ms
+    q = next(q for q in by_title.values() if '"n_missing"' in q).replace("$__interval", spacing)
     rows = output_db.rows(grafana_render(q, truth.lo, truth.hi, variables))
     above = {r["time"] for r in rows if r["missing samples"] and r["missing samples"] > 0}
     expected = {w["time"] for w in truth.of(truth.signal, {truth.series}) if w["missing"]}
     assert above == expected
     # Window error: the threshold line is the learned threshold; max_error is present on scored windows only.
     q = next(q for q in by_title.values() if '"threshold"' in q and "GROUP BY time" in q).replace("$__interval",
-                                                                                                   "16s")
+                                                                                                   spacing)
     rows = output_db.rows(grafana_render(q, truth.lo, truth.hi, variables))
     scored = [w for w in truth.of(truth.signal, {truth.series}) if not w["missing"]]
     assert len([r for r in rows if r["max_error"] is not None]) == len(scored)

@@ -210,11 +210,13 @@ class Worker:
             return rep
         # Read one longest window of context before the first due window, plus max_gap + 1 samples beyond both
         # ends so that gaps at the edges are filled exactly as over the whole series.
+        # With the reconstruction written, one more window back: the previous tick's last samples are drawn again.
         w_max = sig.window or sig.spec().max_window
+        back = (w_max - 1) * (2 if self.cfg.output.write_reconstruction else 1)
         margin = (sig.max_gap + 1) * period
         half = period // 2
-        data = self.store.read(Query(sig.measurement, sig.field, sig.where, sig.group_by, period),
-                               q_lo + period - (w_max - 1) * period - margin - half, hi + margin + half)
+        query = Query(sig.measurement, sig.field, sig.where, sig.group_by, period)
+        data = self.store.read(query, q_lo + period - back * period - margin - half, hi + margin + half)
         untrained = 0
         shared = self._model_for(sig, ()) if sig.scope == "shared" else None
         groups: dict[tuple[str, int], tuple[StoredModel, list[_Member]]] = {}
@@ -242,6 +244,13 @@ class Worker:
                 s_lo = lo
             if s_lo < hi:
                 groups.setdefault((stored.model_id, s_lo), (stored, []))[1].append(_Member(key, times, values))
+        earliest = min((s_lo for _, s_lo in groups), default=q_lo)
+        if earliest < q_lo:  # a series newer than the others' watermarks starts at its own training end: read again
+            again = self.store.read(query, earliest + period - back * period - margin - half, hi + margin + half)
+            for (_, s_lo), (_, members) in groups.items():
+                if s_lo < q_lo:
+                    for m in members:
+                        m.times, m.values = again.get(m.key.tags, (m.times, m.values))
         rep.untrained = untrained
         UNTRAINED_SERIES.labels(signal=sig.name).set(untrained)
         points: list[SeriesPoints] = []
@@ -295,18 +304,19 @@ class Worker:
         det = stored.model
         period, w = sig.period_ns, det.window_
         gap = sig.max_gap + 1
+        extra = (w - 1) if self.cfg.output.write_reconstruction else 0  # see _reconstruction_points
         first = s_lo + period  # grid time of the first new sample (the end of the first due window)
-        t0 = first - (w - 1 + gap) * period
+        t0 = first - (w - 1 + extra + gap) * period
         n_new = int((hi - s_lo) // period)
-        n = (w - 1 + gap) + n_new + gap
+        n = (w - 1 + extra + gap) + n_new + gap
         matrix, problems, stamps = align_many([(m.times, m.values) for m in members], period, t0, n, sig.max_gap)
         for r, m in enumerate(members):
             for kind, count in problems[r].items():
                 DATA_PROBLEMS.labels(signal=sig.name, kind=kind).inc(count)
                 if kind != "filled":
                     log.info("series %s: %d %s samples before %d", m.key, count, kind, hi)
-        ctx = slice(gap, gap + w - 1)
-        new = slice(w - 1 + gap, w - 1 + gap + n_new)
+        ctx = slice(extra + gap, extra + gap + w - 1)
+        new = slice(w - 1 + extra + gap, w - 1 + extra + gap + n_new)
         model_tag = str(stored.meta.get("npz_sha256", stored.model_id))
         tails = det.context_tails(matrix[:, ctx])
         states = [SeriesState(first // period, tails[r], score_states.get(m.key.id, model_tag, det.normaliser_))
@@ -314,7 +324,7 @@ class Worker:
         before.extend((st.norm, st.norm.refs()) for st in states)
         batch = det.update_many(states, matrix[:, new])
         score_states.touch()
-        slots = np.arange(n_new, dtype=np.int64) + (w - 1 + gap)
+        slots = np.arange(n_new, dtype=np.int64) + (w - 1 + extra + gap)
         # A window whose last sample is missing (before a series starts, after it stops, inside a long outage)
         # is not written; one with a gap before its last sample is a missing-data window.
         keep = batch.last_present
