@@ -319,13 +319,21 @@ class InfluxDB1Store:
                                  "check that influxd is running") from exc
 
     def read(self, query: Query, start_ns: int, end_ns: int) -> SeriesData:
+        out: SeriesData = {}
+        for batch in self.read_batches(query, start_ns, end_ns, 1 << 62):
+            out.update(batch)
+        return out
+
+    def read_batches(self, query: Query, start_ns: int, end_ns: int, size: int) -> Iterator[SeriesData]:
+        """`read`, handed over ``size`` complete series at a time while influxd is still answering, so the caller
+        can work on the first series while the next ones arrive."""
         q, params = self.build_select(query)
         params.update(start=int(start_ns), end=int(end_ns))
+        ms = query.period_ns % 1_000_000 == 0  # whole-millisecond epochs are exact in float64
         keys: list[Tags] = []
         blocks: list[list[list[Any]]] = []
-        # The cyclic GC is paused while millions of short-lived row lists are alive (it would otherwise run full
-        # collections over a growing heap); then all rows become arrays in one numpy call.
-        ms = query.period_ns % 1_000_000 == 0  # whole-millisecond epochs are exact in float64
+        # The cyclic GC is paused while many short-lived row lists are alive (it would otherwise run full
+        # collections over a growing heap); each batch's rows become arrays in one numpy call.
         gc_was_enabled = gc.isenabled()
         gc.disable()
         try:
@@ -335,19 +343,31 @@ class InfluxDB1Store:
                         INFLUX_ERRORS.labels(op="query").inc()
                         raise StoreError(f"InfluxDB rejected the query {q!r}: {res['error']}")
                     for s in res.get("series", []):
-                        keys.append(tuple(sorted((s.get("tags") or {}).items())))
+                        key = tuple(sorted((s.get("tags") or {}).items()))
+                        if keys and key == keys[-1]:  # a series continued in the next chunk
+                            blocks[-1] = blocks[-1] + s["values"]
+                            continue
+                        if len(keys) >= size:  # a new series begins: the ones before are complete
+                            yield self._batch(keys, blocks, ms)
+                            keys, blocks = [], []
+                        keys.append(key)
                         blocks.append(s["values"])
-            lengths = [len(b) for b in blocks]
-            t, v = _rows_to_arrays([row for b in blocks for row in b], ms)
+            if keys:
+                yield self._batch(keys, blocks, ms)
         finally:
             if gc_was_enabled:
                 gc.enable()
+
+    @staticmethod
+    def _batch(keys: list[Tags], blocks: list[list[list[Any]]], ms: bool) -> SeriesData:
+        lengths = [len(b) for b in blocks]
+        t, v = _rows_to_arrays([row for b in blocks for row in b], ms)
         out: SeriesData = {}
         pos = 0
         for key, n in zip(keys, lengths, strict=True):
             piece = (t[pos : pos + n], v[pos : pos + n])
             pos += n
-            if key in out:  # a series split across chunks
+            if key in out:
                 piece = (np.concatenate([out[key][0], piece[0]]), np.concatenate([out[key][1], piece[1]]))
             out[key] = piece
         return out

@@ -28,7 +28,7 @@ from .catalog import Catalog, StoredModel, model_id_for, model_mismatch
 from .config import Config, SignalConfig
 from .detector import SeriesState, WindowBatch
 from .grid import align_many
-from .influx import Point, Query, SeriesPoints, Store
+from .influx import Point, Query, SeriesData, SeriesPoints, Store
 from .metrics import DATA_PROBLEMS, LAG_SECONDS, UNTRAINED_SERIES, WINDOWS
 from .postprocess import ScoreNormaliser
 from .records import SeriesKey, Tags, WindowResult, tags_str
@@ -37,6 +37,15 @@ from .stored import output_stamps
 
 log = logging.getLogger(__name__)
 _SLICE = 2000  # series scored together before their points go to the store
+
+
+def _read_batches(store: Store, query: Query, start: int, end: int, size: int) -> Iterator[SeriesData]:
+    """The store's answer ``size`` series at a time as it arrives (all at once from stores that cannot stream)."""
+    batches = getattr(store, "read_batches", None)
+    if batches is not None:
+        yield from batches(query, start, end, size)
+    else:
+        yield store.read(query, start, end)
 
 
 class AlertObserver(Protocol):
@@ -216,63 +225,70 @@ class Worker:
         margin = (sig.max_gap + 1) * period
         half = period // 2
         query = Query(sig.measurement, sig.field, sig.where, sig.group_by, period)
-        data = self.store.read(query, q_lo + period - back * period - margin - half, hi + margin + half)
-        untrained = 0
         shared = self._model_for(sig, ()) if sig.scope == "shared" else None
-        groups: dict[tuple[str, int], tuple[StoredModel, list[_Member]]] = {}
-        for tags, (times, values) in data.items():
-            key = SeriesKey(sig.name, tags)
-            stored = shared if sig.scope == "shared" else self._model_for(sig, tags)
-            if stored is None:
-                untrained += 1
-                mismatched = model_id_for(sig.name, tags, sig.scope) in self._reported_mismatch
-                if key.id not in self._reported_untrained and not mismatched:
-                    self._reported_untrained.add(key.id)
-                    log.warning("series %s has no model; it is skipped until `anomalyd train` covers it", key)
-                continue
-            if lo is None:
-                wm = self.watermarks.get(key.id)
-                s_lo = wm if wm is not None else stored.train_end_ns // step * step
-                if s_lo < floor:
-                    skipped = (floor - s_lo) // step
-                    rep.skipped_backlog += skipped
-                    log.warning("series %s is %d points behind, more than daemon.max_backlog_windows=%d; "
-                                "skipping the oldest %d", key, (hi - s_lo) // step,
-                                self.cfg.daemon.max_backlog_windows, skipped)
-                    s_lo = floor
-            else:
-                s_lo = lo
-            if s_lo < hi:
-                groups.setdefault((stored.model_id, s_lo), (stored, []))[1].append(_Member(key, times, values))
-        earliest = min((s_lo for _, s_lo in groups), default=q_lo)
-        if earliest < q_lo:  # a series newer than the others' watermarks starts at its own training end: read again
-            again = self.store.read(query, earliest + period - back * period - margin - half, hi + margin + half)
-            for (_, s_lo), (_, members) in groups.items():
-                if s_lo < q_lo:
-                    for m in members:
-                        m.times, m.values = again.get(m.key.tags, (m.times, m.values))
-        rep.untrained = untrained
-        UNTRAINED_SERIES.labels(signal=sig.name).set(untrained)
         points: list[SeriesPoints] = []
         recon_points: list[Point] = []
         results: list[_SeriesResults] = []
         done: dict[str, int] = {}
         states = self.scores if live else self._backfill_scores
         before: list[tuple[ScoreNormaliser, tuple[object, ...]]] = []
+        late: dict[tuple[str, int], tuple[StoredModel, list[_Member]]] = {}
+
+        def start_of(key: SeriesKey, stored: StoredModel) -> int:
+            """Where this series' due windows start (after its watermark, or its model's training end)."""
+            if lo is not None:
+                return lo
+            wm = self.watermarks.get(key.id)
+            s_lo = wm if wm is not None else stored.train_end_ns // step * step
+            if s_lo < floor:
+                skipped = (floor - s_lo) // step
+                rep.skipped_backlog += skipped
+                log.warning("series %s is %d points behind, more than daemon.max_backlog_windows=%d; skipping the "
+                            "oldest %d", key, (hi - s_lo) // step, self.cfg.daemon.max_backlog_windows, skipped)
+                s_lo = floor
+            return s_lo
+
+        def score(groups: dict[tuple[str, int], tuple[StoredModel, list[_Member]]]) -> Iterator[SeriesPoints]:
+            for (_, s_lo), (stored, members) in groups.items():
+                self._score_group(sig, stored, members, s_lo, hi, states, rep, results, points, recon_points, before)
+                rep.series += len(members)
+                for m in members:
+                    done[m.key.id] = hi
+                yield from points
+                points.clear()
 
         def scored() -> Iterator[Point | SeriesPoints]:
-            """Score a slice of the series at a time and hand over its points: the store sends one slice while
-            the next is scored."""
-            for (_, s_lo), (stored, members) in groups.items():
-                for a in range(0, len(members), _SLICE):
-                    part = members[a : a + _SLICE]
-                    self._score_group(sig, stored, part, s_lo, hi, states, rep, results, points, recon_points,
-                                      before)
-                    rep.series += len(part)
-                    for m in part:
-                        done[m.key.id] = hi
-                    yield from points
-                    points.clear()
+            """Series are scored a batch at a time as influxd sends them, and each batch's points go to the store
+            while the next batch is read and scored."""
+            read_lo = q_lo + period - back * period - margin - half
+            for data in _read_batches(self.store, query, read_lo, hi + margin + half, _SLICE):
+                groups: dict[tuple[str, int], tuple[StoredModel, list[_Member]]] = {}
+                for tags, (times, values) in data.items():
+                    key = SeriesKey(sig.name, tags)
+                    stored = shared if sig.scope == "shared" else self._model_for(sig, tags)
+                    if stored is None:
+                        rep.untrained += 1
+                        mismatched = model_id_for(sig.name, tags, sig.scope) in self._reported_mismatch
+                        if key.id not in self._reported_untrained and not mismatched:
+                            self._reported_untrained.add(key.id)
+                            log.warning("series %s has no model; it is skipped until `anomalyd train` covers it",
+                                        key)
+                        continue
+                    s_lo = start_of(key, stored)
+                    if s_lo >= hi:
+                        continue
+                    # A series newer than the others' watermarks starts at its own training end: read again below.
+                    target = late if s_lo < q_lo else groups
+                    target.setdefault((stored.model_id, s_lo), (stored, []))[1].append(_Member(key, times, values))
+                yield from score(groups)
+            if late:
+                earliest = min(s_lo for _, s_lo in late)
+                again = self.store.read(query, earliest + period - back * period - margin - half,
+                                        hi + margin + half)
+                for _, members in late.values():
+                    for m in members:
+                        m.times, m.values = again.get(m.key.tags, (m.times, m.values))
+                yield from score(late)
             yield from recon_points
 
         try:
@@ -283,6 +299,7 @@ class Worker:
             for norm, refs in before:
                 norm.restore(refs)
             raise
+        UNTRAINED_SERIES.labels(signal=sig.name).set(rep.untrained)
         report.blocks.extend(results)
         WINDOWS.labels(signal=sig.name, result="scored").inc(rep.windows)
         WINDOWS.labels(signal=sig.name, result="anomalous").inc(rep.anomalous)
