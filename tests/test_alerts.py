@@ -202,14 +202,15 @@ def test_message_content_blocks_and_dashboard_link(slack: SlackStub, tmp_path: P
     assert start == "2023-11-14T22:13:20Z" and stop == "2023-11-14T22:13:51Z"
     link = ("https://grafana.example/d/anomalyd?var-signal=heartbeat&var-series=patient%3Dp1"
             f"&from={(w.start_ns - 31 * S) // 10**6}&to={(w.end_ns + 31 * S) // 10**6}")
-    assert msg["text"] == ("ANOMALY heartbeat [patient=p1]: max error 2.5 vs threshold 1 (ratio 2.5, score 0.83) in "
+    assert msg["text"] == ("ANOMALY heartbeat [patient=p1]: score 0.83; max error 2.5 vs threshold 1 (ratio 2.5) in "
                            f"window {start} .. {stop}, model heartbeat-abc; dashboard: {link}")
     blocks = msg["blocks"]
     assert [b["type"] for b in blocks] == ["header", "section", "actions", "context"]
     assert blocks[0]["text"]["text"] == ":rotating_light: ANOMALY: heartbeat [patient=p1]"
     fields = [f["text"] for f in blocks[1]["fields"]]
-    assert fields == ["*Signal*\nheartbeat", "*Series*\n`patient=p1`", "*Max error / threshold*\n2.5 / 1",
-                      "*Ratio*\n2.5  (score 0.83)", f"*Window (UTC)*\n{start}\n{stop}", "*Model*\n`heartbeat-abc`"]
+    assert fields == ["*Signal*\nheartbeat", "*Series*\n`patient=p1`", "*Score*\n0.83",
+                      "*Max error / threshold*\n2.5 / 1", "*Ratio*\n2.5", f"*Window (UTC)*\n{start}\n{stop}",
+                      "*Model*\n`heartbeat-abc`"]
     assert blocks[2]["elements"][0]["url"] == link
     assert msg["unfurl_links"] is False
 

@@ -265,8 +265,8 @@ def format_message(t: Transition, dashboard_template: str = "") -> tuple[str, li
         what = (f"{t.n_missing} missing samples in window {window}" if t.kind == MISSING
                 else f"scored again from window {window}")
     else:
-        score = "" if t.score is None else f", score {t.score:.2f}"
-        what = (f"max error {_num(t.max_error)} vs threshold {_num(t.threshold)} (ratio {_num(t.ratio)}{score}) "
+        score = "" if t.score is None else f"score {t.score:.2f}; "
+        what = (f"{score}max error {_num(t.max_error)} vs threshold {_num(t.threshold)} (ratio {_num(t.ratio)}) "
                 f"in window {window}")
         if t.kind == RECOVERED and t.since_ns is not None:
             what += (f"; anomalous since {iso_utc(t.since_ns)} ({_windows(t.windows)}, "
@@ -282,8 +282,9 @@ def format_message(t: Transition, dashboard_template: str = "") -> tuple[str, li
     if t.kind in (MISSING, RESUMED):
         fields.append(f"*Missing samples*\n{t.n_missing}")
     else:
+        fields += ([] if t.score is None else [f"*Score*\n{t.score:.2f}"])
         fields += [f"*Max error / threshold*\n{_num(t.max_error)} / {_num(t.threshold)}",
-                   f"*Ratio*\n{_num(t.ratio)}" + ("" if t.score is None else f"  (score {t.score:.2f})")]
+                   f"*Ratio*\n{_num(t.ratio)}"]
     fields += [f"*Window (UTC)*\n{iso_utc(t.start_ns)}\n{iso_utc(t.end_ns)}", f"*Model*\n`{esc(t.model_id)}`"]
     if t.kind in (RECOVERED, REMINDER) and t.since_ns is not None:
         fields.append(f"*Anomalous since*\n{iso_utc(t.since_ns)} ({_windows(t.windows)})")
