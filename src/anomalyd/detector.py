@@ -408,15 +408,16 @@ class Detector:
             train_w.append(sliding_windows(z[: len(z) - n_val], w, s.train_slide))
             val_w.append(sliding_windows(z[len(z) - n_val :], w, 1))
             val_end.append(a + len(z) - n_val + w - 1 + np.arange(n_val - w + 1))
-        windows = np.concatenate(train_w)
-        k = int(min(s.n_clusters, max(2, len(windows) // s.clusters_per_window)))
+        n_windows = sum(len(t) for t in train_w)
+        k = int(min(s.n_clusters, max(2, n_windows // s.clusters_per_window)))
         self.window_ = w
         self.n_fields_ = d
         self.catalog_ = ShapeCatalog(n_clusters=k, random_state=s.random_state, n_init=s.n_init,
-                                     max_train_windows=s.max_train_windows).fit(windows)
-        val = np.concatenate(val_w)
+                                     max_train_windows=s.max_train_windows).fit(train_w)  # views: no copy
         ends = np.concatenate(val_end)
-        _, mean_abs, max_abs, _ = self.catalog_.match(val)
+        matched = [self.catalog_.match(v) for v in val_w]  # chunked per stretch: the hold-out is never copied
+        mean_abs = np.concatenate([m[1] for m in matched])
+        max_abs = np.concatenate([m[2] for m in matched])
         per_field = mean_abs if s.error == "mean" else max_abs
         if d == 1 or s.field_norm == "none":
             ref = np.ones(d)

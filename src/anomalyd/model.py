@@ -112,16 +112,26 @@ class ShapeCatalog(BaseEstimator):
         self.n_init = n_init
         self.max_train_windows = max_train_windows
 
-    def fit(self, windows: NDArray[np.float64]) -> ShapeCatalog:
-        """Cluster ``windows`` (shape ``(n, window, fields)``, untapered, finite)."""
-        n, w, d = windows.shape
+    def fit(self, windows: NDArray[np.float64] | list[NDArray[np.float64]]) -> ShapeCatalog:
+        """Cluster ``windows`` (shape ``(n, window, fields)``, untapered, finite), or a list of such arrays (views
+        of several stretches: the subsample is drawn first and only its windows are copied, so memory stays
+        bounded by ``max_train_windows`` whatever the training length)."""
+        parts = windows if isinstance(windows, list) else [windows]
+        sizes = np.array([len(p) for p in parts], dtype=np.int64)
+        n = int(sizes.sum())
         if n < 2:
             raise TooLittleDataError(f"{n} training window(s) is too few for a catalog; give more data")
+        _, w, d = parts[0].shape
         rng = np.random.default_rng(self.random_state)
         self.n_train_windows_ = n
         if n > self.max_train_windows:
-            windows = windows[np.sort(rng.choice(n, self.max_train_windows, replace=False))]
-        flat = (windows * taper(w)[None, :, None]).reshape(len(windows), -1)
+            pick = np.sort(rng.choice(n, self.max_train_windows, replace=False))
+            bounds = np.concatenate(([0], np.cumsum(sizes)))
+            chosen = np.concatenate([p[pick[(pick >= a) & (pick < b)] - a]
+                                     for p, a, b in zip(parts, bounds[:-1], bounds[1:], strict=True)])
+        else:
+            chosen = np.concatenate(parts)
+        flat = (chosen * taper(w)[None, :, None]).reshape(len(chosen), -1)
         k = int(min(self.n_clusters, len(flat)))
         km = KMeans(k, n_init=self.n_init, random_state=self.random_state)
         with warnings.catch_warnings():  # repeated windows (flat or perfectly periodic series) are fine

@@ -14,7 +14,7 @@ normaliser turns it into a score with the same meaning everywhere, the way NAB's
 
 Every score uses only its error and the ones before it. The update is *chunk-invariant*: feeding a stream in
 one call or in many gives the same scores bit for bit (the running sums are updated step by step in a fixed
-order and recomputed exactly with `math.fsum` every ``long_window`` errors), so the daemon, which scores a few
+order and recomputed from the history every ``long_window`` errors), so the daemon, which scores a few
 windows per tick, writes exactly what an evaluation over the stored series computes in one call. `update_block`
 updates many series at once (one row each), which is the daemon's tick.
 
@@ -320,17 +320,19 @@ def update_block(norms: Sequence[ScoreNormaliser], errors: NDArray[np.float64],
     s1 = np.cumsum(np.concatenate((s1_0[:, None], d1), axis=1), axis=1)  # s1[:, j]: before push j
     s2 = np.cumsum(np.concatenate((s2_0[:, None], d2), axis=1), axis=1)
     seen0 = np.fromiter((nm.seen for nm in norms), dtype=np.int64, count=n)
-    # Every long_window pushes (when the history is full), the sums are recomputed exactly: no drift.
+    # Every long_window pushes (when the history is full), the sums are recomputed from the history itself (pairwise
+    # summation of the same values in the same order, whatever the chunking), so they never drift; the running
+    # sums go on from there, each segment once (linear in the row's length).
     for i in range(n):
-        j = (-(int(seen0[i]) + 1)) % L  # first push after which seen is a multiple of L
-        while j < f[i]:
-            if min(L, c0[i] + j + 1) == L:
-                window = np.concatenate((norms[i].hist, avg[i, : j + 1]))[-L:]
-                s1[i, j + 1] = math.fsum(window)
-                s2[i, j + 1] = math.fsum(window * window)
-                s1[i, j + 2 :] = np.cumsum(np.concatenate(([s1[i, j + 1]], d1[i, j + 1 :])))[1:]
-                s2[i, j + 2 :] = np.cumsum(np.concatenate(([s2[i, j + 1]], d2[i, j + 1 :])))[1:]
-            j += L
+        first = (-(int(seen0[i]) + 1)) % L  # first push after which seen is a multiple of L
+        points = [j for j in range(first, int(f[i]), L) if min(L, c0[i] + j + 1) == L]
+        for q, j in enumerate(points):
+            window = np.concatenate((norms[i].hist, avg[i, : j + 1]))[-L:]
+            s1[i, j + 1] = np.sum(window)
+            s2[i, j + 1] = np.sum(window * window)
+            end = points[q + 1] if q + 1 < len(points) else k
+            s1[i, j + 2 : end + 1] = np.cumsum(np.concatenate(([s1[i, j + 1]], d1[i, j + 1 : end])))[1:]
+            s2[i, j + 2 : end + 1] = np.cumsum(np.concatenate(([s2[i, j + 1]], d2[i, j + 1 : end])))[1:]
     cnt_before = np.minimum(c0[:, None] + np.arange(k)[None, :], L).astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = s1[:, :k] / cnt_before
