@@ -430,7 +430,10 @@ class Detector:
         self.threshold_ = threshold_from_errors(max_errors, s.threshold_policy, s.margin, s.quantile, s.sigma_k)
         self.error_threshold_ = threshold_from_errors(errors, s.threshold_policy, s.margin, s.quantile, s.sigma_k)
         norm = ScoreNormaliser(s.normaliser)
-        norm.update(np.where(ends % s.stride == 0, errors, np.nan))  # out-of-sample warm-up
+        # Out-of-sample warm-up. The normaliser remembers its last long_window averages only, so the last few
+        # long windows of hold-out errors give it the same state as all of them, in bounded time and memory.
+        keep = 4 * s.normaliser.long_window + s.normaliser.short_window
+        norm.update(np.where(ends % s.stride == 0, errors, np.nan)[-keep:])
         norm.observe_range(np.concatenate(zs))
         self.normaliser_ = norm
         self.n_train_samples_ = len(rows)
