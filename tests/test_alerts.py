@@ -461,3 +461,42 @@ def test_transition_roundtrips_through_json() -> None:
     with pytest.raises(ValueError, match="unknown transition kind"):
         Transition.from_dict({**t.to_dict(), "kind": "weird"})
     assert alerts_mod.KINDS == ("anomalous", "recovered", "reminder", "missing", "resumed")
+
+
+def test_plot_draws_the_quantity_the_threshold_applies_to() -> None:
+    """Issue 13, item 10: on a fitted ECG model, the PNG's error curve is the tapered difference whose maximum
+    is the window's max_error (what the threshold is compared with), built from what the worker hands the alert
+    (the raw window and `Detector.shape` of its nearest shape); normal windows stay under the threshold."""
+    from anomalyd.alerts import ANOMALOUS, RECOVERED, Transition, plot_error, plot_figure
+    from anomalyd.detector import Detector, DetectorSpec
+    from anomalyd.synthetic import ecg
+
+    x, _ = ecg(3000, seed=3)
+    det = Detector(DetectorSpec(window=32, n_clusters=40, n_init=1)).fit([x[:2000]])
+    w = det.window_
+    batch = det.update(det.start(2000, x[:2000]), x[2000:])
+    cols = np.flatnonzero(batch.scored & batch.complete)
+    assert cols.size > 500
+    shown, maxima = [], []
+    for g in cols.tolist():
+        k = 2000 + g
+        t = Transition(ANOMALOUS, "ekg|", "ekg", (), "m", 0, (w - 1) * S, float(det.threshold_),
+                       max_error=float(batch.max_error[g]), values=tuple(x[k - w + 1 : k + 1].tolist()),
+                       reconstruction=tuple(det.shape(int(batch.nearest[g]))[:, 0].tolist()))
+        err = np.array(plot_error(t))
+        shown.append(float(np.nanmax(err)))
+        maxima.append(float(batch.max_error[g]))
+    shown_a, maxima_a = np.array(shown), np.array(maxima)
+    # never above max_error (only the ends, where the taper is ~0, are not drawn) and almost always equal to it
+    assert np.all(shown_a <= maxima_a * (1 + 1e-9) + 1e-12)
+    assert np.mean(np.isclose(shown_a, maxima_a, rtol=1e-9)) > 0.95
+    # the windows under the threshold are drawn under it
+    under = maxima_a <= det.threshold_
+    assert under.sum() > 100 and np.all(shown_a[under] <= det.threshold_)
+    # the figure draws that curve against the threshold, and its title says the score and the decision
+    fig = plot_figure(replace(t, score=0.12, kind=RECOVERED))
+    top, bottom = fig.axes
+    np.testing.assert_allclose(bottom.lines[0].get_ydata(), plot_error(t), equal_nan=True)
+    assert bottom.lines[1].get_ydata()[0] == pytest.approx(det.threshold_)
+    assert "score 0.12" in top.get_title() and "normal" in top.get_title()
+    assert "anomalous" in plot_figure(replace(t, score=0.9)).axes[0].get_title()

@@ -619,3 +619,19 @@ def test_best_nab_threshold_on_published_scores(
         threshold, normalised, _ = best_nab_threshold(nab_corpus, published["numenta"], profile)
         assert 0.0 <= threshold <= 1.0
         assert normalised >= final["numenta"][profile] - 1e-9
+
+
+def test_alert_events_follow_the_alert_policy() -> None:
+    from anomalyd.evaluate import alert_events
+
+    f = np.array([0, 1, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0], bool)
+    assert alert_events(f, 1, 4) == [(1, 6)]  # a gap shorter than the recovery is the same event
+    assert alert_events(f, 1, 2) == [(1, 2), (6, 6)]
+    assert alert_events(f, 2, 2) == [(2, 2)]  # opens on the second flagged row in a row
+    assert alert_events(f, 3, 2) == []
+    # rows that are not scored (missing-data windows) neither raise nor clear
+    scored = np.array([1, 1, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1], bool)
+    assert alert_events(np.array([0, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0], bool), 2, 2, scored) == [(3, 3)]
+    assert alert_events(np.ones(5, bool), 1, 32) == [(0, 4)]  # still open at the end
+    with pytest.raises(ValueError):
+        alert_events(f, 0, 1)

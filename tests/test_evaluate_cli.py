@@ -119,7 +119,7 @@ def test_csv_writes_table_json_and_plots(labelled: tuple, tmp_path: Path, capsys
     (row,) = report["series"]
     # the operating threshold is the detector's decision: score >= 0.5, i.e. score > the float just below
     assert row["n_train"] == 1200 and row["threshold"] == np.nextafter(0.5, -np.inf)
-    assert row["segments"] == len(found) and row["alerts"] == row["decisions"]
+    assert row["segments"] == len(found) and row["flagged"] == row["decisions"]
     # the injected anomalies are found, with hardly a flag outside the labels
     assert row["nab_detected"] >= len(found) - 1 and row["pa_precision"] > 0.9
     assert report["summary"]["nab"]["standard"]["score"] > 50
@@ -227,8 +227,8 @@ def test_model_mode_tunes_and_writes_the_threshold_into_the_catalog(labelled: tu
     again_json = tmp_path / "again.json"
     assert evaluate(path, "--model", meta, "--json", again_json, "--no-progress") == 0
     (again,) = json.loads(again_json.read_text())["series"]
-    assert again["decisions"] == again["alerts"]
-    assert again["alerts"] == tuned["alerts"], "the daemon flags a different set of rows than the tuned threshold"
+    assert again["decisions"] == again["flagged"]
+    assert again["flagged"] == tuned["flagged"], "the daemon flags a different set of rows than the tuned threshold"
 
 
 def test_bad_option_combinations_exit_2_naming_the_fix(labelled: tuple, tmp_path: Path,
@@ -331,3 +331,88 @@ def test_plot_events_and_table_by_hand() -> None:
     s.metrics = {"rows": 10, "f1": 0.0, "threshold": 0.5}
     table = format_table([s], {})
     assert table.splitlines()[2].startswith("a ") and "0.500" in table
+
+
+# -- issue 13, item 7: what a new user reads in the table ---------------------------------------------------
+
+
+def _unlabelled_copy(path: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "unlabelled.csv"
+    out.write_text("\n".join(line.rsplit(",", 1)[0] for line in path.read_text().splitlines()) + "\n")
+    return out
+
+
+def test_alerts_are_alert_events_as_the_daemon_raises_them(labelled: tuple, tmp_path: Path) -> None:
+    """"alerts" counts what the daemon's alert policy would send (at the [alerts] defaults), fed the same flags
+    through `anomalyd.alerts.AlertManager`; "flagged" counts the rows over the threshold."""
+    from anomalyd.alerts import ANOMALOUS, AlertManager
+    from anomalyd.config import AlertsConfig
+    from anomalyd.records import SeriesKey, WindowResult
+
+    path, _, _ = labelled
+    out_json = tmp_path / "r.json"
+    assert evaluate(path, "--train-rows", 1200, "--json", out_json, "--no-progress") == 0
+    (row,) = json.loads(out_json.read_text())["series"]
+    s = csv_series(path, "--train-rows", 1200)
+    flags = s.scores[1200:] > s.threshold
+    scored = np.isfinite(s.errors[1200:])
+    manager = AlertManager(AlertsConfig(sinks=("log",)), tmp_path / "alerts", dry_run=True)
+    key = SeriesKey("ecg", ())
+    results = [WindowResult(key, "m", int(t) - 10**9, int(t), 1.0, max_error=0.0 if ok else None,
+                            anomalous=bool(f and ok), missing=not ok)
+               for t, f, ok in zip(csv_times(s.scores.size)[1200:], flags, scored, strict=True)]
+    opened = [t for t in manager.observe(results, now_ns=0) if t.kind == ANOMALOUS]
+    assert row["flagged"] == int(np.count_nonzero(flags & scored)) == row["decisions"]
+    assert row["alerts"] == len(opened)
+    assert 0 < row["alerts"] < row["flagged"], "flagged rows close together are one alert, not one each"
+
+
+def test_unlabelled_table_fills_rows_and_explains_zero_plots(labelled: tuple, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    path, _, _ = labelled
+    unlabelled = _unlabelled_copy(path, tmp_path)
+    out_json = tmp_path / "u.json"
+    # a threshold no score reaches: nothing flagged, so no alert to plot, and no label for misses
+    assert evaluate(unlabelled, "--train-rows", 1200, "--threshold", 2.0, "--json", out_json, "--plots",
+                    tmp_path / "p", "--no-progress") == 0
+    out = capsys.readouterr().out
+    (row,) = json.loads(out_json.read_text())["series"]
+    assert row["rows"] == 4000 - 1200 and row["alerts"] == 0 and row["flagged"] == 0
+    header, _, line = out.splitlines()[:3]
+    cols = header.split()
+    assert line.split()[cols.index("rows")] == "2800"
+    (wrote,) = [t for t in out.splitlines() if t.startswith("wrote 0 plots")]
+    assert "no labels" in wrote and "no row was flagged" in wrote
+    # labelled, with the same impossible threshold: every segment is a miss, so plots are written
+    assert evaluate(path, "--train-rows", 1200, "--threshold", 2.0, "--plots", tmp_path / "q", "--no-progress") == 0
+    assert "wrote 0 plots" not in capsys.readouterr().out
+
+
+def test_slide_with_a_stored_model_is_refused_unless_it_is_the_models_own(labelled: tuple, tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    path, y, _ = labelled
+    model = Detector(DetectorSpec(window=24, n_clusters=20, n_init=1, stride=2)).fit([y[:1500]])
+    stored = StoredModel(model_id="ecg", signal="ecg", tags=(), scope="shared", model=model, period_ns=10**9,
+                         train_start_ns=0, train_end_ns=1500 * 10**9)
+    meta = catalog.save(tmp_path / "models", stored)
+    capsys.readouterr()
+    assert evaluate(path, "--model", meta, "--slide", 4, "--no-progress") == 2
+    (err,) = capsys.readouterr().err.strip().splitlines()  # one line
+    assert "--slide 4" in err and "own stride" in err and "every 2 row" in err
+    assert evaluate(path, "--model", meta, "--slide", 2, "--no-progress") == 0
+    assert evaluate(path, "--model", meta, "--no-progress") == 0
+
+
+def test_nab_figures_at_the_operating_and_the_optimised_threshold_are_labelled(
+        labelled: tuple, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path, _, _ = labelled
+    out_json = tmp_path / "n.json"
+    assert evaluate(path, "--train-rows", 1200, "--json", out_json, "--no-progress") == 0
+    lines = [t for t in capsys.readouterr().out.splitlines() if t.startswith("NAB")]
+    nab = json.loads(out_json.read_text())["summary"]["nab"]
+    at, best = lines
+    assert "operating threshold" in at and "optimised" not in at
+    assert "optimised threshold" in best and "optimistic" in best
+    for profile in ("standard", "reward_low_FP_rate", "reward_low_FN_rate"):
+        assert f"{profile} {nab[profile]['score']:.2f}" in at
+        assert f"{profile} {nab[profile]['optimised_score']:.2f} (score >= " in best

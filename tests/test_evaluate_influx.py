@@ -154,7 +154,7 @@ def test_stored_models_detect_the_labelled_anomalies(fed: Fed, tmp_path: Path,
         assert row["model"] == stored.model_id
         assert row["threshold"] == np.nextafter(stored.model.spec.score_threshold, -np.inf)
         assert row["model_threshold"] == pytest.approx(stored.threshold)
-        assert row["alerts"] == row["decisions"]  # the rows flagged are the detector's decisions
+        assert row["flagged"] == row["decisions"]  # the rows flagged are the detector's decisions
         # on the daemon's grid, one row per sample from the end of the model's training range on
         times, _ = fed.samples(s)
         assert row["n_train"] == 0 and row["first_timestamp"] == iso(stored.train_end_ns + SECOND)
@@ -242,7 +242,7 @@ def test_without_trained_models_the_default_detector_is_evaluated(fed: Fed, tmp_
         # the first 1800 rows of the range train the detector, every later row is evaluated
         assert row["train_rows"] == 1800 and row["n_train"] == 0
         assert row["n_rows"] == int(((times > start) & (times <= end)).sum()) - 1800
-        assert row["window_recall"] > 0 and row["alerts"] == row["decisions"]
+        assert row["window_recall"] > 0 and row["flagged"] == row["decisions"]
 
 
 def test_without_trained_models_training_uses_only_the_first_rows_of_the_range(fed: Fed, tmp_path: Path) -> None:

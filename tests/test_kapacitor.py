@@ -541,3 +541,53 @@ def test_influxd_is_required_not_skipped() -> None:
     skips, without it)."""
     assert shutil.which("influxd") or Path("/usr/bin/influxd").exists(), (
         "influxd is not installed; install it with `apt-get install -y influxdb` to run the Kapacitor tests")
+
+
+# -- issue 13, items 13 and 14 -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("influx_rp", "output_rp_", "expected"), [
+    ("one_week", "", "one_week"),      # ANOMALYD_INFLUXDB_RETENTION_POLICY=one_week: the writer writes there
+    ("one_week", "errors", "errors"),  # output.retention_policy wins, as for the writer
+    ("", "", "autogen"),               # neither: the database's default, InfluxDB's autogen
+])
+def test_tasks_use_the_writers_retention_policy(tmp_path: Path, influx_rp: str, output_rp_: str,
+                                                expected: str) -> None:
+    from anomalyd.influx import InfluxDB1Store
+
+    env = {"ANOMALYD_INFLUXDB_RETENTION_POLICY": influx_rp} if influx_rp else {}
+    cfg = from_dict({
+        "influxdb": {"database": "anomalyd"},
+        "output": {"retention_policy": output_rp_} if output_rp_ else {},
+        "kapacitor": {"task_prefix": "anomalyd", "batch_every": "1m"},
+        "signals": [{"name": "heartbeat", "measurement": "ecg", "field": "value", "period": "1s"}],
+    }, env=env)
+    # where the worker's points go: the writer's own resolution (no rp parameter: the database's default)
+    written = InfluxDB1Store(cfg.influxdb)._write_params(cfg.output.retention_policy).get("rp", "autogen")
+    assert written == expected
+    specs = kapacitor.tasks(cfg, example_models(), enable=("stream", "batch", "fixed"))
+    assert {t.dbrps for t in specs} == {(("anomalyd", expected),)}
+    (batch,) = [t for t in specs if t.template == "anomaly_batch"]
+    assert batch.vars["rp"] == {"type": "string", "value": expected}
+    paths = kapacitor.render(cfg, tmp_path, example_models())
+    assert json.loads((tmp_path / "anomaly_batch.vars.json").read_text())["rp"]["value"] == expected
+    sh = next(p for p in paths if p.name == "define.sh").read_text()
+    assert f'-dbrp \'"anomalyd"."{expected}"\'' in sh
+    # a database whose default retention policy is not autogen
+    if not influx_rp and not output_rp_:
+        assert {t.dbrps for t in kapacitor.tasks(cfg, default_rp="two_days")} == {(("anomalyd", "two_days"),)}
+
+
+def test_task_ids_follow_kapacitors_rule() -> None:
+    """Kapacitor's validTaskID is ``^[-\\._\\p{L}0-9]+$``: any letter, but only the ASCII digits."""
+    ok = ["anomalyd_fixed_cpu-1.a", "anomalyd_Température", "anomalyd_心拍", "a.b-c_9"]
+    bad = ["anomalyd_cpu\u0661", "anomalyd_\u0966", "anomalyd_x\u00b2", "anomalyd_\u2167", "a b", "a/b", "a:b", ""]
+    assert all(kapacitor.valid_task_id(t) for t in ok)
+    assert not any(kapacitor.valid_task_id(t) for t in bad)
+    # through tasks(): a model id with an Arabic-Indic digit (a signal named so) is refused before Kapacitor sees
+    # it, one with a non-ASCII letter is not
+    cfg = example_config()
+    with pytest.raises(KapacitorError, match="not accepted by Kapacitor"):
+        kapacitor.tasks(cfg, [ModelRef("cpu\u0661", "cpu\u0661", (), 0.5)])
+    assert [t.id for t in kapacitor.tasks(cfg, [ModelRef("température", "température", (), 0.5)])][-1] == (
+        "anomalyd_fixed_température")

@@ -302,12 +302,45 @@ def format_message(t: Transition, dashboard_template: str = "") -> tuple[str, li
     return text, blocks
 
 
-def render_plot(t: Transition) -> bytes | None:
-    """A small PNG: the window against its reconstruction, and the per-sample error against the threshold.
+def plot_error(t: Transition) -> list[float] | None:
+    """Per sample, the quantity ``max_error`` is the maximum of and ``threshold`` applies to: the absolute
+    difference between the tapered window and the nearest (tapered) shape, ``|(x - mean) * taper - c|`` in the
+    series' units.
 
-    Returns None when the transition carries no samples (missing data).
+    ``values`` are the raw samples ``x`` and ``reconstruction`` the shape un-tapered, ``u = c / taper + mean``
+    (`anomalyd.detector.Detector.shape`), so the difference is ``taper * |x - u|``: the mean cancels. It is NaN
+    where ``u`` is (the ends, where the taper is ~0 and contributes next to nothing) and where a sample is
+    missing. None when the transition carries no samples.
+
+    Examples
+    --------
+    >>> t = Transition("anomalous", "s|", "s", (), "m", 0, 4, 1.0, values=(9.0, 2.0, 3.0, 2.0, 9.0),
+    ...                reconstruction=(math.nan, 1.0, 1.0, 1.0, math.nan))
+    >>> [round(v, 3) for v in plot_error(t)]
+    [nan, 0.5, 2.0, 0.5, nan]
     """
     if t.values is None or t.reconstruction is None or len(t.values) != len(t.reconstruction):
+        return None
+    from .model import taper
+
+    tap = taper(len(t.values)).tolist()
+    return [w * abs(a - b) for w, a, b in zip(tap, t.values, t.reconstruction, strict=True)]
+
+
+def _decision(t: Transition) -> str:
+    """The detector's decision on the transition's window, in words."""
+    return "anomalous" if t.kind in (ANOMALOUS, REMINDER) else "normal"
+
+
+def plot_figure(t: Transition) -> Any:
+    """The figure of :func:`render_plot` (a matplotlib ``Figure``), or None without samples.
+
+    Top: the window and its reconstruction (the nearest shape, un-tapered). Bottom: :func:`plot_error`, the
+    tapered difference whose maximum is ``max_error``, against ``threshold``. The title gives the score (the
+    decision's input), the decision, and max_error against its threshold.
+    """
+    err = plot_error(t)
+    if err is None or t.values is None or t.reconstruction is None:
         return None
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -315,22 +348,34 @@ def render_plot(t: Transition) -> bytes | None:
     n = len(t.values)
     step_s = (t.end_ns - t.start_ns) / 1e9 / max(n - 1, 1)
     x = [i * step_s for i in range(n)]
-    err = [abs(a - b) for a, b in zip(t.values, t.reconstruction, strict=True)]
-    fig = Figure(figsize=(6.0, 3.6), dpi=100)
+    fig = Figure(figsize=(6.0, 3.8), dpi=100)
     FigureCanvasAgg(fig)
     top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
     top.plot(x, t.values, color="#1f77b4", lw=1.4, label="window")
     top.plot(x, t.reconstruction, color="#ff7f0e", lw=1.2, ls="--", label="reconstruction")
     top.legend(loc="upper right", fontsize=7)
-    top.set_title(f"{t.signal} [{t.series}]  max error {_num(t.max_error)} / threshold {_num(t.threshold)} "
-                  f"= {_num(t.ratio)}", fontsize=8)
-    bottom.plot(x, err, color="#d62728", lw=1.0, label="|error|")
+    score = "score n/a" if t.score is None else f"score {t.score:.2f}"
+    top.set_title(f"{t.signal} [{t.series}]: {score} -> {_decision(t)}\n"
+                  f"max error {_num(t.max_error)} / threshold {_num(t.threshold)} = {_num(t.ratio)}", fontsize=8)
+    bottom.plot(x, err, color="#d62728", lw=1.0, label="|tapered difference|")
     bottom.axhline(t.threshold, color="black", ls=":", lw=1.0, label=f"threshold {_num(t.threshold)}")
     bottom.legend(loc="upper right", fontsize=7)
     bottom.set_xlabel(f"seconds from {iso_utc(t.start_ns)}", fontsize=7)
     for ax in (top, bottom):
         ax.tick_params(labelsize=7)
     fig.tight_layout()
+    return fig
+
+
+def render_plot(t: Transition) -> bytes | None:
+    """A small PNG of :func:`plot_figure`: the window against its reconstruction, and the per-sample tapered
+    difference (what ``max_error`` is the maximum of) against the threshold.
+
+    Returns None when the transition carries no samples (missing data).
+    """
+    fig = plot_figure(t)
+    if fig is None:
+        return None
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()

@@ -57,6 +57,7 @@ __all__ = [
     "NabProfile",
     "PlotEvent",
     "add_arguments",
+    "alert_events",
     "best_f1_threshold",
     "best_nab_threshold",
     "find_plot_events",
@@ -1370,6 +1371,53 @@ _F1_KIND: dict[str, Literal["point", "point_adjusted", "window"]] = {
     "f1": "point", "point-adjusted": "point_adjusted", "window": "window"}
 
 
+def alert_events(flags: ArrayLike, for_windows: int = 1, recover_windows: int = 32,
+                 scored: ArrayLike | None = None) -> list[tuple[int, int]]:
+    """The alert events the daemon's alert policy raises on a row's flags, as ``(first, last)`` rows.
+
+    An event opens when ``for_windows`` consecutive scored rows are flagged (at the row that completes the
+    run) and closes when ``recover_windows`` consecutive scored rows are not (``last`` is the last flagged row
+    before them, or the last row when the series ends first). Rows that are not ``scored`` (missing-data
+    windows) neither raise nor clear, as in `anomalyd.alerts`. The defaults are ``[alerts]``'s.
+
+    Examples
+    --------
+    Two flagged runs 3 rows apart are one event when recovery takes 4 rows, two when it takes 2:
+
+    >>> f = [0, 1, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0]
+    >>> alert_events(f, 1, 4), alert_events(f, 1, 2)
+    ([(1, 6)], [(1, 2), (6, 6)])
+    >>> alert_events(f, 2, 2)  # a lone flagged row does not open an event when two are needed
+    [(2, 2)]
+    """
+    fl = np.asarray(flags, dtype=bool)
+    ok = np.ones(fl.shape, dtype=bool) if scored is None else np.asarray(scored, dtype=bool)
+    if for_windows < 1 or recover_windows < 1:
+        raise ValueError(f"for_windows={for_windows} and recover_windows={recover_windows} must be at least 1")
+    events: list[tuple[int, int]] = []
+    above = below = 0
+    start = last = -1
+    anomalous = False
+    for i in np.flatnonzero(ok).tolist():
+        if not anomalous:
+            if fl[i]:
+                above += 1
+                if above >= for_windows:
+                    anomalous, start, last, below = True, i, i, 0
+            else:
+                above = 0
+        elif fl[i]:
+            below, last = 0, i
+        else:
+            below += 1
+            if below >= recover_windows:
+                events.append((start, last))
+                anomalous, above = False, 0
+    if anomalous:
+        events.append((start, last))
+    return events
+
+
 class _UsageError(ValueError):
     """Options that do not go together."""
 
@@ -1438,9 +1486,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "NAB's rule, min(15%%, 750 rows))")
     parser.add_argument("--window", default="auto",
                         help="window length, or 'auto' for the dominant-period rule (default auto)")
-    parser.add_argument("--slide", type=int, default=1,
+    parser.add_argument("--slide", type=int, default=None,
                         help="score one window every N rows, as the daemon does with signals.slide = N (default 1: "
-                             "every row; rows in between score 0)")
+                             "every row; rows in between score 0). A stored model (--model, or the signal's trained "
+                             "models) scores at its own stride, set at training: a different --slide is refused")
     parser.add_argument("--max-gap", type=int, default=8,
                         help="CSV and NAB: gaps of up to N samples are filled, as signals.max_gap does (default 8)")
     parser.add_argument("--jobs", type=int, default=1, help="NAB: files evaluated in parallel (default 1)")
@@ -1482,11 +1531,22 @@ def _detector_spec(args: Any) -> Any:
             raise ValueError(f"--window {args.window!r} must be a whole number of rows or 'auto'") from None
         if window < 4:
             raise ValueError(f"--window {window} is too small; use at least 4 rows or 'auto'")
-    if args.slide < 1:
-        raise ValueError(f"--slide {args.slide} must be at least 1 (1 scores every row)")
+    slide = 1 if args.slide is None else args.slide
+    if slide < 1:
+        raise ValueError(f"--slide {slide} must be at least 1 (1 scores every row)")
     if args.max_gap < 0:
         raise ValueError(f"--max-gap {args.max_gap} must be >= 0")
-    return DetectorSpec(window=window, stride=args.slide)
+    return DetectorSpec(window=window, stride=slide)
+
+
+def _check_slide(args: Any, stored: Any) -> None:
+    """Refuse a ``--slide`` that differs from a stored model's own stride (it scores at the stride it was trained
+    with, ``signals.slide`` at training; its score normaliser was warmed up on that cadence)."""
+    stride = int(stored.model.spec.stride)
+    if args.slide is not None and args.slide != stride:
+        raise _UsageError(f"--slide {args.slide}: stored model {stored.model_id} scores one window every {stride} "
+                          f"row(s), its own stride from training (signals.slide); leave out --slide, or retrain "
+                          f"with signals.slide = {args.slide}")
 
 
 def _guess_format(path: Path) -> str:
@@ -1603,6 +1663,7 @@ def _load_csv_series(args: Any, spec: Any) -> list[EvalSeries]:
         from .catalog import load as load_model
 
         stored = load_model(args.model)
+        _check_slide(args, stored)
         run = run_stored(times, values, int(times[0]) - 1, period_ns=stored.period_ns, max_gap=args.max_gap,
                          detector=stored.model)
         info.update(model=stored.model_id, model_threshold=float(stored.model.threshold_))
@@ -1786,6 +1847,7 @@ def _load_influx_series(args: Any, spec: Any) -> tuple[list[EvalSeries], str, bo
 
     models: dict[Tags, StoredModel] = {}
     if explicit is not None:
+        _check_slide(args, explicit)
         if explicit.scope == "series":
             if explicit.tags not in data:
                 raise ValueError(f"--model {args.model} scores series {tags_str(explicit.tags)!r} of signal "
@@ -1805,6 +1867,8 @@ def _load_influx_series(args: Any, spec: Any) -> tuple[list[EvalSeries], str, bo
                 log.warning("model %s %s; the daemon ignores it and so does this evaluation", stored.model_id, why)
                 continue
             models[tags] = stored
+        for stored in models.values():
+            _check_slide(args, stored)
         untrained = [k for (tags, _), k in zip(items, keys, strict=True) if tags not in models]
         if not models:
             log.warning("signal %s has no trained model in %s: training the default detector on the first rows of "
@@ -1821,7 +1885,8 @@ def _load_influx_series(args: Any, spec: Any) -> tuple[list[EvalSeries], str, bo
         if models and tags not in models:
             continue
         name = str(SeriesKey(sig.name, tags))
-        info: dict[str, Any] = {"series": key, "first_timestamp": _rfc3339(first_end + period), "period_ns": period}
+        info: dict[str, Any] = {"series": key, "first_timestamp": _rfc3339(first_end + period), "period_ns": period,
+                                "for_windows": cfg.alerts.for_windows, "recover_windows": cfg.alerts.recover_windows}
         stored = models.get(tags)
         if stored is None:
             inside = times[times > first_end]
@@ -1880,6 +1945,22 @@ def _f1_block(labels: NDArray[np.bool_], scores: NDArray[np.float64], tau: float
             "roc_auc": roc_auc(labels[scored], scores[scored]), "pr_auc": pr_auc(labels[scored], scores[scored])}
 
 
+def _alert_counts(s: EvalSeries, rows: slice) -> dict[str, Any]:
+    """``flagged``: rows over the threshold; ``alerts``: the alert events the daemon's alert policy would raise on
+    them (runs of flagged windows, see `alert_events`), with that policy's ``for_windows`` and ``recover_windows``
+    (the ``[alerts]`` defaults, or the config's with ``--format influx``)."""
+    from .config import AlertsConfig
+
+    flags = s.scores[rows] > s.threshold
+    errors = s.errors[rows]
+    scored = np.isfinite(errors) if errors.ndim == 1 and errors.shape == flags.shape else None
+    if scored is not None:
+        flags &= scored  # a missing-data window (no max_error) is never flagged
+    for_w = int(s.info.get("for_windows", AlertsConfig.for_windows))
+    recover_w = int(s.info.get("recover_windows", AlertsConfig.recover_windows))
+    return {"flagged": int(np.count_nonzero(flags)), "alerts": len(alert_events(flags, for_w, recover_w, scored))}
+
+
 def _nab_single(s: EvalSeries) -> NabCorpus:
     """A one-file NAB corpus over row numbers, with the series' labelled segments as windows."""
     n = s.scores.shape[0]
@@ -1918,8 +1999,8 @@ def _evaluate(series: list[EvalSeries], args: Any, corpus: NabCorpus | None) -> 
             if args.tune != "none":
                 raise _UsageError(f"--tune {args.tune} needs labels, and {s.name} has no label column; add "
                                   "'label' (0/1) to the CSV")
-            flags = s.scores[s.n_train :] > s.threshold
-            s.metrics = {"threshold": s.threshold, "alerts": int(np.count_nonzero(flags))}
+            s.metrics = {"threshold": s.threshold, "rows": int(s.scores.size - s.n_train),
+                         **_alert_counts(s, slice(s.n_train, s.scores.size))}
             continue
         tune_rows, report_rows = _split_rows(s, args.validation)
         if args.tune in _F1_KIND:
@@ -1937,7 +2018,7 @@ def _evaluate(series: list[EvalSeries], args: Any, corpus: NabCorpus | None) -> 
         s.metrics.update(_f1_block(lab, sc, s.threshold, size, delta_s))
         s.metrics.update({"threshold": s.threshold, "delta": delta_s, "rows": int(lab.size),
                           "labelled_rows": int(np.count_nonzero(lab)), "segments": len(s.segments),
-                          "alerts": int(np.count_nonzero(sc > s.threshold))})
+                          **_alert_counts(s, report_rows)})
     # NAB scores at the operating thresholds and with NAB's own per-profile optimisation.
     nab_corpus = corpus
     if nab_corpus is None and len(series) == 1 and series[0].segments and series[0].labels is not None:
@@ -1980,11 +2061,12 @@ def _fmt(v: Any, width: int) -> str:
 def format_table(series: Sequence[EvalSeries], summary: Mapping[str, Any]) -> str:
     """Render the per-series metrics and the summary as a plain-text table."""
     has_nab = "nab" in summary
-    cols = [("rows", 7), ("segs", 5), ("alerts", 7), ("thresh", 9), ("P", 6), ("R", 6), ("F1", 6),
+    cols = [("rows", 7), ("segs", 5), ("alerts", 7), ("flagged", 8), ("thresh", 9), ("P", 6), ("R", 6), ("F1", 6),
             ("PA-F1", 6), ("win-F1", 6), ("ROC", 6), ("PR", 6)]
     if has_nab:
         cols += [("NAB", 6), ("det", 4), ("miss", 4)]
-    keys = {"rows": "rows", "segs": "segments", "alerts": "alerts", "thresh": "threshold", "P": "precision",
+    keys = {"rows": "rows", "segs": "segments", "alerts": "alerts", "flagged": "flagged", "thresh": "threshold",
+            "P": "precision",
             "R": "recall", "F1": "f1", "PA-F1": "pa_f1", "win-F1": "window_f1", "ROC": "roc_auc", "PR": "pr_auc",
             "NAB": "nab_raw", "det": "nab_detected", "miss": "nab_missed"}
     name_w = max([len("series"), *(len(s.name) for s in series)])
@@ -1998,9 +2080,13 @@ def format_table(series: Sequence[EvalSeries], summary: Mapping[str, Any]) -> st
                      f"ROC-AUC {m['roc_auc']:.3f}  PR-AUC {m['pr_auc']:.3f}")
     if has_nab:
         nab = summary["nab"]
-        parts = [f"{p} {nab[p]['score']:.2f} (optimised {nab[p]['optimised_score']:.2f} at "
-                 f"{nab[p]['optimised_threshold']:.4g})" for p in NAB_PROFILES]
-        lines.append(f"NAB normalised score at threshold {nab['threshold']:.4g}: " + "; ".join(parts))
+        at = "; ".join(f"{p} {nab[p]['score']:.2f}" for p in NAB_PROFILES)
+        lines.append(f"NAB normalised score at the operating threshold (score > {nab['threshold']:.4g}, what the "
+                     f"daemon flags): {at}")
+        best = "; ".join(f"{p} {nab[p]['optimised_score']:.2f} (score >= {nab[p]['optimised_threshold']:.4g})"
+                         for p in NAB_PROFILES)
+        lines.append(f"NAB normalised score at NAB's optimised threshold per profile (tuned on these labels, "
+                     f"optimistic): {best}")
     if "tuned" in summary:
         lines.append(f"tuned ({summary['tune']}): {summary['tuned']}")
     return "\n".join(lines)
@@ -2146,6 +2232,15 @@ def plot_event(s: EvalSeries, event: PlotEvent, path: Path) -> Path:
     return path
 
 
+def _no_plots_reason(series: Sequence[EvalSeries]) -> str:
+    """Why `find_plot_events` found nothing to plot, for the ``wrote 0 plots`` line."""
+    if all(s.labels is None for s in series):
+        return (": no labels, so no miss or false alarm to plot, and no row was flagged, so no alert either "
+                "(add a label column / --labels, or lower --threshold)")
+    return (": no miss (every labelled segment after the training rows has a flagged row) and no false alarm "
+            "(no row flagged outside the segments)")
+
+
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("_")
 
@@ -2212,7 +2307,7 @@ def _run(args: argparse.Namespace) -> int:
             counts[event.kind] += 1
             path = args.plots / f"{event.kind}-{counts[event.kind]:02d}-{_safe(event.series)}-{event.start}.png"
             plots.append(str(plot_event(by_name[event.series], event, path)))
-        print(f"wrote {len(plots)} plots to {args.plots}")
+        print(f"wrote {len(plots)} plots to {args.plots}{_no_plots_reason(series) if not plots else ''}")
     if args.write_threshold:
         from .catalog import set_threshold
 

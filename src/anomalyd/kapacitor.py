@@ -24,6 +24,7 @@ import logging
 import math
 import re
 import shlex
+import unicodedata
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,27 @@ log = logging.getLogger(__name__)
 #: The var types Kapacitor accepts in a task's or template's ``vars``.
 VAR_TYPES = ("bool", "int", "float", "duration", "string", "regex", "lambda", "star", "list")
 TASK_KINDS = ("stream", "batch", "fixed")
-_TASK_ID_RE = re.compile(r"^[-._\w]+$")
+#: Kapacitor's own rule for a task id (services/task_store/service.go, ``validTaskID``):
+#: ``^[-\._\p{L}0-9]+$``, i.e. any Unicode letter, the ASCII digits 0-9, '-', '.' and '_'. Python's ``\w``
+#: is wider (it also takes non-ASCII digits such as U+0661 and other numerics such as U+00B2), which Kapacitor
+#: refuses.
+_TASK_ID_PUNCT = frozenset("-._0123456789")
+
+#: The name InfluxDB 1.x gives the default retention policy it creates with a database.
+INFLUX_DEFAULT_RP = "autogen"
+
+
+def valid_task_id(task_id: str) -> bool:
+    """Whether Kapacitor accepts ``task_id``: letters (any script), ASCII digits, '-', '.' and '_'.
+
+    Examples
+    --------
+    >>> valid_task_id("anomalyd_fixed_cpu-1.a"), valid_task_id("anomalyd_fixed_température")
+    (True, True)
+    >>> valid_task_id("anomalyd_fixed_cpu\u0661"), valid_task_id("x\u00b2"), valid_task_id("a b"), valid_task_id("")
+    (False, False, False, False)
+    """
+    return bool(task_id) and all(c in _TASK_ID_PUNCT or unicodedata.category(c).startswith("L") for c in task_id)
 
 
 class KapacitorError(RuntimeError):
@@ -394,9 +415,16 @@ class TaskSpec:
                 "script": self.script, "vars": self.vars, "status": self.status}
 
 
-def output_rp(cfg: Config) -> str:
-    """The retention policy the error points go to (the database's ``autogen`` unless configured)."""
-    return cfg.output.retention_policy or "autogen"
+def output_rp(cfg: Config, default_rp: str = INFLUX_DEFAULT_RP) -> str:
+    """The retention policy the error points go to, resolved as the writer resolves it.
+
+    ``output.retention_policy``, else ``influxdb.retention_policy``, else the database's default retention
+    policy. anomalyd then writes without ``rp`` and InfluxDB stores the points in its default RP, and forwards
+    them to Kapacitor's subscription under that RP's name. A Kapacitor task needs that name (its ``dbrps`` and
+    the batch query's ``"db"."rp"``): ``default_rp``, ``autogen`` unless the database's default was changed
+    (``SHOW RETENTION POLICIES ON <db>``; set ``influxdb.retention_policy`` or pass ``default_rp`` then).
+    """
+    return cfg.output.retention_policy or cfg.influxdb.retention_policy or default_rp
 
 
 def batch_offset_ns(cfg: Config) -> int:
@@ -431,22 +459,24 @@ def series_filter(model: ModelSummary) -> str:
     return expr
 
 
-def tasks(cfg: Config, models: Sequence[ModelSummary] = (), enable: Collection[str] = ("stream",)
-          ) -> list[TaskSpec]:
+def tasks(cfg: Config, models: Sequence[ModelSummary] = (), enable: Collection[str] = ("stream",), *,
+          default_rp: str = INFLUX_DEFAULT_RP) -> list[TaskSpec]:
     """The tasks for this configuration: (a) stream, (b) batch, and (c) one fixed-threshold task per model.
 
     ``enable`` names the kinds created enabled (``stream``, ``batch``, ``fixed``); the others are created
     disabled, ready to be switched on. Stream and batch alert on the same windows, so enable one of them.
+    The retention policy is the writer's (see :func:`output_rp`; ``default_rp`` names the database's default).
     """
+    rp = output_rp(cfg, default_rp)
     bad = set(enable) - set(TASK_KINDS)
     if bad:
         raise KapacitorError(f"unknown task kind(s) {sorted(bad)}; choose from {', '.join(TASK_KINDS)}")
-    for name in (cfg.influxdb.database, output_rp(cfg), cfg.output.measurement):
+    for name in (cfg.influxdb.database, rp, cfg.output.measurement):
         if '"' in name or "\\" in name:
             raise KapacitorError(f"{name!r} contains a double quote or backslash, which the batch query "
                                  "cannot quote; rename the database, retention policy or output.measurement")
     prefix = cfg.kapacitor.task_prefix
-    dbrps = ((cfg.influxdb.database, output_rp(cfg)),)
+    dbrps = ((cfg.influxdb.database, rp),)
 
     def status(kind: str) -> str:
         return "enabled" if kind in enable else "disabled"
@@ -455,7 +485,7 @@ def tasks(cfg: Config, models: Sequence[ModelSummary] = (), enable: Collection[s
     out = [
         TaskSpec(f"{prefix}_stream", "anomaly_stream", "stream", dbrps, _common(cfg), status("stream")),
         TaskSpec(f"{prefix}_batch", "anomaly_batch", "batch", dbrps,
-                 {"db": _var("string", cfg.influxdb.database), "rp": _var("string", output_rp(cfg)),
+                 {"db": _var("string", cfg.influxdb.database), "rp": _var("string", rp),
                   **_common(cfg), "period": _var("duration", every), "every": _var("duration", every),
                   "offset": _var("duration", tick_duration(batch_offset_ns(cfg)))}, status("batch")),
     ]
@@ -472,9 +502,9 @@ def tasks(cfg: Config, models: Sequence[ModelSummary] = (), enable: Collection[s
                             {**_common(cfg), "where_filter": _var("lambda", series_filter(m)),
                              "threshold": _var("float", threshold)}, status("fixed")))
     for t in out:
-        if not _TASK_ID_RE.match(t.id):
-            raise KapacitorError(f"task id {t.id!r} is not accepted by Kapacitor (letters, digits, '-', '.', "
-                                 "'_'); change kapacitor.task_prefix or the signal name")
+        if not valid_task_id(t.id):
+            raise KapacitorError(f"task id {t.id!r} is not accepted by Kapacitor (letters, the digits 0-9, '-', "
+                                 "'.', '_'); change kapacitor.task_prefix or the signal name")
         check_vars(t.script, t.vars, where=t.id)
     return out
 
@@ -498,7 +528,7 @@ def _define_sh(cfg: Config, specs: Sequence[TaskSpec], vars_files: Mapping[str, 
 
 
 def render(cfg: Config, out_dir: Path, models: Sequence[ModelSummary] = (),
-           enable: Collection[str] = ("stream",)) -> list[Path]:
+           enable: Collection[str] = ("stream",), *, default_rp: str = INFLUX_DEFAULT_RP) -> list[Path]:
     """Write the TICKscripts, their vars files (filled from the config and the learned thresholds) and a
     ``define.sh`` that loads them with the ``kapacitor`` CLI.
 
@@ -508,7 +538,7 @@ def render(cfg: Config, out_dir: Path, models: Sequence[ModelSummary] = (),
         Every file written: ``anomaly_{stream,batch,fixed}.tick``, ``anomaly_stream.vars.json``,
         ``anomaly_batch.vars.json``, one ``anomaly_fixed.<model_id>.vars.json`` per model, ``define.sh``.
     """
-    specs = tasks(cfg, models, enable)
+    specs = tasks(cfg, models, enable, default_rp=default_rp)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -579,7 +609,7 @@ class _Api:
 
 def define(cfg: Config, url: str, out_dir: Path | None = None, models: Sequence[ModelSummary] = (), *,
            enable: Collection[str] = ("stream",), timeout_s: float = 10.0,
-           session: requests.Session | None = None) -> list[str]:
+           session: requests.Session | None = None, default_rp: str = INFLUX_DEFAULT_RP) -> list[str]:
     """Create or update the tasks in the Kapacitor at ``url`` through its HTTP API.
 
     A new task is created with ``POST /kapacitor/v1/tasks`` (id, type, dbrps, script, vars, status). An
@@ -598,6 +628,9 @@ def define(cfg: Config, url: str, out_dir: Path | None = None, models: Sequence[
         The learned models, for the fixed-threshold tasks.
     enable
         Task kinds created enabled: ``stream`` (default), ``batch``, ``fixed``.
+    default_rp
+        The name of the database's default retention policy, used when neither ``output.retention_policy``
+        nor ``influxdb.retention_policy`` is set (see :func:`output_rp`).
 
     Returns
     -------
@@ -610,9 +643,9 @@ def define(cfg: Config, url: str, out_dir: Path | None = None, models: Sequence[
         Kapacitor is unreachable or refused a task; a compile error quotes Kapacitor's
         ``invalid TICKscript: ...``.
     """
-    specs = tasks(cfg, models, enable)
+    specs = tasks(cfg, models, enable, default_rp=default_rp)
     if out_dir is not None:
-        render(cfg, out_dir, models, enable)
+        render(cfg, out_dir, models, enable, default_rp=default_rp)
     own = session is None
     api = _Api(url, session or requests.Session(), timeout_s)
     try:
