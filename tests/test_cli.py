@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -48,6 +49,8 @@ def test_train_check_run_once_and_score(influxd: LocalInfluxd, database: str, tm
     assert capsys.readouterr().out.count("trained heartbeat-") == 2
     assert main(["check", "-c", str(path)]) == 0
     assert main(["run", "-c", str(path), "--once", "--dry-run"]) == 0
+    assert not (tmp_path / "state" / "watermarks.json").exists()  # a dry run advances no watermark
+    assert main(["run", "-c", str(path), "--once"]) == 0
     assert (tmp_path / "state" / "watermarks.json").exists()
     assert main(["score", "-c", str(path), "--start", "now-30m", "--end", "now"]) == 0
     assert "scored" in capsys.readouterr().out
@@ -83,12 +86,15 @@ def test_bad_config_exits_2_with_every_problem(tmp_path: Path, capsys: pytest.Ca
     assert "influxdb.url" in err and "signals[0].period" in err and "signals[0].window" in err
 
 
-def test_influxdb_down_is_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_influxdb_down_is_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                        caplog: pytest.LogCaptureFixture) -> None:
     from anomalyd.localinflux import free_port
 
     path = tmp_path / "config.toml"
     path.write_text(CONFIG.format(url=f"http://127.0.0.1:{free_port()}", db="x"))
-    assert main(["run", "-c", str(path), "--once"]) == 1
+    with caplog.at_level(logging.INFO):
+        assert main(["run", "-c", str(path), "--once"]) == 1
+    assert "tick failed: InfluxDB at" in caplog.text and "next try" not in caplog.text  # --once tries once
     assert main(["check", "-c", str(path)]) == 1
     out = capsys.readouterr().out
     assert "unreachable" in out and "influxdb.url" in out

@@ -90,7 +90,7 @@ MALFORMED = [
      "max, quantile, sigma"),
     ("quantile above 1", "signals[0].threshold.quantile", 1.5, "signals[0].threshold.quantile", "(0, 1]"),
     ("threshold not a table", "signals[0].threshold", "max", "signals[0].threshold", "must be a table"),
-    ("unknown influxdb key", "influxdb.hots", "x", "influxdb.hots", "accepted: database"),
+    ("unknown influxdb key", "influxdb.hots", "x", "influxdb.hots", "accepted: api, bucket, database"),
     ("unknown signal key", "signals[0].windw", 32, "signals[0].windw", "accepted: clusters"),
     ("unknown threshold key", "signals[0].threshold.margn", 2, "signals[0].threshold.margn", "accepted: k"),
     ("unknown section", "influx", {"url": "x"}, "influx", "accepted: alerts"),
@@ -368,3 +368,21 @@ def test_the_ekg_example_config_loads() -> None:
     assert dict(sig.where) == {"type": "anomaly"} and sig.group_by == ("type",)
     start, end = sig.train_range.resolve(0)
     assert 0 < start < end
+
+
+def test_a_misspelled_env_variable_is_reported_as_one() -> None:
+    problems = problems_of(minimal(), env={"ANOMALYD_INFLUXDB_ULR": "http://db:8086", "ANOMALYD_SLACK_CHANEL": "#x"})
+    ulr = next(p for p in problems if "ULR" in p)
+    assert ulr.startswith("ANOMALYD_INFLUXDB_ULR (environment variable): no setting influxdb.ulr; accepted: ")
+    accepted = ulr.split("accepted: ", 1)[1].split(", ")
+    assert "ANOMALYD_INFLUXDB_URL" in accepted and "ANOMALYD_INFLUXDB_DATABASE" in accepted
+    assert all(a.startswith("ANOMALYD_INFLUXDB_") for a in accepted)
+    chanel = next(p for p in problems if "CHANEL" in p)
+    assert "no setting alerts.slack.chanel" in chanel and "ANOMALYD_SLACK_CHANNEL" in chanel
+    # A bad value from the environment names its variable too; a file's mistake does not mention one.
+    bad = problems_of(minimal(), env={"ANOMALYD_DAEMON_INTERVAL": "soon"})
+    assert bad[0].startswith("daemon.interval: ") and bad[0].endswith(
+        "(set by the environment variable ANOMALYD_DAEMON_INTERVAL)")
+    raw = minimal()
+    raw["influxdb"]["ulr"] = "http://db:8086"
+    assert problems_of(raw)[0].startswith("influxdb.ulr: unknown setting; accepted: ")

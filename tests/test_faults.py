@@ -777,6 +777,11 @@ def _check_setup(tmp_path: Path, url: str, db: str, model: Detector) -> tuple[Pa
     path = tmp_path / "config.toml"
     path.write_text(CHECK_CONFIG.format(url=url, db=db))
     cfg = make_config(url, db, tmp_path)
+    if db != "db":  # a reachable InfluxDB: the collector writes (check fails on a signal without recent data)
+        now = time.time_ns() // S * S
+        t = now - np.arange(120, dtype=np.int64)[::-1] * S
+        x = np.sin(np.arange(120) / 5.0)
+        InfluxDB1Store(cfg.influxdb).write(points_for("ecg", P1, t, x) + points_for("ecg", P2, t, x))
     for tags in (P1, P2):
         save_model(cfg, model, tags)
     return path, cfg

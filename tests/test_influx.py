@@ -6,6 +6,8 @@ values already in InfluxDB, read back and written again in the output points).
 
 from __future__ import annotations
 
+import logging
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from anomalyd.state import Watermarks
 from anomalyd.synthetic import ecg
 from anomalyd.worker import Worker
 from conftest import make_config
+from http_stubs import Recorded, Reply, StubServer
 
 S = 10**9
 T0 = 1_700_000_000 * S
@@ -255,14 +258,14 @@ def test_tag_values_from_the_data_reach_the_output_exactly(influxd: LocalInfluxd
 
 def test_a_closed_port_is_a_clear_store_error() -> None:
     url = f"http://127.0.0.1:{free_port()}"
-    store = InfluxDB1Store(InfluxConfig(url=url, database="db", timeout_s=2))
+    store = InfluxDB1Store(InfluxConfig(url=url, database="db", timeout_s=2, retries=1))
     calls = [store.ping, lambda: store.read(Query("m", "v", (), (), S), 0, S),
              lambda: store.write([Point("m", (), (("v", 1.0),), 1)])]
     for call in calls:
         with pytest.raises(StoreError) as info:
             call()
         msg = str(info.value)
-        assert url in msg and "unreachable" in msg and "influxdb.url" in msg
+        assert url in msg and "unreachable" in msg and "after 1 retry;" in msg and "influxdb.url" in msg
         assert isinstance(info.value, ConnectionError) and info.value.__cause__ is not None
 
 
@@ -281,3 +284,88 @@ def test_a_field_of_the_wrong_type_is_a_clear_store_error(store: InfluxDB1Store,
     influxd.write_lines(database, "m v=1.0 1")
     with pytest.raises(StoreError, match=r"refused the write \(HTTP 400\).*conflict"):
         store.write([Point("m", (), (("v", "text"),), 2)])
+
+
+# -- retries (influxdb.retries) ------------------------------------------------------------------------------
+
+
+class _Influx1Stub(StubServer):
+    """InfluxDB 1.x's /query (one chunk of JSON) and /write (204), for scripting failures in front of them."""
+
+    def default_reply(self, rec: Recorded) -> Reply:
+        if rec.path == "/query":
+            return Reply(200, {"results": [{"statement_id": 0, "series": [
+                {"name": "m", "tags": {"host": "h1"}, "columns": ["time", "v"],
+                 "values": [[T0, 1.0], [T0 + S, 2.0]]}]}]})
+        if rec.path == "/write":
+            return Reply(204)
+        return Reply(404, b"404 page not found")
+
+
+def _retry_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "anomalyd.influx" and "retry" in r.getMessage()]
+
+
+def test_reads_and_writes_are_retried_after_server_errors(caplog: pytest.LogCaptureFixture) -> None:
+    with _Influx1Stub() as stub:
+        store = InfluxDB1Store(InfluxConfig(url=stub.url, database="db", timeout_s=5, retries=2))
+        store.retry_base_s = 0.01
+        stub.script(Reply.error(503, path="/write"), Reply.error(500, b'{"error":"timeout"}', path="/write"))
+        with caplog.at_level(logging.WARNING, logger="anomalyd.influx"):
+            store.write([Point("m", (), (("v", 1.0),), T0)])
+        assert [r.status for r in stub.recorded("/write")] == [503, 500, 204]
+        assert stub.recorded("/write")[0].body == stub.recorded("/write")[2].body  # the same batch again
+        lines = _retry_lines(caplog)
+        assert len(lines) == 2 and "the write failed" in lines[0] and "retry 1 of 2" in lines[0]
+        assert "retry 2 of 2" in lines[1] and stub.url in lines[1]
+        caplog.clear()
+        stub.script(Reply.error(502, path="/query"), Reply.error(503, path="/query"))
+        with caplog.at_level(logging.WARNING, logger="anomalyd.influx"):
+            data = store.read(Query("m", "v", (), ("host",), S), T0, T0 + S)
+        assert data[(("host", "h1"),)][1].tolist() == [1.0, 2.0]
+        assert len(stub.recorded("/query")) == 3 and len(_retry_lines(caplog)) == 2
+        stub.script(*[Reply.error(503, path="/write")] * 3)  # one more failure than retries
+        with pytest.raises(StoreError, match=r"failed the write after 2 retries"):
+            store.write([Point("m", (), (("v", 1.0),), T0)])
+        assert len(stub.recorded("/write")) == 6
+
+
+def test_client_errors_are_not_retried(caplog: pytest.LogCaptureFixture) -> None:
+    with _Influx1Stub() as stub:
+        store = InfluxDB1Store(InfluxConfig(url=stub.url, database="db", timeout_s=5, retries=3))
+        stub.script(Reply(400, {"error": "partial write: field type conflict"}, path="/write"))
+        with caplog.at_level(logging.WARNING, logger="anomalyd.influx"):
+            with pytest.raises(StoreError, match=r"refused the write \(HTTP 400\).*conflict"):
+                store.write([Point("m", (), (("v", 1.0),), T0)])
+        assert len(stub.recorded("/write")) == 1 and not _retry_lines(caplog)
+
+
+def test_a_stopped_influxd_is_retried_and_a_restart_within_the_retries_is_ridden_out(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    server = LocalInfluxd(tmp_path / "influxd").start()
+    try:
+        server.query('CREATE DATABASE "r"')
+        server.write_lines("r", f"m,host=h1 v=1.0 {T0}")
+        server.stop()
+        store = InfluxDB1Store(InfluxConfig(url=server.url, database="r", timeout_s=2, retries=2))
+        store.retry_base_s = 0.05
+        with caplog.at_level(logging.WARNING, logger="anomalyd.influx"):
+            with pytest.raises(StoreError, match=r"unreachable \(ConnectionError\) after 2 retries; check "
+                                                 r"influxdb.url and that influxd is running"):
+                store.read(Query("m", "v", (), ("host",), S), T0, T0 + S)
+        assert len(_retry_lines(caplog)) == 2
+        # influxd comes back while a write is being retried: the write lands, once.
+        patient = InfluxDB1Store(InfluxConfig(url=server.url, database="r", timeout_s=2, retries=8))
+        restart = threading.Timer(0.5, server.start)
+        caplog.clear()
+        restart.start()
+        try:
+            with caplog.at_level(logging.WARNING, logger="anomalyd.influx"):
+                patient.write([Point("m", (("host", "h1"),), (("v", 2.0),), T0 + S)])
+        finally:
+            restart.join()
+        assert _retry_lines(caplog) and all("the write failed (ConnectionError)" in m for m in _retry_lines(caplog))
+        data = patient.read(Query("m", "v", (), ("host",), S), T0, T0 + S)
+        assert data[(("host", "h1"),)][1].tolist() == [1.0, 2.0]
+    finally:
+        server.stop()

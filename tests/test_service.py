@@ -118,3 +118,4 @@ period = "1s"
     assert proc.returncode == 0, err
     assert b"STOPPING=1" in got
     assert "received SIGTERM" in err and "stopped" in err
+    assert "apscheduler" not in err, err  # no "Running job" / "executed successfully" line per tick

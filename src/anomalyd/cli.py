@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import heapq
 import logging
 import sys
 import time
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .config import Config, ConfigError, load, parse_duration_ns, parse_time_ns
@@ -33,7 +38,9 @@ def _parser() -> argparse.ArgumentParser:
                          "recent normal data)")
     sp = cmd("run", "run the daemon: score new windows every interval")
     sp.add_argument("--once", action="store_true", help="run a single tick and exit (for cron and tests)")
-    sp.add_argument("--dry-run", action="store_true", help="compute alerts but do not send them")
+    sp.add_argument("--dry-run", action="store_true",
+                    help="score as usual and log what would be written and which alerts would be sent, but write "
+                         "no point, send no alert, and advance no watermark (no state file is changed)")
     sp = cmd("score", "backfill: score every window in a time range through the same path as run")
     sp.add_argument("--start", required=True, help="RFC 3339 time, 'now' or 'now-2h'")
     sp.add_argument("--end", default="now", help="RFC 3339 time, 'now' or 'now-2h' (default now)")
@@ -64,9 +71,43 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _store(cfg: Config):  # type: ignore[no-untyped-def]
+    if cfg.influxdb.api == "flux":
+        from .influx2 import InfluxDB2FluxStore
+
+        return InfluxDB2FluxStore(cfg.influxdb, cfg.daemon.write_batch)
     from .influx import InfluxDB1Store
 
     return InfluxDB1Store(cfg.influxdb, cfg.daemon.write_batch)
+
+
+class _DryRunStore:
+    """Reads through the real store; ``write`` consumes the points (the worker scores while they are drawn),
+    counts them per measurement and logs what would have been written."""
+
+    def __init__(self, inner: Any, database: str, sample: int = 5) -> None:
+        self._inner = inner
+        self._database = database
+        self._sample = sample
+
+    def __getattr__(self, name: str) -> Any:  # ping, read, read_batches, query_raw...
+        return getattr(self._inner, name)
+
+    def write(self, points: Iterable[Any], retention_policy: str = "") -> None:
+        from .influx import SeriesPoints, line_protocol, series_lines
+
+        counts: Counter[str] = Counter()
+        shown: list[str] = []
+        for p in points:
+            n = len(p.times) if isinstance(p, SeriesPoints) else 1
+            counts[p.measurement] += n
+            if len(shown) < self._sample and log.isEnabledFor(logging.DEBUG):
+                shown += (series_lines(p) if isinstance(p, SeriesPoints) else [line_protocol(p)])[: self._sample]
+        if counts:
+            rp = f", retention policy {retention_policy!r}" if retention_policy else ""
+            log.info("dry-run, not written to database %r%s: %s", self._database, rp,
+                     ", ".join(f"{n} points of {m}" for m, n in sorted(counts.items())))
+            for line in shown[: self._sample]:
+                log.debug("dry-run, not written: %s", line)
 
 
 def _worker(cfg: Config, dry_run: bool = False):  # type: ignore[no-untyped-def]
@@ -76,8 +117,28 @@ def _worker(cfg: Config, dry_run: bool = False):  # type: ignore[no-untyped-def]
     from .worker import Worker
 
     alerts = AlertManager(cfg.alerts, cfg.paths.state, dry_run=dry_run)
-    return Worker(cfg, _store(cfg), Catalog(cfg.paths.models), Watermarks(cfg.paths.state / "watermarks.json"),
-                  alerts, scores=ScoreStates(cfg.paths.state / "scores.npz"))
+    if not dry_run:
+        return Worker(cfg, _store(cfg), Catalog(cfg.paths.models), Watermarks(cfg.paths.state / "watermarks.json"),
+                      alerts, scores=ScoreStates(cfg.paths.state / "scores.npz"))
+
+    class DryWatermarks(Watermarks):
+        """Read from the file and advanced in memory (so that ticks go on from one another), never saved."""
+
+        def save(self) -> None:
+            return None
+
+    class DryScores(ScoreStates):
+        """The live score history, updated in memory, never saved."""
+
+        def save(self) -> None:
+            return None
+
+        close = save
+
+    log.info("dry run: nothing is written to InfluxDB, no alert is sent, no watermark or state file changes")
+    return Worker(cfg, _DryRunStore(_store(cfg), cfg.influxdb.database), Catalog(cfg.paths.models),
+                  DryWatermarks(cfg.paths.state / "watermarks.json"), alerts,
+                  scores=DryScores(cfg.paths.state / "scores.npz"))
 
 
 def _check(cfg: Config) -> int:
@@ -86,17 +147,22 @@ def _check(cfg: Config) -> int:
     from .influx import StoreError
 
     problems = 0
+    store = _store(cfg)
+    reachable = False
     try:
-        version = _store(cfg).ping()
+        version = store.ping()
         print(f"ok   InfluxDB {cfg.influxdb.url} answers (version {version})")
+        reachable = True
     except StoreError as exc:
         print(f"FAIL {exc}")
         problems += 1
+    untrained = set()
     for sig in cfg.signals:
         stem = model_id_for(sig.name, (), "shared")
         paths = [p for p in sorted(cfg.paths.models.glob(f"{stem}*.json"))
                  if p.stem == stem or (p.stem[len(stem) + 1 :].isalnum() and p.stem[len(stem)] == "-")]
         if not paths:
+            untrained.add(sig.name)
             print(f"FAIL signal {sig.name}: no model in {cfg.paths.models}; run `anomalyd train -c {cfg.source}`")
             problems += 1
         for path in paths:
@@ -115,13 +181,98 @@ def _check(cfg: Config) -> int:
             else:
                 print(f"ok   model {m.model_id} ({m.scope}, window {m.model.window_}, max_error threshold "
                       f"{m.threshold:.4g}, decision score >= {m.model.spec.score_threshold:g})")
+    if reachable:
+        try:
+            problems += _check_data(cfg, store, untrained)
+        except StoreError as exc:
+            print(f"FAIL {exc}")
+            problems += 1
     return 1 if problems else 0
+
+
+def _series_with_data(cfg: Config, store: Any, sig: Any, where: tuple[tuple[str, str], ...], start: int,
+                      end: int) -> int:
+    """How many series of the signal's field (filtered by ``where``) have samples in ``[start, end]``."""
+    from .influx import Query, StoreError, quote_ident
+
+    query_raw = getattr(store, "query_raw", None)
+    if query_raw is None:  # a store without InfluxQL: read the samples
+        return len(store.read(Query(sig.measurement, sig.field, where, sig.group_by, sig.period_ns), start, end))
+    rp = cfg.influxdb.retention_policy
+    source = (quote_ident(rp) + "." if rp else "") + quote_ident(sig.measurement)
+    params: dict[str, Any] = {"start": start, "end": end}
+    cond = ["time >= $start", "time <= $end"]
+    for i, (k, v) in enumerate(where):
+        params[f"w{i}"] = v
+        cond.append(f"{quote_ident(k)} = $w{i}")
+    q = f"SELECT COUNT({quote_ident(sig.field)}) FROM {source} WHERE {' AND '.join(cond)}"
+    if sig.group_by:
+        q += " GROUP BY " + ",".join(quote_ident(g) for g in sig.group_by)
+    n = 0
+    for res in query_raw(q, params):
+        if "error" in res:
+            raise StoreError(f"InfluxDB rejected {q!r}: {res['error']}")
+        n += len(res.get("series", []))
+    return n
+
+
+def _check_data(cfg: Config, store: Any, untrained: set[str]) -> int:
+    """The database exists; every signal has recent data (what the next tick scores), and an untrained signal has
+    data in its training range. One line per problem, naming the value to fix."""
+    db = cfg.influxdb.database
+    query_raw = getattr(store, "query_raw", None)
+    if query_raw is not None:
+        res = query_raw("SHOW DATABASES")
+        if res and "error" not in res[0]:
+            names = [row[0] for s in res[0].get("series", []) for row in s.get("values", [])]
+            if db not in names:
+                print(f"FAIL database {db!r} does not exist at {cfg.influxdb.url} (it has: "
+                      f"{', '.join(names) or 'none'}); fix influxdb.database (or ANOMALYD_INFLUXDB_DATABASE), or "
+                      f"create it: CREATE DATABASE {db}")
+                return 1
+            print(f"ok   database {db!r} exists")
+    problems = 0
+    now = time.time_ns() // 10**9 * 10**9
+    for sig in cfg.signals:
+        where_txt = "{" + ", ".join(f"{k} = {v!r}" for k, v in sig.where) + "}"
+        what = f"{sig.measurement}.{sig.field}" + (f" where {where_txt}" if sig.where else "")
+        if sig.name in untrained:
+            start, end = sig.train_range.resolve(now)
+            where = tuple(sorted({**dict(sig.where), **dict(sig.train_where)}.items()))
+            n = _series_with_data(cfg, store, sig, where, start, end)
+            tw = "{" + ", ".join(f"{k} = {v!r}" for k, v in where) + "}"
+            if not n:
+                print(f"FAIL signal {sig.name}: no data of {sig.measurement}.{sig.field}"
+                      f"{' where ' + tw if where else ''} in its training range {_rfc3339(start)} to "
+                      f"{_rfc3339(end)} (database {db!r}); fix signals.train_range, measurement, field or where, "
+                      f"or write the data first")
+                problems += 1
+            else:
+                print(f"ok   signal {sig.name}: {n} series with data in the training range")
+        # The last scoring interval: what the next tick reads (lateness included), at least max_gap + 1 samples.
+        span = max(round(cfg.daemon.interval_s * 1e9), (sig.max_gap + 1) * sig.period_ns) + cfg.daemon.lateness_ns
+        n = _series_with_data(cfg, store, sig, sig.where, now - span, now)
+        if not n:
+            print(f"FAIL signal {sig.name}: no data of {what} since {_rfc3339(now - span)} (the last scoring "
+                  f"interval, {span / 1e9:g}s) in database {db!r}; check that the collector writes it, and "
+                  f"signals.measurement, field and where")
+            problems += 1
+        else:
+            print(f"ok   signal {sig.name}: {n} series with data in the last {span / 1e9:g}s")
+    return problems
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # APScheduler logs two INFO lines per tick ("Running job", "executed successfully"); its warnings (a missed
+    # tick) and errors stay. With -v its lines are shown as well.
+    logging.getLogger("apscheduler").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    _setup_logging(args.verbose)
     if args.cmd == "evaluate":  # reads its own inputs (and its own config, for an InfluxDB range)
         from . import evaluate
 
@@ -165,9 +316,14 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> int:
         service = Service(worker, cfg.daemon.interval_s, cfg.daemon.max_backoff_s, cfg.daemon.health_listen,
                           refit=lambda: refit(cfg, _store(cfg)), refit_every_s=cfg.daemon.refit_every_s)
         if args.once:
-            ok = service.run_tick() is not None
+            tick = service.run_tick(retry=False)
             service.close_worker()
-            return 0 if ok else 1
+            if tick is None:
+                return 1
+            if tick.signals and all(r.problem for r in tick.signals.values()):
+                print("anomalyd run --once: nothing could be scored (see above)", file=sys.stderr)
+                return 1
+            return 0
         service.run_forever()
         return 0
     if args.cmd == "score":
@@ -184,7 +340,11 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> int:
         report = _worker(cfg).score_range(start, end, alert=args.alert)
         print(f"scored {report.windows} windows: {report.anomalous} anomalous, {report.missing} missing-data "
               f"in {report.seconds:.2f}s")
-        return 0
+        _print_anomalous(report, cfg.output.measurement)
+        problems = [r.problem for r in report.signals.values() if r.problem]
+        for why in problems:
+            print(why, file=sys.stderr)
+        return 1 if problems and len(problems) == len(report.signals) else 0
     if args.cmd == "feed":
         from .demo import feed, feed_live
 
@@ -211,6 +371,34 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> int:
                 print(f"defined {task}")
         return 0
     raise AssertionError(args.cmd)  # pragma: no cover
+
+
+SHOW_ANOMALOUS = 20  # windows listed by `anomalyd score`; the rest are counted
+
+
+def _rfc3339(ns: int) -> str:
+    t = datetime.fromtimestamp(ns // 10**9, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    frac = ns % 10**9
+    return f"{t}.{frac:09d}".rstrip("0") + "Z" if frac else f"{t}Z"
+
+
+def _print_anomalous(report: Any, measurement: str, limit: int | None = None) -> None:
+    """The anomalous windows of a backfill, earliest first, at most ``limit`` (`SHOW_ANOMALOUS`) of them."""
+    limit = SHOW_ANOMALOUS if limit is None else limit
+    rows = ((end, str(b.key), score, err, b.threshold)
+            for b in report.blocks
+            for end, anom, score, err in zip(b.ends, b.anomalous, b.score, b.max_error, strict=True) if anom)
+    first = heapq.nsmallest(limit, rows)
+    if not first:
+        return
+    print("anomalous windows (series, window end, score, max_error against the threshold):")
+    for end, key, score, err, thr in first:
+        ratio = f"x{err / thr:.2f}" if thr > 0 else ""
+        print(f"  {key:30} {_rfc3339(end)}  score {score:.3f}  max_error {err:10.4g}  threshold {thr:10.4g}  "
+              f"{ratio}")
+    more = report.anomalous - len(first)
+    if more > 0:
+        print(f"  ... and {more} more (every window is in the measurement {measurement!r}: anomalous = true)")
 
 
 def _demo(args: argparse.Namespace, cfg: Config) -> int:

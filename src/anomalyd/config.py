@@ -3,9 +3,9 @@
 Every problem found is reported at once, each naming its key path and what is accepted. Any scalar setting of
 the sections ``influxdb``, ``output``, ``paths``, ``daemon``, ``alerts``, ``alerts.slack`` and ``kapacitor`` can
 be overridden by an environment variable ``ANOMALYD_<SECTION>_<KEY>`` (``alerts.slack`` is ``SLACK``), e.g.
-``ANOMALYD_INFLUXDB_URL`` or ``ANOMALYD_DAEMON_HEALTH_LISTEN``. Secrets (InfluxDB user and password, Slack
-webhook URL and token) are read only from those variables or from a ``*_file`` setting, never from the TOML
-itself, and are kept out of every ``repr``.
+``ANOMALYD_INFLUXDB_URL`` or ``ANOMALYD_DAEMON_HEALTH_LISTEN``. Secrets (InfluxDB user, password and API
+token, Slack webhook URL and token) are read only from those variables or from a ``*_file`` setting, never from
+the TOML itself, and are kept out of every ``repr``.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ SCOPES = ("series", "shared")
 POLICIES = ("max", "quantile", "sigma")
 MAX_GAP = 8  # samples filled by interpolation: a quarter of the reference window
 SINKS = ("log", "slack")
+APIS = ("influxql", "flux")
 
 
 class ConfigError(ValueError):
@@ -162,8 +163,15 @@ class InfluxConfig:
     retries: int = 3
     verify_ssl: bool = True
     gzip: bool = False
+    #: "influxql": InfluxQL on /query and line protocol on /write (1.x; 2.x with a DBRP mapping; 3.x).
+    #: "flux": Flux on /api/v2/query and /api/v2/write (2.x), in ``org`` and ``bucket``.
+    api: str = "influxql"
+    org: str = ""
+    bucket: str = ""
     username: str = field(default="", repr=False)
     password: str = field(default="", repr=False)
+    #: An API token (2.x, 3.x, Cloud), sent as ``Authorization: Token ...``; never logged.
+    token: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True)
@@ -249,9 +257,12 @@ class Config:
 class _Checker:
     def __init__(self) -> None:
         self.problems: list[str] = []
+        #: key path (``influxdb.url``) -> the environment variable its value came from
+        self.from_env: dict[str, str] = {}
 
     def bad(self, path: str, msg: str) -> None:
-        self.problems.append(f"{path}: {msg}")
+        var = self.from_env.get(path)
+        self.problems.append(f"{path}: {msg}" + (f" (set by the environment variable {var})" if var else ""))
 
     def get(self, table: Mapping[str, Any], key: str, path: str, kind: str, default: Any,
             check: Callable[[Any], str | None] | None = None) -> Any:
@@ -274,8 +285,15 @@ class _Checker:
     def unknown(self, table: Mapping[str, Any], path: str, known: set[str]) -> None:
         for key in table:
             if key not in known:
-                self.bad(f"{path}.{key}" if path else key,
-                         f"unknown setting; accepted: {', '.join(sorted(known))}")
+                full = f"{path}.{key}" if path else key
+                var = self.from_env.get(full)
+                if var:  # a misspelled variable: name it, and the variables that would have been read
+                    prefix = var[: len(var) - len(key)]
+                    names = {prefix + k.upper() for k in known} | {v for v in _SECRET_VARS if v.startswith(prefix)}
+                    self.problems.append(f"{var} (environment variable): no setting {full}; accepted: "
+                                         f"{', '.join(sorted(names))}")
+                else:
+                    self.bad(full, f"unknown setting; accepted: {', '.join(sorted(known))}")
 
 
 def _coerce(raw: Any, kind: str) -> Any:
@@ -337,11 +355,13 @@ def _tags(c: _Checker, table: Mapping[str, Any], key: str, path: str) -> tuple[t
     return tuple(sorted(raw.items()))
 
 
-_SECRET_VARS = frozenset({"ANOMALYD_INFLUXDB_USERNAME", "ANOMALYD_INFLUXDB_PASSWORD", "ANOMALYD_SLACK_WEBHOOK_URL",
-                          "ANOMALYD_SLACK_TOKEN"})
+_SECRET_VARS = frozenset({"ANOMALYD_INFLUXDB_USERNAME", "ANOMALYD_INFLUXDB_PASSWORD", "ANOMALYD_INFLUXDB_TOKEN",
+                          "ANOMALYD_SLACK_WEBHOOK_URL", "ANOMALYD_SLACK_TOKEN"})
 
 
-def _env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> None:
+def _env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, str]:
+    """Apply the ``ANOMALYD_<SECTION>_<KEY>`` variables to ``raw``; return which key path came from which."""
+    origin: dict[str, str] = {}
     sections = {"INFLUXDB": ("influxdb",), "OUTPUT": ("output",), "PATHS": ("paths",), "DAEMON": ("daemon",),
                 "ALERTS": ("alerts",), "SLACK": ("alerts", "slack"), "KAPACITOR": ("kapacitor",)}
     for name, value in env.items():
@@ -356,8 +376,11 @@ def _env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> None:
                     if not isinstance(table, dict):
                         break
                 else:
-                    table[rest[len(sec) + 1:].lower()] = value
+                    key = rest[len(sec) + 1:].lower()
+                    table[key] = value
+                    origin[".".join((*path, key))] = name
                 break
+    return origin
 
 
 def _secret(c: _Checker, table: dict[str, Any], key: str, path: str, env_name: str,
@@ -399,7 +422,7 @@ def from_dict(raw: dict[str, Any], source: str = "<config>", env: Mapping[str, s
     raw = copy.deepcopy(raw)
     c = _Checker()
     env = os.environ if env is None else env
-    _env_overrides(raw, env)
+    c.from_env = _env_overrides(raw, env)
     base = base_dir or Path.cwd()
     top_known = {"influxdb", "output", "paths", "daemon", "alerts", "kapacitor", "signals"}
     c.unknown(raw, "", top_known)
@@ -414,8 +437,15 @@ def from_dict(raw: dict[str, Any], source: str = "<config>", env: Mapping[str, s
     t = sec["influxdb"]
     user = _secret(c, t, "username", "influxdb", "ANOMALYD_INFLUXDB_USERNAME", env)
     password = _secret(c, t, "password", "influxdb", "ANOMALYD_INFLUXDB_PASSWORD", env)
+    influx_token = _secret(c, t, "token", "influxdb", "ANOMALYD_INFLUXDB_TOKEN", env)
     c.unknown(t, "influxdb", {"url", "database", "retention_policy", "timeout", "retries", "verify_ssl",
-                              "gzip"})
+                              "gzip", "api", "org", "bucket"})
+    api = c.get(t, "api", "influxdb", "str", InfluxConfig.api, _one_of(APIS))
+    if api == "flux":
+        for key in ("org", "bucket"):
+            if not str(t.get(key, "")).strip():
+                c.bad(f"influxdb.{key}", f'is required when influxdb.api = "flux" (the InfluxDB 2.x {key} to '
+                                         "read from and write to)")
     url = c.get(t, "url", "influxdb", "str", InfluxConfig.url,
                 lambda v: None if re.match(r"^https?://[^/\s]+", v) else "must be an http:// or https:// URL")
     influx = InfluxConfig(
@@ -427,7 +457,10 @@ def from_dict(raw: dict[str, Any], source: str = "<config>", env: Mapping[str, s
         retries=c.get(t, "retries", "influxdb", "int", 3, _non_negative),
         verify_ssl=c.get(t, "verify_ssl", "influxdb", "bool", True),
         gzip=c.get(t, "gzip", "influxdb", "bool", False),
-        username=user, password=password)
+        api=api,
+        org=c.get(t, "org", "influxdb", "str", ""),
+        bucket=c.get(t, "bucket", "influxdb", "str", ""),
+        username=user, password=password, token=influx_token)
 
     t = sec["output"]
     c.unknown(t, "output", {"measurement", "retention_policy", "write_reconstruction",

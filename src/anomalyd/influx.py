@@ -13,10 +13,11 @@ import gc
 import json
 import logging
 import math
-from collections.abc import Iterable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -37,6 +38,47 @@ SeriesData = dict[Tags, tuple[NDArray[np.int64], NDArray[np.float64]]]
 
 class StoreError(ConnectionError):
     """The store could not be reached or refused a request; the message says which and why."""
+
+
+T = TypeVar("T")
+
+#: The first pause before a retry; each further retry waits twice as long, at most `RETRY_MAX_S`.
+RETRY_BASE_S = 0.25
+RETRY_MAX_S = 4.0
+
+
+def with_retries(call: Callable[[], T], retries: int, what: str, url: str,
+                 retryable: Callable[[Exception], str | None], base_s: float = RETRY_BASE_S) -> T:
+    """``call()``, tried again up to ``retries`` times after a failure ``retryable`` names (it returns the reason
+    to log, or None for a failure that must not be retried), with a short exponential backoff and one log line
+    per retry. The last failure is raised as it is.
+    """
+    attempt = 0
+    while True:
+        try:
+            return call()
+        except Exception as exc:
+            reason = retryable(exc)
+            if reason is None or attempt >= retries:
+                raise
+            attempt += 1
+            delay = min(RETRY_MAX_S, base_s * 2 ** (attempt - 1))
+            log.warning("InfluxDB at %s: the %s failed (%s); retry %d of %d in %.2gs", url, what, reason, attempt,
+                        retries, delay)
+            time.sleep(delay)
+
+
+def _after(retries: int) -> str:
+    return f" after {retries} {'retry' if retries == 1 else 'retries'}" if retries else ""
+
+
+def _retryable_v1(exc: Exception) -> str | None:
+    """Connection errors, timeouts and 5xx answers are worth another try; 4xx answers are not."""
+    if isinstance(exc, requests.ConnectionError | requests.Timeout):
+        return type(exc).__name__
+    if isinstance(exc, InfluxDBServerError):
+        return f"server error: {str(exc).strip()[:200]}"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,37 +288,54 @@ class InfluxDB1Store:
             host=u.hostname or "127.0.0.1", port=u.port or (443 if u.scheme == "https" else 8086),
             username=cfg.username or "root", password=cfg.password or "root", database=cfg.database,
             ssl=u.scheme == "https", verify_ssl=cfg.verify_ssl, timeout=cfg.timeout_s, retries=1,
-            path=u.path.strip("/"))
+            path=u.path.strip("/"))  # one attempt per call: `with_retries` retries, with backoff and a log line
+        #: base of the backoff between retries (``influxdb.retries`` of them)
+        self.retry_base_s = RETRY_BASE_S
         # Uncompressed answers unless asked: on loopback or a LAN, gzip costs influxd more CPU than it saves (a
         # 12 MB read of 10,000 series took 1.4 s gzipped and 1.05 s plain, as long as curl takes).
         self._headers = {"Accept": "application/json", "Content-Type": "application/octet-stream",
                          "Accept-Encoding": "gzip" if cfg.gzip else "identity"}
+        if cfg.token:  # InfluxDB 2.x (through a DBRP mapping) and 3.x; the client then sends no user/password
+            self._headers["Authorization"] = f"Token {cfg.token}"
 
     # -- low level ---------------------------------------------------------------------------------
     def _request(self, op: str, url: str, method: str, params: dict[str, Any], data: str | bytes | None = None,
                  expected: int = 200, stream: bool = False) -> requests.Response:
-        try:
+        retries = self.cfg.retries
+
+        def attempt() -> requests.Response:
             # JSON, not the client's default msgpack: chunked responses are newline-delimited JSON objects.
             return self.client.request(url=url, method=method, params=params, data=data, stream=stream,
                                        expected_response_code=expected, headers=self._headers)
+
+        try:
+            return with_retries(attempt, retries, op, self.cfg.url, _retryable_v1, self.retry_base_s)
         except (requests.ConnectionError, requests.Timeout) as exc:
             INFLUX_ERRORS.labels(op=op).inc()
-            raise StoreError(f"InfluxDB at {self.cfg.url} is unreachable ({type(exc).__name__}); check "
-                             f"influxdb.url and that influxd is running") from exc
+            raise StoreError(f"InfluxDB at {self.cfg.url} is unreachable ({type(exc).__name__}){_after(retries)}; "
+                             f"check influxdb.url and that influxd is running") from exc
         except InfluxDBServerError as exc:
             INFLUX_ERRORS.labels(op=op).inc()
-            raise StoreError(f"InfluxDB at {self.cfg.url} failed the {op}: {exc}") from exc
+            raise StoreError(f"InfluxDB at {self.cfg.url} failed the {op}{_after(retries)}: {exc}") from exc
         except InfluxDBClientError as exc:
             INFLUX_ERRORS.labels(op=op).inc()
             hint = ""
             if exc.code in (401, 403):
-                hint = "; set ANOMALYD_INFLUXDB_USERNAME and ANOMALYD_INFLUXDB_PASSWORD"
+                hint = ("; check the API token (ANOMALYD_INFLUXDB_TOKEN or influxdb.token_file) and its read/write "
+                        "access" if self.cfg.token else
+                        "; set ANOMALYD_INFLUXDB_USERNAME and ANOMALYD_INFLUXDB_PASSWORD (or, for InfluxDB 2.x "
+                        "and 3.x, ANOMALYD_INFLUXDB_TOKEN)")
             elif "database not found" in str(exc):
                 hint = f"; create it or fix influxdb.database={self.cfg.database!r}"
             raise StoreError(f"InfluxDB refused the {op} (HTTP {exc.code}): {str(exc.content).strip()}{hint}") from exc
 
     def ping(self) -> str:
-        r = self._request("ping", "ping", "GET", {}, expected=204)
+        try:
+            r = self._request("ping", "ping", "GET", {}, expected=204)
+        except StoreError as exc:  # InfluxDB 3.x answers 200 (with a JSON body) where 1.x and 2.x answer 204
+            if isinstance(exc.__cause__, InfluxDBClientError) and exc.__cause__.code == 200:
+                return "unknown (3.x?)"
+            raise
         return r.headers.get("X-Influxdb-Version", "unknown")
 
     def ensure_database(self) -> None:

@@ -104,8 +104,9 @@ class Service:
         self.scheduler = BlockingScheduler(job_defaults={"coalesce": True, "max_instances": 1,
                                                          "misfire_grace_time": None})
 
-    def run_tick(self) -> TickReport | None:
-        """One guarded tick: never raises; failures are logged, counted and backed off."""
+    def run_tick(self, retry: bool = True) -> TickReport | None:
+        """One guarded tick: never raises; failures are logged, counted and backed off (``retry=False``: a single
+        tick, as ``run --once``, whose failure is logged without a next try)."""
         now = time.monotonic()
         if now < self._next_attempt:
             sd_notify("WATCHDOG=1")  # backing off, but alive
@@ -114,10 +115,10 @@ class Service:
         try:
             report = self.worker.tick()
         except StoreError as exc:
-            self._failed(f"{exc}", traceback=False)
+            self._failed(f"{exc}", traceback=False, retry=retry)
             return None
         except Exception as exc:  # the loop must survive any single bad tick
-            self._failed(f"{type(exc).__name__}: {exc}", traceback=True)
+            self._failed(f"{type(exc).__name__}: {exc}", traceback=True, retry=retry)
             return None
         TICK_SECONDS.observe(time.perf_counter() - t0)
         TICKS.labels(outcome="ok").inc()
@@ -149,10 +150,13 @@ class Service:
         log.info("refit done in %.1fs", time.perf_counter() - t0)
         return True
 
-    def _failed(self, msg: str, traceback: bool) -> None:
+    def _failed(self, msg: str, traceback: bool, retry: bool = True) -> None:
         TICKS.labels(outcome="failed").inc()
         self.health.consecutive_failures += 1
         self.health.last_error = msg
+        if not retry:
+            log.error("tick failed: %s", msg, exc_info=traceback)
+            return
         backoff = min(self.interval_s * 2 ** (self.health.consecutive_failures - 1), self.max_backoff_s)
         self._next_attempt = time.monotonic() + backoff - self.interval_s
         log.error("tick failed (%d in a row), next try in %.0fs: %s", self.health.consecutive_failures,

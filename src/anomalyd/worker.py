@@ -15,10 +15,12 @@ an outage) is not written.
 
 from __future__ import annotations
 
+import glob
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Protocol
 
 import numpy as np
@@ -48,6 +50,10 @@ def _read_batches(store: Store, query: Query, start: int, end: int, size: int) -
         yield store.read(query, start, end)
 
 
+def _iso(ns: int) -> str:
+    return datetime.fromtimestamp(ns // 10**9, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 class AlertObserver(Protocol):
     def observe(self, results: Sequence[WindowResult], now_ns: int | None = None) -> object: ...
 
@@ -63,6 +69,8 @@ class SignalReport:
     untrained: int = 0
     skipped_backlog: int = 0
     lag_s: float = 0.0
+    #: Why nothing of this signal could be scored (no model at all, no series matching), "" when it could.
+    problem: str = ""
 
 
 @dataclass
@@ -148,6 +156,7 @@ class Worker:
         self._backfill_scores = ScoreStates(None)  # replaced by each score_range: never the live history
         self._reported_untrained: set[str] = set()
         self._reported_mismatch: set[str] = set()
+        self._reported_problem: dict[str, str] = {}
 
     # -- public entry points ---------------------------------------------------------------------------
     def tick(self, now_ns: int | None = None) -> TickReport:
@@ -184,12 +193,25 @@ class Worker:
                 for name in ("windows", "anomalous", "missing", "untrained", "skipped_backlog"):
                     setattr(total, name, getattr(total, name) + getattr(part, name))
                 total.series = max(total.series, part.series)
+                total.problem = part.problem if not total.series else ""
             report.signals[sig.name] = total
         report.seconds = time.perf_counter() - t_start
         self._finish(report, self.clock(), live=alert)
         return report
 
     # -- internals -------------------------------------------------------------------------------------
+    def _has_models(self, sig: SignalConfig) -> bool:
+        """Whether the models directory holds any model of this signal (shared, or of one of its series)."""
+        stem = sig.name
+        models_dir = getattr(self.catalog, "models_dir", None)
+        if models_dir is None:  # a catalog that cannot list: assume it has some
+            return True
+        for p in models_dir.glob(f"{glob.escape(stem)}*.json"):
+            rest = p.stem[len(stem):]
+            if not rest or (rest[0] == "-" and rest[1:].isalnum()):
+                return True
+        return False
+
     def _model_for(self, sig: SignalConfig, tags: Tags) -> StoredModel | None:
         mid = model_id_for(sig.name, tags, sig.scope)
         stored = self.catalog.get(mid)
@@ -233,6 +255,8 @@ class Worker:
         states = self.scores if live else self._backfill_scores
         before: list[tuple[ScoreNormaliser, tuple[object, ...]]] = []
         late: dict[tuple[str, int], tuple[StoredModel, list[_Member]]] = {}
+        found = [0, 0]  # series read, series with a model
+        no_models: list[bool] = []  # computed at the first series without a model: has the signal none at all?
 
         def start_of(key: SeriesKey, stored: StoredModel) -> int:
             """Where this series' due windows start (after its watermark, or its model's training end)."""
@@ -265,15 +289,19 @@ class Worker:
                 groups: dict[tuple[str, int], tuple[StoredModel, list[_Member]]] = {}
                 for tags, (times, values) in data.items():
                     key = SeriesKey(sig.name, tags)
+                    found[0] += 1
                     stored = shared if sig.scope == "shared" else self._model_for(sig, tags)
                     if stored is None:
                         rep.untrained += 1
+                        if not no_models:
+                            no_models.append(not self._has_models(sig))
                         mismatched = model_id_for(sig.name, tags, sig.scope) in self._reported_mismatch
-                        if key.id not in self._reported_untrained and not mismatched:
+                        if key.id not in self._reported_untrained and not mismatched and not no_models[0]:
                             self._reported_untrained.add(key.id)
                             log.warning("series %s has no model; it is skipped until `anomalyd train` covers it",
                                         key)
                         continue
+                    found[1] += 1
                     s_lo = start_of(key, stored)
                     if s_lo >= hi:
                         continue
@@ -300,6 +328,20 @@ class Worker:
                 norm.restore(refs)
             raise
         UNTRAINED_SERIES.labels(signal=sig.name).set(rep.untrained)
+        if not found[0]:
+            where = "{" + ", ".join(f"{k}={v!r}" for k, v in sig.where) + "}"
+            rep.problem = (f"signal {sig.name}: no series of {sig.measurement}.{sig.field} matches where {where} "
+                           f"in database {self.cfg.influxdb.database!r} between {_iso(q_lo)} and {_iso(hi)}")
+        elif not found[1] and no_models and no_models[0]:
+            rep.problem = (f"signal {sig.name}: no model in {self.cfg.paths.models}; run "
+                           f"`anomalyd train -c {self.cfg.source}`")
+        if live and rep.problem and self._reported_problem.get(sig.name) != rep.problem:
+            log.warning("%s", rep.problem)  # once, not every tick
+        if live:
+            if rep.problem:
+                self._reported_problem[sig.name] = rep.problem
+            else:
+                self._reported_problem.pop(sig.name, None)
         report.blocks.extend(results)
         WINDOWS.labels(signal=sig.name, result="scored").inc(rep.windows)
         WINDOWS.labels(signal=sig.name, result="anomalous").inc(rep.anomalous)
