@@ -181,6 +181,34 @@ class Query:
     retention_policy: str = ""
 
 
+def pipelined_write(points: Iterable[Point | SeriesPoints], batch: int, sender: ThreadPoolExecutor,
+                    post: Callable[[bytes], None]) -> None:
+    """Format ``points`` as line protocol and ``post`` them in bodies of ``batch`` lines on the ``sender`` thread,
+    one body in flight at a time and in order, the next formatted while the previous is sent. The first failure is
+    raised once the body in flight is done (the points come from a generator the caller may still be filling)."""
+    pending: Future[None] | None = None
+    buf: list[str] = []
+    try:
+        for p in points:
+            if isinstance(p, SeriesPoints):
+                buf += series_lines(p)
+            else:
+                buf.append(line_protocol(p))
+            while len(buf) >= batch:
+                body = "\n".join(buf[:batch]).encode()
+                del buf[:batch]
+                if pending is not None:
+                    pending.result()
+                pending = sender.submit(post, body)
+        if buf:
+            if pending is not None:
+                pending.result()
+            pending = sender.submit(post, "\n".join(buf).encode())
+    finally:
+        if pending is not None:
+            pending.result()
+
+
 class Store(Protocol):
     """What the worker needs from a time-series store."""
 
@@ -443,27 +471,7 @@ class InfluxDB1Store:
         """Format and send in batches of ``write_batch`` lines; the next batch is formatted while the previous one
         is in flight (one at a time, in order). The first failure is raised once the batch in flight is done."""
         params = self._write_params(retention_policy)
-        pending: Future[None] | None = None
-        buf: list[str] = []
-        try:
-            for p in points:
-                if isinstance(p, SeriesPoints):
-                    buf += series_lines(p)
-                else:
-                    buf.append(line_protocol(p))
-                while len(buf) >= self.write_batch:
-                    body = "\n".join(buf[: self.write_batch]).encode()
-                    del buf[: self.write_batch]
-                    if pending is not None:
-                        pending.result()
-                    pending = self._sender.submit(self._post_write, params, body)
-            if buf:
-                if pending is not None:
-                    pending.result()
-                pending = self._sender.submit(self._post_write, params, "\n".join(buf).encode())
-        finally:
-            if pending is not None:
-                pending.result()
+        pipelined_write(points, self.write_batch, self._sender, lambda body: self._post_write(params, body))
 
     def _write_params(self, retention_policy: str) -> dict[str, str]:
         params = {"db": self.cfg.database, "precision": "ns"}

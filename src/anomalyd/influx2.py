@@ -18,7 +18,7 @@ import csv
 import json
 import logging
 from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -34,8 +34,7 @@ from .influx import (
     SeriesPoints,
     StoreError,
     _after,
-    line_protocol,
-    series_lines,
+    pipelined_write,
     with_retries,
 )
 from .metrics import INFLUX_ERRORS
@@ -277,27 +276,7 @@ class InfluxDB2FluxStore:
     def write(self, points: Iterable[Point | SeriesPoints], retention_policy: str = "") -> None:
         """Line protocol to /api/v2/write in batches of ``write_batch`` lines (the next one formatted while the
         previous is in flight). ``retention_policy`` has no meaning in 2.x: everything goes to the bucket."""
-        pending: Future[None] | None = None
-        buf: list[str] = []
-        try:
-            for p in points:
-                if isinstance(p, SeriesPoints):
-                    buf += series_lines(p)
-                else:
-                    buf.append(line_protocol(p))
-                while len(buf) >= self.write_batch:
-                    body = "\n".join(buf[: self.write_batch]).encode()
-                    del buf[: self.write_batch]
-                    if pending is not None:
-                        pending.result()
-                    pending = self._sender.submit(self._post_write, body)
-            if buf:
-                if pending is not None:
-                    pending.result()
-                pending = self._sender.submit(self._post_write, "\n".join(buf).encode())
-        finally:
-            if pending is not None:
-                pending.result()
+        pipelined_write(points, self.write_batch, self._sender, self._post_write)
 
     def _post_write(self, body: bytes) -> None:
         self._request("write", "POST", "/api/v2/write",
