@@ -41,6 +41,34 @@ def influxd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalInfluxd]:
     server.stop()
 
 
+_CLI_CONFIG = """
+[influxdb]
+url = "{url}"
+database = "{db}"
+[paths]
+models = "models"
+state = "state"
+[daemon]
+lateness = "0s"
+health_listen = ""
+[[signals]]
+name = "heartbeat"
+measurement = "ecg"
+field = "value"
+group_by = ["patient"]
+period = "1s"
+clusters = 100
+train_range = ["now-3h", "now-1h"]
+{extra}
+"""
+
+
+def cli_config(url: str, db: str, extra: str = "") -> str:
+    """A config file's text for the CLI tests: the synthetic heartbeat signal, with ``extra`` TOML lines after
+    the signal's keys."""
+    return _CLI_CONFIG.format(url=url, db=db, extra=extra)
+
+
 def make_config(url: str, database: str, tmp: Path, signals: list[dict] | None = None, **sections: dict) -> Config:
     """A validated Config for tests: given signals (default: the synthetic heartbeat) and section overrides."""
     raw: dict = {

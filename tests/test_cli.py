@@ -14,32 +14,13 @@ from anomalyd.demo import feed
 from anomalyd.influx import InfluxDB1Store, Point
 from anomalyd.localinflux import LocalInfluxd
 from anomalyd.synthetic import ecg
-
-CONFIG = """
-[influxdb]
-url = "{url}"
-database = "{db}"
-[paths]
-models = "models"
-state = "state"
-[daemon]
-lateness = "0s"
-health_listen = ""
-[[signals]]
-name = "heartbeat"
-measurement = "ecg"
-field = "value"
-group_by = ["patient"]
-period = "1s"
-clusters = 100
-train_range = ["now-3h", "now-1h"]
-"""
+from conftest import cli_config
 
 
 def test_train_check_run_once_and_score(influxd: LocalInfluxd, database: str, tmp_path: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "config.toml"
-    path.write_text(CONFIG.format(url=influxd.url, db=database))
+    path.write_text(cli_config(influxd.url, database))
     cfg = load(path, env={})
     feed(cfg, InfluxDB1Store(cfg.influxdb), 3 * 3600, future_s=0)
 
@@ -60,7 +41,7 @@ def test_train_check_run_once_and_score(influxd: LocalInfluxd, database: str, tm
 def test_train_exits_1_when_any_series_fails(influxd: LocalInfluxd, database: str, tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "config.toml"
-    path.write_text(CONFIG.format(url=influxd.url, db=database))
+    path.write_text(cli_config(influxd.url, database))
     cfg = load(path, env={})
     store = InfluxDB1Store(cfg.influxdb)
     now = time.time_ns() // 10**9 * 10**9
@@ -91,7 +72,7 @@ def test_influxdb_down_is_one_clear_line(tmp_path: Path, capsys: pytest.CaptureF
     from anomalyd.localinflux import free_port
 
     path = tmp_path / "config.toml"
-    path.write_text(CONFIG.format(url=f"http://127.0.0.1:{free_port()}", db="x"))
+    path.write_text(cli_config(f"http://127.0.0.1:{free_port()}", "x"))
     with caplog.at_level(logging.INFO):
         assert main(["run", "-c", str(path), "--once"]) == 1
     assert "tick failed: InfluxDB at" in caplog.text and "next try" not in caplog.text  # --once tries once

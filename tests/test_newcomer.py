@@ -18,29 +18,9 @@ from anomalyd.config import load
 from anomalyd.demo import feed
 from anomalyd.influx import InfluxDB1Store
 from anomalyd.localinflux import LocalInfluxd
+from conftest import cli_config
 
 ROOT = Path(__file__).resolve().parents[1]
-
-CONFIG = """
-[influxdb]
-url = "{url}"
-database = "{db}"
-[paths]
-models = "models"
-state = "state"
-[daemon]
-lateness = "0s"
-health_listen = ""
-[[signals]]
-name = "heartbeat"
-measurement = "ecg"
-field = "value"
-group_by = ["patient"]
-period = "1s"
-clusters = 100
-train_range = ["now-3h", "now-1h"]
-{extra}
-"""
 
 #: The query the README gives to see the anomalous windows a backfill wrote (here for the last hour).
 ANOMALOUS_QUERY = ('SELECT "score", "max_error", "threshold" FROM "anomaly_error" '
@@ -49,7 +29,7 @@ ANOMALOUS_QUERY = ('SELECT "score", "max_error", "threshold" FROM "anomaly_error
 
 def _config(tmp_path: Path, url: str, db: str, extra: str = "") -> Path:
     path = tmp_path / "config.toml"
-    path.write_text(CONFIG.format(url=url, db=db, extra=extra))
+    path.write_text(cli_config(url, db, extra))
     return path
 
 

@@ -10,12 +10,12 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .config import Config, ConfigError, load, parse_duration_ns, parse_time_ns
+from .records import rfc3339
 
 log = logging.getLogger("anomalyd")
 
@@ -243,8 +243,8 @@ def _check_data(cfg: Config, store: Any, untrained: set[str]) -> int:
             tw = "{" + ", ".join(f"{k} = {v!r}" for k, v in where) + "}"
             if not n:
                 print(f"FAIL signal {sig.name}: no data of {sig.measurement}.{sig.field}"
-                      f"{' where ' + tw if where else ''} in its training range {_rfc3339(start)} to "
-                      f"{_rfc3339(end)} (database {db!r}); fix signals.train_range, measurement, field or where, "
+                      f"{' where ' + tw if where else ''} in its training range {rfc3339(start)} to "
+                      f"{rfc3339(end)} (database {db!r}); fix signals.train_range, measurement, field or where, "
                       f"or write the data first")
                 problems += 1
             else:
@@ -253,7 +253,7 @@ def _check_data(cfg: Config, store: Any, untrained: set[str]) -> int:
         span = max(round(cfg.daemon.interval_s * 1e9), (sig.max_gap + 1) * sig.period_ns) + cfg.daemon.lateness_ns
         n = _series_with_data(cfg, store, sig, sig.where, now - span, now)
         if not n:
-            print(f"FAIL signal {sig.name}: no data of {what} since {_rfc3339(now - span)} (the last scoring "
+            print(f"FAIL signal {sig.name}: no data of {what} since {rfc3339(now - span)} (the last scoring "
                   f"interval, {span / 1e9:g}s) in database {db!r}; check that the collector writes it, and "
                   f"signals.measurement, field and where")
             problems += 1
@@ -376,12 +376,6 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> int:
 SHOW_ANOMALOUS = 20  # windows listed by `anomalyd score`; the rest are counted
 
 
-def _rfc3339(ns: int) -> str:
-    t = datetime.fromtimestamp(ns // 10**9, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-    frac = ns % 10**9
-    return f"{t}.{frac:09d}".rstrip("0") + "Z" if frac else f"{t}Z"
-
-
 def _print_anomalous(report: Any, measurement: str, limit: int | None = None) -> None:
     """The anomalous windows of a backfill, earliest first, at most ``limit`` (`SHOW_ANOMALOUS`) of them."""
     limit = SHOW_ANOMALOUS if limit is None else limit
@@ -394,7 +388,7 @@ def _print_anomalous(report: Any, measurement: str, limit: int | None = None) ->
     print("anomalous windows (series, window end, score, max_error against the threshold):")
     for end, key, score, err, thr in first:
         ratio = f"x{err / thr:.2f}" if thr > 0 else ""
-        print(f"  {key:30} {_rfc3339(end)}  score {score:.3f}  max_error {err:10.4g}  threshold {thr:10.4g}  "
+        print(f"  {key:30} {rfc3339(end)}  score {score:.3f}  max_error {err:10.4g}  threshold {thr:10.4g}  "
               f"{ratio}")
     more = report.anomalous - len(first)
     if more > 0:

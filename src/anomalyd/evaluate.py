@@ -35,7 +35,6 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal, TypedDict
@@ -43,6 +42,8 @@ from typing import Any, Literal, TypedDict
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from sklearn.metrics import average_precision_score, roc_auc_score
+
+from .records import rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -1250,19 +1251,6 @@ def load_smd_machine(root: Path | str, machine: str) -> tuple[NDArray[np.float64
     return train, test, labels
 
 
-def _rfc3339(ns: int) -> str:
-    """Epoch nanoseconds as an RFC 3339 UTC time (for messages and reports).
-
-    Examples
-    --------
-    >>> _rfc3339(10**9), _rfc3339(1_500_000_000)
-    ('1970-01-01T00:00:01Z', '1970-01-01T00:00:01.5Z')
-    """
-    sec, rest = divmod(int(ns), 10**9)
-    text = datetime.fromtimestamp(sec, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-    return text + (f".{rest:09d}".rstrip("0") if rest else "") + "Z"
-
-
 _LABEL_LAYOUT = 'write a list of ["start", "end"] pairs, or {"<series>": [["start", "end"], ...]}'
 
 
@@ -1333,7 +1321,7 @@ def load_label_windows(path: Path | str, series: Sequence[str], start_ns: int, e
         entries = doc
     else:
         raise ValueError(f"labels {path}: the top level is a JSON {type(doc).__name__}; {_LABEL_LAYOUT}")
-    span = f"{_rfc3339(start_ns)} .. {_rfc3339(end_ns)}"
+    span = f"{rfc3339(start_ns)} .. {rfc3339(end_ns)}"
     out: dict[str, list[tuple[int, int]]] = {}
     for name in known:
         pairs = entries[name]
@@ -1811,8 +1799,8 @@ def _load_influx_series(args: Any, spec: Any) -> tuple[list[EvalSeries], str, bo
             raise ValueError(f"{option}: {exc}") from None
     start, end = bounds
     if start >= end:
-        raise ValueError(f"--start {args.start} ({_rfc3339(start)}) must be before --end {args.end} "
-                         f"({_rfc3339(end)})")
+        raise ValueError(f"--start {args.start} ({rfc3339(start)}) must be before --end {args.end} "
+                         f"({rfc3339(end)})")
     period = sig.period_ns
     t0 = -(-start // period) * period  # the daemon's grid: multiples of the period since the epoch
     n = int((end // period * period - t0) // period + 1)
@@ -1839,7 +1827,7 @@ def _load_influx_series(args: Any, spec: Any) -> tuple[list[EvalSeries], str, bo
     if not data:
         where = f" where {tags_str(sig.where)}" if sig.where else ""
         raise ValueError(f"signal {sig.name}: no samples of {sig.measurement}.{sig.field}{where} between "
-                         f"{_rfc3339(start)} and {_rfc3339(end)} in database {cfg.influxdb.database!r} at "
+                         f"{rfc3339(start)} and {rfc3339(end)} in database {cfg.influxdb.database!r} at "
                          f"{cfg.influxdb.url}; check --start/--end (UTC) and the signal's measurement, field and where")
     items = sorted(data.items())
     keys = [tags_str(tags) for tags, _ in items]
@@ -1885,7 +1873,7 @@ def _load_influx_series(args: Any, spec: Any) -> tuple[list[EvalSeries], str, bo
         if models and tags not in models:
             continue
         name = str(SeriesKey(sig.name, tags))
-        info: dict[str, Any] = {"series": key, "first_timestamp": _rfc3339(first_end + period), "period_ns": period,
+        info: dict[str, Any] = {"series": key, "first_timestamp": rfc3339(first_end + period), "period_ns": period,
                                 "for_windows": cfg.alerts.for_windows, "recover_windows": cfg.alerts.recover_windows}
         stored = models.get(tags)
         if stored is None:
@@ -1900,9 +1888,9 @@ def _load_influx_series(args: Any, spec: Any) -> tuple[list[EvalSeries], str, bo
         else:
             boundary = max(first_end, stored.train_end_ns // period * period)
             if boundary >= end:
-                later = _rfc3339(stored.train_end_ns + period)
+                later = rfc3339(stored.train_end_ns + period)
                 raise ValueError(f"{name}: no window of the range ends after model {stored.model_id}'s training end "
-                                 f"({_rfc3339(stored.train_end_ns)}); evaluate a later range, e.g. --start {later}")
+                                 f"({rfc3339(stored.train_end_ns)}); evaluate a later range, e.g. --start {later}")
             run = run_stored(times, vals, boundary, period_ns=period, max_gap=sig.max_gap, detector=stored.model)
             info.update(model=stored.model_id, model_threshold=float(stored.model.threshold_))
         keep = run.stamps <= end
@@ -1916,10 +1904,10 @@ def _load_influx_series(args: Any, spec: Any) -> tuple[list[EvalSeries], str, bo
         s.info["missing_rows"] = int(np.count_nonzero(run.written[keep] & ~run.batch.complete[keep]))
         out.append(s)
     if not out:
-        raise ValueError(f"signal {sig.name}: no series left to evaluate between {_rfc3339(start)} and "
-                         f"{_rfc3339(end)}; widen the range")
+        raise ValueError(f"signal {sig.name}: no series left to evaluate between {rfc3339(start)} and "
+                         f"{rfc3339(end)}; widen the range")
     desc = (f"influx {cfg.influxdb.url} database {cfg.influxdb.database} signal {sig.name} "
-            f"{_rfc3339(start)} .. {_rfc3339(end)}")
+            f"{rfc3339(start)} .. {rfc3339(end)}")
     return out, desc, bool(models)
 
 

@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import lru_cache
 
 import numpy as np
 from numpy.typing import NDArray
 
 Tags = tuple[tuple[str, str], ...]
+
+
+def rfc3339(ns: int) -> str:
+    """Epoch nanoseconds as an RFC 3339 UTC time, exact to the nanosecond (for messages and reports).
+
+    Examples
+    --------
+    >>> rfc3339(10**9), rfc3339(1_500_000_000)
+    ('1970-01-01T00:00:01Z', '1970-01-01T00:00:01.5Z')
+    """
+    sec, rest = divmod(int(ns), 10**9)
+    text = datetime.fromtimestamp(sec, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return text + (f".{rest:09d}".rstrip("0") if rest else "") + "Z"
 
 
 @lru_cache(maxsize=1 << 17)  # called several times per series per tick; series keys repeat every tick

@@ -20,7 +20,6 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Protocol
 
 import numpy as np
@@ -33,7 +32,7 @@ from .grid import align_many
 from .influx import Point, Query, SeriesData, SeriesPoints, Store
 from .metrics import DATA_PROBLEMS, LAG_SECONDS, UNTRAINED_SERIES, WINDOWS
 from .postprocess import ScoreNormaliser
-from .records import SeriesKey, Tags, WindowResult, tags_str
+from .records import SeriesKey, Tags, WindowResult, rfc3339, tags_str
 from .state import ScoreStates, Watermarks
 from .stored import output_stamps
 
@@ -48,10 +47,6 @@ def _read_batches(store: Store, query: Query, start: int, end: int, size: int) -
         yield from batches(query, start, end, size)
     else:
         yield store.read(query, start, end)
-
-
-def _iso(ns: int) -> str:
-    return datetime.fromtimestamp(ns // 10**9, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class AlertObserver(Protocol):
@@ -331,7 +326,7 @@ class Worker:
         if not found[0]:
             where = "{" + ", ".join(f"{k}={v!r}" for k, v in sig.where) + "}"
             rep.problem = (f"signal {sig.name}: no series of {sig.measurement}.{sig.field} matches where {where} "
-                           f"in database {self.cfg.influxdb.database!r} between {_iso(q_lo)} and {_iso(hi)}")
+                           f"in database {self.cfg.influxdb.database!r} between {rfc3339(q_lo)} and {rfc3339(hi)}")
         elif not found[1] and no_models and no_models[0]:
             rep.problem = (f"signal {sig.name}: no model in {self.cfg.paths.models}; run "
                            f"`anomalyd train -c {self.cfg.source}`")
