@@ -84,7 +84,31 @@ MALFORMED = [
     ("url not a string", "influxdb.url", 8086, "influxdb.url", "expected a string"),
     ("interval not a duration", "daemon.interval", "soon", "daemon.interval", "e.g. '16s'"),
     ("interval zero", "daemon.interval", "0s", "daemon.interval", "greater than 0"),
-    ("lateness negative", "daemon.lateness", -5, "daemon.lateness", "0 or more"),
+    ("lateness negative", "daemon.lateness", "-5s", "daemon.lateness", "is not a duration"),
+    # issue 14: durations need a unit, ports are range-checked, output names must survive line protocol
+    ("interval a bare number", "daemon.interval", 16, "daemon.interval", 'write it as a string with one, e.g. "16s"'),
+    ("lateness a bare float", "daemon.lateness", 2.5, "daemon.lateness", '"2.5s"'),
+    ("period a bare number", "signals[0].period", 1, "signals[0].period", '"1s"'),
+    ("timeout too short", "influxdb.timeout", "1us", "influxdb.timeout", 'under 0.1s; use e.g. "10s"'),
+    ("timeout 99ms", "influxdb.timeout", "99ms", "influxdb.timeout", "0.1s"),
+    ("url port too large", "influxdb.url", "http://db:70000", "influxdb.url", "port 70000; use a port between 1 "
+                                                                              "and 65535"),
+    ("url port zero", "influxdb.url", "http://db:0", "influxdb.url", "port 0"),
+    ("url port not a number", "influxdb.url", "http://db:80x", "influxdb.url", "port 80x"),
+    ("kapacitor url port", "kapacitor.url", "http://k:99999", "kapacitor.url", "between 1 and 65535"),
+    ("health_listen port too large", "daemon.health_listen", "127.0.0.1:70000", "daemon.health_listen",
+     "port 70000; use a port between 1 and 65535"),
+    ("health_listen port zero", "daemon.health_listen", "127.0.0.1:0", "daemon.health_listen", "port 0"),
+    ("output measurement with a newline", "output.measurement", "a\nb", "output.measurement", "line break"),
+    ("output measurement with a trailing backslash", "output.measurement", "err\\", "output.measurement",
+     "ends with a backslash"),
+    ("output measurement starting with #", "output.measurement", "#errors", "output.measurement", "comment"),
+    ("stats measurement with a CR", "output.stats_measurement", "s\r", "output.stats_measurement", "line break"),
+    ("reconstruction measurement with #", "output.reconstruction_measurement", "#r",
+     "output.reconstruction_measurement", "comment"),
+    ("deadman negative", "alerts.deadman", "-1m", "alerts.deadman", "not a duration"),
+    ("deadman a bare number", "alerts.deadman", 600, "alerts.deadman", '"600s"'),
+    ("rescore_horizon a word", "daemon.rescore_horizon", "forever", "daemon.rescore_horizon", "e.g. '16s'"),
     ("period in fortnights", "signals[0].period", "1 fortnight", "signals[0].period", "a number and a unit"),
     ("unknown policy", "signals[0].threshold.policy", "p99", "signals[0].threshold.policy",
      "max, quantile, sigma"),
@@ -386,3 +410,53 @@ def test_a_misspelled_env_variable_is_reported_as_one() -> None:
     raw = minimal()
     raw["influxdb"]["ulr"] = "http://db:8086"
     assert problems_of(raw)[0].startswith("influxdb.ulr: unknown setting; accepted: ")
+
+
+# -- issue 14 -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("url", [f"http://admin:{SECRET}@db:8086", f"https://{SECRET}@db",
+                                 f"http://u:{SECRET}@db:99999"])
+def test_credentials_in_the_url_are_refused_without_echoing_them(url: str) -> None:
+    problems = problems_of(set_path(minimal(), "influxdb.url", url))
+    assert len(problems) == 1, problems
+    (msg,) = problems
+    assert msg.startswith("influxdb.url: ") and "\n" not in msg
+    assert "carries credentials" in msg and "ANOMALYD_INFLUXDB_USERNAME" in msg
+    assert "ANOMALYD_INFLUXDB_PASSWORD" in msg and "ANOMALYD_INFLUXDB_TOKEN" in msg
+    assert SECRET not in msg and "admin" not in msg and "***@db" in msg
+    # the same through the environment variable, which is named
+    env_problems = problems_of(minimal(), env={"ANOMALYD_INFLUXDB_URL": url})
+    assert SECRET not in "\n".join(env_problems) and "ANOMALYD_INFLUXDB_URL" in env_problems[0]
+
+
+def test_redact_url() -> None:
+    from anomalyd.config import redact_url
+
+    assert redact_url(f"http://a:{SECRET}@h:1/p?q=1") == "http://***@h:1/p?q=1"
+    assert redact_url("http://[::1]:8086") == "http://[::1]:8086"
+    assert SECRET not in redact_url(f"http://a:{SECRET}@[bad")
+
+
+def test_good_urls_and_ports_pass() -> None:
+    for url, listen in (("http://db:1", "[::1]:65535"), ("https://[::1]:8086/influx", "0.0.0.0:9108"),
+                        ("http://db", "localhost:1")):
+        cfg = from_dict(set_path(set_path(minimal(), "influxdb.url", url), "daemon.health_listen", listen), env={})
+        assert cfg.influxdb.url == url.rstrip("/") and cfg.daemon.health_listen == listen
+
+
+def test_deadman_and_rescore_horizon() -> None:
+    cfg = from_dict(minimal(), env={})
+    assert cfg.alerts.deadman_s == 600.0 and cfg.daemon.rescore_horizon_s == 3600.0
+    raw = set_path(set_path(minimal(), "alerts.deadman", "90s"), "daemon.rescore_horizon", "0s")
+    cfg = from_dict(raw, env={})
+    assert cfg.alerts.deadman_s == 90.0 and cfg.daemon.rescore_horizon_s == 0.0
+    cfg = from_dict(minimal(), env={"ANOMALYD_ALERTS_DEADMAN": "0s", "ANOMALYD_DAEMON_RESCORE_HORIZON": "2h"})
+    assert cfg.alerts.deadman_s == 0.0 and cfg.daemon.rescore_horizon_s == 7200.0
+    (msg,) = problems_of(minimal(), env={"ANOMALYD_ALERTS_DEADMAN": "10"})
+    assert msg.startswith("alerts.deadman: '10'") and "ANOMALYD_ALERTS_DEADMAN" in msg
+
+
+def test_a_shipped_config_uses_no_bare_number_for_a_duration() -> None:
+    for path in (ROOT / "config.toml", *sorted((ROOT / "examples").glob("*/config.toml"))):
+        load(path, env={})  # a bare number would be refused

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from .detector import DECISIONS, DetectorSpec
 
@@ -34,6 +35,8 @@ POLICIES = ("max", "quantile", "sigma")
 MAX_GAP = 8  # samples filled by interpolation: a quarter of the reference window
 SINKS = ("log", "slack")
 APIS = ("influxql", "flux")
+#: The shortest ``influxdb.timeout``: below it every request times out, and the failure reads like a network fault.
+MIN_TIMEOUT_NS = 100_000_000
 
 
 class ConfigError(ValueError):
@@ -198,6 +201,8 @@ class DaemonConfig:
     health_listen: str = "127.0.0.1:9108"
     max_backoff_s: float = 300.0
     refit_every_s: float = 0.0
+    #: How far back windows written as missing are re-scored when their samples arrive late (0: never).
+    rescore_horizon_s: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -219,6 +224,8 @@ class AlertsConfig:
     repeat_every_s: float = 0.0
     missing_data: bool = False
     dashboard_url: str = ""
+    #: A series whose newest scored window is older than this raises a ``deadman`` alert (0: off).
+    deadman_s: float = 600.0
     slack: SlackConfig = field(default_factory=SlackConfig)
 
 
@@ -326,7 +333,8 @@ def _coerce(raw: Any, kind: str) -> Any:
         raise ValueError("expected true or false")
     if kind == "duration":
         if isinstance(raw, int | float) and not isinstance(raw, bool):
-            return round(float(raw) * 10**9)
+            raise ValueError(f"a bare number has no unit; write it as a string with one, e.g. \"{raw:g}s\" "
+                             f"(or \"{raw:g}m\", \"{raw:g}h\")")
         return parse_duration_ns(str(raw))
     raise AssertionError(kind)  # pragma: no cover
 
@@ -339,8 +347,82 @@ def _non_negative(v: Any) -> str | None:
     return None if v >= 0 else "must be 0 or more"
 
 
+def _non_negative_or_off(v: Any) -> str | None:
+    return None if v >= 0 else 'must be 0 or more ("0s" turns it off)'
+
+
 def _between(lo: int, hi: int, name: str) -> Callable[[Any], str | None]:
     return lambda v: None if lo <= v <= hi else f"must be between {lo} and {name}={hi}"
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any ``user:password@`` replaced by ``***@``, for messages and logs.
+
+    Examples
+    --------
+    >>> redact_url("http://admin:s3cret@db:8086/x"), redact_url("http://db:8086")
+    ('http://***@db:8086/x', 'http://db:8086')
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return re.sub(r"//[^/@]*@", "//***@", url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit((parts.scheme, "***@" + parts.netloc.rpartition("@")[2], parts.path, parts.query,
+                       parts.fragment))
+
+
+def _port_problem(port: str, example: str) -> str | None:
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        return f"has port {port or '(empty)'}; use a port between 1 and 65535, e.g. {example}"
+    return None
+
+
+def _url(c: _Checker, table: Mapping[str, Any], key: str, path: str, default: str, example: str,
+         credentials_hint: str = "") -> str:
+    """A validated http(s) URL. With ``credentials_hint``, a URL carrying ``user:password@`` is refused with that
+    hint; messages never show the password."""
+    full = f"{path}.{key}"
+    if key not in table:
+        return default
+    raw = table[key]
+    if not isinstance(raw, str):
+        c.bad(full, f"{raw!r} is not valid: expected a string such as {example!r}")
+        return default
+    shown = redact_url(raw)
+    try:
+        parts = urlsplit(raw.strip())
+    except ValueError as exc:
+        c.bad(full, f"{shown!r} is not a URL ({exc}); write it like {example!r}")
+        return default
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        c.bad(full, f"{shown!r} must be an http:// or https:// URL, e.g. {example!r}")
+        return default
+    if credentials_hint and "@" in parts.netloc:
+        c.bad(full, f"{shown!r} carries credentials, which are not read from the URL; remove them and "
+                    f"{credentials_hint}")
+        return default
+    port = parts.netloc.rpartition("@")[2].rpartition("]")[2]
+    if ":" in port:
+        msg = _port_problem(port.rpartition(":")[2], example)
+        if msg:
+            c.bad(full, f"{shown!r} {msg}")
+            return default
+    return raw.strip()
+
+
+def _measurement_name(v: str) -> str | None:
+    """Why ``v`` cannot be a measurement anomalyd writes in line protocol (None if it can)."""
+    if not v:
+        return "must not be empty"
+    if "\n" in v or "\r" in v:
+        return "contains a line break, which ends a line of line protocol; remove it"
+    if v.endswith("\\"):
+        return "ends with a backslash, which would escape the space after it in line protocol; remove it"
+    if v.startswith("#"):
+        return "starts with '#': InfluxDB would read every line as a comment and drop it; rename it"
+    return None
 
 
 def _one_of(options: tuple[str, ...]) -> Callable[[Any], str | None]:
@@ -446,14 +528,17 @@ def from_dict(raw: dict[str, Any], source: str = "<config>", env: Mapping[str, s
             if not str(t.get(key, "")).strip():
                 c.bad(f"influxdb.{key}", f'is required when influxdb.api = "flux" (the InfluxDB 2.x {key} to '
                                          "read from and write to)")
-    url = c.get(t, "url", "influxdb", "str", InfluxConfig.url,
-                lambda v: None if re.match(r"^https?://[^/\s]+", v) else "must be an http:// or https:// URL")
+    url = _url(c, t, "url", "influxdb", InfluxConfig.url, "http://127.0.0.1:8086",
+               "set ANOMALYD_INFLUXDB_USERNAME and ANOMALYD_INFLUXDB_PASSWORD (or ANOMALYD_INFLUXDB_TOKEN for an "
+               "API token), or influxdb.password_file / influxdb.token_file")
     influx = InfluxConfig(
         url=url.rstrip("/"),
         database=c.get(t, "database", "influxdb", "str", InfluxConfig.database,
                        lambda v: None if v else "must not be empty"),
         retention_policy=c.get(t, "retention_policy", "influxdb", "str", ""),
-        timeout_s=c.get(t, "timeout", "influxdb", "duration", 10 * 10**9, _positive) / 1e9,
+        timeout_s=c.get(t, "timeout", "influxdb", "duration", 10 * 10**9,
+                        lambda v: None if v >= MIN_TIMEOUT_NS else
+                        "is too short: no request to InfluxDB can finish in under 0.1s; use e.g. \"10s\"") / 1e9,
         retries=c.get(t, "retries", "influxdb", "int", 3, _non_negative),
         verify_ssl=c.get(t, "verify_ssl", "influxdb", "bool", True),
         gzip=c.get(t, "gzip", "influxdb", "bool", False),
@@ -467,13 +552,13 @@ def from_dict(raw: dict[str, Any], source: str = "<config>", env: Mapping[str, s
                             "reconstruction_measurement", "stats_measurement"})
     nonempty = lambda v: None if v else "must not be empty"  # noqa: E731
     output = OutputConfig(
-        measurement=c.get(t, "measurement", "output", "str", OutputConfig.measurement, nonempty),
+        measurement=c.get(t, "measurement", "output", "str", OutputConfig.measurement, _measurement_name),
         retention_policy=c.get(t, "retention_policy", "output", "str", ""),
         write_reconstruction=c.get(t, "write_reconstruction", "output", "bool", False),
         reconstruction_measurement=c.get(t, "reconstruction_measurement", "output", "str",
-                                         OutputConfig.reconstruction_measurement, nonempty),
+                                         OutputConfig.reconstruction_measurement, _measurement_name),
         stats_measurement=c.get(t, "stats_measurement", "output", "str", OutputConfig.stats_measurement,
-                                nonempty))
+                                _measurement_name))
 
     t = sec["paths"]
     c.unknown(t, "paths", {"models", "state"})
@@ -482,10 +567,17 @@ def from_dict(raw: dict[str, Any], source: str = "<config>", env: Mapping[str, s
 
     t = sec["daemon"]
     c.unknown(t, "daemon", {"interval", "lateness", "max_backlog_windows", "write_batch", "health_listen",
-                            "max_backoff", "refit_every"})
-    listen = c.get(t, "health_listen", "daemon", "str", DaemonConfig.health_listen,
-                   lambda v: None if v == "" or re.match(r"^[\w.\-\[\]:]*:\d{1,5}$", v)
-                   else "must be host:port (e.g. 127.0.0.1:9108) or \"\" to turn the endpoint off")
+                            "max_backoff", "refit_every", "rescore_horizon"})
+
+    def listen_problem(v: str) -> str | None:
+        if v == "":
+            return None
+        if not re.match(r"^[\w.\-\[\]:]*:\d+$", v):
+            return "must be host:port (e.g. 127.0.0.1:9108) or \"\" to turn the endpoint off"
+        msg = _port_problem(v.rpartition(":")[2], "127.0.0.1:9108")
+        return msg and msg + ', or "" to turn the endpoint off'
+
+    listen = c.get(t, "health_listen", "daemon", "str", DaemonConfig.health_listen, listen_problem)
     daemon = DaemonConfig(
         interval_s=c.get(t, "interval", "daemon", "duration", 16 * 10**9, _positive) / 1e9,
         lateness_ns=c.get(t, "lateness", "daemon", "duration", 30 * 10**9, _non_negative),
@@ -494,12 +586,14 @@ def from_dict(raw: dict[str, Any], source: str = "<config>", env: Mapping[str, s
         write_batch=c.get(t, "write_batch", "daemon", "int", 10_000, _positive),
         health_listen=listen,
         max_backoff_s=c.get(t, "max_backoff", "daemon", "duration", 300 * 10**9, _positive) / 1e9,
-        refit_every_s=c.get(t, "refit_every", "daemon", "duration", 0, _non_negative) / 1e9)
+        refit_every_s=c.get(t, "refit_every", "daemon", "duration", 0, _non_negative) / 1e9,
+        rescore_horizon_s=c.get(t, "rescore_horizon", "daemon", "duration", 3600 * 10**9,
+                                _non_negative_or_off) / 1e9)
 
     t = sec["alerts"]
     st = t.pop("slack", {}) if isinstance(t.get("slack", {}), dict) else {}
     c.unknown(t, "alerts", {"sinks", "for_windows", "recover_windows", "repeat_every", "missing_data",
-                            "dashboard_url"})
+                            "dashboard_url", "deadman"})
     sinks_raw = t.get("sinks", ["log"])
     sinks: tuple[str, ...] = ("log",)
     if isinstance(sinks_raw, str):
@@ -528,12 +622,13 @@ def from_dict(raw: dict[str, Any], source: str = "<config>", env: Mapping[str, s
         repeat_every_s=c.get(t, "repeat_every", "alerts", "duration", 0, _non_negative) / 1e9,
         missing_data=c.get(t, "missing_data", "alerts", "bool", False),
         dashboard_url=c.get(t, "dashboard_url", "alerts", "str", ""),
+        deadman_s=c.get(t, "deadman", "alerts", "duration", 600 * 10**9, _non_negative_or_off) / 1e9,
         slack=slack)
 
     t = sec["kapacitor"]
     c.unknown(t, "kapacitor", {"url", "task_prefix", "slack_channel", "batch_every"})
     kapacitor = KapacitorConfig(
-        url=c.get(t, "url", "kapacitor", "str", KapacitorConfig.url).rstrip("/"),
+        url=_url(c, t, "url", "kapacitor", KapacitorConfig.url, "http://127.0.0.1:9092").rstrip("/"),
         task_prefix=c.get(t, "task_prefix", "kapacitor", "str", KapacitorConfig.task_prefix,
                           lambda v: None if re.match(r"^[A-Za-z0-9_\-]+$", v) else
                           "must be letters, digits, '-' or '_'"),
