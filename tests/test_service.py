@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import requests
 
 from anomalyd.localinflux import LocalInfluxd, free_port
 from anomalyd.service import Health, Service, sd_notify, serve_http
-from anomalyd.worker import TickReport
+from anomalyd.worker import SignalReport, TickReport
 
 
 class FlakyWorker:
@@ -119,3 +121,126 @@ period = "1s"
     assert b"STOPPING=1" in got
     assert "received SIGTERM" in err and "stopped" in err
     assert "apscheduler" not in err, err  # no "Running job" / "executed successfully" line per tick
+
+
+# -- issue 14: two signals, and the silent states in /healthz ------------------------------------------------
+
+
+class SlowWorker:
+    """A tick that takes ``seconds`` and records that it ran to its end."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.started = threading.Event()
+        self.finished = 0
+
+    def tick(self) -> TickReport:
+        self.started.set()
+        time.sleep(self.seconds)
+        self.finished += 1
+        return TickReport()
+
+
+def test_a_second_sigterm_while_stopping_is_harmless(caplog: pytest.LogCaptureFixture) -> None:
+    """Two SIGTERMs 0.3 s apart during a tick: the tick finishes, run_forever returns normally (no
+    SchedulerNotRunningError), and the second signal is logged as such. Real signals, to this process."""
+    worker = SlowWorker(1.0)
+    svc = Service(worker, interval_s=60.0)  # type: ignore[arg-type]
+    old = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+
+    def kill_twice() -> None:
+        assert worker.started.wait(10)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    killer = threading.Thread(target=kill_twice)
+    try:
+        with caplog.at_level(logging.INFO, logger="anomalyd.service"):
+            killer.start()
+            svc.run_forever()  # returns once stopped; a traceback here fails the test
+    finally:
+        signal.signal(signal.SIGTERM, old[0])
+        signal.signal(signal.SIGINT, old[1])
+        killer.join(5)
+    assert worker.finished == 1  # the tick in progress was not abandoned
+    assert "received SIGTERM, stopping after the current tick" in caplog.text
+    assert "received SIGTERM, already stopping" in caplog.text
+    assert "stopped" in caplog.text
+
+
+def test_the_stop_handler_called_twice_and_before_the_start() -> None:
+    svc = Service(FlakyWorker(0), interval_s=1.0)  # type: ignore[arg-type]
+    svc.stop(signal.SIGTERM)  # the scheduler is not running yet: no SchedulerNotRunningError
+    svc.stop(signal.SIGINT)
+    assert svc._stopping
+
+
+def _report(**signals: SignalReport) -> TickReport:
+    return TickReport(signals=dict(signals))
+
+
+class ReportWorker:
+    def __init__(self, *reports: TickReport) -> None:
+        self.reports = list(reports)
+
+    def tick(self) -> TickReport:
+        return self.reports.pop(0) if len(self.reports) > 1 else self.reports[0]
+
+
+def _signal(windows: int = 0, problem: str = "", failed: str = "", unscored: dict[str, str] | None = None
+            ) -> SignalReport:
+    rep = SignalReport(windows=windows, problem=problem)
+    # `failed` and `unscored` are the worker's (the lead's change); set them whether or not the dataclass has them
+    object.__setattr__(rep, "failed", failed)
+    object.__setattr__(rep, "unscored", dict(unscored or {}))
+    return rep
+
+
+def test_healthz_is_degraded_while_anything_is_not_scored(caplog: pytest.LogCaptureFixture) -> None:
+    unscored = {f"host=h{i}": "no model" for i in range(7)} | {"host=x": "deadman: no data since 2024-01-01T00:00:00Z"}
+    bad = _report(cpu=_signal(10, unscored=unscored), mem=_signal(problem="signal mem: no model in var/models"),
+                  disk=_signal(failed="InfluxDB at http://u:pw@db:8086 is unreachable"), net=_signal(5))
+    good = _report(cpu=_signal(10), mem=_signal(3), disk=_signal(2), net=_signal(5))
+    svc = Service(ReportWorker(bad, bad, good), interval_s=1.0)  # type: ignore[arg-type]
+    port = free_port()
+    server = serve_http(f"127.0.0.1:{port}", svc.health)
+    try:
+        with caplog.at_level(logging.INFO, logger="anomalyd.service"):
+            assert svc.run_tick() is not None
+            r = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+            assert r.status_code == 200
+            lines = r.text.splitlines()
+            assert lines[0] == "degraded: 3 of 4 signal(s) not fully scored"
+            cpu = next(line for line in lines if line.startswith("signal cpu: "))
+            assert "8 series not scored: host=h0 (no model)" in cpu and "and 3 more" in cpu
+            assert cpu.count("(no model)") == 5  # up to 5 examples, sorted
+            assert "signal mem: no model in var/models" in lines
+            disk = next(line for line in lines if line.startswith("signal disk: "))
+            assert disk == "signal disk: failed: InfluxDB at http://***@db:8086 is unreachable"  # no password
+            assert not any(line.startswith("signal net") for line in lines)
+            assert caplog.text.count("degraded: ") == 1
+            svc.run_tick()  # the same status: not logged again
+            assert caplog.text.count("degraded: ") == 1
+            svc.run_tick()  # all scored again
+            assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).text == "ok\n"
+            assert "no longer degraded" in caplog.text
+    finally:
+        server.shutdown()
+
+
+def test_a_tick_in_which_every_signal_failed_counts_as_failed(caplog: pytest.LogCaptureFixture) -> None:
+    failed = _report(a=_signal(failed="read failed: timeout"), b=_signal(failed="write failed: HTTP 500"))
+    svc = Service(ReportWorker(failed), interval_s=0.2, max_backoff_s=10.0)  # type: ignore[arg-type]
+    assert svc.run_tick() is None
+    assert svc.health.consecutive_failures == 1
+    assert "every signal failed: signal a: failed: read failed: timeout; signal b: failed: write" in caplog.text
+    assert svc.health.body()[0] == 503 or svc.health.last_success is None
+    # one failing signal of two is a degraded, successful tick
+    partly = _report(a=_signal(failed="read failed"), b=_signal(3))
+    svc = Service(ReportWorker(partly), interval_s=0.2)  # type: ignore[arg-type]
+    assert svc.run_tick() is not None and svc.health.consecutive_failures == 0
+    code, body = svc.health.body()
+    assert code == 200 and body.startswith("degraded: 1 of 2") and "signal a: failed: read failed" in body
+    # no signal at all is not "every signal failed"
+    assert Service(ReportWorker(TickReport()), interval_s=0.2).run_tick() is not None  # type: ignore[arg-type]

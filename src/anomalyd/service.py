@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import socket
 import threading
@@ -11,8 +12,9 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, NamedTuple
 
+from apscheduler.schedulers import SchedulerNotRunningError
 from apscheduler.schedulers.blocking import BlockingScheduler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -40,8 +42,64 @@ def sd_notify(message: str) -> bool:
         return False
 
 
+#: Series ids (and reasons) shown per signal in /healthz and the log when series are not scored.
+SHOW_UNSCORED = 5
+_USERINFO = re.compile(r"(?i)\b(https?://)[^/\s@]+@")
+
+
+def redact(text: str) -> str:
+    """``text`` with the ``user:password@`` of every URL in it replaced by ``***@``.
+
+    Examples
+    --------
+    >>> redact("InfluxDB at http://u:pw@db:8086 is unreachable")
+    'InfluxDB at http://***@db:8086 is unreachable'
+    """
+    return _USERINFO.sub(r"\1***@", text)
+
+
+class SignalStatus(NamedTuple):
+    """What of one signal was not scored in a tick, and why."""
+
+    signal: str
+    failed: str
+    problem: str
+    unscored: dict[str, str]
+
+    @property
+    def nothing_scored(self) -> bool:
+        """The signal as a whole scored nothing: it failed, or has a problem (no model, no series)."""
+        return bool(self.failed or self.problem)
+
+    def describe(self, show: int = SHOW_UNSCORED) -> str:
+        """One line: ``signal cpu: failed: ...; 3 series not scored: host=a (no model), ...``."""
+        parts = []
+        if self.failed:
+            parts.append(f"failed: {self.failed}")
+        if self.problem:
+            parts.append(self.problem.removeprefix(f"signal {self.signal}: "))
+        if self.unscored:
+            items = sorted(self.unscored.items())
+            shown = ", ".join(f"{sid} ({why})" for sid, why in items[:show])
+            more = f", and {len(items) - show} more" if len(items) > show else ""
+            parts.append(f"{len(items)} series not scored: {shown}{more}")
+        return redact(f"signal {self.signal}: " + "; ".join(parts))
+
+
+def not_scored(report: TickReport) -> list[SignalStatus]:
+    """The signals of ``report`` with anything not scored (a failure, a problem, series without a score)."""
+    out = []
+    for name, rep in report.signals.items():
+        failed = str(getattr(rep, "failed", "") or "")
+        unscored = dict(getattr(rep, "unscored", None) or {})
+        if failed or rep.problem or unscored:
+            out.append(SignalStatus(name, failed, rep.problem, unscored))
+    return out
+
+
 class Health:
-    """Tracks tick outcomes for /healthz: healthy while the last success is recent."""
+    """Tracks tick outcomes for /healthz: healthy while the last success is recent; degraded while a successful
+    tick left anything unscored (a signal failed or has a problem, or series have no score)."""
 
     def __init__(self, interval_s: float) -> None:
         self.interval_s = interval_s
@@ -49,6 +107,32 @@ class Health:
         self.last_error: str = ""
         self.consecutive_failures = 0
         self.started = time.time()
+        #: The last successful tick's signals with anything not scored, one line each ("" when none).
+        self.degraded: str = ""
+        self._degraded_key: tuple[Any, ...] = ()
+        self._signals = 0
+
+    def observe(self, report: TickReport) -> None:
+        """Take a successful tick's report: set `degraded`, and log a line when that status changes."""
+        statuses = not_scored(report)
+        self._signals = len(report.signals)
+        self.degraded = "\n".join(s.describe() for s in statuses)
+        key = tuple((s.signal, bool(s.failed), bool(s.problem), frozenset(s.unscored)) for s in statuses)
+        if key != self._degraded_key:
+            if statuses:
+                log.warning("degraded: %s", "; ".join(s.describe() for s in statuses))
+            elif self._degraded_key:
+                log.info("no longer degraded: every signal and series is scored")
+            self._degraded_key = key
+
+    def body(self) -> tuple[int, str]:
+        """The /healthz answer: 200 ``ok``, 200 ``degraded: ...`` or 503 ``unhealthy: ...``."""
+        if not self.ok():
+            return 503, redact(f"unhealthy: {self.last_error or 'no successful tick yet'}\n")
+        if self.degraded:
+            n = self.degraded.count("\n") + 1
+            return 200, (f"degraded: {n} of {self._signals} signal(s) not fully scored\n{self.degraded}\n")
+        return 200, "ok\n"
 
     def ok(self) -> bool:
         # Healthy if a tick succeeded within three intervals (plus a grace period after start-up).
@@ -66,9 +150,8 @@ def serve_http(listen: str, health: Health) -> ThreadingHTTPServer:
             if self.path.startswith("/metrics"):
                 body, ctype, code = generate_latest(REGISTRY), CONTENT_TYPE_LATEST, 200
             elif self.path.startswith("/healthz"):
-                good = health.ok()
-                text = "ok\n" if good else f"unhealthy: {health.last_error or 'no successful tick yet'}\n"
-                body, ctype, code = text.encode(), "text/plain", 200 if good else 503
+                code, text = health.body()
+                body, ctype = text.encode(), "text/plain; charset=utf-8"
             else:
                 body, ctype, code = b"not found; try /healthz or /metrics\n", "text/plain", 404
             self.send_response(code)
@@ -101,6 +184,7 @@ class Service:
         self.health_listen = health_listen
         self._next_attempt = 0.0
         self._ready = False
+        self._stopping = False
         self.scheduler = BlockingScheduler(job_defaults={"coalesce": True, "max_instances": 1,
                                                          "misfire_grace_time": None})
 
@@ -120,11 +204,18 @@ class Service:
         except Exception as exc:  # the loop must survive any single bad tick
             self._failed(f"{type(exc).__name__}: {exc}", traceback=True, retry=retry)
             return None
+        statuses = not_scored(report)
+        if report.signals and len(statuses) == len(report.signals) and all(s.failed for s in statuses):
+            # Every signal failed: nothing was scored, so back off as for any failed tick.
+            self._failed("every signal failed: " + "; ".join(s.describe() for s in statuses), traceback=False,
+                         retry=retry)
+            return None
         TICK_SECONDS.observe(time.perf_counter() - t0)
         TICKS.labels(outcome="ok").inc()
         LAST_SUCCESS.set(time.time())
         self.health.last_success = time.time()
         self.health.consecutive_failures = 0
+        self.health.observe(report)
         self._next_attempt = 0.0
         if not self._ready:
             self._ready = True
@@ -166,14 +257,8 @@ class Service:
     def run_forever(self) -> None:
         """Block until SIGTERM/SIGINT; stop cleanly between ticks."""
         server = serve_http(self.health_listen, self.health) if self.health_listen else None
-
-        def stop(signum: int, _frame: Any) -> None:
-            log.info("received %s, stopping after the current tick", signal.Signals(signum).name)
-            sd_notify("STOPPING=1")
-            self.scheduler.shutdown(wait=True)
-
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
         self.scheduler.add_job(self.run_tick, "interval", seconds=self.interval_s, id="tick",
                                next_run_time=datetime.now())
         if self.refit is not None and self.refit_every_s > 0:
@@ -181,12 +266,28 @@ class Service:
             self.scheduler.add_job(self.run_refit, "interval", seconds=self.refit_every_s, id="refit",
                                    next_run_time=datetime.now() + timedelta(seconds=self.refit_every_s))
         try:
-            self.scheduler.start()
+            if not self._stopping:  # a signal before the start: stop at once
+                self.scheduler.start()
         finally:
             if server is not None:
                 server.shutdown()
             self.close_worker()
             log.info("stopped")
+
+    def stop(self, signum: int, _frame: Any = None) -> None:
+        """The SIGTERM/SIGINT handler: stop the scheduler once the current tick is done. A second signal while
+        stopping is logged and ignored (the tick in progress finishes; the exit stays clean)."""
+        name = signal.Signals(signum).name
+        if self._stopping:
+            log.info("received %s, already stopping (after the current tick)", name)
+            return
+        self._stopping = True
+        log.info("received %s, stopping after the current tick", name)
+        sd_notify("STOPPING=1")
+        try:
+            self.scheduler.shutdown(wait=True)
+        except SchedulerNotRunningError:  # a signal before the scheduler started, or after it stopped
+            pass
 
     def close_worker(self) -> None:
         """Let the worker save what it keeps in memory between ticks (the score history)."""
