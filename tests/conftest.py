@@ -139,3 +139,47 @@ def demo_db(influxd: LocalInfluxd, tmp_path_factory: pytest.TempPathFactory) -> 
     Worker(cfg, store, Catalog(cfg.paths.models), Watermarks(cfg.paths.state / "watermarks.json"),
            clock=lambda: now).tick()
     return DemoDB(influxd.url, name, cfg)
+
+
+@dataclass
+class AuthInfluxd:
+    """A real influxd with authentication on (``INFLUXDB_HTTP_AUTH_ENABLED``) and an admin user."""
+
+    server: LocalInfluxd
+    user: str
+    password: str
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def query(self, q: str, db: str = "") -> dict:
+        import requests
+
+        r = requests.post(f"{self.url}/query", params={"q": q, "db": db}, auth=(self.user, self.password),
+                          timeout=30)
+        r.raise_for_status()
+        return dict(r.json())
+
+
+@pytest.fixture(scope="session")
+def influxd_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthInfluxd]:
+    """A second real influxd, with authentication on: /ping answers anyone, queries need a valid user."""
+    old = os.environ.get("INFLUXDB_HTTP_AUTH_ENABLED")
+    os.environ["INFLUXDB_HTTP_AUTH_ENABLED"] = "true"  # LocalInfluxd passes the environment on to influxd
+    try:
+        server = LocalInfluxd(tmp_path_factory.mktemp("influxd_auth")).start()
+    except InfluxdMissingError as exc:
+        pytest.fail(f"{exc} (the store and end-to-end tests need a real InfluxDB; .ci/run installs it)")
+    finally:
+        if old is None:
+            del os.environ["INFLUXDB_HTTP_AUTH_ENABLED"]
+        else:
+            os.environ["INFLUXDB_HTTP_AUTH_ENABLED"] = old
+    auth = AuthInfluxd(server, "admin", "right-pw")
+    try:
+        # With no user yet, influxd accepts the statement that creates the first admin.
+        server.query(f"CREATE USER {auth.user} WITH PASSWORD '{auth.password}' WITH ALL PRIVILEGES")
+        yield auth
+    finally:
+        server.stop()

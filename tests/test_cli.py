@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
 
 import pytest
+import requests
 
 from anomalyd.cli import main
 from anomalyd.config import load
@@ -14,7 +16,7 @@ from anomalyd.demo import feed
 from anomalyd.influx import InfluxDB1Store, Point
 from anomalyd.localinflux import LocalInfluxd
 from anomalyd.synthetic import ecg
-from conftest import cli_config
+from conftest import AuthInfluxd, cli_config
 
 
 def test_train_check_run_once_and_score(influxd: LocalInfluxd, database: str, tmp_path: Path,
@@ -79,3 +81,117 @@ def test_influxdb_down_is_one_clear_line(tmp_path: Path, capsys: pytest.CaptureF
     assert main(["check", "-c", str(path)]) == 1
     out = capsys.readouterr().out
     assert "unreachable" in out and "influxdb.url" in out
+
+
+# -- issue 14: check fails on wrong credentials, a missing database, measurement or field -------------------
+
+
+def _signals_config(url: str, db: str, signals: list[tuple[str, str, str]]) -> str:
+    text = f'[influxdb]\nurl = "{url}"\ndatabase = "{db}"\nretries = 0\n[paths]\nmodels = "models"\n' \
+           f'state = "state"\n[daemon]\nlateness = "0s"\nhealth_listen = ""\n'
+    for name, m, f in signals:
+        text += f'[[signals]]\nname = "{name}"\nmeasurement = {json.dumps(m)}\nfield = {json.dumps(f)}\nperiod = "1s"\n'
+    return text
+
+
+def _fails(out: str) -> list[str]:
+    """The FAIL lines of `check`, but for the missing models (none is trained in these tests)."""
+    return [line for line in out.splitlines() if line.startswith("FAIL") and "no model in" not in line]
+
+
+def test_check_fails_on_wrong_credentials_missing_database_measurement_or_field(
+        influxd_auth: AuthInfluxd, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    db = "checkdb"
+    influxd_auth.query(f'CREATE DATABASE "{db}"')
+    now = time.time_ns()
+    lines = "\n".join(f'cpu,host=h1 usage={i % 7}.5,state="up" {now - (300 - i) * 10**9}' for i in range(300))
+    r = requests.post(f"{influxd_auth.url}/write", params={"db": db}, data=lines,
+                      auth=(influxd_auth.user, influxd_auth.password), timeout=30)
+    assert r.status_code == 204, r.text
+    path = tmp_path / "config.toml"
+    path.write_text(_signals_config(influxd_auth.url, db, [("cpu", "cpu", "usage")]))
+    for var in ("ANOMALYD_INFLUXDB_USERNAME", "ANOMALYD_INFLUXDB_PASSWORD", "ANOMALYD_INFLUXDB_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+
+    # no credentials at all: ping works, the query does not
+    assert main(["check", "-c", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("ok   InfluxDB")
+    (fail,) = _fails(out)
+    assert "refused the credentials of no user" in fail and "ANOMALYD_INFLUXDB_USERNAME" in fail
+
+    # a wrong password: named by its user, never printed
+    monkeypatch.setenv("ANOMALYD_INFLUXDB_USERNAME", influxd_auth.user)
+    monkeypatch.setenv("ANOMALYD_INFLUXDB_PASSWORD", "wrong-pw-XYZ")
+    assert main(["check", "-c", str(path)]) == 1
+    out = capsys.readouterr().out
+    (fail,) = _fails(out)
+    assert "refused the credentials of user 'admin' (HTTP 401" in fail and "ANOMALYD_INFLUXDB_PASSWORD" in fail
+    assert "wrong-pw-XYZ" not in out
+
+    # the right password: the data checks run (only the model is missing)
+    monkeypatch.setenv("ANOMALYD_INFLUXDB_PASSWORD", influxd_auth.password)
+    assert main(["check", "-c", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert _fails(out) == [], out
+    assert "ok   signal cpu: field cpu.usage exists (float)" in out and f"ok   database '{db}' exists" in out
+
+    # a missing database
+    path.write_text(_signals_config(influxd_auth.url, "nodb", [("cpu", "cpu", "usage")]))
+    assert main(["check", "-c", str(path)]) == 1
+    (fail,) = _fails(capsys.readouterr().out)
+    assert "database 'nodb' does not exist" in fail and "influxdb.database" in fail
+
+    # a missing measurement, a missing field, a string field; the good signal passes; no data check on the others
+    path.write_text(_signals_config(influxd_auth.url, db, [
+        ("good", "cpu", "usage"), ("nomeas", "cpu_typo", "usage"), ("nofield", "cpu", "usgae"),
+        ("text", "cpu", "state"), ("quoted", 'c"p\\u', "x")]))
+    assert main(["check", "-c", str(path)]) == 1
+    fails = _fails(capsys.readouterr().out)
+    assert len(fails) == 4, fails
+    assert "signal nomeas: measurement 'cpu_typo' does not exist in database 'checkdb'" in fails[0]
+    assert "signals[1].measurement" in fails[0]
+    assert fails[1] == ("FAIL signal nofield: measurement 'cpu' has no field 'usgae' (its fields: state, usage); "
+                        "fix signals[2].field")
+    assert "signal text: field 'state' of 'cpu' holds string values, not numbers" in fails[2]
+    assert "signal quoted: measurement 'c\"p\\\\u' does not exist" in fails[3]  # quoted, not pasted, in InfluxQL
+    influxd_auth.query(f'DROP DATABASE "{db}"')
+
+
+def test_check_fails_when_the_user_may_not_read_the_database(
+        influxd_auth: AuthInfluxd, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    influxd_auth.query('CREATE DATABASE "private"')
+    influxd_auth.query("CREATE USER nobody WITH PASSWORD 'nobody-pw'")
+    path = tmp_path / "config.toml"
+    path.write_text(_signals_config(influxd_auth.url, "private", [("cpu", "cpu", "usage")]))
+    monkeypatch.setenv("ANOMALYD_INFLUXDB_USERNAME", "nobody")
+    monkeypatch.setenv("ANOMALYD_INFLUXDB_PASSWORD", "nobody-pw")
+    monkeypatch.delenv("ANOMALYD_INFLUXDB_TOKEN", raising=False)
+    assert main(["check", "-c", str(path)]) == 1
+    (fail,) = _fails(capsys.readouterr().out)
+    assert "does not let user 'nobody' read database 'private' (HTTP 403)" in fail and "GRANT ALL ON" in fail
+
+
+def test_credentials_in_the_url_are_refused_and_never_shown(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                           ) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(cli_config("http://admin:pw-in-url-123@127.0.0.1:8086", "x"))
+    assert main(["check", "-c", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert "pw-in-url-123" not in out + err
+    assert "influxdb.url: 'http://***@127.0.0.1:8086' carries credentials" in err
+    assert "ANOMALYD_INFLUXDB_USERNAME and ANOMALYD_INFLUXDB_PASSWORD" in err
+
+
+def test_run_once_and_score_exit_1_naming_why_when_nothing_could_be_scored(
+        influxd: LocalInfluxd, database: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(_signals_config(influxd.url, database, [("ghost", "nothing_here", "v")]))
+    assert main(["run", "-c", str(path), "--once"]) == 1
+    err = capsys.readouterr().err
+    assert "signal ghost: " in err and "anomalyd run --once: nothing could be scored" in err
+    assert main(["score", "-c", str(path), "--start", "now-10m"]) == 1
+    err = capsys.readouterr().err
+    assert "signal ghost: " in err and "anomalyd score: nothing could be scored" in err

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import Config, ConfigError, load, parse_duration_ns, parse_time_ns
+from .config import Config, ConfigError, load, parse_duration_ns, parse_time_ns, redact_url
 from .records import rfc3339
 
 log = logging.getLogger("anomalyd")
@@ -151,7 +151,7 @@ def _check(cfg: Config) -> int:
     reachable = False
     try:
         version = store.ping()
-        print(f"ok   InfluxDB {cfg.influxdb.url} answers (version {version})")
+        print(f"ok   InfluxDB {redact_url(cfg.influxdb.url)} answers (version {version})")
         reachable = True
     except StoreError as exc:
         print(f"FAIL {exc}")
@@ -216,24 +216,99 @@ def _series_with_data(cfg: Config, store: Any, sig: Any, where: tuple[tuple[str,
     return n
 
 
+def _access_problem(cfg: Config, exc: Exception) -> str:
+    """One line for an InfluxQL query refused for its credentials (HTTP 401) or privileges (403), else ""."""
+    code = getattr(exc.__cause__, "code", None)
+    url, db, user = redact_url(cfg.influxdb.url), cfg.influxdb.database, cfg.influxdb.username
+    if code == 401:
+        if cfg.influxdb.token:
+            return (f"InfluxDB at {url} refused the API token (HTTP 401, a query of database {db!r}); set "
+                    "ANOMALYD_INFLUXDB_TOKEN (or influxdb.token_file) to a valid token with read and write access")
+        who = f"user {user!r}" if user else "no user (ANOMALYD_INFLUXDB_USERNAME is not set)"
+        return (f"InfluxDB at {url} refused the credentials of {who} (HTTP 401: authentication is on and ping "
+                "works, but queries do not); fix ANOMALYD_INFLUXDB_USERNAME and ANOMALYD_INFLUXDB_PASSWORD (or "
+                "influxdb.password_file; ANOMALYD_INFLUXDB_TOKEN for an API token)")
+    if code == 403:
+        who = f"user {user!r}" if user else "this token"
+        return (f"InfluxDB at {url} does not let {who} read database {db!r} (HTTP 403); grant it: GRANT ALL ON "
+                f"{db} TO {user or '<user>'} (anomalyd reads and writes), or fix influxdb.database")
+    return ""
+
+
+def _check_fields(cfg: Config, query_raw: Any) -> set[str]:
+    """Every signal's measurement exists and has its field as a number (``SHOW FIELD KEYS``); one FAIL line per
+    problem. Returns the names of the signals that failed, whose data need not be looked for."""
+    from .influx import StoreError, quote_ident
+
+    db, rp = cfg.influxdb.database, cfg.influxdb.retention_policy
+    failed: set[str] = set()
+    fields_of: dict[str, dict[str, str] | None] = {}
+    for i, sig in enumerate(cfg.signals):
+        if sig.measurement not in fields_of:
+            source = (quote_ident(rp) + "." if rp else "") + quote_ident(sig.measurement)
+            q = f"SHOW FIELD KEYS FROM {source}"
+            found: dict[str, str] | None = None
+            for res in query_raw(q):
+                if "error" in res:
+                    raise StoreError(f"InfluxDB rejected {q!r}: {res['error']}")
+                for series in res.get("series", []):
+                    found = (found or {}) | {str(k): str(t) for k, t in series.get("values", [])}
+            fields_of[sig.measurement] = found
+        fields = fields_of[sig.measurement]
+        if fields is None:
+            print(f"FAIL signal {sig.name}: measurement {sig.measurement!r} does not exist in database {db!r}"
+                  f"{' (retention policy ' + repr(rp) + ')' if rp else ''}; fix signals[{i}].measurement (SHOW "
+                  "MEASUREMENTS lists them), or write the data first")
+            failed.add(sig.name)
+        elif sig.field not in fields:
+            names = sorted(fields)
+            listed = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+            print(f"FAIL signal {sig.name}: measurement {sig.measurement!r} has no field {sig.field!r} (its "
+                  f"fields: {listed}); fix signals[{i}].field")
+            failed.add(sig.name)
+        elif fields[sig.field] not in ("float", "integer", "unsigned"):
+            print(f"FAIL signal {sig.name}: field {sig.field!r} of {sig.measurement!r} holds {fields[sig.field]} "
+                  f"values, not numbers; point signals[{i}].field at a numeric field")
+            failed.add(sig.name)
+        else:
+            print(f"ok   signal {sig.name}: field {sig.measurement}.{sig.field} exists ({fields[sig.field]})")
+    return failed
+
+
 def _check_data(cfg: Config, store: Any, untrained: set[str]) -> int:
-    """The database exists; every signal has recent data (what the next tick scores), and an untrained signal has
-    data in its training range. One line per problem, naming the value to fix."""
+    """The credentials are accepted and the database exists; every signal's measurement and field exist, every
+    signal has recent data (what the next tick scores), and an untrained signal has data in its training range.
+    One line per problem, naming the value to fix."""
+    from .influx import StoreError
+
     db = cfg.influxdb.database
     query_raw = getattr(store, "query_raw", None)
+    skip: set[str] = set()
     if query_raw is not None:
+        # A real query: with authentication on, /ping answers whatever the credentials, a query does not.
+        try:
+            query_raw("SHOW MEASUREMENTS LIMIT 1")
+        except StoreError as exc:
+            why = _access_problem(cfg, exc)
+            if why:
+                print(f"FAIL {why}")
+                return 1
+            raise
         res = query_raw("SHOW DATABASES")
         if res and "error" not in res[0]:
             names = [row[0] for s in res[0].get("series", []) for row in s.get("values", [])]
             if db not in names:
-                print(f"FAIL database {db!r} does not exist at {cfg.influxdb.url} (it has: "
+                print(f"FAIL database {db!r} does not exist at {redact_url(cfg.influxdb.url)} (it has: "
                       f"{', '.join(names) or 'none'}); fix influxdb.database (or ANOMALYD_INFLUXDB_DATABASE), or "
                       f"create it: CREATE DATABASE {db}")
                 return 1
             print(f"ok   database {db!r} exists")
-    problems = 0
+        skip = _check_fields(cfg, query_raw)
+    problems = len(skip)
     now = time.time_ns() // 10**9 * 10**9
     for sig in cfg.signals:
+        if sig.name in skip:
+            continue
         where_txt = "{" + ", ".join(f"{k} = {v!r}" for k, v in sig.where) + "}"
         what = f"{sig.measurement}.{sig.field}" + (f" where {where_txt}" if sig.where else "")
         if sig.name in untrained:
@@ -318,12 +393,9 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> int:
         if args.once:
             tick = service.run_tick(retry=False)
             service.close_worker()
-            if tick is None:
+            if tick is None:  # the failure (or "every signal failed: ...") is logged
                 return 1
-            if tick.signals and all(r.problem for r in tick.signals.values()):
-                print("anomalyd run --once: nothing could be scored (see above)", file=sys.stderr)
-                return 1
-            return 0
+            return _nothing_scored(tick, "run --once")
         service.run_forever()
         return 0
     if args.cmd == "score":
@@ -341,10 +413,7 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> int:
         print(f"scored {report.windows} windows: {report.anomalous} anomalous, {report.missing} missing-data "
               f"in {report.seconds:.2f}s")
         _print_anomalous(report, cfg.output.measurement)
-        problems = [r.problem for r in report.signals.values() if r.problem]
-        for why in problems:
-            print(why, file=sys.stderr)
-        return 1 if problems and len(problems) == len(report.signals) else 0
+        return _nothing_scored(report, "score")
     if args.cmd == "feed":
         from .demo import feed, feed_live
 
@@ -371,6 +440,22 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> int:
                 print(f"defined {task}")
         return 0
     raise AssertionError(args.cmd)  # pragma: no cover
+
+
+def _nothing_scored(report: Any, cmd: str) -> int:
+    """Print (stderr) every signal with anything not scored and why; 1 when no signal could be scored at all
+    (each failed, or has no model or no series), else 0."""
+    from .service import not_scored
+
+    statuses = not_scored(report)
+    for st in statuses:
+        print(st.describe(), file=sys.stderr)
+    dead = [st for st in statuses if st.nothing_scored]
+    if report.signals and len(dead) == len(report.signals):
+        print(f"anomalyd {cmd}: nothing could be scored: each of the {len(dead)} signal(s) failed or has no "
+              "model or no series (the lines above say why)", file=sys.stderr)
+        return 1
+    return 0
 
 
 SHOW_ANOMALOUS = 20  # windows listed by `anomalyd score`; the rest are counted
