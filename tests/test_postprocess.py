@@ -381,3 +381,96 @@ def test_other_versions_and_malformed_states_are_refused() -> None:
 def test_bad_parameters_name_the_value(changes: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         NormaliserParams(**changes)
+
+
+# -- overflow (issue 14 item 7), capped range growth, robust reference -----------------------------
+
+
+def _ranged(k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """k windows of a well-behaved series: errors around 1, values within [-1, 1]."""
+    rng = np.random.default_rng(seed)
+    err = 1.0 + 0.1 * rng.standard_normal(k)
+    lo = -1.0 + 0.01 * rng.random(k)
+    hi = 1.0 - 0.01 * rng.random(k)
+    return err, lo, hi
+
+
+def test_an_overflowing_range_width_does_not_disable_the_rule() -> None:
+    p = NormaliserParams(long_window=200, short_window=1, learning=0, range_growth=1.0)
+    err, lo, hi = _ranged(300)
+    norm = ScoreNormaliser(p)
+    norm.update(err[:100], lo[:100], hi[:100])
+    # One window spanning -1e308..1e308: hi - lo overflows to infinity.
+    with np.errstate(over="raise"):
+        norm.update([1.0], [-1e308], [1e308])
+    assert np.isfinite(norm.hi).all() and np.isfinite(norm.lo).all()
+    assert float(norm.hi[0] - norm.lo[0]) < 10.0  # widened by at most its own width on each side
+    normal = norm.update(err[100:200], lo[100:200], hi[100:200])
+    assert float(normal.max()) < 1.0
+    spike = norm.update([1.0], [0.0], [50.0])  # a later spike out of the range: the rule still fires
+    assert float(spike[0]) == 1.0
+
+
+def test_without_a_growth_cap_the_glitch_widens_the_range_for_good() -> None:
+    # The behaviour the cap fixes (so the test above can fail): the glitch's range swallows the later spike.
+    p = NormaliserParams(long_window=200, short_window=1, learning=0, range_growth=None)
+    err, lo, hi = _ranged(200)
+    norm = ScoreNormaliser(p)
+    norm.update(err[:100], lo[:100], hi[:100])
+    norm.update([1.0], [-1e308], [1e308])
+    norm.update(err[100:200], lo[100:200], hi[100:200])
+    assert float(norm.update([1.0], [0.0], [50.0])[0]) < 1.0
+
+
+def test_non_finite_window_bounds_never_enter_the_range() -> None:
+    p = NormaliserParams(long_window=200, short_window=1, learning=0, range_growth=None)
+    err, lo, hi = _ranged(100)
+    norm = ScoreNormaliser(p)
+    norm.update(err, lo, hi)
+    norm.update([1.0, 1.0], [-np.inf, np.nan], [np.inf, np.nan])
+    assert np.isfinite(norm.hi).all() and np.isfinite(norm.lo).all()
+    assert float(norm.update([1.0], [0.0], [50.0])[0]) == 1.0
+
+
+def test_huge_errors_do_not_overflow_the_running_sums() -> None:
+    p = NormaliserParams(long_window=50, short_window=2, learning=0, range_tolerance=None)
+    norm = ScoreNormaliser(p)
+    with np.errstate(over="raise", invalid="raise"):
+        out = norm.update(np.concatenate([np.ones(60), [1e308], np.ones(60)]))
+    assert np.isfinite(out).all() and math.isfinite(norm.s2)
+
+
+@pytest.mark.parametrize("reference", ["gaussian", "robust"])
+@pytest.mark.parametrize("growth", [None, 0.0, 1.0])
+def test_capped_range_and_robust_reference_are_chunk_invariant(reference: str, growth: float | None) -> None:
+    p = NormaliserParams(long_window=60, short_window=3, learning=5, range_growth=growth,
+                         reference=reference)  # type: ignore[arg-type]
+    rng = np.random.default_rng(7)
+    k = 400
+    err = np.abs(1.0 + 0.2 * rng.standard_normal(k))
+    err[[50, 51, 200, 330]] = [9.0, 12.0, 30.0, np.nan]
+    lo = rng.uniform(-1.0, -0.5, k)
+    hi = rng.uniform(0.5, 1.0, k) + np.where(np.arange(k) % 97 == 5, 3.0 + np.arange(k) / 50, 0.0)
+    one = ScoreNormaliser(p)
+    whole = one.update(err, lo, hi)
+    many = ScoreNormaliser(p)
+    parts = [many.update(err[a : a + c], lo[a : a + c], hi[a : a + c])
+             for a, c in zip(range(0, k, 37), itertools.repeat(37), strict=False)]
+    assert np.array_equal(whole, np.concatenate(parts), equal_nan=True)
+    assert one.to_dict() == many.to_dict()
+
+
+def test_robust_reference_keeps_a_larger_later_error_above_an_earlier_burst() -> None:
+    # An earlier burst widens the Gaussian reference so that a later, larger rise scores lower than the burst;
+    # the median/IQR reference keeps the ranking.
+    rng = np.random.default_rng(3)
+    err = 1.0 + 0.05 * rng.standard_normal(1400)
+    err[1000:1100] = 4.0  # a burst (under a quarter of the history)
+    err[1300] = 6.0  # later, clearly larger than anything seen
+    scores = {}
+    for ref in ("gaussian", "robust"):
+        p = NormaliserParams(long_window=500, short_window=1, learning=0, red=0.0, range_tolerance=None,
+                             reference=ref)  # type: ignore[arg-type]
+        scores[ref] = ScoreNormaliser(p).update(err)
+    assert scores["robust"][1300] >= scores["robust"][1000]
+    assert scores["gaussian"][1300] < scores["gaussian"][1000]  # the failure the option fixes

@@ -61,6 +61,7 @@ FIELD_NORMS = ("q99", "none")
 AGGREGATES = ("max", "mean")
 THRESHOLD_POLICIES = ("max", "quantile", "sigma")
 DECISIONS = ("score", "error", "either")
+RANGE_BY = ("window", "sample")
 
 
 
@@ -219,10 +220,12 @@ class DetectorSpec:
     score_threshold: float = 0.5
     decision: str = "score"
     stride: int = 1
+    range_by: str = "window"
 
     def __post_init__(self) -> None:
         choices = {"error": ERROR_KINDS, "field_norm": FIELD_NORMS, "aggregate": AGGREGATES,
-                   "threshold_policy": THRESHOLD_POLICIES, "decision": DECISIONS}
+                   "threshold_policy": THRESHOLD_POLICIES, "decision": DECISIONS,
+                   "range_by": RANGE_BY}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"detector {name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
@@ -532,8 +535,12 @@ class Detector:
         max_error[sel] = max_abs.max(axis=1) * (self.scale_[0] if d == 1 else 1.0)
         lo = np.full((n, m, d), np.nan)
         hi = np.full((n, m, d), np.nan)
-        lo[sel] = picked.min(axis=1)
-        hi[sel] = picked.max(axis=1)
+        if s.range_by == "sample":  # each sample checked (and widening the range) once: the window's newest
+            lo[sel] = picked[:, -1]
+            hi[sel] = picked[:, -1]
+        else:
+            lo[sel] = picked.min(axis=1)
+            hi[sel] = picked.max(axis=1)
         score = update_block([st.norm for st in states], error, lo, hi) if n else np.empty((0, m))
         nearest = np.full((n, m), -1, dtype=np.intp)
         nearest[sel] = near

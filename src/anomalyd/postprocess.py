@@ -37,8 +37,12 @@ __all__ = ["TRANSFORMS", "NormaliserParams", "ScoreNormaliser", "log_score", "up
 
 #: Transforms applied to the errors before the likelihood.
 TRANSFORMS = ("none", "log")
+#: Reference of the history: mean and standard deviation, or median and interquartile range.
+REFERENCES = ("gaussian", "robust")
 _LOG_EPS = 1e-10
 _STATE_VERSION = 2
+#: Errors above this are taken as this (a glitch of 1e308 would overflow the running sums of squares).
+_ERROR_CAP = 1e100
 
 
 def log_score(tail: ArrayLike) -> NDArray[np.float64]:
@@ -81,6 +85,12 @@ class NormaliserParams:
         Applied to the errors before the likelihood.
     refractory : int
         A red within this many errors after another red one is demoted.
+    reference : {"gaussian", "robust"}
+        The history's centre and spread: mean and standard deviation (HTM's likelihood), or median and
+        interquartile range / 1.349, which an earlier burst barely widens (a later, larger error keeps its rank).
+    range_growth : float or None
+        An out-of-range window widens the seen range by at most this share of its width (per side); None: by
+        as much as it leaves it (the seen range is then the plain running minimum and maximum).
     """
 
     long_window: int = 2000
@@ -92,6 +102,8 @@ class NormaliserParams:
     range_tolerance: float | None = 0.02
     transform: Literal["none", "log"] = "none"
     refractory: int = 1
+    range_growth: float | None = None
+    reference: Literal["gaussian", "robust"] = "gaussian"
 
     def __post_init__(self) -> None:
         if self.long_window < 2:
@@ -107,8 +119,12 @@ class NormaliserParams:
             raise ValueError(f"red={self.red} and yellow={self.yellow} must satisfy 0 <= red <= yellow < 1")
         if self.range_tolerance is not None and not self.range_tolerance >= 0:
             raise ValueError(f"range_tolerance={self.range_tolerance} must be >= 0, or None to disable the rule")
+        if self.range_growth is not None and not (math.isfinite(self.range_growth) and self.range_growth >= 0):
+            raise ValueError(f"range_growth={self.range_growth} must be a finite number >= 0, or None (no cap)")
         if self.refractory < 1:
             raise ValueError(f"refractory={self.refractory} must be at least 1 error")
+        if self.reference not in REFERENCES:
+            raise ValueError(f"reference={self.reference!r} is not one of {', '.join(REFERENCES)}")
         if self.transform not in TRANSFORMS:
             raise ValueError(f"transform={self.transform!r} is not one of {', '.join(TRANSFORMS)}")
 
@@ -243,6 +259,87 @@ def _per_field(a: ArrayLike | None, k: int) -> NDArray[np.float64] | None:
     return v.reshape(1, k, v.shape[-1] if v.ndim == 2 else 1)
 
 
+def _robust_reference(norms: Sequence[ScoreNormaliser], avg: NDArray[np.float64], f: NDArray[np.int64],
+                      L: int) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Median and spread (interquartile range / 1.349) of the history before each push, ``(n, k)``.
+
+    Order statistics of the last ``min(L, count)`` averages (ranks ``(c - 1) // 4``, ``(c - 1) // 2``,
+    ``3 * (c - 1) // 4`` of ``c`` values): exact, so the same in any chunking. A burst shorter than a quarter
+    of the history barely moves them, so a later, larger error still ranks above it. Full histories use a
+    sliding rank filter (scipy, O(log L) per push); the rest are sorted one by one.
+    """
+    from scipy.ndimage import rank_filter
+
+    n, k = avg.shape
+    med = np.full((n, k), np.nan)
+    spread = np.full((n, k), np.nan)
+    for i, nm in enumerate(norms):
+        fi = int(f[i])
+        if fi == 0:
+            continue
+        c0 = len(nm.hist)
+        series = np.concatenate((nm.hist, avg[i, : fi - 1]))  # push j sees series[c0 + j - L : c0 + j]
+        j = np.arange(fi)
+        full = c0 + j >= L
+        part = np.flatnonzero(~full & (c0 + j >= 2))
+        for jj in part:
+            c = c0 + int(jj)
+            r = (np.array([(c - 1) // 4, (c - 1) // 2, 3 * (c - 1) // 4]))
+            q = np.partition(series[:c], r)[r]
+            med[i, jj], spread[i, jj] = q[1], (q[2] - q[0]) / 1.349
+        jf = np.flatnonzero(full)
+        if jf.size:
+            a, b = c0 + int(jf[0]) - L, c0 + int(jf[-1])  # the windows cover series[a : b]
+            seg = series[a:b]
+            at = np.arange(len(jf)) + L // 2  # centre of the size-L window starting at each push's first value
+            qs = [rank_filter(seg, rank, size=L, mode="nearest")[at]
+                  for rank in ((L - 1) // 4, (L - 1) // 2, 3 * (L - 1) // 4)]
+            med[i, jf], spread[i, jf] = qs[1], (qs[2] - qs[0]) / 1.349
+    return med, spread
+
+
+def _half_width(lo: NDArray[np.float64], hi: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Half the width of a range, computed so that it never overflows (``hi - lo`` can, for finite bounds)."""
+    with np.errstate(invalid="ignore"):
+        return np.asarray(0.5 * hi - 0.5 * lo)
+
+
+def _out_of_range(prev_lo: NDArray[np.float64], prev_hi: NDArray[np.float64], lo: NDArray[np.float64],
+                  hi: NDArray[np.float64], tolerance: float) -> NDArray[np.bool_]:
+    """Windows (``(n, k, d)`` bounds) whose values leave the range seen before them, widened by ``tolerance`` of
+    its width on each side; a range of no width (a constant field) flags nothing. Any axis layout works."""
+    half = _half_width(prev_lo, prev_hi)
+    with np.errstate(invalid="ignore", over="ignore"):
+        ok = half > 0
+        tol = np.where(ok, 2.0 * tolerance * half, 0.0)
+        out = ok & ((hi > prev_hi + tol) | (lo < prev_lo - tol))
+    return np.asarray(out.any(axis=-1))
+
+
+def _capped_range(lo0: NDArray[np.float64], hi0: NDArray[np.float64], lo: NDArray[np.float64],
+                  hi: NDArray[np.float64], tolerance: float, growth: float) -> tuple[
+                      NDArray[np.float64], NDArray[np.float64], NDArray[np.bool_]]:
+    """The running range of one series (``(k, d)`` window bounds) when an out-of-range window widens it by at most
+    ``growth`` of its width: returns the range before each window and after the last (``(k + 1, d)``) and the
+    out-of-range flags (``(k,)``)."""
+    k, d = lo.shape
+    run_lo = np.empty((k + 1, d))
+    run_hi = np.empty((k + 1, d))
+    flags = np.zeros(k, dtype=bool)
+    cur_lo, cur_hi = lo0.copy(), hi0.copy()
+    run_lo[0], run_hi[0] = cur_lo, cur_hi
+    for j in range(k):
+        flags[j] = bool(_out_of_range(cur_lo, cur_hi, lo[j], hi[j], tolerance))
+        half = _half_width(cur_lo, cur_hi)
+        with np.errstate(invalid="ignore", over="ignore"):
+            step = np.where(half > 0, 2.0 * growth * half, np.inf)  # no width yet: no cap
+            new_hi = np.fmax(cur_hi, np.fmin(hi[j], cur_hi + step))
+            new_lo = np.fmin(cur_lo, np.fmax(lo[j], cur_lo - step))
+        cur_lo, cur_hi = new_lo, new_hi
+        run_lo[j + 1], run_hi[j + 1] = cur_lo, cur_hi
+    return run_lo, run_hi, flags
+
+
 def _json_float(v: float) -> float | None:
     return float(v) if math.isfinite(v) else None
 
@@ -283,7 +380,7 @@ def update_block(norms: Sequence[ScoreNormaliser], errors: NDArray[np.float64],
     rows = np.arange(n)[:, None]
     e = e_in[rows, order]
     valid = np.arange(k)[None, :] < f[:, None]
-    e = np.where(valid, e, 0.0)
+    e = np.where(valid, np.minimum(e, _ERROR_CAP), 0.0)  # capped: squares of the running sums stay finite
     t = np.log(np.maximum(e, 0.0) + _LOG_EPS) if p.transform == "log" else e
     # Short-window averages: the last S transformed errors (state tail first), added oldest first.
     ext = np.full((n, S - 1 + k), np.nan)
@@ -338,6 +435,8 @@ def update_block(norms: Sequence[ScoreNormaliser], errors: NDArray[np.float64],
         mean = s1[:, :k] / cnt_before
         var = s2[:, :k] / cnt_before - mean * mean
     std = np.sqrt(np.maximum(np.nan_to_num(var), 0.0))
+    if p.reference == "robust":
+        mean, std = _robust_reference(norms, avg, f, L)
     floor = np.full_like(mean, max(p.min_std, 1e-12)) if p.transform == "log" else np.maximum(
         p.min_std * np.abs(np.nan_to_num(mean)), 1e-12)
     std = np.maximum(std, floor)
@@ -351,22 +450,27 @@ def update_block(norms: Sequence[ScoreNormaliser], errors: NDArray[np.float64],
     new_lo: NDArray[np.float64] | None = None
     new_hi: NDArray[np.float64] | None = None
     if lo is not None and hi is not None:
-        lo_c = np.asarray(lo, dtype=np.float64)[rows, order]  # (n, k, d)
-        hi_c = np.asarray(hi, dtype=np.float64)[rows, order]
-        lo_c = np.where(valid[:, :, None], lo_c, np.nan)
-        hi_c = np.where(valid[:, :, None], hi_c, np.nan)
+        with np.errstate(invalid="ignore"):
+            lo_c = np.asarray(lo, dtype=np.float64)[rows, order]  # (n, k, d)
+            hi_c = np.asarray(hi, dtype=np.float64)[rows, order]
+        # Non-finite values (an overflow upstream) never enter the range: they would disable the rule for good.
+        lo_c = np.where(valid[:, :, None] & np.isfinite(lo_c), lo_c, np.nan)
+        hi_c = np.where(valid[:, :, None] & np.isfinite(hi_c), hi_c, np.nan)
         d = lo_c.shape[2]
         lo0 = np.stack([np.full(d, np.nan) if nm.lo is None or len(nm.lo) != d else nm.lo for nm in norms])
         hi0 = np.stack([np.full(d, np.nan) if nm.hi is None or len(nm.hi) != d else nm.hi for nm in norms])
         run_lo = np.fmin.accumulate(np.concatenate((lo0[:, None, :], lo_c), axis=1), axis=1)
         run_hi = np.fmax.accumulate(np.concatenate((hi0[:, None, :], hi_c), axis=1), axis=1)
-        prev_lo, prev_hi = run_lo[:, :k], run_hi[:, :k]
         if p.range_tolerance is not None:
-            with np.errstate(invalid="ignore"):
-                width = prev_hi - prev_lo
-                ok = np.isfinite(width) & (width > 0)
-                tol = np.where(ok, p.range_tolerance * width, 0.0)
-                flags = (ok & ((hi_c > prev_hi + tol) | (lo_c < prev_lo - tol))).any(axis=2)
+            flags = _out_of_range(run_lo[:, :k], run_hi[:, :k], lo_c, hi_c, p.range_tolerance)
+            if p.range_growth is not None:
+                # A window widens the range by at most range_growth of its width: one absurd value (a glitch of
+                # 1e308) cannot widen it for good. Where no window reaches the cap the plain running range is
+                # the same; the rows where one does are recomputed step by step.
+                binds = _out_of_range(run_lo[:, :k], run_hi[:, :k], lo_c, hi_c, p.range_growth)
+                for i in np.flatnonzero(binds.any(axis=1)):
+                    run_lo[i], run_hi[i], flags[i] = _capped_range(lo0[i], hi0[i], lo_c[i], hi_c[i],
+                                                                    p.range_tolerance, p.range_growth)
         new_lo = run_lo[rows[:, 0], f]
         new_hi = run_hi[rows[:, 0], f]
     flags &= valid
