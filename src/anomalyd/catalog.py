@@ -24,7 +24,7 @@ import sklearn
 
 from . import __version__
 from .detector import Detector
-from .records import Tags, tags_str
+from .records import Tags, legacy_tags_str, tags_str
 from .state import atomic_write
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ class CatalogError(ValueError):
     """A model file is missing, corrupt, tampered with, or from an incompatible version."""
 
 
-def model_id_for(signal: str, tags: Tags, scope: str) -> str:
+def model_id_for(signal: str, tags: Tags, scope: str, legacy: bool = False) -> str:
     """A stable model id: the signal for a shared model, ``signal-<hash of the series key>`` per series.
 
     Examples
@@ -48,7 +48,8 @@ def model_id_for(signal: str, tags: Tags, scope: str) -> str:
     """
     if scope == "shared":
         return signal
-    return f"{signal}-{hashlib.sha1(tags_str(tags).encode()).hexdigest()[:12]}"
+    key = legacy_tags_str(tags) if legacy else tags_str(tags)  # legacy: the id models had before keys were escaped
+    return f"{signal}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,7 @@ def load(path: Path) -> StoredModel:
     try:
         with np.load(io.BytesIO(blob), allow_pickle=False) as z:
             arrays = {name: np.asarray(z[name]) for name in _ARRAYS}
+            arrays.update({name: np.asarray(z[name]) for name in z.files if name.startswith("scorer_")})
         model = Detector.from_state(arrays, meta["detector"])
         tags: Tags = tuple((str(k), str(v)) for k, v in meta["tags"])
         return StoredModel(model_id=str(meta["model_id"]), signal=str(meta["signal"]), tags=tags,

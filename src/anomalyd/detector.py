@@ -45,6 +45,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from .model import ShapeCatalog, TooLittleDataError, sliding_windows, taper, threshold_from_errors
 from .postprocess import NormaliserParams, ScoreNormaliser, update_block
+from .scorers import WindowScorer, make_scorer, parse_scorers
 
 __all__ = [
     "Detector",
@@ -192,6 +193,16 @@ class DetectorSpec:
         The decision: a window is anomalous when its score is at least this.
     stride : int
         Score the windows whose last sample's grid index is a multiple of this (1: every window).
+    range_by : {"window", "sample"}
+        What the out-of-range rule checks: the window's smallest and largest value, or its newest sample only
+        (each sample once, so a glitch widens the seen range once, by at most ``normaliser.range_growth``).
+    scorer : str
+        The window error fed to the score (`anomalyd.scorers`): ``kmeans`` (the shape catalog's reconstruction
+        error), ``fft``, ``saliency``, ``generalized``, ``discord`` or ``nodata``, or several joined by ``+``
+        (each divided by its hold-out 99th percentile, the largest wins). ``max_error``, ``threshold_``, the
+        nearest shape and the reconstruction are always the catalog's.
+    discord_max_ref : int
+        ``discord``: at most this many training windows in its reference (every k-th).
     """
 
     window: int | None = None
@@ -221,6 +232,8 @@ class DetectorSpec:
     decision: str = "score"
     stride: int = 1
     range_by: str = "window"
+    scorer: str = "kmeans"
+    discord_max_ref: int = 4000
 
     def __post_init__(self) -> None:
         choices = {"error": ERROR_KINDS, "field_norm": FIELD_NORMS, "aggregate": AGGREGATES,
@@ -241,6 +254,9 @@ class DetectorSpec:
             raise ValueError(f"holdout={self.holdout} must be between 0 and 1 (exclusive)")
         if self.train_slide < 1 or self.stride < 1:
             raise ValueError(f"train_slide={self.train_slide} and stride={self.stride} must be at least 1")
+        parse_scorers(self.scorer)
+        if self.discord_max_ref < 1:
+            raise ValueError(f"discord_max_ref={self.discord_max_ref} must be at least 1 window")
         if not 0.0 < self.score_threshold <= 1.0:
             raise ValueError(f"score_threshold={self.score_threshold} must be in (0, 1]")
 
@@ -403,12 +419,13 @@ class Detector:
                 f"window={w} needs a gap-free training stretch of at least {need} samples, the longest has "
                 f"{len(longest)} (of {len(rows)} in all); widen the training range, raise max_gap, or set a "
                 f"smaller window")
-        train_w, val_w, val_end = [], [], []
+        train_w, val_w, val_end, train_all = [], [], [], []
         for z, a in zip(zs, starts, strict=True):
             if len(z) < need:
                 continue
             n_val = max(round(s.holdout * len(z)), w)
             train_w.append(sliding_windows(z[: len(z) - n_val], w, s.train_slide))
+            train_all.append(sliding_windows(z[: len(z) - n_val], w, 1))
             val_w.append(sliding_windows(z[len(z) - n_val :], w, 1))
             val_end.append(a + len(z) - n_val + w - 1 + np.arange(n_val - w + 1))
         n_windows = sum(len(t) for t in train_w)
@@ -421,14 +438,28 @@ class Detector:
         matched = [self.catalog_.match(v) for v in val_w]  # chunked per stretch: the hold-out is never copied
         mean_abs = np.concatenate([m[1] for m in matched])
         max_abs = np.concatenate([m[2] for m in matched])
-        per_field = mean_abs if s.error == "mean" else max_abs
-        if d == 1 or s.field_norm == "none":
-            ref = np.ones(d)
-        else:
-            ref = np.quantile(per_field, 0.99, axis=0)
-            ref = np.maximum(ref, max(float(np.median(ref)), 1e-9))
-        self.field_ref_ = ref
-        errors = self._aggregate(per_field / ref)
+        names = parse_scorers(s.scorer)
+        self.scorers_: dict[str, WindowScorer] = {}
+        parts, refs = [], []
+        for name in names:
+            if name == "kmeans":
+                pf = mean_abs if s.error == "mean" else max_abs
+            else:
+                sc = make_scorer(name, discord_max_ref=s.discord_max_ref).fit(train_all, s.max_train_windows,
+                                                                              s.random_state)
+                self.scorers_[name] = sc
+                pf = np.concatenate([sc.errors(v) for v in val_w])
+            if name == "nodata" or ((d == 1 or s.field_norm == "none") and len(names) == 1):
+                ref = np.ones(d)
+            else:
+                ref = np.quantile(pf, 0.99, axis=0)
+                ref = np.maximum(ref, max(float(np.median(ref)), 1e-9))
+            parts.append(pf / ref)
+            refs.append(ref)
+        self.scorer_refs_ = np.stack(refs)
+        self.field_ref_ = refs[0]
+        per_field = parts[0] if len(parts) == 1 else np.maximum.reduce(parts)
+        errors = self._aggregate(per_field)
         max_errors = max_abs.max(axis=1) * (self.scale_[0] if d == 1 else 1.0)
         self.threshold_ = threshold_from_errors(max_errors, s.threshold_policy, s.margin, s.quantile, s.sigma_k)
         self.error_threshold_ = threshold_from_errors(errors, s.threshold_policy, s.margin, s.quantile, s.sigma_k)
@@ -528,9 +559,19 @@ class Detector:
         sel = scored & complete
         picked = wins[sel]
         near, mean_abs, max_abs, signed = self.catalog_.match(picked)
-        per_field = (mean_abs if s.error == "mean" else max_abs) / self.field_ref_
         error = np.full((n, m), np.nan)
+        if s.scorer == "kmeans":  # the default, as it always was
+            per_field = (mean_abs if s.error == "mean" else max_abs) / self.field_ref_
+        elif s.scorer == "nodata":  # every scored window, complete or not
+            sel = scored
+            per_field = self.scorers_["nodata"].errors(wins[sel])
+        else:
+            parts = [((mean_abs if s.error == "mean" else max_abs) if name == "kmeans"
+                      else self.scorers_[name].errors(picked)) / ref
+                     for name, ref in zip(parse_scorers(s.scorer), self.scorer_refs_, strict=True)]
+            per_field = parts[0] if len(parts) == 1 else np.maximum.reduce(parts)
         error[sel] = self._aggregate(per_field)
+        sel = scored & complete
         max_error = np.full((n, m), np.nan)
         max_error[sel] = max_abs.max(axis=1) * (self.scale_[0] if d == 1 else 1.0)
         lo = np.full((n, m, d), np.nan)
@@ -545,7 +586,10 @@ class Detector:
         nearest = np.full((n, m), -1, dtype=np.intp)
         nearest[sel] = near
         f_err = np.full((n, m, d), np.nan)
-        f_err[sel] = per_field
+        if s.scorer == "nodata":
+            f_err[scored] = per_field
+        else:
+            f_err[sel] = per_field
         f_sign = np.zeros((n, m, d))
         f_sign[sel] = np.sign(signed)
         for i, st in enumerate(states):
@@ -612,6 +656,10 @@ class Detector:
                   "field_ref": self.field_ref_, "norm_hist": norm.hist, "norm_tail": norm.tail,
                   "norm_lo": norm.lo if norm.lo is not None else np.full(self.n_fields_, np.nan),
                   "norm_hi": norm.hi if norm.hi is not None else np.full(self.n_fields_, np.nan)}
+        if self.spec.scorer != "kmeans":  # a model of the default scorer has exactly the arrays it always had
+            arrays["scorer_refs"] = self.scorer_refs_
+            for name, sc in self.scorers_.items():
+                arrays.update({f"scorer_{name}_{k}": v for k, v in sc.state().items()})
         meta = {"spec": self.spec.to_dict(), "window": self.window_, "n_fields": self.n_fields_,
                 "threshold": _finite_or_none(self.threshold_),
                 "error_threshold": _finite_or_none(self.error_threshold_),
@@ -636,6 +684,15 @@ class Detector:
             if a.shape != (d,):
                 raise ValueError(f"{name} has shape {a.shape}, expected ({d},)")
             setattr(det, f"{name}_", a)
+        names = parse_scorers(det.spec.scorer)
+        det.scorer_refs_ = (np.asarray(arrays["scorer_refs"], dtype=np.float64).reshape(len(names), d)
+                            if det.spec.scorer != "kmeans" else det.field_ref_[None, :].copy())
+        det.scorers_ = {}
+        for name in names:
+            if name != "kmeans":
+                pre = f"scorer_{name}_"
+                det.scorers_[name] = make_scorer(name, {k[len(pre):]: v for k, v in arrays.items()
+                                                        if k.startswith(pre)}, det.spec.discord_max_ref)
         det.threshold_ = math.nan if meta["threshold"] is None else float(meta["threshold"])
         det.error_threshold_ = math.nan if meta["error_threshold"] is None else float(meta["error_threshold"])
         det.n_train_samples_ = int(meta["n_train_samples"])

@@ -468,8 +468,8 @@ def update_block(norms: Sequence[ScoreNormaliser], errors: NDArray[np.float64],
                 # 1e308) cannot widen it for good. Where no window reaches the cap the plain running range is
                 # the same; the rows where one does are recomputed step by step.
                 binds = _out_of_range(run_lo[:, :k], run_hi[:, :k], lo_c, hi_c, p.range_growth)
-                for i in np.flatnonzero(binds.any(axis=1)):
-                    run_lo[i], run_hi[i], flags[i] = _capped_range(lo0[i], hi0[i], lo_c[i], hi_c[i],
+                for r in np.flatnonzero(binds.any(axis=1)).tolist():
+                    run_lo[r], run_hi[r], flags[r] = _capped_range(lo0[r], hi0[r], lo_c[r], hi_c[r],
                                                                     p.range_tolerance, p.range_growth)
         new_lo = run_lo[rows[:, 0], f]
         new_hi = run_hi[rows[:, 0], f]
