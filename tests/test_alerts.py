@@ -460,7 +460,7 @@ def test_transition_roundtrips_through_json() -> None:
     assert replace(back, values=None) == replace(t, values=None)
     with pytest.raises(ValueError, match="unknown transition kind"):
         Transition.from_dict({**t.to_dict(), "kind": "weird"})
-    assert alerts_mod.KINDS == ("anomalous", "recovered", "reminder", "missing", "resumed")
+    assert alerts_mod.KINDS == ("anomalous", "recovered", "reminder", "missing", "resumed", "deadman")
 
 
 def test_plot_draws_the_quantity_the_threshold_applies_to() -> None:

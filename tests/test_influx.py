@@ -19,6 +19,7 @@ from anomalyd.config import Config, InfluxConfig
 from anomalyd.detector import Detector, DetectorSpec
 from anomalyd.influx import InfluxDB1Store, Point, Query, StoreError, line_protocol
 from anomalyd.localinflux import LocalInfluxd, free_port
+from anomalyd.records import parse_tags, tags_str
 from anomalyd.state import Watermarks
 from anomalyd.synthetic import ecg
 from anomalyd.worker import Worker
@@ -247,7 +248,9 @@ def test_tag_values_from_the_data_reach_the_output_exactly(influxd: LocalInfluxd
     rows = _rows(influxd, database, 'SELECT "max_error", "patient", "series" FROM "anomaly_error" '
                                     "WHERE missing = false")
     assert len(rows) == report.windows and {r["patient"] for r in rows} == {value, "plain"}
-    assert {r["series"] for r in rows} == {f"patient={value}", "patient=plain"}
+    # The series key escapes "\\", "," and "=" so that it names one tag set only, and parses back.
+    assert {r["series"] for r in rows} == {tags_str((("patient", value),)), "patient=plain"}
+    assert {parse_tags(r["series"]) for r in rows} == {(("patient", value),), (("patient", "plain"),)}
     recon = _rows(influxd, database, 'SELECT "value", "patient" FROM "anomaly_reconstruction"')
     assert {r["patient"] for r in recon} == {value, "plain"}
     assert {"ecg", "anomaly_error", "anomaly_reconstruction", "anomalyd_stats"} >= measurements(influxd, database)

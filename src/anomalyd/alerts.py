@@ -6,7 +6,9 @@ Policy, per series (``SeriesKey.id``), over the scored windows in time order of 
 - ANOMALOUS → OK after ``recover_windows`` consecutive normal windows: one ``recovered`` alert;
 - while ANOMALOUS, a ``reminder`` at most every ``repeat_every`` of wall time (0 turns reminders off);
 - with ``missing_data`` on, a ``missing`` alert when a series' windows start coming back as missing data and a
-  ``resumed`` alert when scored windows come back. Missing windows neither count as anomalous nor as normal.
+  ``resumed`` alert when scored windows come back. Missing windows neither count as anomalous nor as normal;
+- a ``deadman`` alert (Kapacitor's name) when a series' newest written window is older than ``deadman_s``
+  (the worker asks, see :meth:`AlertManager.silent`), and a ``resumed`` alert when its windows come back.
 
 Delivery is at-least-once and deduplicated: every transition has a dedupe key (series id, kind, window end),
 is written to ``state_dir/outbox/`` (one file per transition and sink, fsynced) and the per-series state to
@@ -35,7 +37,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -59,7 +61,7 @@ from slack_sdk.webhook import WebhookClient
 
 from .config import AlertsConfig, SlackConfig
 from .metrics import ALERTS, ALERTS_QUEUED
-from .records import Tags, WindowResult, tags_str
+from .records import SeriesKey, Tags, WindowResult, tags_str
 from .state import atomic_write, fsync_dir
 
 log = logging.getLogger(__name__)
@@ -69,7 +71,8 @@ RECOVERED = "recovered"
 REMINDER = "reminder"
 MISSING = "missing"
 RESUMED = "resumed"
-KINDS = (ANOMALOUS, RECOVERED, REMINDER, MISSING, RESUMED)
+DEADMAN = "deadman"
+KINDS = (ANOMALOUS, RECOVERED, REMINDER, MISSING, RESUMED, DEADMAN)
 STATE_VERSION = 1
 _SINK_NAME_RE = re.compile(r"^[a-z0-9_]+$")
 _SENT_RETENTION_S = 7 * 86400
@@ -235,7 +238,7 @@ def dashboard_link(template: str, t: Transition) -> str | None:
 
 _TITLES = {ANOMALOUS: ("ANOMALY", ":rotating_light:"), RECOVERED: ("RECOVERED", ":white_check_mark:"),
            REMINDER: ("STILL ANOMALOUS", ":warning:"), MISSING: ("MISSING DATA", ":grey_question:"),
-           RESUMED: ("DATA RESUMED", ":arrow_forward:")}
+           RESUMED: ("DATA RESUMED", ":arrow_forward:"), DEADMAN: ("NO DATA", ":skull:")}
 
 
 def _windows(n: int) -> str:
@@ -261,7 +264,9 @@ def format_message(t: Transition, dashboard_template: str = "") -> tuple[str, li
     series = t.series or "(no tags)"
     window = f"{iso_utc(t.start_ns)} .. {iso_utc(t.end_ns)}"
     link = dashboard_link(dashboard_template, t)
-    if t.kind in (MISSING, RESUMED):
+    if t.kind == DEADMAN:
+        what = f"no window written since {iso_utc(t.end_ns)} (the last window was {window})"
+    elif t.kind in (MISSING, RESUMED):
         what = (f"{t.n_missing} missing samples in window {window}" if t.kind == MISSING
                 else f"scored again from window {window}")
     else:
@@ -279,7 +284,9 @@ def format_message(t: Transition, dashboard_template: str = "") -> tuple[str, li
 
     esc = _mrkdwn_escape
     fields = [f"*Signal*\n{esc(t.signal)}", f"*Series*\n`{esc(series)}`"]
-    if t.kind in (MISSING, RESUMED):
+    if t.kind == DEADMAN:
+        fields.append(f"*No data since*\n{iso_utc(t.end_ns)}")
+    elif t.kind in (MISSING, RESUMED):
         fields.append(f"*Missing samples*\n{t.n_missing}")
     else:
         fields += ([] if t.score is None else [f"*Score*\n{t.score:.2f}"])
@@ -715,6 +722,8 @@ class SeriesState:
     peak_ratio: float | None = None
     last_notified_wall_ns: int | None = None
     data_missing: bool = False
+    #: A deadman alert was raised: the series stopped writing windows (cleared, with ``resumed``, by the next one).
+    dead: bool = False
 
 
 @dataclass
@@ -874,6 +883,9 @@ class AlertManager:
                 score=None if r.score is None or not math.isfinite(r.score) else float(r.score))
 
         st.last_end_ns = r.end_ns
+        if st.dead:
+            st.dead = False
+            out.append(make(RESUMED))
         if r.missing:
             if cfg.missing_data and not st.data_missing:
                 st.data_missing = True
@@ -924,8 +936,13 @@ class AlertManager:
 
     # -- public API --------------------------------------------------------------------------------------
 
-    def observe(self, results: Sequence[WindowResult], now_ns: int | None = None) -> list[Transition]:
-        """Update every series' state with ``results``, queue the transitions durably, then :meth:`flush`.
+    def observe(self, results: Sequence[WindowResult], now_ns: int | None = None,
+                deliver: bool = True) -> list[Transition]:
+        """Update every series' state with ``results``, queue the transitions durably, then :meth:`flush`
+        (unless ``deliver`` is False: the worker commits each signal's alerts, then delivers once per tick).
+
+        When this returns, every transition is on disk (outbox item and state); an exception (state dir read-only
+        or full) means nothing of ``results`` was recorded, and observing them again later is safe.
 
         Parameters
         ----------
@@ -947,19 +964,59 @@ class AlertManager:
             for t in transitions:
                 log.info("dry-run, not sent: %s", format_message(t, self.cfg.dashboard_url)[0])
             return transitions
+        transitions = self._commit(lambda: self._apply(results, now))
+        if deliver:
+            self.flush()
+        return transitions
+
+    def _commit(self, make: Callable[[], list[Transition]]) -> list[Transition]:
+        """Compute transitions against the state on disk, queue them and save the state; on any failure the
+        in-memory state is reloaded from disk, so a retry computes the same transitions again."""
         with self._locked():
-            self.series = self._load_state()  # another process may have moved it on
-            transitions = self._apply(results, now)
-            if transitions:
-                self._enqueue(transitions)
-            self._save_state()
-            self._prune_markers()
-            ALERTS_QUEUED.set(len(self._pending()))
+            try:
+                self.series = self._load_state()  # another process may have moved it on
+                transitions = make()
+                if transitions:
+                    self._enqueue(transitions)
+                self._save_state()
+            except BaseException:
+                with contextlib.suppress(AlertStateError, OSError):
+                    self.series = self._load_state()
+                raise
+            try:
+                self._prune_markers()
+                ALERTS_QUEUED.set(len(self._pending()))
+            except OSError as exc:  # housekeeping only
+                log.warning("could not prune delivered-alert markers in %s: %s", self.outbox, exc)
         for t in transitions:
             log.info("alert transition %s for %s at %s (model %s)", t.kind, t.series_id, iso_utc(t.end_ns),
                      t.model_id)
-        self.flush()
         return transitions
+
+    def silent(self, series: Sequence[tuple[SeriesKey, str, int, int]], now_ns: int) -> list[Transition]:
+        """Raise one ``deadman`` alert for each series that stopped writing windows.
+
+        ``series`` holds ``(key, model id, start of its last window, end of its last window)`` of the series whose
+        last window ended more than ``deadman_s`` ago (the worker picks them); a series already flagged, or
+        observed past that window, is skipped. Queued durably like :meth:`observe`; delivered by :meth:`flush`.
+        """
+        def make() -> list[Transition]:
+            out = []
+            for key, model_id, start_ns, end_ns in series:
+                st = self.series.setdefault(key.id, SeriesState())
+                if st.dead or st.last_end_ns > end_ns:
+                    continue
+                st.dead = True
+                st.last_end_ns = max(st.last_end_ns, end_ns)
+                out.append(Transition(kind=DEADMAN, series_id=key.id, signal=key.signal,
+                                      tags=tuple(sorted(key.tags)), model_id=model_id, start_ns=start_ns,
+                                      end_ns=end_ns, threshold=0.0, since_ns=end_ns))
+            return out
+
+        if self.dry_run:
+            with self._mutex:
+                return make()
+        return self._commit(make)
 
     def default_flush_s(self) -> float:
         """The time a flush may take when none is given: two Slack timeouts, at least five seconds."""

@@ -179,6 +179,8 @@ class Query:
     period_ns: int = 1
     #: Retention policy to read from ("" = ``influxdb.retention_policy``, else the database's default).
     retention_policy: str = ""
+    #: Only these series (their ``group_by`` tag values; "" matches a series without the tag); () reads all.
+    series: tuple[Tags, ...] = ()
 
 
 def pipelined_write(points: Iterable[Point | SeriesPoints], batch: int, sender: ThreadPoolExecutor,
@@ -383,6 +385,15 @@ class InfluxDB1Store:
         for i, (k, v) in enumerate(query.where):
             params[f"w{i}"] = v
             cond.append(f"{quote_ident(k)} = $w{i}")
+        alternatives = []
+        for j, tags in enumerate(query.series if all(query.series) else ()):  # a series without tags: all
+            parts = []
+            for i, (k, v) in enumerate(tags):
+                params[f"s{j}_{i}"] = v
+                parts.append(f"{quote_ident(k)} = $s{j}_{i}")
+            alternatives.append("(" + " AND ".join(parts) + ")")
+        if alternatives:
+            cond.append("(" + " OR ".join(alternatives) + ")")
         source = self._source(query.measurement, query.retention_policy)
         q = f"SELECT {quote_ident(query.field)} FROM {source} WHERE {' AND '.join(cond)}"
         if query.group_by:

@@ -84,6 +84,13 @@ def build_flux(bucket: str, query: Query, start_ns: int, end_ns: int) -> str:
     """
     cond = [f'r["_measurement"] == {flux_string(query.measurement)}', f'r["_field"] == {flux_string(query.field)}']
     cond += [f"r[{flux_string(k)}] == {flux_string(v)}" for k, v in query.where]
+    if query.series and all(query.series):  # a series without tags: all of them
+        def equal(k: str, v: str) -> str:
+            col = f"r[{flux_string(k)}]"
+            return f"{col} == {flux_string(v)}" if v else f"(not exists {col} or {col} == \"\")"
+
+        cond.append("(" + " or ".join("(" + " and ".join(equal(k, v) for k, v in tags) + ")"
+                                      for tags in query.series) + ")")
     group = ", ".join(flux_string(g) for g in query.group_by)
     keep = ", ".join(flux_string(c) for c in ("_time", "_value", *query.group_by))
     return (f"from(bucket: {flux_string(bucket)})\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -25,9 +26,14 @@ def rfc3339(ns: int) -> str:
     return text + (f".{rest:09d}".rstrip("0") if rest else "") + "Z"
 
 
+def _esc(s: str) -> str:
+    return s.replace("\\", "\\\\").replace(",", "\\,").replace("=", "\\=")
+
+
 @lru_cache(maxsize=1 << 17)  # called several times per series per tick; series keys repeat every tick
 def tags_str(tags: Tags) -> str:
-    """Render tags as ``k=v,k=v`` (sorted by key), the series' human-readable key.
+    """Render tags as ``k=v,k=v`` (sorted by key), the series' key; ``\\``, ``,`` and ``=`` inside a key or
+    value are escaped with a backslash, so two different tag sets never render the same (`parse_tags` inverts it).
 
     Examples
     --------
@@ -35,8 +41,42 @@ def tags_str(tags: Tags) -> str:
     'dc=eu,host=h1'
     >>> tags_str(())
     ''
+    >>> tags_str((("dc", "a"), ("host", "b,host=c"))) != tags_str((("dc", "a,host=b"), ("host", "c")))
+    True
     """
+    return ",".join(f"{_esc(k)}={_esc(v)}" for k, v in sorted(tags))
+
+
+@lru_cache(maxsize=1 << 17)
+def legacy_tags_str(tags: Tags) -> str:
+    """The unescaped rendering of anomalyd before 0.9 (ambiguous), kept to find state saved under it."""
     return ",".join(f"{k}={v}" for k, v in sorted(tags))
+
+
+_PART = re.compile(r"((?:[^\\,=]|\\.)*)=((?:[^\\,=]|\\.)*)(?:,|$)")
+_UNESC = re.compile(r"\\(.)")
+
+
+def parse_tags(text: str) -> Tags:
+    """The tags `tags_str` rendered as ``text``.
+
+    Examples
+    --------
+    >>> t = (("dc", "a,host=b"), ("host", "c" + chr(92)))
+    >>> parse_tags(tags_str(t)) == t
+    True
+    >>> parse_tags("")
+    ()
+    """
+    out: list[tuple[str, str]] = []
+    pos = 0
+    while pos < len(text):
+        m = _PART.match(text, pos)
+        if m is None or m.end() == pos:
+            raise ValueError(f"series key {text!r} is not k=v,k=v")
+        out.append((_UNESC.sub(r"\1", m.group(1)), _UNESC.sub(r"\1", m.group(2))))
+        pos = m.end()
+    return tuple(out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +93,12 @@ class SeriesKey:
     def id(self) -> str:
         """Stable text key, used in state files."""
         return f"{self.signal}|{tags_str(self.tags)}"
+
+    @property
+    def legacy_id(self) -> str:
+        """The key this series had in state files before keys were escaped (equal to `id` unless a tag holds
+        ``\\``, ``,`` or ``=``)."""
+        return f"{self.signal}|{legacy_tags_str(self.tags)}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,7 @@ import glob
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
@@ -29,15 +29,16 @@ from .catalog import Catalog, StoredModel, model_id_for, model_mismatch
 from .config import Config, SignalConfig
 from .detector import SeriesState, WindowBatch
 from .grid import align_many
-from .influx import Point, Query, SeriesData, SeriesPoints, Store
+from .influx import Point, Query, SeriesData, SeriesPoints, Store, StoreError
 from .metrics import DATA_PROBLEMS, LAG_SECONDS, UNTRAINED_SERIES, WINDOWS
 from .postprocess import ScoreNormaliser
-from .records import SeriesKey, Tags, WindowResult, rfc3339, tags_str
+from .records import SeriesKey, Tags, WindowResult, parse_tags, rfc3339, tags_str
 from .state import ScoreStates, Watermarks
 from .stored import output_stamps
 
 log = logging.getLogger(__name__)
 _SLICE = 2000  # series scored together before their points go to the store
+_LATE_BATCH = 100  # series behind the others read again per query
 
 
 def _read_batches(store: Store, query: Query, start: int, end: int, size: int) -> Iterator[SeriesData]:
@@ -50,7 +51,8 @@ def _read_batches(store: Store, query: Query, start: int, end: int, size: int) -
 
 
 class AlertObserver(Protocol):
-    def observe(self, results: Sequence[WindowResult], now_ns: int | None = None) -> object: ...
+    def observe(self, results: Sequence[WindowResult], now_ns: int | None = None,
+                deliver: bool = True) -> object: ...
 
     def flush(self, deadline_s: float | None = None) -> int: ...
 
@@ -66,6 +68,11 @@ class SignalReport:
     lag_s: float = 0.0
     #: Why nothing of this signal could be scored (no model at all, no series matching), "" when it could.
     problem: str = ""
+    #: Why this signal's tick failed (read, write, alert commit or state save), "" when it did not. Its watermarks
+    #: did not advance: the same windows are scored again next tick.
+    failed: str = ""
+    #: Series of this signal that are not being scored, with the reason (no model, mismatched model, no data).
+    unscored: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -150,21 +157,38 @@ class Worker:
         self.scores = scores if scores is not None else ScoreStates(None)
         self._backfill_scores = ScoreStates(None)  # replaced by each score_range: never the live history
         self._reported_untrained: set[str] = set()
-        self._reported_mismatch: set[str] = set()
+        self._reported_mismatch: dict[str, str] = {}
+        self._reported_behind: set[str] = set()
+        self._silenced: dict[str, int] = {}  # series id -> the watermark its deadman alert was raised at
         self._reported_problem: dict[str, str] = {}
 
     # -- public entry points ---------------------------------------------------------------------------
     def tick(self, now_ns: int | None = None) -> TickReport:
-        """Score every due window since each series' watermark, write, alert, advance the watermarks."""
+        """Score every due window since each series' watermark, write, alert, advance the watermarks.
+
+        Each signal is its own commit: its points are written, its alert decisions queued durably, and only then
+        its watermarks advance and are saved. A signal that fails anywhere in that chain is reported
+        (``SignalReport.failed``) and scored again from the same watermarks next tick; the other signals go on.
+        The tick raises only when every signal failed. Queued alerts are delivered once, at the end.
+        """
         t_start = time.perf_counter()
         now = self.clock() if now_ns is None else now_ns
         report = TickReport()
+        errors: list[Exception] = []
         for sig in self.cfg.signals:
             step = sig.step_ns
             hi = (now - self.cfg.daemon.lateness_ns) // step * step
-            report.signals[sig.name] = self._run_signal(sig, None, hi, report, live=True)
-        report.seconds = time.perf_counter() - t_start
-        self._finish(report, now, live=True)
+            try:
+                report.signals[sig.name] = self._run_signal(sig, None, hi, report, live=True, now=now)
+            except Exception as exc:  # one signal's failure must neither block nor lose another's windows
+                errors.append(exc)
+                why = str(exc) if isinstance(exc, StoreError | OSError) else f"{type(exc).__name__}: {exc}"
+                report.signals[sig.name] = SignalReport(failed=why)
+                log.error("signal %s failed; its windows are scored again next tick: %s", sig.name, why,
+                          exc_info=not isinstance(exc, StoreError | OSError))
+        self._finish(report, now, live=True, t_start=t_start)
+        if errors and len(errors) == len(self.cfg.signals):
+            raise errors[0]
         return report
 
     def score_range(self, start_ns: int, end_ns: int, alert: bool = False) -> TickReport:
@@ -190,8 +214,7 @@ class Worker:
                 total.series = max(total.series, part.series)
                 total.problem = part.problem if not total.series else ""
             report.signals[sig.name] = total
-        report.seconds = time.perf_counter() - t_start
-        self._finish(report, self.clock(), live=alert)
+        self._finish(report, self.clock(), live=False, t_start=t_start, alert=alert)
         return report
 
     # -- internals -------------------------------------------------------------------------------------
@@ -210,26 +233,45 @@ class Worker:
     def _model_for(self, sig: SignalConfig, tags: Tags) -> StoredModel | None:
         mid = model_id_for(sig.name, tags, sig.scope)
         stored = self.catalog.get(mid)
+        if stored is None and sig.scope != "shared":
+            # A model trained before series keys were escaped: found under its old id if it is this series'.
+            old = self.catalog.get(model_id_for(sig.name, tags, sig.scope, legacy=True))
+            stored = old if old is not None and tuple(sorted(old.tags)) == tuple(sorted(tags)) else None
         if stored is None:
             return None
         why = model_mismatch(stored, sig)
         if why:
             if mid not in self._reported_mismatch:
                 log.error("model %s cannot score signal %s: %s", mid, sig.name, why)
-                self._reported_mismatch.add(mid)
+                self._reported_mismatch[mid] = why
             return None
         return stored
 
+    def _watermark(self, key: SeriesKey) -> int | None:
+        wm = self.watermarks.get(key.id)
+        if wm is None and key.legacy_id != key.id:  # saved before series keys were escaped
+            wm = self.watermarks.get(key.legacy_id)
+        return wm
+
     def _run_signal(self, sig: SignalConfig, lo: int | None, hi: int, report: TickReport,
-                    live: bool) -> SignalReport:
-        """Score windows whose end lies in ``(lo, hi]``; ``lo=None`` means: from each series' watermark."""
+                    live: bool, now: int | None = None) -> SignalReport:
+        """Score windows whose end lies in ``(lo, hi]``; ``lo=None`` means: from each series' watermark.
+
+        Live, the signal's read starts at its live series' watermark; a series that lags further (it stopped,
+        or its newest samples are late) does not widen that read: when it shows up again it is read on its own
+        from its watermark. Its watermark is the end of its last written window, so late samples are scored when
+        they come (within ``daemon.max_backlog_windows``).
+        """
         rep = SignalReport()
         step, period = sig.step_ns, sig.period_ns
         backlog = self.cfg.daemon.max_backlog_windows * step
         floor = hi - backlog
+        w_max = sig.window or sig.spec().max_window
         if lo is None:
             marks = [v for k, v in self.watermarks.items() if k.startswith(sig.name + "|")]
-            q_lo = max(min(marks), floor) if marks else floor
+            # The live series share the newest watermark; those a little behind (a late last sample) come along.
+            newest = max(marks, default=floor)
+            q_lo = max(min((v for v in marks if v >= newest - w_max * step), default=floor), floor)
         else:
             q_lo = lo
         if q_lo >= hi:
@@ -237,7 +279,6 @@ class Worker:
         # Read one longest window of context before the first due window, plus max_gap + 1 samples beyond both
         # ends so that gaps at the edges are filled exactly as over the whole series.
         # With the reconstruction written, one more window back: the previous tick's last samples are drawn again.
-        w_max = sig.window or sig.spec().max_window
         back = (w_max - 1) * (2 if self.cfg.output.write_reconstruction else 1)
         margin = (sig.max_gap + 1) * period
         half = period // 2
@@ -257,22 +298,27 @@ class Worker:
             """Where this series' due windows start (after its watermark, or its model's training end)."""
             if lo is not None:
                 return lo
-            wm = self.watermarks.get(key.id)
+            wm = self._watermark(key)
             s_lo = wm if wm is not None else stored.train_end_ns // step * step
             if s_lo < floor:
                 skipped = (floor - s_lo) // step
                 rep.skipped_backlog += skipped
-                log.warning("series %s is %d points behind, more than daemon.max_backlog_windows=%d; skipping the "
-                            "oldest %d", key, (hi - s_lo) // step, self.cfg.daemon.max_backlog_windows, skipped)
+                if key.id not in self._reported_behind:  # once per series, not every tick
+                    self._reported_behind.add(key.id)
+                    log.warning("series %s is %d points behind, more than daemon.max_backlog_windows=%d; "
+                                "skipping the oldest %d", key, (hi - s_lo) // step,
+                                self.cfg.daemon.max_backlog_windows, skipped)
                 s_lo = floor
             return s_lo
 
         def score(groups: dict[tuple[str, int], tuple[StoredModel, list[_Member]]]) -> Iterator[SeriesPoints]:
             for (_, s_lo), (stored, members) in groups.items():
-                self._score_group(sig, stored, members, s_lo, hi, states, rep, results, points, recon_points, before)
+                settled = self._score_group(sig, stored, members, s_lo, hi, states, rep, results, points,
+                                            recon_points, before, settle=lo is None)
                 rep.series += len(members)
-                for m in members:
-                    done[m.key.id] = hi
+                for m, end in zip(members, settled, strict=True):
+                    if end > s_lo:
+                        done[m.key.id] = end
                 yield from points
                 points.clear()
 
@@ -290,8 +336,12 @@ class Worker:
                         rep.untrained += 1
                         if not no_models:
                             no_models.append(not self._has_models(sig))
-                        mismatched = model_id_for(sig.name, tags, sig.scope) in self._reported_mismatch
-                        if key.id not in self._reported_untrained and not mismatched and not no_models[0]:
+                        mid = model_id_for(sig.name, tags, sig.scope)
+                        mismatch = self._reported_mismatch.get(mid)
+                        if not no_models[0]:  # (with no model at all, the signal's problem says it once)
+                            rep.unscored[key.id] = (f"model {mid} does not fit the config: {mismatch}" if mismatch
+                                                    else f"no model {mid}; run `anomalyd train`")
+                        if key.id not in self._reported_untrained and not mismatch and not no_models[0]:
                             self._reported_untrained.add(key.id)
                             log.warning("series %s has no model; it is skipped until `anomalyd train` covers it",
                                         key)
@@ -300,22 +350,21 @@ class Worker:
                     s_lo = start_of(key, stored)
                     if s_lo >= hi:
                         continue
-                    # A series newer than the others' watermarks starts at its own training end: read again below.
+                    # A series behind the others (new since training, back after an outage, late samples) is read
+                    # again on its own from its own start, below.
                     target = late if s_lo < q_lo else groups
                     target.setdefault((stored.model_id, s_lo), (stored, []))[1].append(_Member(key, times, values))
                 yield from score(groups)
             if late:
-                earliest = min(s_lo for _, s_lo in late)
-                again = self.store.read(query, earliest + period - back * period - margin - half,
-                                        hi + margin + half)
-                for _, members in late.values():
-                    for m in members:
-                        m.times, m.values = again.get(m.key.tags, (m.times, m.values))
-                yield from score(late)
+                yield from score(self._reread(query, late, hi + margin + half, period, back, margin))
             yield from recon_points
 
         try:
             self.store.write(scored(), self.cfg.output.retention_policy)
+            if live and self.alerts is not None and results:
+                # The alert decisions of these windows are durable before their watermarks advance: a failure
+                # here scores and observes them again next tick (the alert state ignores windows it has seen).
+                self.alerts.observe([r for b in results for r in b.results()], now, deliver=False)
         except BaseException:
             # Nothing of this signal's windows counts as seen: the score histories go back to where they were, so
             # the retry (from the same watermarks) scores the same windows the same way.
@@ -344,17 +393,72 @@ class Worker:
         if live:
             for key_id, end in done.items():
                 self.watermarks.advance(key_id, end)
-            all_marks = [v for k, v in self.watermarks.items() if k.startswith(sig.name + "|")]
-            rep.lag_s = (self.clock() - min(all_marks)) / 1e9 if all_marks else 0.0
+                self._reported_behind.discard(key_id)
+            self.watermarks.save()
+            all_marks = [(k, v) for k, v in self.watermarks.items() if k.startswith(sig.name + "|")]
+            rep.lag_s = (self.clock() - min(v for _, v in all_marks)) / 1e9 if all_marks else 0.0
             LAG_SECONDS.labels(signal=sig.name).set(rep.lag_s)
+            self._deadman(sig, all_marks, hi, now if now is not None else self.clock(), rep)
         return rep
+
+    def _reread(self, query: Query, late: dict[tuple[str, int], tuple[StoredModel, list[_Member]]], end: int,
+                period: int, back: int, margin: int) -> dict[tuple[str, int], tuple[StoredModel, list[_Member]]]:
+        """The series behind the others read again from their own starts (``_LATE_BATCH`` series per query,
+        oldest first), so that one of them never widens the read of the rest."""
+        members = sorted(((s_lo, stored, m) for (_, s_lo), (stored, ms) in late.items() for m in ms),
+                         key=lambda x: x[0])
+        for i in range(0, len(members), _LATE_BATCH):
+            part = members[i : i + _LATE_BATCH]
+            q = replace(query, series=tuple(m.key.tags for _, _, m in part))
+            again = self.store.read(q, part[0][0] + period - back * period - margin - period // 2, end)
+            for _, _, m in part:
+                m.times, m.values = again.get(m.key.tags, (m.times, m.values))
+        return late
+
+    def _deadman(self, sig: SignalConfig, marks: list[tuple[str, int]], hi: int, now: int,
+                 rep: SignalReport) -> None:
+        """Series whose newest written window is older than ``alerts.deadman`` are reported as not scored and
+        raise one ``deadman`` alert each (Kapacitor's name for it)."""
+        delay = getattr(self.cfg.alerts, "deadman_s", 600.0)
+        if delay <= 0:
+            return
+        cutoff = hi - int(delay * 1e9)
+        period = sig.period_ns
+        w = sig.window or sig.spec().max_window
+        fresh = []
+        for sid, end in marks:
+            if end >= cutoff:
+                self._silenced.pop(sid, None)
+                continue
+            rep.unscored[sid] = f"no data: no window written since {rfc3339(end)}"
+            if self._silenced.get(sid) == end:
+                continue
+            try:
+                tags = parse_tags(sid[len(sig.name) + 1 :])
+            except ValueError:
+                continue
+            fresh.append((SeriesKey(sig.name, tags), model_id_for(sig.name, tags, sig.scope),
+                          end - (w - 1) * period, end))
+        if not fresh or self.alerts is None:
+            return
+        silent = getattr(self.alerts, "silent", None)
+        if silent is None:
+            return
+        silent(fresh, now)  # durable before it is marked as raised
+        for key, _, _, end in fresh:
+            self._silenced[key.id] = end
 
     def _score_group(self, sig: SignalConfig, stored: StoredModel, members: list[_Member], s_lo: int, hi: int,
                      score_states: ScoreStates, rep: SignalReport, results: list[_SeriesResults],
                      points: list[SeriesPoints], recon_points: list[Point],
-                     before: list[tuple[ScoreNormaliser, tuple[object, ...]]]) -> None:
+                     before: list[tuple[ScoreNormaliser, tuple[object, ...]]], settle: bool = False) -> list[int]:
         """Align the series of one model with one watermark, run the detector over their new samples, and
-        turn the results into points and window results."""
+        turn the results into points and window results.
+
+        With ``settle``, a series' samples after its newest present one (rounded down to a written point) are
+        left for the next tick: its windows there are neither scored nor written now, so nothing is decided
+        before its samples are in. Returns, per series, the end of its last written window (``s_lo`` if none).
+        """
         det = stored.model
         period, w = sig.period_ns, det.window_
         gap = sig.max_gap + 1
@@ -371,6 +475,17 @@ class Worker:
                     log.info("series %s: %d %s samples before %d", m.key, count, kind, hi)
         ctx = slice(extra + gap, extra + gap + w - 1)
         new = slice(w - 1 + extra + gap, w - 1 + extra + gap + n_new)
+        settled = [hi] * len(members)
+        if settle and n_new:
+            present = np.isfinite(matrix[:, new])
+            last = n_new - 1 - np.argmax(present[:, ::-1], axis=1)  # newest present sample (if any)
+            ends = np.where(present.any(axis=1), first + last * period, s_lo)
+            step = sig.step_ns
+            ends = ends // step * step  # a written point covers whole steps
+            settled = ends.tolist()
+            for r in np.flatnonzero(ends < hi).tolist():
+                k = int((settled[r] - first) // period) + 1  # first column left for the next tick
+                matrix[r, new.start + max(k, 0) :] = np.nan
         model_tag = str(stored.meta.get("npz_sha256", stored.model_id))
         tails = det.context_tails(matrix[:, ctx])
         states = [SeriesState(first // period, tails[r], score_states.get(m.key.id, model_tag, det.normaliser_))
@@ -399,6 +514,7 @@ class Worker:
                 self._emit(sig, stored, m.key, batch, r, keep[r], ends, matrix[r], slots, rep, results, points)
             if self.cfg.output.write_reconstruction:
                 self._reconstruction_points(sig, stored, m.key, matrix[r], t0, first, hi, recon_points)
+        return settled
 
     def _emit_steady(self, sig: SignalConfig, stored: StoredModel, key: SeriesKey, cols: list[list],
                      ends: list[int], b: WindowBatch, r: int, row: NDArray[np.float64], slots: NDArray[np.int64],
@@ -503,23 +619,32 @@ class Worker:
             if np.isfinite(v) and np.isfinite(rc):
                 out.append(Point(meas, tags, (("value", float(v)), ("reconstruction", float(rc))), t0 + k * period))
 
-    def _finish(self, report: TickReport, now: int, live: bool) -> None:
+    def _finish(self, report: TickReport, now: int, live: bool, t_start: float, alert: bool = False) -> None:
+        """Deliver queued alerts, then record the tick's statistics (its time includes the delivery)."""
+        if live and self.alerts is not None:
+            try:
+                self.alerts.flush()  # this tick's alerts and what an earlier outage left queued
+            except Exception as exc:  # they stay queued; the next tick tries again
+                log.error("could not deliver alerts now, they stay queued: %s: %s", type(exc).__name__, exc)
+        elif alert and self.alerts is not None and report.results:
+            self.alerts.observe(report.results, now)  # a backfill asked to alert: queues durably, then delivers
+        report.seconds = time.perf_counter() - t_start
+        if not live:
+            return
         out = self.cfg.output
         stats = [Point(out.stats_measurement, (("signal", name),),
                        (("lag_seconds", float(r.lag_s)), ("windows", r.windows), ("anomalous", r.anomalous),
                         ("missing", r.missing), ("tick_seconds", float(report.seconds)),
-                        ("untrained_series", r.untrained)), now)
+                        ("untrained_series", r.untrained), ("unscored_series", len(r.unscored)),
+                        ("failed", bool(r.failed))), now)
                  for name, r in report.signals.items()]
-        if live and stats:
-            self.store.write(stats, out.retention_policy)
-        if live and self.alerts is not None:
-            if report.results:
-                self.alerts.observe(report.results, now)  # queues durably, then delivers
-            else:
-                self.alerts.flush()  # drain what an earlier outage left queued
-        if live:
-            self.watermarks.save()
+        try:
+            if stats:
+                self.store.write(stats, out.retention_policy)
+            self.watermarks.save()  # a signal whose save failed: try again (its alerts are queued already)
             self.scores.maybe_save()
+        except (StoreError, OSError) as exc:  # bookkeeping: the windows and alerts are committed already
+            log.warning("could not record the tick's statistics or state: %s", exc)
 
     def close(self) -> None:
         """Save what is kept between ticks only in memory (the score history); call on shutdown."""
