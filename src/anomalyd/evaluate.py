@@ -1354,7 +1354,7 @@ def load_label_windows(path: Path | str, series: Sequence[str], start_ns: int, e
 #: the red zone of `anomalyd.postprocess` (and of NAB's HTM detector).
 DEFAULT_SCORE_THRESHOLD = 0.5
 TUNE_CHOICES = ("none", "f1", "point-adjusted", "window", *(f"nab-{p}" for p in NAB_PROFILES))
-FORMATS = ("auto", "csv", "nab", "smd", "influx")
+FORMATS = ("auto", "csv", "nab", "smd", "ucr", "influx")
 _F1_KIND: dict[str, Literal["point", "point_adjusted", "window"]] = {
     "f1": "point", "point-adjusted": "point_adjusted", "window": "window"}
 
@@ -1482,6 +1482,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CSV and NAB: gaps of up to N samples are filled, as signals.max_gap does (default 8)")
     parser.add_argument("--jobs", type=int, default=1, help="NAB: files evaluated in parallel (default 1)")
     parser.add_argument("--machines", nargs="+", help="SMD: only these machine ids (default: all found)")
+    parser.add_argument("--every", type=int, default=1,
+                        help="UCR: evaluate every N-th series of index.csv (default 1: all 234)")
+    parser.add_argument("--detector", default=None, metavar="NAME",
+                        help="the window scorer (DetectorSpec.scorer): kmeans (default), fft, saliency, generalized, "
+                             "discord, nodata, or several joined by '+' (e.g. kmeans+discord)")
     parser.add_argument("--threshold", type=float,
                         help="operating threshold (default: 0.5 on normalised scores; the threshold learned "
                              "from training data for SMD, --model and InfluxDB stored models)")
@@ -1524,7 +1529,14 @@ def _detector_spec(args: Any) -> Any:
         raise ValueError(f"--slide {slide} must be at least 1 (1 scores every row)")
     if args.max_gap < 0:
         raise ValueError(f"--max-gap {args.max_gap} must be >= 0")
-    return DetectorSpec(window=window, stride=slide)
+    spec = DetectorSpec(window=window, stride=slide)
+    detector = getattr(args, "detector", None)
+    if detector is not None:
+        try:
+            spec = spec.with_overrides(scorer=str(detector))
+        except ValueError as exc:
+            raise _UsageError(f"--detector {detector!r}: {exc}") from None
+    return spec
 
 
 def _check_slide(args: Any, stored: Any) -> None:
@@ -1545,8 +1557,11 @@ def _guess_format(path: Path) -> str:
             return "nab"
         if any(path.glob("machine-*_train.npy")):
             return "smd"
-        raise ValueError(f"{path} is a folder but neither NAB (data/ and labels/combined_windows.json) nor SMD "
-                         "(machine-<id>_train.npy ...); pass a CSV file or one of those folders")
+        if (path / "series.npz").is_file() and (path / "index.csv").is_file():
+            return "ucr"
+        raise ValueError(f"{path} is a folder but neither NAB (data/ and labels/combined_windows.json), SMD "
+                         "(machine-<id>_train.npy ...) nor UCR (series.npz and index.csv); pass a CSV file or one "
+                         "of those folders")
     raise FileNotFoundError(f"input {path} does not exist")
 
 
@@ -1737,6 +1752,89 @@ def _load_smd_series(args: Any, spec: Any) -> list[EvalSeries]:
                               info={"window": det.window_, "n_clusters": len(det.catalog_.cluster_centers_),
                                     "metric_scores": batch.field_error}))
     return out
+
+
+@dataclass(frozen=True)
+class UcrSeries:
+    """One series of the UCR anomaly archive's index (0-based rows: training ``[0, train_end)``, the anomaly
+    ``[anomaly_first, anomaly_last]``)."""
+
+    name: str
+    train_end: int
+    anomaly_first: int
+    anomaly_last: int
+    length: int
+
+
+def load_ucr_index(root: Path | str) -> list[UcrSeries]:
+    """The series of a UCR folder's ``index.csv`` (1-based inclusive indices in the file, as in the archive)."""
+    path = Path(root) / "index.csv"
+    out = []
+    with path.open(newline="") as fh:
+        for row in csv.DictReader(fh):
+            try:
+                out.append(UcrSeries(row["name"], int(row["train_end"]), int(row["anomaly_start"]) - 1,
+                                     int(row["anomaly_end"]) - 1, int(row["length"])))
+            except (KeyError, ValueError) as exc:
+                raise ValueError(f"{path}: row {row} is not id,name,train_end,anomaly_start,anomaly_end,length "
+                                 f"({exc})") from exc
+    return out
+
+
+def ucr_top1(scores: ArrayLike, train_end: int, first: int, last: int, margin: int = 100) -> tuple[int, bool]:
+    """The UCR archive's rule: the row of the highest score after the training part (the first on ties), and
+    whether it is within ``margin`` rows of the labelled anomaly ``[first, last]``.
+
+    Examples
+    --------
+    >>> ucr_top1([9.0, 0.0, 0.1, 0.7, 0.2], 1, 3, 3, margin=0)
+    (3, True)
+    """
+    s = np.nan_to_num(np.asarray(scores, dtype=np.float64)[train_end:], nan=-np.inf)
+    if s.size == 0:
+        return -1, False
+    at = train_end + int(np.argmax(s))
+    return at, first - margin <= at <= last + margin
+
+
+def _ucr_run(job: tuple[UcrSeries, NDArray[np.float64], Any, int]) -> Any:
+    from .stored import run_stored
+
+    u, values, spec, max_gap = job
+    times = np.arange(values.size, dtype=np.int64) * 10**9
+    return run_stored(times, values, int(times[u.train_end - 1]), spec, period_ns=10**9, max_gap=max_gap)
+
+
+def _load_ucr_series(args: Any, spec: Any) -> list[EvalSeries]:
+    """Every ``--every``-th UCR series through the daemon's path: trained on its training part, every later row
+    scored (one sample per second)."""
+    index = load_ucr_index(args.input)
+    if args.every < 1:
+        raise _UsageError(f"--every {args.every} must be at least 1")
+    index = index[:: args.every]
+    out: list[EvalSeries] = []
+    with np.load(Path(args.input) / "series.npz") as z:
+        for u in _progress(index, args, "evaluate UCR"):
+            values = np.asarray(z[u.name], dtype=np.float64)
+            run = _ucr_run((u, values, spec, args.max_gap))
+            times = np.arange(values.size, dtype=np.int64) * 10**9
+            labels = np.zeros(values.size, dtype=bool)
+            labels[u.anomaly_first : u.anomaly_last + 1] = True
+            s = _series_from_run(u.name, times, values, labels, u.train_end, run)
+            for key, col in (("score", s.scores), ("error", np.nan_to_num(
+                    by_timestamp_error(run, times), nan=-np.inf))):
+                at, hit = ucr_top1(col, u.train_end, u.anomaly_first, u.anomaly_last)
+                s.info[f"ucr_top1_{key}"] = at
+                s.info[f"ucr_hit_{key}"] = hit
+            out.append(s)
+    return out
+
+
+def by_timestamp_error(run: Any, times: NDArray[np.int64]) -> NDArray[np.float64]:
+    """The score's input (``WindowBatch.error``) per row, as `anomalyd.stored.by_timestamp` lines it up."""
+    from .stored import by_timestamp
+
+    return by_timestamp(run, times, run.batch.error)
 
 
 def _rows_in_windows(windows: Sequence[tuple[int, int]], t0: int, period: int, n: int) -> NDArray[np.bool_]:
@@ -2030,6 +2128,11 @@ def _evaluate(series: list[EvalSeries], args: Any, corpus: NabCorpus | None) -> 
                 s.metrics.update({"nab_raw": r.score, "nab_detected": r.detected_windows,
                                   "nab_missed": r.missed_windows, "nab_fp_rows": r.fp})
         summary["nab"] = nab
+    ucr = [s for s in series if "ucr_hit_score" in s.info]
+    if ucr:
+        summary["ucr"] = {"series": len(ucr), **{f"top1_{k}": float(np.mean([s.info[f"ucr_hit_{k}"] for s in ucr]))
+                                                 for k in ("score", "error")},
+                          **{f"hits_{k}": int(sum(s.info[f"ucr_hit_{k}"] for s in ucr)) for k in ("score", "error")}}
     labelled = [s for s in series if s.labels is not None]
     if labelled:
         keys = ("f1", "pa_f1", "window_f1", "roc_auc", "pr_auc")
@@ -2075,6 +2178,11 @@ def format_table(series: Sequence[EvalSeries], summary: Mapping[str, Any]) -> st
                          for p in NAB_PROFILES)
         lines.append(f"NAB normalised score at NAB's optimised threshold per profile (tuned on these labels, "
                      f"optimistic): {best}")
+    if "ucr" in summary:
+        u = summary["ucr"]
+        lines.append(f"UCR top-1 within 100 rows of the anomaly: score {u['hits_score']}/{u['series']} "
+                     f"({u['top1_score']:.3f}), the score's input (error) {u['hits_error']}/{u['series']} "
+                     f"({u['top1_error']:.3f})")
     if "tuned" in summary:
         lines.append(f"tuned ({summary['tune']}): {summary['tuned']}")
     return "\n".join(lines)
@@ -2283,6 +2391,8 @@ def _run(args: argparse.Namespace) -> int:
         series, corpus = _load_nab_series(args, cfg)
     elif fmt == "smd":
         series = _load_smd_series(args, cfg)
+    elif fmt == "ucr":
+        series = _load_ucr_series(args, cfg)
     else:  # pragma: no cover - argparse restricts the choices
         raise _UsageError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     summary = _evaluate(series, args, corpus)

@@ -1,0 +1,153 @@
+"""Benchmark (e): the UCR anomaly archive (KDD Cup 2021), top-1 location per series, per window scorer.
+
+Every series goes through `anomalyd.evaluate`'s UCR path -- `anomalyd.stored.run_stored`, the daemon's own path in
+memory: trained on the series' training part only, every later row scored by the one `anomalyd.detector.Detector`
+-- once per scorer configuration. A series is a hit when the row with the highest value after the training part
+(the first on ties) is within 100 rows of the labelled anomaly (the archive's rule, ``../shared/data/ucr``). Two
+columns per configuration: the detector's ``score`` (the decision's input) and the raw window ``error`` (the
+score's own input).
+
+Measured in the same run, as baselines:
+
+* the plain matrix-profile discord: `stumpy.stump` AB-join of the test part against the training part, window =
+  the training part's dominant period (`anomalyd.detector.dominant_period`; 100 when it has none), the location
+  is the middle of the test subsequence farthest from its nearest training neighbour;
+* the trivial baseline: the largest absolute first difference after the training part (77 of 234 in the data's
+  README).
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_ucr.py [--data ../shared/data/ucr] [--every 4] [--configs kmeans discord]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from anomalyd.detector import DetectorSpec, TooLittleDataError, dominant_period
+from anomalyd.evaluate import _ucr_run, load_ucr_index, ucr_top1
+from anomalyd.stored import by_timestamp
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = Path(os.environ.get("ANOMALYD_SHARED_DATA") or ROOT.parent / "shared" / "data") / "ucr"
+
+#: Configurations (name -> `DetectorSpec.with_overrides` arguments); "kmeans" is the shipped default.
+CONFIGS: dict[str, dict[str, Any]] = {
+    "kmeans": {},
+    "fft": {"scorer": "fft"},
+    "saliency": {"scorer": "saliency"},
+    "generalized": {"scorer": "generalized"},
+    "discord": {"scorer": "discord"},
+    "kmeans+discord": {"scorer": "kmeans+discord"},
+    "discord, window = one period (to 256)": {"scorer": "discord", "period_fraction": 1.0, "max_window": 256},
+    "kmeans, robust reference, range per sample": {"normaliser_reference": "robust", "range_by": "sample",
+                                                   "normaliser_range_growth": 1.0},
+    "kmeans, range per sample, growth cap 1": {"range_by": "sample", "normaliser_range_growth": 1.0},
+}
+
+
+def stumpy_discord(x: np.ndarray, train_end: int) -> tuple[int, int]:
+    """The plain AB-join discord's location and its window (see the module docstring)."""
+    import stumpy
+
+    train, test = x[:train_end], x[train_end:]
+    period = dominant_period(train, max_lag=len(train) // 3)
+    m = int(np.clip(period or 100, 8, max(8, min(len(train) // 2, len(test) // 2))))
+    mp = stumpy.stump(test, m, T_B=train, ignore_trivial=False)
+    d = np.asarray(mp[:, 0], dtype=np.float64)
+    d[~np.isfinite(d)] = -np.inf
+    return train_end + int(np.argmax(d)) + m // 2, m
+
+
+def first_difference(x: np.ndarray, train_end: int) -> int:
+    return train_end + int(np.argmax(np.abs(np.diff(x[train_end - 1 :]))))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="UCR folder (default %(default)s)")
+    p.add_argument("--every", type=int, default=1, help="every N-th series of index.csv (default 1: all)")
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), help="configurations to run (default all)")
+    p.add_argument("--max-gap", type=int, default=8, help="signals.max_gap (default 8)")
+    p.add_argument("--no-baselines", action="store_true", help="skip the stumpy and first-difference baselines")
+    p.add_argument("--json", type=Path, help="write per-series results to this JSON file")
+    args = p.parse_args(argv)
+    if not (args.data / "series.npz").is_file():
+        print(f"UCR data not found at {args.data}; pass --data", file=sys.stderr)
+        return 2
+    unknown = [c for c in args.configs if c not in CONFIGS]
+    if unknown:
+        print(f"unknown configurations {unknown}; choose from {list(CONFIGS)}", file=sys.stderr)
+        return 2
+    index = load_ucr_index(args.data)[:: args.every]
+    hits: dict[str, dict[str, int]] = {c: {"score": 0, "error": 0, "ties": 0, "failed": 0} for c in args.configs}
+    seconds = dict.fromkeys(args.configs, 0.0)
+    base = {"stumpy discord (AB-join, window = period)": 0, "largest first difference": 0}
+    base_s = 0.0
+    rows: list[dict[str, Any]] = []
+    with np.load(args.data / "series.npz") as z:
+        for i, u in enumerate(index):
+            x = np.asarray(z[u.name], dtype=np.float64)
+            row: dict[str, Any] = {"name": u.name}
+            times = np.arange(x.size, dtype=np.int64) * 10**9
+            for c in args.configs:
+                spec = DetectorSpec().with_overrides(**CONFIGS[c])
+                t0 = time.perf_counter()
+                try:
+                    run = _ucr_run((u, x, spec, args.max_gap))
+                except TooLittleDataError:
+                    hits[c]["failed"] += 1
+                    continue
+                seconds[c] += time.perf_counter() - t0
+                score = np.nan_to_num(by_timestamp(run, times, run.batch.score), nan=-np.inf)
+                error = np.nan_to_num(by_timestamp(run, times, run.batch.error), nan=-np.inf)
+                for key, col in (("score", score), ("error", error)):
+                    at, hit = ucr_top1(col, u.train_end, u.anomaly_first, u.anomaly_last)
+                    hits[c][key] += hit
+                    row[f"{c}/{key}"] = [at, hit]
+                top = score[u.train_end :].max()
+                hits[c]["ties"] += int(np.count_nonzero(score[u.train_end :] == top) > 1)
+            if not args.no_baselines:
+                t0 = time.perf_counter()
+                at, m = stumpy_discord(x, u.train_end)
+                ok = u.anomaly_first - 100 <= at <= u.anomaly_last + 100
+                base["stumpy discord (AB-join, window = period)"] += ok
+                at2 = first_difference(x, u.train_end)
+                base["largest first difference"] += u.anomaly_first - 100 <= at2 <= u.anomaly_last + 100
+                base_s += time.perf_counter() - t0
+                row.update(stumpy=[at, bool(ok), m], first_difference=at2)
+            rows.append(row)
+            print(f"{i + 1}/{len(index)} {u.name}: " + " ".join(
+                f"{c}={int(row.get(f'{c}/score', [0, False])[1])}{int(row.get(f'{c}/error', [0, False])[1])}"
+                for c in args.configs) + (f" stumpy={int(row['stumpy'][1])}" if "stumpy" in row else ""),
+                file=sys.stderr, flush=True)
+    n = len(index)
+    print(f"## UCR anomaly archive, {n} series (every {args.every}th of {len(load_ucr_index(args.data))}), top-1 "
+          "within 100 rows\n")
+    print("| configuration | top-1 by `score` | top-1 by `error` | series with a tie at the top score | "
+          "seconds |")
+    print("|---|---|---|---|---|")
+    for c in args.configs:
+        h = hits[c]
+        fail = f" ({h['failed']} not trainable)" if h["failed"] else ""
+        print(f"| {c} | {h['score']}/{n} ({h['score'] / n:.3f}){fail} | {h['error']}/{n} ({h['error'] / n:.3f}) | "
+              f"{h['ties']} | {seconds[c]:.0f} |")
+    if not args.no_baselines:
+        for name, h in base.items():
+            print(f"| baseline: {name} | {h}/{n} ({h / n:.3f}) | | | {base_s:.0f} (both) |")
+    if args.json:
+        args.json.write_text(json.dumps({"hits": hits, "baselines": base, "series": rows}, indent=1,
+                                        default=float) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

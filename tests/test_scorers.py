@@ -1,0 +1,113 @@
+"""The window scorers (anomalyd.scorers) inside the detector: causal, chunk-invariant, persisted, and each one
+finds what it is for."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+
+from anomalyd.detector import Detector, DetectorSpec
+from anomalyd.scorers import SCORERS, make_scorer, parse_scorers, spectral_residual
+
+CONFIGS = [*SCORERS, "kmeans+discord", "fft+generalized"]
+
+
+def _series(n: int = 3000, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(n)
+    x = np.sin(2 * np.pi * t / 40) + 0.05 * rng.standard_normal(n)
+    x[2200:2240] = np.sin(2 * np.pi * t[2200:2240] / 13)  # a change of shape and frequency
+    x[2600:2603] = np.nan  # a gap
+    return x
+
+
+def _fit(scorer: str, x: np.ndarray) -> Detector:
+    return Detector(DetectorSpec(n_clusters=20, scorer=scorer, discord_max_ref=500)).fit([x[:1000]])
+
+
+def _columns(b) -> dict[str, np.ndarray]:  # type: ignore[no-untyped-def]
+    return {"error": b.error, "score": b.score, "anomalous": b.anomalous, "field_error": b.field_error}
+
+
+@pytest.mark.parametrize("scorer", CONFIGS)
+def test_each_scorer_is_chunk_invariant_and_causal(scorer: str) -> None:
+    x = _series()
+    det = _fit(scorer, x)
+    whole = _columns(det.update(det.start(1000, x[:1000]), x[1000:]))
+    st = det.start(1000, x[:1000])
+    parts = [_columns(det.update(st, x[a : a + 97])) for a in range(1000, len(x), 97)]
+    for key, col in whole.items():
+        assert np.array_equal(col, np.concatenate([p[key] for p in parts]), equal_nan=True), key
+    # Causal: the results up to a row do not depend on what comes after it.
+    short = _columns(det.update(det.start(1000, x[:1000]), x[1000:2100]))
+    for key, col in short.items():
+        assert np.array_equal(col, whole[key][:1100], equal_nan=True), key
+
+
+@pytest.mark.parametrize("scorer", CONFIGS)
+def test_each_scorer_survives_the_model_file(scorer: str) -> None:
+    x = _series()
+    det = _fit(scorer, x)
+    arrays, meta = det.to_state()
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
+    with np.load(io.BytesIO(buf.getvalue()), allow_pickle=False) as z:
+        again = Detector.from_state({k: z[k] for k in z.files}, meta)
+    a = det.update(det.start(1000, x[:1000]), x[1000:])
+    b = again.update(again.start(1000, x[:1000]), x[1000:])
+    assert np.array_equal(a.score, b.score, equal_nan=True)
+    assert np.array_equal(a.error, b.error, equal_nan=True)
+    if scorer == "kmeans":  # the default model keeps exactly the arrays it always had
+        assert not any(k.startswith("scorer_") for k in arrays)
+
+
+@pytest.mark.parametrize("scorer", ["kmeans", "fft", "saliency", "generalized", "discord", "kmeans+discord"])
+def test_each_shape_scorer_ranks_the_changed_stretch_first(scorer: str) -> None:
+    x = _series()
+    det = _fit(scorer, x)
+    b = det.update(det.start(1000, x[:1000]), x[1000:])
+    top = int(b.position[np.nanargmax(b.error)])
+    assert 2200 <= top < 2240 + det.window_
+    assert b.anomalous[1200 - 1000 : 2150 - 1000].sum() == 0  # nothing before it
+
+
+def test_nodata_scores_the_gap_and_nothing_else() -> None:
+    x = _series()
+    x[2200:2240] = np.sin(2 * np.pi * np.arange(2200, 2240) / 40)  # no shape change: gaps only
+    det = _fit("nodata", x)
+    b = det.update(det.start(1000, x[:1000]), x[1000:])
+    flagged = b.position[b.anomalous]
+    assert flagged.size and flagged.min() >= 2600 and flagged.max() < 2603 + det.window_
+    assert np.nanmax(b.error[: 2600 - 1000]) == 0.0
+
+
+def test_discord_distance_is_stumpys_ab_join() -> None:
+    stumpy = pytest.importorskip("stumpy")
+    rng = np.random.default_rng(1)
+    train = np.cumsum(rng.standard_normal(400))
+    test = np.cumsum(rng.standard_normal(120))
+    w = 24
+    sc = make_scorer("discord", discord_max_ref=10_000)
+    sc.fit([np.lib.stride_tricks.sliding_window_view(train, w)[:, :, None]], 10_000, 0)
+    wins = np.lib.stride_tricks.sliding_window_view(test, w)[:, :, None]
+    ours = sc.errors(wins)[:, 0] * np.sqrt(w)
+    ref = np.asarray(stumpy.stump(test, w, T_B=train, ignore_trivial=False)[:, 0], dtype=np.float64)
+    assert np.allclose(ours, ref, atol=1e-6)
+
+
+def test_spectral_residual_points_at_a_spike() -> None:
+    x = np.sin(np.arange(64) / 3.0)
+    x[40] += 4.0
+    assert int(np.argmax(spectral_residual(x[None])[0])) == 40
+
+
+def test_scorer_settings_are_validated() -> None:
+    assert parse_scorers("kmeans+fft") == ("kmeans", "fft")
+    with pytest.raises(ValueError, match="wavelet is not one of"):
+        DetectorSpec(scorer="wavelet")
+    with pytest.raises(ValueError, match="twice"):
+        DetectorSpec(scorer="fft+fft")
+    with pytest.raises(ValueError, match="nodata"):
+        DetectorSpec(scorer="kmeans+nodata")
