@@ -16,7 +16,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -86,8 +86,8 @@ class WindowCount:
         return self.missing == 0 and self.extra == 0 and self.duplicated == 0
 
 
-def count_windows(influxd: LocalInfluxd, db: str, signal_name: str, tag: str, expected: dict[str, Iterable[int]],
-                  measurement: str = "anomaly_error", gaps: dict[str, Iterable[int]] | None = None
+def count_windows(influxd: LocalInfluxd, db: str, signal_name: str, tag: str, expected: Mapping[str, Iterable[int]],
+                  measurement: str = "anomaly_error", gaps: Mapping[str, Iterable[int]] | None = None
                   ) -> dict[str, WindowCount]:
     """Per series (value of ``tag``), the output points of ``signal_name`` against the window ends expected.
 
@@ -319,6 +319,9 @@ class _ProxyServer(ThreadingHTTPServer):
     daemon_threads = True
     proxy: InfluxProxy
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a daemon killed mid-request leaves a broken pipe: expected here
+
 
 class InfluxProxy:
     """A forwarding HTTP proxy in front of influxd that can kill the daemon at a chosen request."""
@@ -353,6 +356,7 @@ class KillingSlack(SlackStub):
         super().__init__()
         self.kill_point: KillPoint | None = None
         self.killed_keys: list[str] = []
+        self._server.handle_error = lambda request, client_address: None  # type: ignore[method-assign]
 
     def _next_reply(self, rec: Recorded) -> Reply:
         point = self.kill_point
@@ -395,19 +399,24 @@ class Tmpfs:
 
     def fill(self) -> None:
         """Fill the file system: any write of data fails with ENOSPC until `unfill`."""
-        with open(self.filler, "wb") as f:
+        fd = os.open(self.filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        try:
             block = b"\0" * 4096
-            try:
-                while True:
-                    f.write(block)
-                    f.flush()
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC, exc
-        with contextlib.suppress(OSError), open(self.path / "probe", "wb") as f:
-            f.write(b"x" * 4096)
-            f.flush()
-            os.fsync(f.fileno())
+            while True:
+                os.write(fd, block)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+        finally:
+            os.close(fd)
+        fd = os.open(self.path / "probe", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        try:
+            os.write(fd, b"x" * 4096)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+        else:
             raise AssertionError(f"{self.path} is not full")
+        finally:
+            os.close(fd)
 
     def unfill(self) -> None:
         self.filler.unlink(missing_ok=True)
