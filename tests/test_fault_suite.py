@@ -598,9 +598,13 @@ def test_a_stopped_series_raises_one_deadman_alert_then_resumed(
     first_seen: dict[str, int] = {}
     for at in range(40, 301, 10):
         now[0] = T0 + at * S
-        _, exc = try_tick(worker, now[0])
+        rep, exc = try_tick(worker, now[0])
         if exc is not None:
             notes.append(f"tick at +{at}s raised {type(exc).__name__}: {exc}")
+        elif 140 <= at < 200:  # p3 is reported as not scored while it is silent
+            unscored = getattr(rep.signals["heartbeat"], "unscored", {})
+            if not any("p3" in k for k in unscored) or any("p1" in k or "p2" in k for k in unscored):
+                notes.append(f"tick at +{at}s: signals['heartbeat'].unscored = {unscored} (expected p3 only)")
         for k in delivered_keys(slack):
             first_seen.setdefault(k, at)
     got = delivered_keys(slack)
