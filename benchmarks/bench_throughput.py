@@ -25,6 +25,9 @@ so 16 + 16 new ones cross 4,000). That "recompute tick" is shown on its own; the
 Usage::
 
     .venv/bin/python benchmarks/bench_throughput.py [--windows 1000 10000 100000 1000000] [--repeat 3]
+
+Then, per window scorer (`DetectorSpec.scorer`, ``--scorers``), the whole detector's cost per window beside
+K-Means (the first), over one series and as a tick (the normaliser's state copied per call).
 """
 
 from __future__ import annotations
@@ -109,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=int, default=32)
     p.add_argument("--clusters", type=int, default=150)
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--scorers", nargs="*", default=["kmeans", "fft", "saliency", "generalized", "discord",
+                                                     "nodata", "kmeans+discord"],
+                   help="window scorers whose cost per window is measured beside kmeans (the first is the base)")
+    p.add_argument("--scorer-windows", type=int, default=20_000, help="windows per scorer measurement")
     args = p.parse_args(argv)
     w, reps = args.window, args.repeat
     with threadpool_limits(limits=1):
@@ -182,7 +189,40 @@ def main(argv: list[str] | None = None) -> int:
                   f"{rate(n_series * NEW, t_many, r_bound)} | {rate(n_series * NEW, t_many_re, r_bound)} | "
                   f"{rate(n, t_row, r_bound)} | {rate(rows * NEW, t_rows, r_bound)} | "
                   f"{rate(rows * NEW, t_rows_re, r_bound)} |", flush=True)
+        if args.scorers:
+            scorer_costs(x, w, args.clusters, reps, args.scorer_windows, args.scorers)
     return 0
+
+
+def scorer_costs(x: np.ndarray, w: int, clusters: int, reps: int, n: int, scorers: list[str]) -> None:
+    """Cost per window of each window scorer (`DetectorSpec.scorer`) beside K-Means: the whole detector over one
+    series of ``n`` new samples (a backfill or ``anomalyd evaluate``), and as a tick (``n / 16`` series x 16)."""
+    print(f"\n## Window scorers: cost per window ({n:,} windows, window {w}, one core)\n")
+    print("| scorer | fit (s) | one series (us/window) | / kmeans | tick, series x 16 (us/window) | / kmeans |")
+    print("|---|---|---|---|---|---|")
+    y, _ = ecg(n + 20_000 + w, seed=1)
+    base: tuple[float, float] | None = None
+    for name in scorers:
+        t0 = time.perf_counter()
+        det = Detector(DetectorSpec(window=w, n_clusters=clusters, scorer=name)).fit([x])
+        fit_s = time.perf_counter() - t0
+        t_row = best_time(lambda d=det: d.update(d.start(w - 1, y[: w - 1]), y[w - 1 : w - 1 + n]), reps)
+        n_series = max(1, n // NEW)
+        starts = [(i * 37) % 20_000 for i in range(n_series)]
+        block = np.stack([y[a + w - 1 : a + w - 1 + NEW] for a in starts])
+        ctxs = np.stack([y[a : a + w - 1] for a in starts])
+
+        def one_tick(d: Detector = det, b: np.ndarray = block, c: np.ndarray = ctxs) -> None:
+            states = [SeriesState(w - 1, t, d.normaliser_.copy()) for t in d.context_tails(c)]
+            for lo in range(0, len(states), TICK_SLICE):
+                d.update_many(states[lo : lo + TICK_SLICE], b[lo : lo + TICK_SLICE])
+
+        t_tick = best_time(one_tick, reps)
+        per_row, per_tick = 1e6 * t_row / n, 1e6 * t_tick / (n_series * NEW)
+        if base is None:
+            base = (per_row, per_tick)
+        print(f"| {name} | {fit_s:.1f} | {per_row:.2f} | {per_row / base[0]:.1f} | {per_tick:.2f} | "
+              f"{per_tick / base[1]:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

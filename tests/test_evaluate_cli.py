@@ -416,3 +416,46 @@ def test_nab_figures_at_the_operating_and_the_optimised_threshold_are_labelled(
     for profile in ("standard", "reward_low_FP_rate", "reward_low_FN_rate"):
         assert f"{profile} {nab[profile]['score']:.2f}" in at
         assert f"{profile} {nab[profile]['optimised_score']:.2f} (score >= " in best
+
+
+def _ucr_folder(tmp_path: Path) -> tuple[Path, list[tuple[str, int, int, int]]]:
+    """Two synthetic UCR-style series (training part, then one labelled anomaly), as series.npz + index.csv."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    rows, arrays = [], {}
+    for i, (kind, at) in enumerate((("beat_shape", 3500), ("noise_burst", 4200))):
+        x, beats = ecg(5000, seed=i)
+        y, found = inject(x, beats, (kind,), at, seed=i)
+        a, b = found[0].start, found[0].end
+        name = f"00{i + 1}_UCR_Anomaly_synthetic{i}_2000_{a + 1}_{b}"
+        arrays[name] = np.asarray(y, dtype=np.float32)
+        rows.append((name, 2000, a + 1, b))
+    np.savez_compressed(tmp_path / "series.npz", **arrays)  # type: ignore[arg-type]
+    lines = ["id,name,train_end,anomaly_start,anomaly_end,length"]
+    lines += [f"{i + 1},{n},{t},{a},{b},5000" for i, (n, t, a, b) in enumerate(rows)]
+    (tmp_path / "index.csv").write_text("\n".join(lines) + "\n")
+    return tmp_path, rows
+
+
+def test_ucr_folder_is_read_directly_with_each_detector(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder, rows = _ucr_folder(tmp_path / "ucr")
+    for name in ("kmeans", "fft", "kmeans+discord"):
+        out = tmp_path / f"{name}.json"
+        assert evaluate(folder, "--detector", name, "--json", out, "--no-progress") == 0
+        report = json.loads(out.read_text())
+        assert report["format"] == "ucr" and report["detector"]["scorer"] == name
+        assert report["summary"]["ucr"]["series"] == 2
+        for s, (_, train_end, _, _) in zip(report["series"], rows, strict=True):
+            assert s["n_train"] == train_end and s["ucr_top1_score"] >= train_end
+        assert "UCR top-1 within 100 rows" in capsys.readouterr().out
+    # The same top-1 rule by hand on the kmeans report's own rows is what the summary counts.
+    rep = json.loads((tmp_path / "kmeans.json").read_text())
+    hits = sum(a - 1 - 100 <= s["ucr_top1_error"] <= b - 1 + 100
+               for s, (_, _, a, b) in zip(rep["series"], rows, strict=True))
+    assert rep["summary"]["ucr"]["hits_error"] == hits
+
+
+def test_an_unknown_detector_exits_2_naming_the_choices(labelled: tuple, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    path = labelled[0]
+    assert evaluate(path, "--detector", "wavelet") == 2
+    assert "kmeans, fft, saliency, generalized, discord, nodata" in capsys.readouterr().err
