@@ -61,6 +61,16 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "max_gap 4": {"max_gap": 4},
     "random_state 1": {"random_state": 1},
     "random_state 2": {"random_state": 2},
+    "out-of-range rule on the newest sample, range growth capped at its width": {
+        "range_by": "sample", "normaliser_range_growth": 1.0},
+    "range growth capped at 0.02 of its width per window": {"normaliser_range_growth": 0.02},
+    "robust reference (median / IQR history)": {"normaliser_reference": "robust"},
+    "scorer fft": {"scorer": "fft"},
+    "scorer saliency": {"scorer": "saliency"},
+    "scorer generalized": {"scorer": "generalized"},
+    "scorer discord": {"scorer": "discord"},
+    "scorer kmeans+discord": {"scorer": "kmeans+discord"},
+    "scorer kmeans+fft": {"scorer": "kmeans+fft"},
 }
 MAX_GAP = 8  # signals.max_gap's default
 

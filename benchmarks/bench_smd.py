@@ -52,6 +52,12 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "no per-metric error normalisation": {"field_norm": "none"},
     "mean over metrics instead of max": {"aggregate": "mean"},
     "per-metric scale floor 0.01 (data units)": {"min_scale": 0.01},
+    "out-of-range rule on the newest sample, range growth capped at its width": {
+        "range_by": "sample", "normaliser_range_growth": 1.0},
+    "robust reference (median / IQR history)": {"normaliser_reference": "robust"},
+    "scorer fft": {"scorer": "fft"},
+    "scorer generalized": {"scorer": "generalized"},
+    "scorer kmeans+discord": {"scorer": "kmeans+discord"},
 }
 
 
@@ -80,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="SMD folder (default %(default)s)")
     p.add_argument("--ablation", action="store_true", help="also run the variants in ABLATIONS")
+    p.add_argument("--only", help="with --ablation: only the variants whose name contains this text")
     p.add_argument("--json", type=Path, help="write all figures to this JSON file")
     args = p.parse_args(argv)
     if not args.data.is_dir():
@@ -105,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         print("|---|" + "---|" * len(PAPER))
         report["ablation"] = {}
         for label, changes in ABLATIONS.items():
+            if args.only and args.only not in label:
+                continue
             rows = {m: evaluate_machine(args.data, m, cfg.with_overrides(**changes)) for m in PAPER}
             report["ablation"][label] = rows
             print(f"| {label} | " + " | ".join(f"{rows[m]['window_f1']:.3f} ({rows[m]['oracle_window_f1']:.3f})"
