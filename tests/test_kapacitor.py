@@ -79,7 +79,7 @@ def test_shipped_tickscripts_are_the_templates_and_vars_examples_are_current(tmp
     models = example_models()[:1]
     render(example_config(), tmp_path, models)
     (tmp_path / f"anomaly_fixed.{models[0].model_id}.vars.json").rename(tmp_path / "anomaly_fixed.vars.json")
-    for name in ("anomaly_stream", "anomaly_batch", "anomaly_fixed"):
+    for name in ("anomaly_stream", "anomaly_batch", "anomaly_fixed", "anomaly_deadman"):
         shipped = json.loads((SHIPPED / f"{name}.vars.json").read_text())
         assert shipped == json.loads((tmp_path / f"{name}.vars.json").read_text()), (
             f"tickscripts/{name}.vars.json differs from what `anomalyd kapacitor render` writes")
@@ -104,7 +104,7 @@ def _lambdas(script: str) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("name", list(TEMPLATES))
+@pytest.mark.parametrize("name", [n for n in TEMPLATES if n != "anomaly_deadman"])  # deadman: its own test
 def test_every_identifier_in_the_scripts_is_in_the_output_schema(name: str) -> None:
     script = TEMPLATES[name][1]
     kind = name.removeprefix("anomaly_")
@@ -143,8 +143,66 @@ def test_every_identifier_in_the_scripts_is_in_the_output_schema(name: str) -> N
         assert handler in script
 
 
+#: A TICKscript string literal as Kapacitor's lexer delimits it: triple-quoted (to the first three quotes), or
+#: single-quoted, where only backslash-quote escapes (tick/ast/lex.go, lexSingleOrTripleString).
+_STRING = r"(?:'''.*?'''|'(?:\\'|[^'])*')"
 _LAMBDA_TOKEN = re.compile(r'\s*(?:"(\w+)"|\b(TRUE|FALSE|AND|OR)\b|isPresent\("(\w+)"\)|(==|!=|>=|<=|>|<|/|\(|\))'
-                           r"|(-?\d+(?:\.\d+)?)|'((?:\\.|[^'\\])*)'|([a-z_]\w*))")
+                           rf"|(-?\d+(?:\.\d+)?)|({_STRING})|([a-z_]\w*))")
+
+
+def kapacitor_string(src: str) -> tuple[str, str]:
+    """The value of the TICKscript string literal at the start of ``src`` and the text after it, read as Kapacitor
+    reads it: a port of ``lexSingleOrTripleString`` (tick/ast/lex.go) and ``newString`` (tick/ast/node.go).
+    Raises ValueError where Kapacitor says "unterminated string"."""
+    pos, count, total = 0, 0, 0
+
+    def nxt() -> str:
+        nonlocal pos
+        pos += 1
+        return src[pos - 1] if pos <= len(src) else ""
+
+    def peek() -> str:
+        return src[pos] if pos < len(src) else ""
+
+    def emit() -> tuple[str, str]:
+        txt, rest = src[:pos], src[pos:]
+        if len(txt) >= 6 and txt.startswith("'''"):
+            return txt[3:-3], rest
+        lit, out, last, i = txt[1:-1], [], 0, 0
+        while i < len(lit) - 1:  # Go: for i := 0; i < len(literal)-1; i++ { if `\'` { write; i++; last = i } }
+            if lit[i] == "\\" and lit[i + 1] == "'":
+                out.append(lit[last:i])
+                i += 1
+                last = i
+            i += 1
+        return "".join(out) + lit[last:], rest
+
+    while True:
+        if nxt() != "'":
+            raise ValueError(f"unterminated string: {src!r}")
+        count += 1
+        if count == 1 and peek() == "'":
+            count += 1
+            nxt()
+            if peek() != "'":
+                return emit()
+            count += 1
+            nxt()
+        if (count == 1 and peek() != "'") or count == 3:
+            total = count
+            while True:
+                r = nxt()
+                if r == "\\" and count == 1:
+                    if peek() == "'":
+                        nxt()
+                elif r == "'":
+                    count -= 1
+                    if count == 0:
+                        return emit()
+                elif r == "":
+                    raise ValueError(f"unterminated string: {src!r}")
+                else:
+                    count = total
 
 
 def tick_lambda(expr: str, env: Mapping[str, Any]) -> Callable[[Mapping[str, Any]], Any]:
@@ -165,7 +223,7 @@ def tick_lambda(expr: str, env: Mapping[str, Any]) -> Callable[[Mapping[str, Any
         elif op or number:
             out.append(op or number)
         elif string is not None:
-            out.append(repr(re.sub(r"\\(.)", r"\1", string)))
+            out.append(repr(kapacitor_string(string)[0]))
         else:
             out.append(repr(env[var]))
     assert expr[i:].strip() == "", f"cannot translate {expr[i:]!r}"
@@ -262,13 +320,13 @@ def test_every_var_the_scripts_use_is_declared_with_an_accepted_type(name: str) 
     # template vars without a default are exactly the ones render must fill
     required = {n for n, (_, has_default) in declared.items() if not has_default}
     assert required == {"anomaly_stream": set(), "anomaly_batch": {"db"},
-                        "anomaly_fixed": {"where_filter", "threshold"}}[name]
+                        "anomaly_fixed": {"where_filter", "threshold"}, "anomaly_deadman": set()}[name]
 
 
 def test_vars_files_have_the_types_kapacitor_accepts(tmp_path: Path) -> None:
     paths = render(example_config(), tmp_path, example_models())
     vars_files = [p for p in paths if p.name.endswith(".vars.json")]
-    assert len(vars_files) == 4
+    assert len(vars_files) == 5
     for p in vars_files + sorted(SHIPPED.glob("*.vars.json")):
         doc = json.loads(p.read_text())
         template = p.name.split(".")[0]
@@ -307,8 +365,9 @@ def test_series_filters_quote_tag_values_and_shared_models_cover_the_signal(tmp_
     shared = ModelRef("cpu", "cpu", (), 2.0)
     assert kapacitor.series_filter(odd) == "\"signal\" == 'cpu' AND \"series\" == 'host=o\\'brien'"
     assert kapacitor.series_filter(shared) == "\"signal\" == 'cpu'"
-    with pytest.raises(KapacitorError, match="backslash"):
-        kapacitor.series_filter(ModelRef("x", "x", (("k", "a\\b"),), 1.0))
+    # a backslash is kept as it is (Kapacitor unescapes only \'), one at the end is put in triple quotes
+    assert kapacitor.series_filter(ModelRef("x", "x", (("k", "a\\b"),), 1.0)) == (
+        "\"signal\" == 'x' AND \"series\" == " + kapacitor.tick_string(tags_str((("k", "a\\b"),))))
     with pytest.raises(KapacitorError, match="retrain"):
         kapacitor.tasks(example_config(), [ModelRef("x", "x", (), float("nan"))])
 
@@ -317,13 +376,16 @@ def test_render_writes_a_define_script_for_the_kapacitor_cli(tmp_path: Path) -> 
     models = example_models()
     paths = render(example_config(), tmp_path, models)
     assert sorted(p.name for p in paths) == sorted([
-        "anomaly_stream.tick", "anomaly_batch.tick", "anomaly_fixed.tick", "anomaly_stream.vars.json",
-        "anomaly_batch.vars.json", *(f"anomaly_fixed.{m.model_id}.vars.json" for m in models), "define.sh"])
+        "anomaly_stream.tick", "anomaly_batch.tick", "anomaly_fixed.tick", "anomaly_deadman.tick",
+        "anomaly_stream.vars.json", "anomaly_batch.vars.json", "anomaly_deadman.vars.json",
+        *(f"anomaly_fixed.{m.model_id}.vars.json" for m in models), "define.sh"])
     sh = (tmp_path / "define.sh").read_text().splitlines()
     assert "kapacitor define-template anomaly_batch -type batch -tick anomaly_batch.tick" in sh
     assert ("kapacitor define anomalyd_stream -template anomaly_stream -vars anomaly_stream.vars.json "
             "-dbrp '\"anomalyd\".\"autogen\"'") in sh
     assert "kapacitor enable anomalyd_stream" in sh and "kapacitor enable anomalyd_batch" not in sh
+    assert "kapacitor define-template anomaly_deadman -type stream -tick anomaly_deadman.tick" in sh
+    assert "kapacitor enable anomalyd_deadman" in sh
     m = models[0]
     assert (f"kapacitor define anomalyd_fixed_{m.model_id} -template anomaly_fixed -vars "
             f"anomaly_fixed.{m.model_id}.vars.json -dbrp '\"anomalyd\".\"autogen\"'") in sh
@@ -338,7 +400,8 @@ def test_define_creates_the_tasks(kap: KapacitorStub) -> None:
     cfg = example_config()
     ids = define(cfg, kap.url, models=example_models())
     m1, m2 = (m.model_id for m in example_models())
-    assert ids == ["anomalyd_stream", "anomalyd_batch", f"anomalyd_fixed_{m1}", f"anomalyd_fixed_{m2}"]
+    assert ids == ["anomalyd_stream", "anomalyd_batch", "anomalyd_deadman", f"anomalyd_fixed_{m1}",
+                   f"anomalyd_fixed_{m2}"]
     calls = list(kap.calls())
     assert calls == [c for tid in ids for c in (("GET", f"/kapacitor/v1/tasks/{tid}"),
                                                 ("POST", "/kapacitor/v1/tasks"))]
@@ -349,8 +412,9 @@ def test_define_creates_the_tasks(kap: KapacitorStub) -> None:
     assert post["script"] == TEMPLATES["anomaly_stream"][1]
     assert post["vars"]["measurement"] == {"type": "string", "value": "anomaly_error"}
     assert {t: kap.tasks[t]["status"] for t in ids} == {
-        "anomalyd_stream": "enabled", "anomalyd_batch": "disabled", f"anomalyd_fixed_{m1}": "disabled",
-        f"anomalyd_fixed_{m2}": "disabled"}
+        "anomalyd_stream": "enabled", "anomalyd_batch": "disabled", "anomalyd_deadman": "enabled",
+        f"anomalyd_fixed_{m1}": "disabled", f"anomalyd_fixed_{m2}": "disabled"}
+    assert kap.tasks["anomalyd_deadman"]["vars"]["interval"] == {"type": "duration", "value": "10m"}
     assert kap.tasks["anomalyd_batch"]["type"] == "batch"
     assert kap.tasks[f"anomalyd_fixed_{m2}"]["vars"]["threshold"] == {"type": "float", "value": 0.5625}
 
@@ -367,14 +431,16 @@ def test_define_updates_with_patch_then_disable_and_enable(kap: KapacitorStub, t
     base = "/kapacitor/v1/tasks/"
     reload = [("GET", "anomalyd_stream"), ("PATCH", "anomalyd_stream"), ("PATCH", "anomalyd_stream"),
               ("PATCH", "anomalyd_stream"), ("GET", "anomalyd_batch"), ("PATCH", "anomalyd_batch"),
-              ("PATCH", "anomalyd_batch"), ("PATCH", "anomalyd_batch"),
+              ("PATCH", "anomalyd_batch"), ("PATCH", "anomalyd_batch"), ("GET", "anomalyd_deadman"),
+              ("PATCH", "anomalyd_deadman"), ("PATCH", "anomalyd_deadman"), ("PATCH", "anomalyd_deadman"),
               ("GET", fixed), ("PATCH", fixed)]                    # disabled and staying so: no reload
     assert list(kap.calls()) == [(m, base + t) for m, t in reload]
     patches = [r.json for r in kap.recorded(base + "anomalyd_stream") if r.method == "PATCH"]
     assert set(patches[0]) == {"type", "dbrps", "script", "vars"}
     assert patches[1:] == [{"status": "disabled"}, {"status": "enabled"}]
     assert kap.status_changes == [("anomalyd_stream", "disabled"), ("anomalyd_stream", "enabled"),
-                                  ("anomalyd_batch", "disabled"), ("anomalyd_batch", "enabled")]
+                                  ("anomalyd_batch", "disabled"), ("anomalyd_batch", "enabled"),
+                                  ("anomalyd_deadman", "disabled"), ("anomalyd_deadman", "enabled")]
     assert kap.tasks["anomalyd_batch"]["status"] == "enabled"        # never switched off behind the operator
     assert kap.tasks[fixed]["vars"]["threshold"]["value"] == 0.7
     assert fixed in ids and (tmp_path / "out" / "anomaly_stream.tick").exists()
@@ -394,7 +460,7 @@ def test_a_compile_error_is_reported_clearly(kap: KapacitorStub) -> None:
 
 def test_the_stand_in_checks_vars_like_kapacitor(kap: KapacitorStub) -> None:
     """The stand-in's own var checks (independent of anomalyd's) accept what define sends, refuse the rest."""
-    spec = kapacitor.tasks(example_config(), example_models()[:1])[2]
+    spec = next(t for t in kapacitor.tasks(example_config(), example_models()[:1]) if t.template == "anomaly_fixed")
     payload = spec.payload()
     del payload["vars"]["threshold"]
     r = requests.post(kap.url + "/kapacitor/v1/tasks", json=payload, timeout=5)
@@ -428,11 +494,11 @@ def test_other_errors_and_an_unreachable_kapacitor(kap: KapacitorStub) -> None:
 def _tick_string_expr(expr: str, env: Mapping[str, str]) -> str:
     """Evaluate a TICKscript string expression of literals and vars joined by '+'."""
     out, i = [], 0
-    for tok in re.finditer(r"\s*(?:'((?:\\.|[^'\\])*)'|([A-Za-z_]\w*)|(\+))", expr):
+    for tok in re.finditer(rf"\s*(?:({_STRING})|([A-Za-z_]\w*)|(\+))", expr):
         assert tok.start() == i, f"cannot parse {expr[i:]!r}"
         i = tok.end()
         if tok.group(1) is not None:
-            out.append(re.sub(r"\\(.)", r"\1", tok.group(1)))
+            out.append(kapacitor_string(tok.group(1))[0])
         elif tok.group(2):
             out.append(env[tok.group(2)])
     assert expr[i:].strip() == ""
@@ -591,3 +657,148 @@ def test_task_ids_follow_kapacitors_rule() -> None:
         kapacitor.tasks(cfg, [ModelRef("cpu\u0661", "cpu\u0661", (), 0.5)])
     assert [t.id for t in kapacitor.tasks(cfg, [ModelRef("température", "température", (), 0.5)])][-1] == (
         "anomalyd_fixed_température")
+
+
+# -- issue 14: TICKscript strings as Kapacitor reads them; the deadman template --------------------------------
+
+
+NASTY = ["plain", "it's", "a\\b", "a\\", "\\", "a\\'b", "'", "x'\\", "\\\\", "a\\\\", "'start\\", "é\\n",
+         "dc=a\\,host\\=b,host=c\\\\", "k=o'brien\\\\", "a''b", "''"]
+
+
+@pytest.mark.parametrize("value", NASTY)
+def test_tick_strings_are_read_back_by_kapacitors_lexer_as_the_value(value: str) -> None:
+    literal = kapacitor.tick_string(value)
+    assert kapacitor_string(literal + " AND x") == (value, " AND x")
+
+
+def test_the_oracle_reads_kapacitors_own_examples() -> None:
+    # the cases of Kapacitor's lexer and parser tests (tick/ast/lex_test.go, parser_test.go)
+    assert kapacitor_string(r"'\'str'") == ("'str", "")
+    assert kapacitor_string("'''a'b'''") == ("a'b", "")
+    assert kapacitor_string(r"'a\b'") == (r"a\b", "")
+    assert kapacitor_string("''") == ("", "")
+    with pytest.raises(ValueError, match="unterminated"):
+        kapacitor_string("'a\\'")  # why a trailing backslash cannot be single-quoted
+
+
+def test_a_tag_value_kapacitor_cannot_carry_is_refused_with_the_value_named() -> None:
+    with pytest.raises(KapacitorError) as err:
+        kapacitor.tick_string("a''b\\")
+    assert str(err.value).startswith(repr("a''b\\") + " ends with a backslash") and "rename the tag value" in str(
+        err.value)
+
+
+def test_render_and_filters_with_backslashes_in_tag_values(tmp_path: Path) -> None:
+    """The issue 14 case: `kapacitor render` aborted on the first tag value with a backslash."""
+    tags = (("dc", "a,host=b"), ("host", "c\\"))                       # escaped series key ends with \\
+    odd = [ModelRef("heartbeat-1", "heartbeat", tags, 0.5), ModelRef("heartbeat-2", "heartbeat",
+                                                                       (("patient", "p\\1'x"),), 0.6)]
+    render(example_config(), tmp_path, odd, enable=("fixed",))
+    for m in odd:
+        doc = json.loads((tmp_path / f"anomaly_fixed.{m.model_id}.vars.json").read_text())
+        where = doc["where_filter"]["value"]
+        match = tick_lambda(where, {})
+        assert match({"signal": "heartbeat", "series": tags_str(m.tags)}) is True
+        assert match({"signal": "heartbeat", "series": tags_str(m.tags) + "x"}) is False
+
+
+def test_the_deadman_template() -> None:
+    script = TEMPLATES["anomaly_deadman"][1]
+    assert TEMPLATES["anomaly_deadman"][0] == "stream"
+    declared = template_vars(script)
+    assert {n for n, (_, default) in declared.items() if not default} == set()
+    assert declared["interval"] == ("duration", True) and declared["groups"] == ("list", True)
+    assert re.search(r"^var groups = \['signal', 'series'\]$", script, re.M)
+    assert "|deadman(0.0, interval)" in script and ".stateChangesOnly()" in script
+    assert '|where(lambda: "missing" == FALSE)' in script  # only scored windows keep a series alive
+    refs = {r for lam in _lambdas(script) for r in re.findall(r'"([^"]+)"', lam)}
+    assert refs <= TAGS | set(FIELDS)
+    assert set(re.findall(r'index \.Tags "(\w+)"', script)) == {"signal", "series"}
+    assert set(re.findall(r'index \.Fields "(\w+)"', script)) == {"emitted"}  # the deadman's own field
+    for handler in (".slack()", ".channel(slack_channel)", ".log(log_path)", ".message(message)", ".id(id)",
+                    ".groupBy(groups)", ".measurement(measurement)"):
+        assert handler in script
+
+
+def deadman_alerts(script: str, points: list[dict[str, Any]], interval_s: int, until_s: int
+                   ) -> list[tuple[int, str, tuple[str, ...]]]:
+    """What the deadman template sends, by Kapacitor's definition of |deadman(threshold, interval): every interval
+    (aligned), per group of the template's ``groups``, the count of points passing its ``|where`` is compared
+    with the threshold (crit when ``emitted <= threshold``); with ``.stateChangesOnly()``, only changes are sent.
+    A group is known from its first point."""
+    groups_m = re.search(r"^var groups = \[(.*)\]$", script, re.M)
+    where = re.search(r"^\s*\|where\(lambda: (.*)\)$", script, re.M)
+    dead = re.search(r"\|deadman\(([\d.]+), interval\)", script)
+    assert groups_m and where and dead
+    group_tags = [kapacitor_string(g.strip())[0] for g in groups_m.group(1).split(",")]
+    keep, threshold = tick_lambda(where.group(1), {}), float(dead.group(1))
+    level: dict[tuple[str, ...], str] = {}
+    sent = []
+    for start in range(0, until_s, interval_s):
+        counts: dict[tuple[str, ...], int] = {g: 0 for g in level}
+        for p in points:
+            g = tuple(p[t] for t in group_tags)
+            if start <= p["time"] < start + interval_s:
+                counts.setdefault(g, 0)
+                counts[g] += bool(keep(p))
+        for g, n in sorted(counts.items()):
+            new = "CRITICAL" if n <= threshold else "OK"
+            if level.get(g, "OK") != new:
+                sent.append((start + interval_s, new, g))
+            level[g] = new
+    return sent
+
+
+def test_the_deadman_raises_for_a_series_that_stops_being_scored() -> None:
+    script = TEMPLATES["anomaly_deadman"][1]
+    pts = []
+    for t in range(0, 3600, 16):  # p1 is scored throughout; p2 stops at 20 min, writes missing windows, comes back
+        pts.append(_point(t, 0.2, False) | {"signal": "heartbeat", "series": "patient=p1", "model": "m1"})
+        if t < 1200 or t >= 3000:
+            pts.append(_point(t, 0.2, False) | {"signal": "heartbeat", "series": "patient=p2", "model": "m2"})
+        elif t < 1500:
+            pts.append(_point(t, None, False) | {"signal": "heartbeat", "series": "patient=p2", "model": "m2"})
+    assert deadman_alerts(script, pts, 600, 3600) == [
+        (1800, "CRITICAL", ("heartbeat", "patient=p2")),  # the first interval without a scored window
+        (3600, "OK", ("heartbeat", "patient=p2"))]
+
+
+def test_the_deadman_task_follows_alerts_deadman(kap: KapacitorStub, tmp_path: Path) -> None:
+    def cfg(deadman: str) -> Config:
+        return from_dict({"influxdb": {"database": "anomalyd"}, "alerts": {"deadman": deadman},
+                          "output": {"measurement": "errs"},
+                          "signals": [{"name": "s", "measurement": "m", "field": "f", "period": "1s"}]}, env={})
+
+    (task,) = [t for t in kapacitor.tasks(cfg("90s")) if t.template == "anomaly_deadman"]
+    assert task.id == "anomalyd_deadman" and task.type == "stream" and task.status == "enabled"
+    assert task.vars == {"measurement": {"type": "string", "value": "errs"},
+                         "slack_channel": {"type": "string", "value": ""},
+                         "interval": {"type": "duration", "value": "90s"}}
+    (off,) = [t for t in kapacitor.tasks(cfg("0s")) if t.template == "anomaly_deadman"]
+    assert off.status == "disabled" and "interval" not in off.vars  # the template's 10m; the operator may enable
+    (kept,) = [t for t in kapacitor.tasks(cfg("1h"), enable=("stream",)) if t.template == "anomaly_deadman"]
+    assert kept.status == "disabled" and kept.vars["interval"]["value"] == "1h"
+    define(cfg("90s"), kap.url)
+    assert kap.tasks["anomalyd_deadman"]["script"] == TEMPLATES["anomaly_deadman"][1]
+    assert kap.tasks["anomalyd_deadman"]["status"] == "enabled"
+
+
+def test_the_deadman_groups_and_filter_exist_in_real_output(demo_db: Any) -> None:
+    """The deadman groups by tags and filters on a field of the points the daemon really wrote (the demo run in a
+    real InfluxDB): "signal" and "series" are tags, "missing" is a boolean field."""
+    script = TEMPLATES["anomaly_deadman"][1]
+    m = demo_db.cfg.output.measurement
+    params = {"q": f'SHOW TAG KEYS FROM "{m}"; SHOW FIELD KEYS FROM "{m}"', "db": demo_db.database}
+    res = requests.post(f"{demo_db.url}/query", params=params, timeout=30).json()["results"]
+    tags = {v[0] for s in res[0]["series"] for v in s["values"]}
+    fields = {v[0]: v[1] for s in res[1]["series"] for v in s["values"]}
+    groups = re.search(r"^var groups = \[(.*)\]$", script, re.M)
+    assert groups is not None
+    assert {kapacitor_string(g.strip())[0] for g in groups.group(1).split(",")} <= tags
+    assert fields["missing"] == "boolean"
+    # the same grouping in InfluxQL: one group per series the daemon scored, each with scored windows
+    q = f'SELECT count("max_error") FROM "{m}" WHERE "missing" = false GROUP BY "signal", "series"'
+    res = requests.post(f"{demo_db.url}/query", params={"q": q, "db": demo_db.database}, timeout=30).json()
+    series = res["results"][0]["series"]
+    assert len(series) >= 2 and all(s["values"][0][1] > 0 for s in series)

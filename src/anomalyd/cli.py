@@ -65,8 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", type=Path, default=Path("var/tickscripts"),
                     help="where render writes (default %(default)s)")
     sp.add_argument("--url", help="Kapacitor URL (default kapacitor.url from the config)")
-    sp.add_argument("--enable", default="stream",
-                    help="comma-separated tasks to create enabled: stream, batch, fixed (default %(default)s)")
+    sp.add_argument("--enable", default="stream,deadman",
+                    help="comma-separated tasks to create enabled: stream, batch, fixed, deadman (default "
+                         "%(default)s)")
     return p
 
 

@@ -1,6 +1,6 @@
 """Kapacitor: the shipped TICKscript templates, rendered with the learned thresholds, and defined over HTTP.
 
-Three templates (the same text is shipped in ``tickscripts/``):
+Four templates (the same text is shipped in ``tickscripts/``):
 
 - ``anomaly_stream.tick`` (a): a stream task over every series of the output measurement. Because each point
   carries the detector's own decision (``anomalous``), one task alerts on ``"anomalous" == TRUE`` for all of
@@ -12,6 +12,9 @@ Three templates (the same text is shipped in ``tickscripts/``):
   worst window (``max("max_error")`` selects it, with its threshold and score).
 - ``anomaly_fixed.tick`` (c): the blog's approach, a task per series with a fixed threshold on ``max_error``
   as a var (the operator's explicit threshold, not the detector's decision).
+- ``anomaly_deadman.tick`` (d): Kapacitor's ``|deadman(0.0, interval)`` over the scored windows of each series
+  (grouped by ``signal`` and ``series``): an alert when a series writes no scored window for ``interval``
+  (``alerts.deadman``), and a recovery with its next one.
 
 :func:`render` writes the templates, their vars files and a ``define.sh`` for the ``kapacitor`` CLI;
 :func:`define` creates or updates the tasks through Kapacitor's HTTP API (``/kapacitor/v1/tasks``).
@@ -40,7 +43,9 @@ log = logging.getLogger(__name__)
 
 #: The var types Kapacitor accepts in a task's or template's ``vars``.
 VAR_TYPES = ("bool", "int", "float", "duration", "string", "regex", "lambda", "star", "list")
-TASK_KINDS = ("stream", "batch", "fixed")
+TASK_KINDS = ("stream", "batch", "fixed", "deadman")
+#: The task kinds created enabled unless told otherwise.
+DEFAULT_ENABLE = ("stream", "deadman")
 #: Kapacitor's own rule for a task id (services/task_store/service.go, ``validTaskID``):
 #: ``^[-\._\p{L}0-9]+$``, i.e. any Unicode letter, the ASCII digits 0-9, '-', '.' and '_'. Python's ``\w``
 #: is wider (it also takes non-ASCII digits such as U+0661 and other numerics such as U+00B2), which Kapacitor
@@ -248,11 +253,57 @@ stream
         .channel(slack_channel)
 """
 
+DEADMAN_TICK = """\
+// anomalyd (d): deadman, one alert for each series that stops being scored. Kapacitor's |deadman counts the
+// scored windows (missing = false) each series (signal, series) writes, every interval, and raises when a series
+// writes none for a whole interval; the next scored window recovers it. Missing-data windows do not count:
+// anomalyd writes them for a while after a series stops reporting. Kapacitor watches a series from its first
+// point after the task starts (it does not know series that stopped before); anomalyd's own deadman alert
+// (alerts.deadman) knows every series it has scored.
+
+// Measurement anomalyd writes one point per scored window to (output.measurement)
+var measurement = 'anomaly_error'
+
+// Dimensions of the deadman: one per series (the tags anomalyd writes to name it)
+var groups = ['signal', 'series']
+
+// How long a series may go without a scored window before the alert (alerts.deadman)
+var interval = 10m
+
+// Slack channel of the alerts ('' = the channel set in the [slack] section of kapacitor.conf)
+var slack_channel = ''
+
+// File the alerts are appended to, one JSON object per line (absolute path)
+var log_path = '/var/log/kapacitor/anomalyd_alerts.log'
+
+// Alert id: one per series
+var id = 'anomalyd-deadman:{{ index .Tags "signal" }}[{{ index .Tags "series" }}]'
+
+// Alert message: the series, and whether it stopped or came back
+var message = '{{ .Level }} {{ index .Tags "signal" }} [{{ index .Tags "series" }}]: \
+{{ if eq .Level "OK" }}scored again{{ else }}deadman: no scored window in the last interval \
+({{ index .Fields "emitted" | printf "%.0f" }} written); is the series still reporting and anomalyd running?{{ end }}'
+
+stream
+    |from()
+        .measurement(measurement)
+        .groupBy(groups)
+    |where(lambda: "missing" == FALSE)
+    |deadman(0.0, interval)
+        .id(id)
+        .message(message)
+        .stateChangesOnly()
+        .log(log_path)
+        .slack()
+        .channel(slack_channel)
+"""
+
 #: Template file name -> (task type, script).
 TEMPLATES: dict[str, tuple[str, str]] = {
     "anomaly_stream": ("stream", STREAM_TICK),
     "anomaly_batch": ("batch", BATCH_TICK),
     "anomaly_fixed": ("stream", FIXED_TICK),
+    "anomaly_deadman": ("stream", DEADMAN_TICK),
 }
 
 
@@ -261,18 +312,26 @@ TEMPLATES: dict[str, tuple[str, str]] = {
 
 
 def tick_string(value: str) -> str:
-    """A TICKscript string literal.
+    r"""A TICKscript string literal that Kapacitor reads back as ``value``.
+
+    Kapacitor's lexer (``tick/ast/lex.go``) ends a single-quoted string at the first quote that no backslash
+    precedes, and its parser (``newString`` in ``tick/ast/node.go``) turns backslash-quote into a quote and keeps
+    every other backslash as it is (two backslashes stay two). So a quote is written ``\'`` and a backslash as it
+    is, but for one at the very end, which would escape the closing quote: such a value is written between triple
+    quotes, which Kapacitor reads verbatim (they end at the first three quotes in a row).
 
     Examples
     --------
-    >>> print(tick_string("it's"))
-    'it\\'s'
+    >>> print(tick_string("it's"), tick_string("a\\b"), tick_string("a\\'b"), tick_string("a\\"))
+    'it\'s' 'a\b' 'a\\'b' '''a\'''
     """
-    if "\\" in value:
-        raise KapacitorError(f"{value!r} contains a backslash, which a TICKscript string cannot carry "
-                             "reliably; rename the tag value or use the stream task (a), which needs no "
-                             "per-series filter")
-    return "'" + value.replace("'", "\\'") + "'"
+    if not value.endswith("\\"):
+        return "'" + value.replace("'", "\\'") + "'"
+    if "''" not in value:
+        return "'''" + value + "'''"
+    raise KapacitorError(f"{value!r} ends with a backslash and holds two quotes in a row, which no TICKscript "
+                         "string can carry; rename the tag value, or use the stream task (a), which needs no "
+                         "per-series filter")
 
 
 def tick_duration(ns: int) -> str:
@@ -459,12 +518,15 @@ def series_filter(model: ModelSummary) -> str:
     return expr
 
 
-def tasks(cfg: Config, models: Sequence[ModelSummary] = (), enable: Collection[str] = ("stream",), *,
+def tasks(cfg: Config, models: Sequence[ModelSummary] = (), enable: Collection[str] = DEFAULT_ENABLE, *,
           default_rp: str = INFLUX_DEFAULT_RP) -> list[TaskSpec]:
-    """The tasks for this configuration: (a) stream, (b) batch, and (c) one fixed-threshold task per model.
+    """The tasks for this configuration: (a) stream, (b) batch, (d) deadman, and (c) one fixed-threshold task
+    per model.
 
-    ``enable`` names the kinds created enabled (``stream``, ``batch``, ``fixed``); the others are created
-    disabled, ready to be switched on. Stream and batch alert on the same windows, so enable one of them.
+    ``enable`` names the kinds created enabled (``stream``, ``batch``, ``fixed``, ``deadman``); the others are
+    created disabled, ready to be switched on. Stream and batch alert on the same windows, so enable one of them.
+    The deadman task's interval is ``alerts.deadman``; with ``alerts.deadman = "0s"`` (off) it is created
+    disabled, with the template's default interval.
     The retention policy is the writer's (see :func:`output_rp`; ``default_rp`` names the database's default).
     """
     rp = output_rp(cfg, default_rp)
@@ -489,6 +551,12 @@ def tasks(cfg: Config, models: Sequence[ModelSummary] = (), enable: Collection[s
                   **_common(cfg), "period": _var("duration", every), "every": _var("duration", every),
                   "offset": _var("duration", tick_duration(batch_offset_ns(cfg)))}, status("batch")),
     ]
+    deadman_ns = round(cfg.alerts.deadman_s * 1e9)
+    out.append(TaskSpec(f"{prefix}_deadman", "anomaly_deadman", "stream", dbrps,
+                        {"measurement": _var("string", cfg.output.measurement),
+                         "slack_channel": _var("string", cfg.kapacitor.slack_channel),
+                         **({"interval": _var("duration", tick_duration(deadman_ns))} if deadman_ns > 0 else {})},
+                        status("deadman") if deadman_ns > 0 else "disabled"))
     seen: set[str] = set()
     for m in sorted(models, key=lambda m: m.model_id):
         if m.model_id in seen:
@@ -528,15 +596,16 @@ def _define_sh(cfg: Config, specs: Sequence[TaskSpec], vars_files: Mapping[str, 
 
 
 def render(cfg: Config, out_dir: Path, models: Sequence[ModelSummary] = (),
-           enable: Collection[str] = ("stream",), *, default_rp: str = INFLUX_DEFAULT_RP) -> list[Path]:
+           enable: Collection[str] = DEFAULT_ENABLE, *, default_rp: str = INFLUX_DEFAULT_RP) -> list[Path]:
     """Write the TICKscripts, their vars files (filled from the config and the learned thresholds) and a
     ``define.sh`` that loads them with the ``kapacitor`` CLI.
 
     Returns
     -------
     list of Path
-        Every file written: ``anomaly_{stream,batch,fixed}.tick``, ``anomaly_stream.vars.json``,
-        ``anomaly_batch.vars.json``, one ``anomaly_fixed.<model_id>.vars.json`` per model, ``define.sh``.
+        Every file written: ``anomaly_{stream,batch,fixed,deadman}.tick``, ``anomaly_stream.vars.json``,
+        ``anomaly_batch.vars.json``, ``anomaly_deadman.vars.json``, one ``anomaly_fixed.<model_id>.vars.json``
+        per model, ``define.sh``.
     """
     specs = tasks(cfg, models, enable, default_rp=default_rp)
     out_dir = Path(out_dir)
@@ -608,7 +677,7 @@ class _Api:
 
 
 def define(cfg: Config, url: str, out_dir: Path | None = None, models: Sequence[ModelSummary] = (), *,
-           enable: Collection[str] = ("stream",), timeout_s: float = 10.0,
+           enable: Collection[str] = DEFAULT_ENABLE, timeout_s: float = 10.0,
            session: requests.Session | None = None, default_rp: str = INFLUX_DEFAULT_RP) -> list[str]:
     """Create or update the tasks in the Kapacitor at ``url`` through its HTTP API.
 
@@ -627,7 +696,7 @@ def define(cfg: Config, url: str, out_dir: Path | None = None, models: Sequence[
     models
         The learned models, for the fixed-threshold tasks.
     enable
-        Task kinds created enabled: ``stream`` (default), ``batch``, ``fixed``.
+        Task kinds created enabled: ``stream`` and ``deadman`` (default), ``batch``, ``fixed``.
     default_rp
         The name of the database's default retention policy, used when neither ``output.retention_policy``
         nor ``influxdb.retention_policy`` is set (see :func:`output_rp`).

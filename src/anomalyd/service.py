@@ -14,8 +14,7 @@ from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, NamedTuple
 
-from apscheduler.schedulers import SchedulerNotRunningError
-from apscheduler.schedulers.blocking import BlockingScheduler
+from apscheduler.schedulers.background import BackgroundScheduler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .influx import StoreError
@@ -42,6 +41,8 @@ def sd_notify(message: str) -> bool:
         return False
 
 
+#: How often `Service.run_forever` looks whether a signal asked it to stop.
+STOP_POLL_S = 0.1
 #: Series ids (and reasons) shown per signal in /healthz and the log when series are not scored.
 SHOW_UNSCORED = 5
 _USERINFO = re.compile(r"(?i)\b(https?://)[^/\s@]+@")
@@ -120,7 +121,9 @@ class Health:
         key = tuple((s.signal, bool(s.failed), bool(s.problem), frozenset(s.unscored)) for s in statuses)
         if key != self._degraded_key:
             if statuses:
-                log.warning("degraded: %s", "; ".join(s.describe() for s in statuses))
+                # A signal's problem alone (no model, no series) was already warned about by the worker, once.
+                level = logging.WARNING if any(s.failed or s.unscored for s in statuses) else logging.INFO
+                log.log(level, "degraded: %s", "; ".join(s.describe() for s in statuses))
             elif self._degraded_key:
                 log.info("no longer degraded: every signal and series is scored")
             self._degraded_key = key
@@ -185,7 +188,7 @@ class Service:
         self._next_attempt = 0.0
         self._ready = False
         self._stopping = False
-        self.scheduler = BlockingScheduler(job_defaults={"coalesce": True, "max_instances": 1,
+        self.scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1,
                                                          "misfire_grace_time": None})
 
     def run_tick(self, retry: bool = True) -> TickReport | None:
@@ -266,8 +269,13 @@ class Service:
             self.scheduler.add_job(self.run_refit, "interval", seconds=self.refit_every_s, id="refit",
                                    next_run_time=datetime.now() + timedelta(seconds=self.refit_every_s))
         try:
-            if not self._stopping:  # a signal before the start: stop at once
-                self.scheduler.start()
+            # The scheduler runs in its own thread; this one waits for a signal, then stops it. The handler only
+            # sets a flag: stopping the scheduler from inside it could deadlock on a lock this thread holds.
+            self.scheduler.start()
+            while not self._stopping:
+                time.sleep(STOP_POLL_S)
+            sd_notify("STOPPING=1")
+            self.scheduler.shutdown(wait=True)  # the tick in progress finishes
         finally:
             if server is not None:
                 server.shutdown()
@@ -275,19 +283,14 @@ class Service:
             log.info("stopped")
 
     def stop(self, signum: int, _frame: Any = None) -> None:
-        """The SIGTERM/SIGINT handler: stop the scheduler once the current tick is done. A second signal while
-        stopping is logged and ignored (the tick in progress finishes; the exit stays clean)."""
+        """The SIGTERM/SIGINT handler: ask `run_forever` to stop once the current tick is done. A second signal
+        while stopping is logged and ignored (the tick in progress finishes; the exit stays clean)."""
         name = signal.Signals(signum).name
         if self._stopping:
             log.info("received %s, already stopping (after the current tick)", name)
             return
         self._stopping = True
         log.info("received %s, stopping after the current tick", name)
-        sd_notify("STOPPING=1")
-        try:
-            self.scheduler.shutdown(wait=True)
-        except SchedulerNotRunningError:  # a signal before the scheduler started, or after it stopped
-            pass
 
     def close_worker(self) -> None:
         """Let the worker save what it keeps in memory between ticks (the score history)."""
