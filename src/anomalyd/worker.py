@@ -92,6 +92,8 @@ class _SeriesResults:
     missing: list[bool]
     n_missing: list[int]
     plots: dict[int, tuple[NDArray[np.float64], NDArray[np.float64]]]
+    #: The series' first sample when it lies within this read (its first windows reach before it).
+    data_start_ns: int | None = None
 
     def results(self) -> list[WindowResult]:
         out = []
@@ -135,6 +137,23 @@ class TickReport:
         return sum(s.missing for s in self.signals.values())
 
 
+class _FrozenScores(ScoreStates):
+    """Copies of the live score histories: windows scored again late are scored against them without changing
+    them."""
+
+    def __init__(self, live: ScoreStates) -> None:
+        super().__init__(None)
+        self.live = live
+
+    def get(self, series_id: str, model_tag: str, initial: ScoreNormaliser) -> ScoreNormaliser:
+        return self.live.get(series_id, model_tag, initial).copy()
+
+
+def _out_tags(sig: SignalConfig, stored: StoredModel, key: SeriesKey) -> Tags:
+    """The tags of a series' output points."""
+    return (("signal", sig.name), ("series", tags_str(key.tags)), ("model", stored.model_id), *key.tags)
+
+
 @dataclass
 class _Member:
     key: SeriesKey
@@ -160,6 +179,8 @@ class Worker:
         self._reported_mismatch: dict[str, str] = {}
         self._reported_behind: set[str] = set()
         self._silenced: dict[str, int] = {}  # series id -> the watermark its deadman alert was raised at
+        #: series id -> ends of windows written as missing data, re-scored if their samples arrive late
+        self._holes: dict[str, list[int]] = {}
         self._reported_problem: dict[str, str] = {}
 
     # -- public entry points ---------------------------------------------------------------------------
@@ -180,6 +201,10 @@ class Worker:
             hi = (now - self.cfg.daemon.lateness_ns) // step * step
             try:
                 report.signals[sig.name] = self._run_signal(sig, None, hi, report, live=True, now=now)
+                try:
+                    self._fill_holes(sig)
+                except (StoreError, OSError, ValueError) as exc:  # best effort; the windows stay remembered
+                    log.warning("signal %s: could not re-score windows written as missing: %s", sig.name, exc)
             except Exception as exc:  # one signal's failure must neither block nor lose another's windows
                 errors.append(exc)
                 why = str(exc) if isinstance(exc, StoreError | OSError) else f"{type(exc).__name__}: {exc}"
@@ -288,6 +313,7 @@ class Worker:
         recon_points: list[Point] = []
         results: list[_SeriesResults] = []
         done: dict[str, int] = {}
+        gaps: dict[str, list[int]] = {}  # windows left unwritten inside the scored range (their last sample late)
         states = self.scores if live else self._backfill_scores
         before: list[tuple[ScoreNormaliser, tuple[object, ...]]] = []
         late: dict[tuple[str, int], tuple[StoredModel, list[_Member]]] = {}
@@ -314,7 +340,7 @@ class Worker:
         def score(groups: dict[tuple[str, int], tuple[StoredModel, list[_Member]]]) -> Iterator[SeriesPoints]:
             for (_, s_lo), (stored, members) in groups.items():
                 settled = self._score_group(sig, stored, members, s_lo, hi, states, rep, results, points,
-                                            recon_points, before, settle=lo is None)
+                                            recon_points, before, settle=lo is None, gaps=gaps)
                 rep.series += len(members)
                 for m, end in zip(members, settled, strict=True):
                     if end > s_lo:
@@ -399,7 +425,96 @@ class Worker:
             rep.lag_s = (self.clock() - min(v for _, v in all_marks)) / 1e9 if all_marks else 0.0
             LAG_SECONDS.labels(signal=sig.name).set(rep.lag_s)
             self._deadman(sig, all_marks, hi, now if now is not None else self.clock(), rep)
+            self._remember_holes(sig, results, gaps, hi)
         return rep
+
+    def _remember_holes(self, sig: SignalConfig, results: list[_SeriesResults], gaps: dict[str, list[int]],
+                        hi: int) -> None:
+        """Keep the windows just written as missing data, or left unwritten for want of their last sample (within
+        ``daemon.rescore_horizon``), for `_fill_holes`."""
+        horizon = int(self.cfg.daemon.rescore_horizon_s * 1e9)
+        if horizon <= 0:
+            return
+        for b in results:
+            # Not the windows that reach before the series' first sample: nothing can fill those.
+            after = -(2**63) if b.data_start_ns is None else b.data_start_ns + b.span_ns
+            ends = [e for e, miss in zip(b.ends, b.missing, strict=True) if miss and e >= after]
+            if ends:
+                self._holes.setdefault(b.key.id, []).extend(ends)
+        for sid, ends in gaps.items():
+            self._holes.setdefault(sid, []).extend(ends)
+        prefix, oldest = sig.name + "|", hi - horizon
+        for sid in [k for k in self._holes if k.startswith(prefix)]:
+            kept = sorted({e for e in self._holes[sid] if e > oldest})
+            if kept:
+                self._holes[sid] = kept
+            else:
+                del self._holes[sid]
+
+    def _fill_holes(self, sig: SignalConfig) -> int:
+        """Score again the windows written as missing data whose samples arrived since, overwriting their points.
+
+        Bounded: only windows within ``daemon.rescore_horizon`` are kept, and each series with such windows is
+        read again over their range only. Their scores use a copy of the series' current score history (which
+        they do not change), and they raise no alert (the alert state has moved past them); they are logged.
+        """
+        prefix = sig.name + "|"
+        todo = {sid: ends for sid, ends in self._holes.items() if sid.startswith(prefix)}
+        if not todo:
+            return 0
+        period, step = sig.period_ns, sig.step_ns
+        w_max = sig.window or sig.spec().max_window
+        margin = (sig.max_gap + 1) * period
+        query = Query(sig.measurement, sig.field, sig.where, sig.group_by, period)
+        frozen = _FrozenScores(self.scores)
+        filled: list[Point] = []
+        n_filled = n_anomalous = 0
+        items = sorted(todo.items(), key=lambda kv: kv[1][0])
+        for i in range(0, len(items), _LATE_BATCH):
+            part = items[i : i + _LATE_BATCH]
+            keys = [SeriesKey(sig.name, parse_tags(sid[len(prefix):])) for sid, _ in part]
+            lo = min(ends[0] for _, ends in part) - 2 * step
+            hi = max(ends[-1] for _, ends in part) + step
+            data = self.store.read(replace(query, series=tuple(k.tags for k in keys)),
+                                   lo + period - (w_max - 1) * period - margin - period // 2,
+                                   hi + margin + period // 2)
+            for key, (sid, ends) in zip(keys, part, strict=True):
+                got = data.get(key.tags)
+                stored = self._model_for(sig, () if sig.scope == "shared" else key.tags)
+                if got is None or stored is None:
+                    continue
+                results: list[_SeriesResults] = []
+                # On the grid (a point's time is its last real sample's, off the grid by less than half a period).
+                s_lo = (ends[0] + period // 2) // step * step - step
+                s_hi = (ends[-1] + period // 2) // step * step
+                self._score_group(sig, stored, [_Member(key, *got)], s_lo, s_hi, frozen, SignalReport(),
+                                  results, [], [], [])
+                wanted = set(ends)
+                tags = _out_tags(sig, stored, key)
+                for r in (r for b in results for r in b.results()):
+                    if r.end_ns not in wanted:
+                        continue
+                    if r.missing:  # its last sample came, not all of the others yet: written as missing, kept
+                        filled.append(Point(self.cfg.output.measurement, tags,
+                                            (("threshold", r.threshold), ("anomalous", False), ("missing", True),
+                                             ("n_missing", r.n_missing)), r.end_ns))
+                        continue
+                    filled.append(Point(self.cfg.output.measurement, tags,
+                                        (("max_error", float(r.max_error or 0.0)), ("threshold", r.threshold),
+                                         ("anomalous", r.anomalous), ("score", float(r.score or 0.0)),
+                                         ("missing", False), ("n_missing", r.n_missing)), r.end_ns))
+                    wanted.discard(r.end_ns)
+                    n_filled += 1
+                    n_anomalous += int(r.anomalous)
+                if wanted:
+                    self._holes[sid] = sorted(wanted)
+                else:
+                    self._holes.pop(sid, None)
+        if filled:
+            self.store.write(filled, self.cfg.output.retention_policy)
+            log.info("signal %s: late samples filled %d windows written as missing; %d of them anomalous (no "
+                     "alert: the series has moved on)", sig.name, n_filled, n_anomalous)
+        return n_filled
 
     def _reread(self, query: Query, late: dict[tuple[str, int], tuple[StoredModel, list[_Member]]], end: int,
                 period: int, back: int, margin: int) -> dict[tuple[str, int], tuple[StoredModel, list[_Member]]]:
@@ -419,7 +534,7 @@ class Worker:
                  rep: SignalReport) -> None:
         """Series whose newest written window is older than ``alerts.deadman`` are reported as not scored and
         raise one ``deadman`` alert each (Kapacitor's name for it)."""
-        delay = getattr(self.cfg.alerts, "deadman_s", 600.0)
+        delay = self.cfg.alerts.deadman_s
         if delay <= 0:
             return
         cutoff = hi - int(delay * 1e9)
@@ -451,13 +566,16 @@ class Worker:
     def _score_group(self, sig: SignalConfig, stored: StoredModel, members: list[_Member], s_lo: int, hi: int,
                      score_states: ScoreStates, rep: SignalReport, results: list[_SeriesResults],
                      points: list[SeriesPoints], recon_points: list[Point],
-                     before: list[tuple[ScoreNormaliser, tuple[object, ...]]], settle: bool = False) -> list[int]:
+                     before: list[tuple[ScoreNormaliser, tuple[object, ...]]], settle: bool = False,
+                     gaps: dict[str, list[int]] | None = None) -> list[int]:
         """Align the series of one model with one watermark, run the detector over their new samples, and
         turn the results into points and window results.
 
         With ``settle``, a series' samples after its newest present one (rounded down to a written point) are
         left for the next tick: its windows there are neither scored nor written now, so nothing is decided
         before its samples are in. Returns, per series, the end of its last written window (``s_lo`` if none).
+        ``gaps`` receives, per series, the ends of the windows left unwritten before that (their last sample is
+        missing), for `_fill_holes`.
         """
         det = stored.model
         period, w = sig.period_ns, det.window_
@@ -486,6 +604,14 @@ class Worker:
             for r in np.flatnonzero(ends < hi).tolist():
                 k = int((settled[r] - first) // period) + 1  # first column left for the next tick
                 matrix[r, new.start + max(k, 0) :] = np.nan
+            if gaps is not None and sig.write_every == 1:
+                for r in np.flatnonzero((~present).any(axis=1)).tolist():
+                    seen = np.flatnonzero(np.isfinite(matrix[r]))
+                    after = -(2**63) if not seen.size or seen[0] == 0 else t0 + int(seen[0] + w - 1) * period
+                    cols = np.flatnonzero(~present[r])
+                    unwritten = [e for e in (first + cols * period).tolist() if after <= e <= settled[r]]
+                    if unwritten:
+                        gaps.setdefault(members[r].key.id, []).extend(unwritten)
         model_tag = str(stored.meta.get("npz_sha256", stored.model_id))
         tails = det.context_tails(matrix[:, ctx])
         states = [SeriesState(first // period, tails[r], score_states.get(m.key.id, model_tag, det.normaliser_))
@@ -511,7 +637,11 @@ class Worker:
                                   slots, rep, results, points)
             else:
                 ends = output_stamps(stamps.get(r), t0, period, slots)
+                n_blocks = len(results)
                 self._emit(sig, stored, m.key, batch, r, keep[r], ends, matrix[r], slots, rep, results, points)
+                present = np.flatnonzero(np.isfinite(matrix[r]))
+                if len(results) > n_blocks and present.size and present[0] > 0:
+                    results[-1].data_start_ns = t0 + int(present[0]) * period
             if self.cfg.output.write_reconstruction:
                 self._reconstruction_points(sig, stored, m.key, matrix[r], t0, first, hi, recon_points)
         return settled
@@ -525,7 +655,7 @@ class Worker:
         thr = float(det.threshold_)
         n = len(ends)
         zeros = [0] * n
-        tags: Tags = (("signal", sig.name), ("series", tags_str(key.tags)), ("model", stored.model_id), *key.tags)
+        tags = _out_tags(sig, stored, key)
         points.append(SeriesPoints(self.cfg.output.measurement, tags,
                                    ("max_error", "threshold", "anomalous", "score", "missing", "n_missing"),
                                    (max_error, thr, anomalous, score, False, 0), ends))
@@ -574,7 +704,7 @@ class Worker:
         end_all = ends[cols[last]]
         worst_end = ends[cols[worst]]
         out = self.cfg.output
-        tags: Tags = (("signal", sig.name), ("series", tags_str(key.tags)), ("model", stored.model_id), *key.tags)
+        tags = _out_tags(sig, stored, key)
         n_good = int(good.sum())
         if n_good:
             g_end = end_all[good].tolist()
@@ -607,7 +737,7 @@ class Worker:
                                row: NDArray[np.float64], t0: int, first: int, hi: int, out: list[Point]) -> None:
         """The series and its overlap-added reconstruction (the reference blog's picture) for the new samples."""
         period = sig.period_ns
-        tags: Tags = (("signal", sig.name), ("series", tags_str(key.tags)), ("model", stored.model_id), *key.tags)
+        tags = _out_tags(sig, stored, key)
         recon = stored.model.overlap_reconstruction(row, first_index=t0 // period)
         meas = self.cfg.output.reconstruction_measurement
         # The last samples of the previous tick lacked the windows after them: they are written again, complete
