@@ -195,3 +195,29 @@ def test_run_once_and_score_exit_1_naming_why_when_nothing_could_be_scored(
     assert main(["score", "-c", str(path), "--start", "now-10m"]) == 1
     err = capsys.readouterr().err
     assert "signal ghost: " in err and "anomalyd score: nothing could be scored" in err
+
+
+def test_check_against_influxdb_2x_flux_and_influxql_with_a_token(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 2.x paths of check, against the 2.x stand-in of test_influx2: a wrong token fails the Flux read and the
+    InfluxQL query with one line naming ANOMALYD_INFLUXDB_TOKEN, never the token."""
+    from test_influx2 import BUCKET, ORG, TOKEN, Influx2Stub
+
+    for var in ("ANOMALYD_INFLUXDB_USERNAME", "ANOMALYD_INFLUXDB_PASSWORD"):
+        monkeypatch.delenv(var, raising=False)
+    with Influx2Stub() as stub:
+        flux = tmp_path / "flux.toml"
+        flux.write_text(_signals_config(stub.url, "db", [("cpu", "cpu", "usage")]).replace(
+            "retries = 0\n", f'retries = 0\napi = "flux"\norg = "{ORG}"\nbucket = "{BUCKET}"\n'))
+        influxql = tmp_path / "influxql.toml"
+        influxql.write_text(_signals_config(stub.url, "db", [("cpu", "cpu", "usage")]))
+        for path in (flux, influxql):
+            monkeypatch.setenv("ANOMALYD_INFLUXDB_TOKEN", "wrong-token-42")
+            assert main(["check", "-c", str(path)]) == 1
+            out = capsys.readouterr().out
+            (fail,) = _fails(out)
+            assert "401" in fail and "ANOMALYD_INFLUXDB_TOKEN" in fail and "wrong-token-42" not in out
+            monkeypatch.setenv("ANOMALYD_INFLUXDB_TOKEN", TOKEN)
+            assert main(["check", "-c", str(path)]) == 1  # the stand-in holds no data
+            out = capsys.readouterr().out
+            assert [f for f in _fails(out) if "401" in f] == [] and TOKEN not in out
