@@ -19,6 +19,7 @@ from anomalyd.config import Config
 from anomalyd.detector import Detector, DetectorSpec
 from anomalyd.influx import InfluxDB1Store, Query, SeriesData
 from anomalyd.localinflux import LocalInfluxd
+from anomalyd.metrics import REGISTRY
 from anomalyd.records import SeriesKey, legacy_tags_str, tags_str
 from anomalyd.state import Watermarks
 from anomalyd.synthetic import ecg
@@ -115,6 +116,8 @@ def test_a_stopped_series_neither_widens_the_reads_nor_goes_unnoticed(influxd: L
     p3 = SeriesKey("ekg", (("patient", "p3"),)).id
     assert report.signals["ekg"].unscored.keys() == {p3}
     assert "no data" in report.signals["ekg"].unscored[p3]
+    assert REGISTRY.get_sample_value("anomalyd_unscored_series", {"signal": "ekg", "reason": "no_data"}) == 1
+    assert REGISTRY.get_sample_value("anomalyd_signal_failed", {"signal": "ekg"}) == 0
     dead = [t for t in sink.sent if t.kind == "deadman"]
     assert [t.series_id for t in dead] == [p3] and dead[0].end_ns == T0 + 200 * S
     pts = _points(influxd, database)

@@ -26,3 +26,7 @@ LAST_SUCCESS = Gauge("anomalyd_last_success_timestamp_seconds", "Unix time of th
                      registry=REGISTRY)
 REFITS = Counter("anomalyd_refits", "Scheduled refits on recent normal data, by outcome (ok, failed)", ["outcome"],
                  registry=REGISTRY)
+UNSCORED_SERIES = Gauge("anomalyd_unscored_series", "Series not being scored, per signal and reason (no_model, "
+                        "mismatch, no_data)", ["signal", "reason"], registry=REGISTRY)
+SIGNAL_FAILED = Gauge("anomalyd_signal_failed", "1 when the signal's last tick failed (its windows are scored "
+                      "again next tick)", ["signal"], registry=REGISTRY)

@@ -30,7 +30,7 @@ from .config import Config, SignalConfig
 from .detector import SeriesState, WindowBatch
 from .grid import align_many
 from .influx import Point, Query, SeriesData, SeriesPoints, Store, StoreError
-from .metrics import DATA_PROBLEMS, LAG_SECONDS, UNTRAINED_SERIES, WINDOWS
+from .metrics import DATA_PROBLEMS, LAG_SECONDS, SIGNAL_FAILED, UNSCORED_SERIES, UNTRAINED_SERIES, WINDOWS
 from .postprocess import ScoreNormaliser
 from .records import SeriesKey, Tags, WindowResult, parse_tags, rfc3339, tags_str
 from .state import ScoreStates, Watermarks
@@ -211,6 +211,12 @@ class Worker:
                 report.signals[sig.name] = SignalReport(failed=why)
                 log.error("signal %s failed; its windows are scored again next tick: %s", sig.name, why,
                           exc_info=not isinstance(exc, StoreError | OSError))
+        for name, r in report.signals.items():
+            SIGNAL_FAILED.labels(signal=name).set(1 if r.failed else 0)
+            if not r.failed:
+                for reason, prefix in (("no_model", "no model"), ("mismatch", "model "), ("no_data", "no data")):
+                    UNSCORED_SERIES.labels(signal=name, reason=reason).set(
+                        sum(v.startswith(prefix) for v in r.unscored.values()))
         self._finish(report, now, live=True, t_start=t_start)
         if errors and len(errors) == len(self.cfg.signals):
             raise errors[0]
