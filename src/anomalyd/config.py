@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from .detector import DECISIONS, DetectorSpec
 
@@ -355,22 +355,20 @@ def _between(lo: int, hi: int, name: str) -> Callable[[Any], str | None]:
     return lambda v: None if lo <= v <= hi else f"must be between {lo} and {name}={hi}"
 
 
-def redact_url(url: str) -> str:
-    """``url`` with any ``user:password@`` replaced by ``***@``, for messages and logs.
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]+@")
+
+
+def redact_url(text: str) -> str:
+    """``text`` (a URL, or a message holding URLs) with every ``user:password@`` replaced by ``***@``.
 
     Examples
     --------
     >>> redact_url("http://admin:s3cret@db:8086/x"), redact_url("http://db:8086")
     ('http://***@db:8086/x', 'http://db:8086')
+    >>> redact_url("InfluxDB at http://u:pw@db:8086 is unreachable")
+    'InfluxDB at http://***@db:8086 is unreachable'
     """
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return re.sub(r"//[^/@]*@", "//***@", url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit((parts.scheme, "***@" + parts.netloc.rpartition("@")[2], parts.path, parts.query,
-                       parts.fragment))
+    return _USERINFO.sub(r"\1***@", text)
 
 
 def _port_problem(port: str, example: str) -> str | None:

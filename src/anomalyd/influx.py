@@ -106,6 +106,14 @@ class SeriesPoints:
     columns: tuple[Sequence[float | int | bool | str] | float | int | bool | str, ...]
     times: Sequence[int]
 
+    def only(self, times: set[int]) -> SeriesPoints | None:
+        """The points of this block at ``times`` (None if there are none)."""
+        idx = [j for j, t in enumerate(self.times) if t in times]
+        if not idx:
+            return None
+        cols = tuple([c[j] for j in idx] if isinstance(c, list | tuple) else c for c in self.columns)
+        return SeriesPoints(self.measurement, self.tags, self.names, cols, [self.times[j] for j in idx])
+
     def points(self) -> list[Point]:
         """The same points one by one."""
         n = len(self.times)

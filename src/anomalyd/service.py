@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import signal
 import socket
 import threading
@@ -17,6 +16,7 @@ from typing import Any, NamedTuple
 from apscheduler.schedulers.background import BackgroundScheduler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from .config import redact_url
 from .influx import StoreError
 from .metrics import LAST_SUCCESS, REFITS, REGISTRY, TICK_SECONDS, TICKS
 from .worker import TickReport, Worker
@@ -45,18 +45,6 @@ def sd_notify(message: str) -> bool:
 STOP_POLL_S = 0.1
 #: Series ids (and reasons) shown per signal in /healthz and the log when series are not scored.
 SHOW_UNSCORED = 5
-_USERINFO = re.compile(r"(?i)\b(https?://)[^/\s@]+@")
-
-
-def redact(text: str) -> str:
-    """``text`` with the ``user:password@`` of every URL in it replaced by ``***@``.
-
-    Examples
-    --------
-    >>> redact("InfluxDB at http://u:pw@db:8086 is unreachable")
-    'InfluxDB at http://***@db:8086 is unreachable'
-    """
-    return _USERINFO.sub(r"\1***@", text)
 
 
 class SignalStatus(NamedTuple):
@@ -84,17 +72,15 @@ class SignalStatus(NamedTuple):
             shown = ", ".join(f"{sid} ({why})" for sid, why in items[:show])
             more = f", and {len(items) - show} more" if len(items) > show else ""
             parts.append(f"{len(items)} series not scored: {shown}{more}")
-        return redact(f"signal {self.signal}: " + "; ".join(parts))
+        return redact_url(f"signal {self.signal}: " + "; ".join(parts))
 
 
 def not_scored(report: TickReport) -> list[SignalStatus]:
     """The signals of ``report`` with anything not scored (a failure, a problem, series without a score)."""
     out = []
     for name, rep in report.signals.items():
-        failed = str(getattr(rep, "failed", "") or "")
-        unscored = dict(getattr(rep, "unscored", None) or {})
-        if failed or rep.problem or unscored:
-            out.append(SignalStatus(name, failed, rep.problem, unscored))
+        if rep.failed or rep.problem or rep.unscored:
+            out.append(SignalStatus(name, rep.failed, rep.problem, rep.unscored))
     return out
 
 
@@ -131,7 +117,7 @@ class Health:
     def body(self) -> tuple[int, str]:
         """The /healthz answer: 200 ``ok``, 200 ``degraded: ...`` or 503 ``unhealthy: ...``."""
         if not self.ok():
-            return 503, redact(f"unhealthy: {self.last_error or 'no successful tick yet'}\n")
+            return 503, redact_url(f"unhealthy: {self.last_error or 'no successful tick yet'}\n")
         if self.degraded:
             n = self.degraded.count("\n") + 1
             return 200, (f"degraded: {n} of {self._signals} signal(s) not fully scored\n{self.degraded}\n")

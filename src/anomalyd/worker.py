@@ -473,7 +473,7 @@ class Worker:
         margin = (sig.max_gap + 1) * period
         query = Query(sig.measurement, sig.field, sig.where, sig.group_by, period)
         frozen = _FrozenScores(self.scores)
-        filled: list[Point] = []
+        filled: list[SeriesPoints] = []
         n_filled = n_anomalous = 0
         items = sorted(todo.items(), key=lambda kv: kv[1][0])
         for i in range(0, len(items), _LATE_BATCH):
@@ -490,28 +490,20 @@ class Worker:
                 if got is None or stored is None:
                     continue
                 results: list[_SeriesResults] = []
+                points: list[SeriesPoints] = []
                 # On the grid (a point's time is its last real sample's, off the grid by less than half a period).
                 s_lo = (ends[0] + period // 2) // step * step - step
                 s_hi = (ends[-1] + period // 2) // step * step
                 self._score_group(sig, stored, [_Member(key, *got)], s_lo, s_hi, frozen, SignalReport(),
-                                  results, [], [], [])
-                wanted = set(ends)
-                tags = _out_tags(sig, stored, key)
-                for r in (r for b in results for r in b.results()):
-                    if r.end_ns not in wanted:
-                        continue
-                    if r.missing:  # its last sample came, not all of the others yet: written as missing, kept
-                        filled.append(Point(self.cfg.output.measurement, tags,
-                                            (("threshold", r.threshold), ("anomalous", False), ("missing", True),
-                                             ("n_missing", r.n_missing)), r.end_ns))
-                        continue
-                    filled.append(Point(self.cfg.output.measurement, tags,
-                                        (("max_error", float(r.max_error or 0.0)), ("threshold", r.threshold),
-                                         ("anomalous", r.anomalous), ("score", float(r.score or 0.0)),
-                                         ("missing", False), ("n_missing", r.n_missing)), r.end_ns))
-                    wanted.discard(r.end_ns)
-                    n_filled += 1
-                    n_anomalous += int(r.anomalous)
+                                  results, points, [], [])
+                # Only the points of the remembered windows: their last sample came (the others are left alone). One
+                # that is still incomplete is written as missing again and stays remembered.
+                remembered = set(ends)
+                filled += [p for p in (sp.only(remembered) for sp in points) if p is not None]
+                now_scored = [r for b in results for r in b.results() if r.end_ns in remembered and not r.missing]
+                wanted = remembered - {r.end_ns for r in now_scored}
+                n_filled += len(now_scored)
+                n_anomalous += sum(r.anomalous for r in now_scored)
                 if wanted:
                     self._holes[sid] = sorted(wanted)
                 else:
