@@ -113,9 +113,29 @@ class ThresholdConfig:
     k: float = _SPEC.sigma_k
 
 
+#: Transforms of a field's raw samples before they are aligned (InfluxQL's names; rates are per second).
+TRANSFORMS = ("", "derivative", "non_negative_derivative")
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One field of a signal: where it is read from, and what the window, the output and the alerts call it.
+
+    ``where`` adds tag equalities to the signal's own (e.g. Telegraf's ``cpu = "cpu-total"``); ``transform``
+    turns a counter into a per-second rate (``non_negative_derivative``: a counter reset gives no sample).
+    """
+
+    name: str
+    measurement: str
+    field: str
+    where: tuple[tuple[str, str], ...] = ()
+    transform: str = ""
+
+
 @dataclass(frozen=True)
 class SignalConfig:
-    """One watched signal: a measurement's field, split into series by ``group_by`` tags."""
+    """One watched signal: one field of a measurement, or several (``fields``), split into series by ``group_by``
+    tags. ``measurement``/``field`` are the first field's."""
 
     name: str
     measurement: str
@@ -140,6 +160,22 @@ class SignalConfig:
     score_threshold: float = _SPEC.score_threshold
     decision: str = _SPEC.decision
     write_every: int = 1
+    #: Every field of the signal, in window order (one for a single-field signal: ``measurement.field``).
+    fields: tuple[FieldSpec, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.fields:
+            object.__setattr__(self, "fields", (FieldSpec(self.field, self.measurement, self.field),))
+
+    @property
+    def field_names(self) -> tuple[str, ...]:
+        """The fields' names, in window order (what the model, the output and the alerts call them)."""
+        return tuple(f.name for f in self.fields)
+
+    @property
+    def multi(self) -> bool:
+        """The signal has several fields (windows span all of them; points carry an attribution)."""
+        return len(self.fields) > 1
 
     def spec(self) -> DetectorSpec:
         """The detector's parameters for this signal (the rest are `DetectorSpec`'s defaults)."""
@@ -184,6 +220,8 @@ class OutputConfig:
     write_reconstruction: bool = False
     reconstruction_measurement: str = "anomaly_reconstruction"
     stats_measurement: str = "anomalyd_stats"
+    #: Multi-field signals: one point per field per written window (share, error, direction, value); "" = off.
+    attribution_measurement: str = "anomaly_attribution"
 
 
 @dataclass(frozen=True)
@@ -547,7 +585,7 @@ def from_dict(raw: dict[str, Any], source: str = "<config>", env: Mapping[str, s
 
     t = sec["output"]
     c.unknown(t, "output", {"measurement", "retention_policy", "write_reconstruction",
-                            "reconstruction_measurement", "stats_measurement"})
+                            "reconstruction_measurement", "stats_measurement", "attribution_measurement"})
     nonempty = lambda v: None if v else "must not be empty"  # noqa: E731
     output = OutputConfig(
         measurement=c.get(t, "measurement", "output", "str", OutputConfig.measurement, _measurement_name),
@@ -556,7 +594,10 @@ def from_dict(raw: dict[str, Any], source: str = "<config>", env: Mapping[str, s
         reconstruction_measurement=c.get(t, "reconstruction_measurement", "output", "str",
                                          OutputConfig.reconstruction_measurement, _measurement_name),
         stats_measurement=c.get(t, "stats_measurement", "output", "str", OutputConfig.stats_measurement,
-                                _measurement_name))
+                                _measurement_name),
+        attribution_measurement=c.get(t, "attribution_measurement", "output", "str",
+                                      OutputConfig.attribution_measurement,
+                                      lambda v: None if v == "" else _measurement_name(v)))
 
     t = sec["paths"]
     c.unknown(t, "paths", {"models", "state"})
@@ -641,7 +682,7 @@ def from_dict(raw: dict[str, Any], source: str = "<config>", env: Mapping[str, s
                   kapacitor=kapacitor, signals=signals, source=source)
 
 
-_SIGNAL_KEYS = {"name", "measurement", "field", "where", "group_by", "period", "window", "train_slide", "slide",
+_SIGNAL_KEYS = {"name", "measurement", "field", "fields", "where", "group_by", "period", "window", "train_slide", "slide",
                 "write_every", "clusters", "random_state", "n_init", "max_gap", "scope", "train_where", "train_range",
                 "holdout", "max_train_windows", "threshold", "score_history", "score_threshold", "decision"}
 
@@ -658,7 +699,11 @@ def _signals(c: _Checker, raw: Any) -> tuple[SignalConfig, ...]:
             c.bad(p, "must be a table")
             continue
         c.unknown(t, p, _SIGNAL_KEYS)
-        for key in ("name", "measurement", "field", "period"):
+        has_fields = "fields" in t
+        if has_fields and "field" in t:
+            c.bad(f"{p}.field", "and fields are both set; list every field in fields (a single-field signal "
+                                "needs only field)")
+        for key in ("name", "period") + (() if has_fields else ("measurement", "field")):
             if key not in t:
                 c.bad(f"{p}.{key}", "is required")
         name = c.get(t, "name", p, "str", f"signal{i}",
@@ -683,9 +728,11 @@ def _signals(c: _Checker, raw: Any) -> tuple[SignalConfig, ...]:
         if not isinstance(group_by, list) or not all(isinstance(g, str) and g for g in group_by):
             c.bad(f"{p}.group_by", f"{group_by!r} must be a list of tag names, e.g. [\"host\"]")
             group_by = []
-        reserved = sorted({"signal", "series", "model"} & set(group_by))
+        fields = _fields(c, t, p) if has_fields else ()
+        own = {"signal", "series", "model"} | ({"field"} if len(fields) > 1 else set())
+        reserved = sorted(own & set(group_by))
         if reserved:
-            c.bad(f"{p}.group_by", f"{reserved} clash with the output's own tags (signal, series, model); "
+            c.bad(f"{p}.group_by", f"{reserved} clash with the output's own tags ({', '.join(sorted(own))}); "
                                    "rename the source tag or drop it from group_by")
         scope = c.get(t, "scope", p, "str", "series", _one_of(SCOPES))
         tr = t.get("train_range", "last 7d")
@@ -721,8 +768,11 @@ def _signals(c: _Checker, raw: Any) -> tuple[SignalConfig, ...]:
             k=c.get(th, "k", pt, "float", ThresholdConfig.k, _positive))
         out.append(SignalConfig(
             name=name,
-            measurement=c.get(t, "measurement", p, "str", "", lambda v: None if v else "must not be empty"),
-            field=c.get(t, "field", p, "str", "", lambda v: None if v else "must not be empty"),
+            measurement=fields[0].measurement if fields else
+            c.get(t, "measurement", p, "str", "", lambda v: None if v else "must not be empty"),
+            field=fields[0].field if fields else
+            c.get(t, "field", p, "str", "", lambda v: None if v else "must not be empty"),
+            fields=fields,
             where=_tags(c, t, "where", p),
             group_by=tuple(group_by),
             period_ns=c.get(t, "period", p, "duration", 10**9, _positive),
@@ -749,3 +799,55 @@ def _signals(c: _Checker, raw: Any) -> tuple[SignalConfig, ...]:
             decision=c.get(t, "decision", p, "str", _SPEC.decision, _one_of(DECISIONS)),
             write_every=c.get(t, "write_every", p, "int", 1, _positive)))
     return tuple(out)
+
+
+_FIELD_KEYS = {"measurement", "field", "name", "where", "transform"}
+
+
+def _fields(c: _Checker, t: Mapping[str, Any], p: str) -> tuple[FieldSpec, ...]:
+    """A signal's ``fields``: names of the signal's ``measurement``, or tables naming their own measurement.
+
+    A field's name is its ``name``, else ``field`` when every field comes from one measurement, else
+    ``measurement.field``."""
+    raw = t.get("fields")
+    example = ('e.g. fields = [{ measurement = "cpu", field = "usage_user", where = { cpu = "cpu-total" } }, '
+               '{ measurement = "net", field = "bytes_recv", transform = "non_negative_derivative" }]')
+    if not isinstance(raw, list) or not raw:
+        c.bad(f"{p}.fields", f"{raw!r} must be a non-empty list of field names or tables; {example}")
+        return ()
+    default_meas = t.get("measurement", "")
+    if not isinstance(default_meas, str):
+        default_meas = ""
+    parsed: list[tuple[str | None, str, str, tuple[tuple[str, str], ...], str]] = []
+    for j, item in enumerate(raw):
+        q = f"{p}.fields[{j}]"
+        if isinstance(item, str):
+            item = {"field": item}
+        if not isinstance(item, dict):
+            c.bad(q, f"{item!r} must be a field name or a table; {example}")
+            continue
+        c.unknown(item, q, _FIELD_KEYS)
+        meas = item.get("measurement", default_meas)
+        if not isinstance(meas, str) or not meas:
+            c.bad(f"{q}.measurement", f"is required (here or as {p}.measurement)")
+            continue
+        fname = item.get("field")
+        if not isinstance(fname, str) or not fname:
+            c.bad(f"{q}.field", f"{fname!r} must be the field's name in {meas!r}")
+            continue
+        name = item.get("name")
+        if name is not None and (not isinstance(name, str) or not name.strip()):
+            c.bad(f"{q}.name", f"{name!r} must be a non-empty string")
+            name = None
+        transform = c.get(item, "transform", q, "str", "", lambda v: None if v in TRANSFORMS else
+                          'is not a transform; use "non_negative_derivative" (a counter\'s rate per second), '
+                          '"derivative", or leave it out')
+        parsed.append((name, meas, fname, _tags(c, item, "where", q), transform))
+    one = len({m for _, m, _, _, _ in parsed}) <= 1
+    out = tuple(FieldSpec(name or (f if one else f"{m}.{f}"), m, f, w, tr) for name, m, f, w, tr in parsed)
+    seen: set[str] = set()
+    for j, f in enumerate(out):
+        if f.name in seen:
+            c.bad(f"{p}.fields[{j}]", f"name {f.name!r} is used twice; give one of them a name = \"...\"")
+        seen.add(f.name)
+    return out

@@ -102,13 +102,42 @@ class SeriesKey:
 
 
 @dataclass(frozen=True, slots=True)
+class FieldShare:
+    """How much one field explains a window: its share of the window's error (the fields' shares sum to 1), the
+    direction of its deviation (+1: above its reconstruction, -1: below) and its newest value in the window (data
+    units; None when that sample is missing)."""
+
+    field: str
+    share: float
+    direction: int
+    value: float | None = None
+
+    @property
+    def arrow(self) -> str:
+        """``up`` or ``down``."""
+        return "up" if self.direction >= 0 else "down"
+
+
+def describe_shares(shares: tuple[FieldShare, ...] | list[FieldShare], top: int = 3) -> str:
+    """The ``top`` fields by share as one line, e.g. ``cpu up 62%, mem down 21%`` (the ``top_fields`` field).
+
+    Examples
+    --------
+    >>> describe_shares([FieldShare("cpu", 0.62, 1, 97.0), FieldShare("mem", 0.21, -1, 3.0)])
+    'cpu up 62%, mem down 21%'
+    """
+    return ", ".join(f"{s.field} {s.arrow} {s.share:.0%}" for s in list(shares)[:top])
+
+
+@dataclass(frozen=True, slots=True)
 class WindowResult:
     """The outcome for one window of one series.
 
     ``end_ns`` is the timestamp of the window's last sample and of the output point, so scoring the same window
     twice writes the same point. A missing-data window has ``missing=True``, ``max_error=None`` and
     ``anomalous=False``. ``values``/``reconstruction`` (the aligned samples and the window's nearest tapered
-    centroid, un-tapered where the taper is not ~0) are filled for scored windows, for plots in alerts.
+    centroid, un-tapered where the taper is not ~0) are filled for anomalous windows, for plots in alerts, and so
+    is ``attribution`` (which fields explain the window, up or down).
     """
 
     key: SeriesKey
@@ -123,6 +152,11 @@ class WindowResult:
     n_missing: int = 0
     values: NDArray[np.float64] | None = None
     reconstruction: NDArray[np.float64] | None = None
+    #: The fields by share of the window's error, largest first (every field of the signal; one for a single-field
+    #: signal). Empty for a missing-data window.
+    attribution: tuple[FieldShare, ...] = ()
+    #: With several fields: the names of ``values``/``reconstruction``'s columns (then shaped ``(window, fields)``).
+    fields: tuple[str, ...] = ()
 
     @property
     def ratio(self) -> float | None:
