@@ -38,12 +38,14 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from dataclasses import fields as dataclass_fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 from urllib.parse import quote
 
+import numpy as np
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.builtin_handlers import (
@@ -61,7 +63,7 @@ from slack_sdk.webhook import WebhookClient
 
 from .config import AlertsConfig, SlackConfig
 from .metrics import ALERTS, ALERTS_QUEUED
-from .records import SeriesKey, Tags, WindowResult, tags_str
+from .records import FieldShare, SeriesKey, Tags, WindowResult, tags_str
 from .state import atomic_write, fsync_dir
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,15 @@ DEADMAN = "deadman"
 KINDS = (ANOMALOUS, RECOVERED, REMINDER, MISSING, RESUMED, DEADMAN)
 STATE_VERSION = 1
 _SINK_NAME_RE = re.compile(r"^[a-z0-9_]+$")
+#: A window's attribution as a transition keeps it: ``(field, share, direction +1/-1, value or None)``, largest
+#: share first (see :class:`anomalyd.records.FieldShare`).
+Attribution = tuple[tuple[str, float, int, float | None], ...]
+#: At most this many fields of a window's attribution go into a transition (and its outbox item).
+MAX_ATTRIBUTION = 5
+#: At most this many fields' samples go into a transition (the fields with the largest shares): its plot panels.
+MAX_PLOTTED_FIELDS = 3
+#: At most this many fields are named in a message.
+MAX_NAMED_FIELDS = 3
 _SENT_RETENTION_S = 7 * 86400
 # Slack errors caused by the message itself: retrying the same payload cannot succeed.
 _REJECTED_ERRORS = {"invalid_blocks", "invalid_blocks_format", "invalid_arguments", "msg_too_long",
@@ -111,6 +122,23 @@ class Transition:
     ``end_ns``/``start_ns`` are the window that caused the transition; ``since_ns`` the end of the window that
     opened the episode; ``windows`` the number of anomalous windows in the episode so far; ``peak_error`` and
     ``peak_ratio`` its worst window.
+
+    ``attribution`` is the window's attribution (`WindowResult.attribution`): ``(field, share, direction, value)``
+    per field, largest share first, at most `MAX_ATTRIBUTION` fields; ``direction`` is +1 (above the
+    reconstruction) or -1 (below), ``value`` the field's newest sample in the window (None when missing). A
+    single-field signal has one entry (or none: a missing-data window, or a result without attribution).
+    ``peak_attribution`` is the same for the episode's worst window (the one ``peak_error`` comes from).
+
+    ``values``/``reconstruction`` hold the window's samples and its reconstruction:
+
+    - single field (``fields == ()``): ``window`` floats each, as before multi-field signals;
+    - several fields: ``fields`` names the plotted fields (at most `MAX_PLOTTED_FIELDS`, those with the largest
+      shares, in that order) and ``values``/``reconstruction`` are their columns concatenated field by field,
+      ``window`` floats per field (``len(values) == window * len(fields)``; see :meth:`columns`).
+
+    In JSON (:meth:`to_dict`) the tuples become lists and non-finite floats ``null``; the keys added with
+    multi-field signals (``attribution``, ``peak_attribution``, ``fields``) are optional when reading, so outbox
+    items written before them still load.
     """
 
     kind: str
@@ -131,6 +159,9 @@ class Transition:
     values: tuple[float, ...] | None = None
     reconstruction: tuple[float, ...] | None = None
     score: float | None = None
+    attribution: Attribution = ()
+    peak_attribution: Attribution = ()
+    fields: tuple[str, ...] = ()
 
     @property
     def dedupe_key(self) -> str:
@@ -148,6 +179,30 @@ class Transition:
         """The series' tags as ``k=v,k=v``."""
         return tags_str(self.tags)
 
+    @property
+    def multi_field(self) -> bool:
+        """Whether the transition comes from a signal of several fields (as far as it tells)."""
+        return len(self.attribution) > 1 or len(self.peak_attribution) > 1 or bool(self.fields)
+
+    def columns(self) -> list[tuple[str, tuple[float, ...], tuple[float, ...] | None]]:
+        """``(field, values, reconstruction)`` per plotted field of a multi-field transition (empty for a single
+        field, or when the samples do not fit ``fields``).
+
+        Examples
+        --------
+        >>> t = Transition("anomalous", "h|", "h", (), "m", 0, 2, 1.0, fields=("cpu", "mem"),
+        ...                values=(1.0, 2.0, 3.0, 4.0), reconstruction=(0.0, 0.0, 1.0, 1.0))
+        >>> t.columns()
+        [('cpu', (1.0, 2.0), (0.0, 0.0)), ('mem', (3.0, 4.0), (1.0, 1.0))]
+        """
+        n = len(self.fields)
+        if not n or self.values is None or not self.values or len(self.values) % n:
+            return []
+        w = len(self.values) // n
+        rec = self.reconstruction if self.reconstruction is not None and len(self.reconstruction) == n * w else None
+        return [(f, self.values[i * w:(i + 1) * w], None if rec is None else rec[i * w:(i + 1) * w])
+                for i, f in enumerate(self.fields)]
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (see :meth:`from_dict`)."""
         d = asdict(self)
@@ -155,6 +210,9 @@ class Transition:
         for k in ("values", "reconstruction"):
             if d[k] is not None:
                 d[k] = [None if not math.isfinite(v) else v for v in d[k]]
+        d["attribution"] = _attribution_json(self.attribution)
+        d["peak_attribution"] = _attribution_json(self.peak_attribution)
+        d["fields"] = list(self.fields)
         return d
 
     @classmethod
@@ -173,7 +231,10 @@ class Transition:
                    n_missing=int(d.get("n_missing", 0)), since_ns=_opt_int(d.get("since_ns")),
                    windows=int(d.get("windows", 0)), peak_error=_opt_float(d.get("peak_error")),
                    peak_ratio=_opt_float(d.get("peak_ratio")), values=arr(d.get("values")),
-                   reconstruction=arr(d.get("reconstruction")), score=_opt_float(d.get("score")))
+                   reconstruction=arr(d.get("reconstruction")), score=_opt_float(d.get("score")),
+                   attribution=_attribution_from_json(d.get("attribution")),
+                   peak_attribution=_attribution_from_json(d.get("peak_attribution")),
+                   fields=tuple(str(f) for f in d.get("fields") or ()))
 
 
 def _opt_float(v: Any) -> float | None:
@@ -186,6 +247,73 @@ def _opt_int(v: Any) -> int | None:
 
 def _floats(a: Any) -> tuple[float, ...] | None:
     return None if a is None else tuple(float(v) for v in a)
+
+
+def _finite_or_none(v: float | None) -> float | None:
+    return None if v is None or not math.isfinite(v) else v
+
+
+def _attribution_json(a: Attribution) -> list[list[Any]]:
+    return [[f, _finite_or_none(share), d, _finite_or_none(v)] for f, share, d, v in a]
+
+
+def _attribution_from_json(raw: Any) -> Attribution:
+    """The attribution of a transition or series state read back from JSON (lists; ``null`` for non-finite)."""
+    out = []
+    for f, share, d, v in raw or ():
+        out.append((str(f), math.nan if share is None else float(share), 1 if float(d) >= 0 else -1,
+                    _opt_float(v)))
+    return tuple(out)
+
+
+def _share_key(share: float) -> float:
+    return -share if math.isfinite(share) else math.inf
+
+
+def attribution_of(shares: Sequence[FieldShare]) -> Attribution:
+    """A window's attribution as a transition keeps it: the `MAX_ATTRIBUTION` largest shares, largest first,
+    directions as +1/-1 and non-finite values as None.
+
+    Examples
+    --------
+    >>> attribution_of([FieldShare("mem", 0.2, -3, 3.5), FieldShare("cpu", 0.8, 1, float("nan"))])
+    (('cpu', 0.8, 1, None), ('mem', 0.2, -1, 3.5))
+    """
+    ranked = sorted(shares, key=lambda s: _share_key(float(s.share)))[:MAX_ATTRIBUTION]
+    return tuple((str(s.field), float(s.share), 1 if s.direction >= 0 else -1,
+                  None if s.value is None else _finite_or_none(float(s.value))) for s in ranked)
+
+
+def _window_samples(r: WindowResult) -> tuple[tuple[str, ...], tuple[float, ...] | None, tuple[float, ...] | None]:
+    """``(fields, values, reconstruction)`` of a transition from the window ``r`` (see :class:`Transition`).
+
+    A 1-D window (one field) is kept whole. Of a ``(window, fields)`` window only the columns of the
+    `MAX_PLOTTED_FIELDS` fields with the largest shares are kept, concatenated field by field (the first columns
+    when the window has no attribution).
+    """
+    v, u = r.values, r.reconstruction
+    if v is None or np.ndim(v) <= 1:
+        return (), _floats(v), _floats(u) if u is None or np.ndim(u) <= 1 else None
+    va = np.asarray(v, dtype=np.float64)
+    ua = None if u is None else np.asarray(u, dtype=np.float64)
+    if ua is not None and ua.shape != va.shape:
+        ua = None
+    if va.ndim != 2:
+        log.debug("window of %s has values shaped %s; not kept for the alert", r.key, va.shape)
+        return (), None, None
+    names = tuple(r.fields)
+    if len(names) != va.shape[1]:
+        if va.shape[1] == 1:  # one column without a name: a single field
+            return (), _floats(va[:, 0]), None if ua is None else _floats(ua[:, 0])
+        log.debug("window of %s has %d columns but names %d fields; samples not kept for the alert", r.key,
+                  va.shape[1], len(names))
+        return (), None, None
+    ranked = sorted((s for s in r.attribution if s.field in names), key=lambda s: _share_key(float(s.share)))
+    chosen = [s.field for s in ranked][:MAX_PLOTTED_FIELDS] or list(names[:MAX_PLOTTED_FIELDS])
+    cols = [names.index(f) for f in chosen]
+    values = tuple(float(x) for c in cols for x in va[:, c])
+    recon = None if ua is None else tuple(float(x) for c in cols for x in ua[:, c])
+    return tuple(chosen), values, recon
 
 
 def iso_utc(ns: int) -> str:
@@ -249,8 +377,50 @@ def _mrkdwn_escape(s: str) -> str:
     return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
+def _arrow(direction: int) -> str:
+    return "up" if direction >= 0 else "down"
+
+
+def _pct(share: float) -> str:
+    return f"{share:.0%}" if math.isfinite(share) else "n/a"
+
+
+def describe_attribution(a: Attribution, values: bool = True, top: int = MAX_NAMED_FIELDS) -> str:
+    """The ``top`` fields of an attribution as one line of plain text.
+
+    Examples
+    --------
+    >>> a = (("cpu.usage_user", 0.62, 1, 97.1), ("mem.used_percent", 0.21, -1, 3.2), ("disk", 0.17, 1, None))
+    >>> describe_attribution(a[:2])
+    'cpu.usage_user up (62%, value 97.1), mem.used_percent down (21%, value 3.2)'
+    >>> describe_attribution(a, values=False)
+    'cpu.usage_user up 62%, mem.used_percent down 21%, disk up 17%'
+    """
+    if values:
+        return ", ".join(f"{f} {_arrow(d)} ({_pct(sh)}" + ("" if v is None else f", value {_num(v)}") + ")"
+                         for f, sh, d, v in a[:top])
+    return ", ".join(f"{f} {_arrow(d)} {_pct(sh)}" for f, sh, d, _ in a[:top])
+
+
+def _mrkdwn_field(name: str) -> str:
+    """A field's name as inline code in mrkdwn (escaped; a backtick would end the code span)."""
+    return "`" + _mrkdwn_escape(name).replace("`", "'") + "`"
+
+
+def _mrkdwn_attribution(a: Attribution, values: bool = True, top: int = MAX_NAMED_FIELDS) -> str:
+    lines = []
+    for f, sh, d, v in a[:top]:
+        value = "" if v is None or not values else f", value {_num(v)}"
+        lines.append(f"• {_mrkdwn_field(f)} *{_arrow(d)}* {_pct(sh)}{value}")
+    return "\n".join(lines)
+
+
 def format_message(t: Transition, dashboard_template: str = "") -> tuple[str, list[dict[str, Any]]]:
     """The fallback text and the Block Kit blocks of a transition's message.
+
+    An anomaly or reminder of a multi-field signal names its top fields (direction, share and newest value);
+    of a single field, the direction of its deviation. A recovery of a multi-field signal names the top fields
+    of the episode's worst window.
 
     Examples
     --------
@@ -278,7 +448,14 @@ def format_message(t: Transition, dashboard_template: str = "") -> tuple[str, li
                      f"peak error {_num(t.peak_error)}, ratio {_num(t.peak_ratio)})")
         elif t.kind == REMINDER and t.since_ns is not None:
             what += f"; anomalous since {iso_utc(t.since_ns)} ({_windows(t.windows)})"
+    raised = t.kind in (ANOMALOUS, REMINDER)
+    multi = t.multi_field
     text = f"{title} {t.signal} [{series}]: {what}, model {t.model_id}"
+    if raised and t.attribution:
+        text += (f"; top fields: {describe_attribution(t.attribution)}" if multi
+                 else f"; direction {_arrow(t.attribution[0][2])}")
+    elif t.kind == RECOVERED and multi and t.peak_attribution:
+        text += f"; peak top fields: {describe_attribution(t.peak_attribution, values=False)}"
     if link:
         text += f"; dashboard: {link}"
 
@@ -292,6 +469,8 @@ def format_message(t: Transition, dashboard_template: str = "") -> tuple[str, li
         fields += ([] if t.score is None else [f"*Score*\n{t.score:.2f}"])
         fields += [f"*Max error / threshold*\n{_num(t.max_error)} / {_num(t.threshold)}",
                    f"*Ratio*\n{_num(t.ratio)}"]
+        if raised and t.attribution and not multi:
+            fields.append(f"*Direction*\n{_arrow(t.attribution[0][2])}")
     fields += [f"*Window (UTC)*\n{iso_utc(t.start_ns)}\n{iso_utc(t.end_ns)}", f"*Model*\n`{esc(t.model_id)}`"]
     if t.kind in (RECOVERED, REMINDER) and t.since_ns is not None:
         fields.append(f"*Anomalous since*\n{iso_utc(t.since_ns)} ({_windows(t.windows)})")
@@ -300,6 +479,13 @@ def format_message(t: Transition, dashboard_template: str = "") -> tuple[str, li
                                     "text": f"{emoji} {title}: {t.signal} [{series}]"[:150]}},
         {"type": "section", "fields": [{"type": "mrkdwn", "text": f[:2000]} for f in fields[:10]]},
     ]
+    if multi and raised and t.attribution:
+        blocks.append({"type": "section", "text": {
+            "type": "mrkdwn", "text": f"*Top fields*\n{_mrkdwn_attribution(t.attribution)}"[:3000]}})
+    elif multi and t.kind == RECOVERED and t.peak_attribution:
+        blocks.append({"type": "section", "text": {
+            "type": "mrkdwn",
+            "text": f"*Peak top fields*\n{_mrkdwn_attribution(t.peak_attribution, values=False)}"[:3000]}})
     if link:
         blocks.append({"type": "actions", "elements": [
             {"type": "button", "text": {"type": "plain_text", "text": "Open dashboard"},
@@ -317,7 +503,8 @@ def plot_error(t: Transition) -> list[float] | None:
     ``values`` are the raw samples ``x`` and ``reconstruction`` the shape un-tapered, ``u = c / taper + mean``
     (`anomalyd.detector.Detector.shape`), so the difference is ``taper * |x - u|``: the mean cancels. It is NaN
     where ``u`` is (the ends, where the taper is ~0 and contributes next to nothing) and where a sample is
-    missing. None when the transition carries no samples.
+    missing. None when the transition carries no samples, or several fields (each field's error is scaled by
+    the detector, see :func:`plot_figure`).
 
     Examples
     --------
@@ -326,7 +513,7 @@ def plot_error(t: Transition) -> list[float] | None:
     >>> [round(v, 3) for v in plot_error(t)]
     [nan, 0.5, 2.0, 0.5, nan]
     """
-    if t.values is None or t.reconstruction is None or len(t.values) != len(t.reconstruction):
+    if t.fields or t.values is None or t.reconstruction is None or len(t.values) != len(t.reconstruction):
         return None
     from .model import taper
 
@@ -339,13 +526,31 @@ def _decision(t: Transition) -> str:
     return "anomalous" if t.kind in (ANOMALOUS, REMINDER) else "normal"
 
 
+def _plain(s: str) -> str:
+    """Text for a matplotlib title or label: a ``$`` would start math mode."""
+    return s.replace("$", r"\$")
+
+
+def _headline(t: Transition) -> str:
+    score = "score n/a" if t.score is None else f"score {t.score:.2f}"
+    return _plain(f"{t.signal} [{t.series}]: {score} -> {_decision(t)}\n"
+                  f"max error {_num(t.max_error)} / threshold {_num(t.threshold)} = {_num(t.ratio)}")
+
+
 def plot_figure(t: Transition) -> Any:
     """The figure of :func:`render_plot` (a matplotlib ``Figure``), or None without samples.
 
-    Top: the window and its reconstruction (the nearest shape, un-tapered). Bottom: :func:`plot_error`, the
-    tapered difference whose maximum is ``max_error``, against ``threshold``. The title gives the score (the
-    decision's input), the decision, and max_error against its threshold.
+    One field: top, the window and its reconstruction (the nearest shape, un-tapered); bottom,
+    :func:`plot_error`, the tapered difference whose maximum is ``max_error``, against ``threshold``. The title
+    gives the score (the decision's input), the decision, and max_error against its threshold.
+
+    Several fields: one panel per plotted field (``Transition.fields``: the window's largest shares), its samples
+    against its reconstruction, titled with the field's name, direction and share; the last panel is each
+    field's error against ``threshold``. A field's error is the detector's (scaled so that fields compare, its
+    maximum over the fields is ``max_error``), derived from the shares: ``max_error * share / top share``.
     """
+    if t.fields:
+        return _plot_fields(t)
     err = plot_error(t)
     if err is None or t.values is None or t.reconstruction is None:
         return None
@@ -361,9 +566,7 @@ def plot_figure(t: Transition) -> Any:
     top.plot(x, t.values, color="#1f77b4", lw=1.4, label="window")
     top.plot(x, t.reconstruction, color="#ff7f0e", lw=1.2, ls="--", label="reconstruction")
     top.legend(loc="upper right", fontsize=7)
-    score = "score n/a" if t.score is None else f"score {t.score:.2f}"
-    top.set_title(f"{t.signal} [{t.series}]: {score} -> {_decision(t)}\n"
-                  f"max error {_num(t.max_error)} / threshold {_num(t.threshold)} = {_num(t.ratio)}", fontsize=8)
+    top.set_title(_headline(t), fontsize=8)
     bottom.plot(x, err, color="#d62728", lw=1.0, label="|tapered difference|")
     bottom.axhline(t.threshold, color="black", ls=":", lw=1.0, label=f"threshold {_num(t.threshold)}")
     bottom.legend(loc="upper right", fontsize=7)
@@ -374,9 +577,60 @@ def plot_figure(t: Transition) -> Any:
     return fig
 
 
+def _plot_fields(t: Transition) -> Any:
+    """:func:`plot_figure` of a multi-field transition."""
+    cols = [(f, v, u) for f, v, u in t.columns() if u is not None]
+    if not cols:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n = len(cols[0][1])
+    step_s = (t.end_ns - t.start_ns) / 1e9 / max(n - 1, 1)
+    x = [i * step_s for i in range(n)]
+    fig = Figure(figsize=(6.0, 1.5 * len(cols) + 2.1), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = list(fig.subplots(len(cols) + 1, 1, gridspec_kw={"height_ratios": [2] * len(cols) + [1.5]}))
+    shares = {f: (sh, d) for f, sh, d, _ in t.attribution}
+    for ax, (name, v, u) in zip(axes, cols, strict=False):
+        ax.plot(x, v, color="#1f77b4", lw=1.4, label="window")
+        ax.plot(x, u, color="#ff7f0e", lw=1.2, ls="--", label="reconstruction")
+        sh, d = shares.get(name, (math.nan, 0))
+        what = "" if name not in shares else f": {_arrow(d)}, {_pct(sh)} of the error"
+        ax.set_title(_plain(f"{name}{what}"), fontsize=8, loc="left")
+        ax.tick_params(labelsize=7)
+    axes[0].legend(loc="upper right", fontsize=7)
+    axes[len(cols) - 1].set_xlabel(f"seconds from {iso_utc(t.start_ns)}", fontsize=7)
+    fig.suptitle(_headline(t), fontsize=8)
+    err_ax = axes[-1]
+    a = t.attribution
+    top_share = a[0][1] if a else math.nan
+    scale = t.max_error / top_share if t.max_error is not None and math.isfinite(top_share) and top_share > 0 \
+        else None
+    scaled = scale is not None
+    names = [_plain(f) for f, *_ in a][::-1]  # the largest share at the top
+    heights = [sh if scale is None else sh * scale for _, sh, _, _ in a][::-1]
+    colors = ["#d62728" if d >= 0 else "#1f77b4" for _, _, d, _ in a][::-1]
+    if a:
+        bars = err_ax.barh(names, [h if math.isfinite(h) else 0.0 for h in heights], color=colors, height=0.6)
+        err_ax.bar_label(bars, labels=[f"{_arrow(d)} {_pct(sh)}" for _, sh, d, _ in a][::-1], fontsize=7,
+                         padding=2)
+    if scaled:
+        err_ax.axvline(t.threshold, color="black", ls=":", lw=1.0, label=f"threshold {_num(t.threshold)}")
+        err_ax.legend(loc="lower right", fontsize=7)
+        err_ax.set_title("field error (red: up, blue: down; labels: share of the window's error)", fontsize=8,
+                         loc="left")
+    else:
+        err_ax.set_title("share of the window's error (red: up, blue: down)", fontsize=8, loc="left")
+    err_ax.margins(x=0.25)
+    err_ax.tick_params(labelsize=7)
+    return fig
+
+
 def render_plot(t: Transition) -> bytes | None:
     """A small PNG of :func:`plot_figure`: the window against its reconstruction, and the per-sample tapered
-    difference (what ``max_error`` is the maximum of) against the threshold.
+    difference (what ``max_error`` is the maximum of) against the threshold; for several fields, a panel per
+    plotted field and the fields' errors against the threshold.
 
     Returns None when the transition carries no samples (missing data).
     """
@@ -724,6 +978,18 @@ class SeriesState:
     data_missing: bool = False
     #: A deadman alert was raised: the series stopped writing windows (cleared, with ``resumed``, by the next one).
     dead: bool = False
+    #: The attribution of the episode's worst window (`Transition.attribution`'s entries as lists); not saved
+    #: when empty.
+    peak_attribution: list[list[Any]] = field(default_factory=list)
+
+
+def _state_json(st: SeriesState) -> dict[str, Any]:
+    """A series' state as saved; without ``peak_attribution`` when empty, so that the state of series outside an
+    episode reads as before multi-field signals (also by older versions)."""
+    d = asdict(st)
+    if not st.peak_attribution:
+        del d["peak_attribution"]
+    return d
 
 
 @dataclass
@@ -784,14 +1050,17 @@ class AlertManager:
             got = raw.get("version") if isinstance(raw, dict) else None
             raise AlertStateError(f"alert state {self.state_path} has version={got!r}, this anomalyd reads "
                                   f"{STATE_VERSION}; move it away to start with every series OK")
+        known = {f.name for f in dataclass_fields(SeriesState)}
         try:
-            return {sid: SeriesState(**s) for sid, s in raw["series"].items()}
+            # keys this version does not know (written by a newer one) are dropped rather than refused
+            return {sid: SeriesState(**{k: v for k, v in s.items() if k in known})
+                    for sid, s in raw["series"].items()}
         except (KeyError, TypeError, AttributeError) as exc:
             raise AlertStateError(f"alert state {self.state_path} is malformed ({exc!s}); move it away to "
                                   "start with every series OK") from exc
 
     def _save_state(self) -> None:
-        doc = {"version": STATE_VERSION, "series": {sid: asdict(s) for sid, s in sorted(self.series.items())}}
+        doc = {"version": STATE_VERSION, "series": {sid: _state_json(s) for sid, s in sorted(self.series.items())}}
         atomic_write(self.state_path, json.dumps(doc, indent=1, sort_keys=True).encode(), sync_dir=False)
         fsync_dir(self.state_dir)
 
@@ -873,14 +1142,20 @@ class AlertManager:
         out: list[Transition] = []
 
         def make(kind: str) -> Transition:
+            fields, values, recon = _window_samples(r)
             return Transition(
                 kind=kind, series_id=r.key.id, signal=r.key.signal, tags=tuple(sorted(r.key.tags)),
                 model_id=r.model_id, start_ns=r.start_ns, end_ns=r.end_ns, threshold=float(r.threshold),
                 max_error=None if r.max_error is None else float(r.max_error), ratio=r.ratio,
                 n_missing=int(r.n_missing), since_ns=st.since_ns, windows=st.windows,
-                peak_error=st.peak_error, peak_ratio=st.peak_ratio, values=_floats(r.values),
-                reconstruction=_floats(r.reconstruction),
-                score=None if r.score is None or not math.isfinite(r.score) else float(r.score))
+                peak_error=st.peak_error, peak_ratio=st.peak_ratio, values=values, reconstruction=recon,
+                score=None if r.score is None or not math.isfinite(r.score) else float(r.score),
+                attribution=attribution_of(r.attribution), peak_attribution=_attribution_from_json(st.peak_attribution),
+                fields=fields)
+
+        def peak() -> None:
+            st.peak_error, st.peak_ratio = r.max_error, r.ratio
+            st.peak_attribution = _attribution_json(attribution_of(r.attribution))
 
         st.last_end_ns = r.end_ns
         if st.dead:
@@ -900,7 +1175,8 @@ class AlertManager:
                 st.above += 1
                 if st.above >= cfg.for_windows:
                     st.status, st.below, st.since_ns = "ANOMALOUS", 0, r.end_ns
-                    st.windows, st.peak_error, st.peak_ratio = st.above, r.max_error, r.ratio
+                    st.windows = st.above
+                    peak()
                     st.last_notified_wall_ns = now_ns
                     out.append(make(ANOMALOUS))
             else:
@@ -911,7 +1187,7 @@ class AlertManager:
             st.below = 0
             st.windows += 1
             if r.ratio is not None and (st.peak_ratio is None or r.ratio > st.peak_ratio):
-                st.peak_error, st.peak_ratio = r.max_error, r.ratio
+                peak()
             repeat_ns = int(cfg.repeat_every_s * 1e9)
             last = st.last_notified_wall_ns
             if repeat_ns > 0 and (last is None or now_ns - last >= repeat_ns):
@@ -923,6 +1199,7 @@ class AlertManager:
                 out.append(make(RECOVERED))
                 st.status, st.above, st.below, st.since_ns = "OK", 0, 0, None
                 st.windows, st.peak_error, st.peak_ratio, st.last_notified_wall_ns = 0, None, None, None
+                st.peak_attribution = []
         return out
 
     def _apply(self, results: Sequence[WindowResult], now_ns: int) -> list[Transition]:
