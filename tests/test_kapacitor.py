@@ -36,10 +36,17 @@ ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "tickscripts"
 S = 10**9
 
-# The output schema the worker writes (see the README's output section).
+# The output schema the worker writes (see the README's output section, and docs/multivariate.md for the
+# attribution: top_field and direction on every point, top_share and top_fields for a multi-field signal).
 TAGS = {"signal", "series", "model"}
 FIELDS = {"max_error": float, "threshold": float, "anomalous": bool, "score": float, "missing": bool,
-          "n_missing": int}
+          "n_missing": int, "top_field": str, "direction": str, "top_share": float, "top_fields": str}
+#: The attribution fields, absent from the points written before anomalyd wrote them.
+ATTRIBUTION = ("top_field", "direction", "top_fields")
+#: The part of every anomaly alert message (not the deadman's) that names the top field and its direction.
+TOP_FIELD_PART = ('{{ if index .Fields "top_field" }}, top field {{ index .Fields "top_field" }} '
+                  '{{ index .Fields "direction" }}{{ if index .Fields "top_fields" }} '
+                  '({{ index .Fields "top_fields" }}){{ end }}{{ end }}')
 COMPUTED = {"stream": {"ratio"}, "batch": {"ratio"}, "fixed": {"ratio", "fixed_threshold"}}
 
 
@@ -135,6 +142,9 @@ def test_every_identifier_in_the_scripts_is_in_the_output_schema(name: str) -> N
     if kind == "batch":
         assert 'WHERE "missing" = false AND "anomalous" = true' in script
         assert 'SELECT max("max_error") AS "max_error", ' in script      # the worst window, not the first
+        # the string fields come with the selected point (a selector's other fields), never aggregated
+        assert query is not None and all(f'"{f}"' in query.group(1).split("FROM", 1)[0] for f in ATTRIBUTION)
+        assert not re.search(r'\w+\("(top_field|direction|top_fields)"\)', query.group(1))
     else:
         assert '|where(lambda: "missing" == FALSE AND isPresent("max_error"))' in script
     if kind != "batch":
@@ -304,6 +314,241 @@ def test_the_fixed_task_keeps_the_operators_threshold_on_max_error() -> None:
         (1, "CRITICAL"), (2, "OK"), (8, "CRITICAL")]
     other = [p | {"series": "patient=p2"} for p in points]
     assert stream_alerts(script, other, {"where_filter": where_filter, "threshold": 0.42}) == []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The alert messages: the top field and its direction (issue 10)
+
+
+_GO_ACTION = re.compile(r"\{\{(.*?)\}\}", re.S)
+_GO_TOKEN = re.compile(r'\s*(?:"((?:\\.|[^"\\])*)"|(\|)|(\.[A-Za-z]\w*)|([A-Za-z]\w*)|(-?\d+(?:\.\d+)?))')
+
+
+def _go_format(value: Any) -> str:
+    """How Go's text/template prints a value: nil (a missing map key) as "<no value>"."""
+    if value is None:
+        return "<no value>"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value) if "e" not in repr(value) else f"{value:g}"
+    return str(value)
+
+
+def _go_printf(fmt: str, *args: Any) -> str:
+    """Go's fmt.Sprintf for the verbs the templates use; a nil argument prints %!verb(<nil>) as Go does."""
+    out, i = [], 0
+    for m in re.finditer(r"%(?:%|[-+# 0]*\d*(?:\.\d+)?[a-zA-Z])", fmt):
+        out.append(fmt[i:m.start()])
+        i = m.end()
+        spec = m.group(0)
+        if spec == "%%":
+            out.append("%")
+            continue
+        arg = args[0] if args else None
+        args = args[1:]
+        if arg is None:
+            out.append(f"%!{spec[-1]}(<nil>)")
+        elif spec[-1] in "efg" and not isinstance(arg, int | float):
+            out.append(f"%!{spec[-1]}({type(arg).__name__}={arg})")
+        elif spec[-1] == "v":
+            out.append(_go_format(arg))
+        else:
+            out.append(spec % arg)
+    return "".join(out) + fmt[i:]
+
+
+def _go_pipeline(text: str, data: Mapping[str, Any]) -> Any:
+    """Evaluate a pipeline of ``index``, ``printf``, ``eq`` and ``.Field`` commands joined by ``|``."""
+    commands: list[list[Any]] = [[]]
+    i = 0
+    for tok in _GO_TOKEN.finditer(text):
+        assert tok.start() == i, f"cannot read {text[i:]!r} in {{{{{text}}}}}"
+        i = tok.end()
+        string, bar, dot, word, number = tok.groups()
+        if bar:
+            commands.append([])
+        elif string is not None:
+            commands[-1].append(("str", json.loads(f'"{string}"')))
+        elif dot:
+            commands[-1].append(("val", data[dot[1:]]))               # an unknown .Name fails, as in Go
+        elif word:
+            commands[-1].append(("fn", word))
+        else:
+            commands[-1].append(("val", float(number) if "." in number else int(number)))
+    assert text[i:].strip() == "", f"cannot read {text[i:]!r}"
+    piped: list[Any] = []
+    result: Any = None
+    for cmd in commands:
+        assert cmd, f"empty command in {{{{{text}}}}}"
+        kind, head = cmd[0]
+        args = [v for _, v in cmd[1:]] + piped
+        if kind != "fn":
+            assert not args, f"{head!r} is not a function: {{{{{text}}}}}"
+            result = head
+        elif head == "index":
+            assert len(args) == 2 and isinstance(args[0], Mapping), f"index needs a map and a key: {{{{{text}}}}}"
+            result = args[0].get(args[1])                             # a missing key: the zero value, nil
+        elif head == "printf":
+            result = _go_printf(args[0], *args[1:])
+        elif head == "eq":
+            result = args[0] == args[1]
+        else:
+            raise AssertionError(f"function {head!r} is not defined")
+        piped = [result]
+    return result
+
+
+def go_template(template: str, data: Mapping[str, Any]) -> str:
+    """Render a Go text/template as Kapacitor renders an alert's id and message (``.Level``, ``.Time``,
+    ``.Tags``, ``.Fields``...), for what the shipped templates use: pipelines of ``index``, ``printf`` and
+    ``eq``, and ``if`` / ``else if`` / ``else`` / ``end``. A map key the point lacks is Go's zero value, nil:
+    printed ``<no value>``, false in an ``if``. Unbalanced actions raise, as Go's parser does."""
+    parts = _GO_ACTION.split(template)  # text, action, text, action, ...
+    pos = 0
+
+    def block(data: Mapping[str, Any], emit: bool) -> tuple[str, str]:
+        """Render up to an {{ else... }} or {{ end }} (returned) or the end of the template ('')."""
+        nonlocal pos
+        out = []
+        while pos < len(parts):
+            chunk, is_action = parts[pos], pos % 2 == 1
+            pos += 1
+            if not is_action:
+                out.append(chunk if emit else "")
+                continue
+            action = chunk.strip()
+            if action == "end" or action == "else" or action.startswith("else if "):
+                return "".join(out), action
+            if action.startswith("if "):
+                taken = False
+                cond: str | None = action[3:]
+                while True:
+                    hit = emit and not taken and (cond is None or bool(_go_pipeline(cond, data)))
+                    text, closer = block(data, hit)
+                    if hit:
+                        out.append(text)
+                        taken = True
+                    if closer == "end":
+                        break
+                    assert closer, "{{ if }} without {{ end }}"
+                    cond = closer[len("else if "):] if closer.startswith("else if ") else None
+                continue
+            if emit:
+                out.append(_go_format(_go_pipeline(action, data)))
+        return "".join(out), ""
+
+    text, closer = block(data, True)
+    assert closer == "", f"unexpected {{{{ {closer} }}}}"
+    return text
+
+
+def test_the_go_template_oracle() -> None:
+    """The stand-in for Go's text/template behaves as Go does where the messages depend on it."""
+    fields = {"x": 0.123456, "s": "cpu up", "empty": ""}
+    data = {"Level": "CRITICAL", "Fields": fields, "Tags": {"signal": "a"}, "Time": "T"}
+    assert go_template('{{ index .Fields "missing" }}', data) == "<no value>"
+    assert go_template('{{ index .Fields "missing" | printf "%.4g" }}', data) == "%!g(<nil>)"
+    assert go_template('{{ index .Fields "x" | printf "%.4g" }} {{ index .Tags "signal" }}', data) == "0.1235 a"
+    assert go_template('{{ if index .Fields "missing" }}yes{{ end }}|{{ if index .Fields "empty" }}yes{{ end }}'
+                       '|{{ if index .Fields "s" }}{{ index .Fields "s" }}{{ end }}', data) == "||cpu up"
+    assert go_template('{{ if eq .Level "OK" }}a{{ else if index .Fields "s" }}b{{ else }}c{{ end }}', data) == "b"
+    assert go_template('{{ if eq .Level "OK" }}a{{ else }}c{{ if .Time }}d{{ end }}{{ end }}e', data) == "cde"
+    with pytest.raises(AssertionError):
+        go_template('{{ if index .Fields "s" }}unclosed', data)
+    with pytest.raises(AssertionError):
+        go_template("{{ end }}", data)
+
+
+def _message(script: str) -> str:
+    m = re.search(r"^var message = (.*)$", script, re.M)
+    assert m is not None
+    value, rest = kapacitor_string(m.group(1))
+    assert rest.strip() == ""
+    return value
+
+
+def _eval_node(script: str, point: Mapping[str, Any], env: Mapping[str, Any]) -> dict[str, Any]:
+    """The point after the script's ``|eval(...).as(...).keep()``: every field kept, the computed ones added."""
+    m = re.search(r"^\s*\|eval\((.*)\)\n\s*\.as\(([^)]*)\)\n\s*\.keep\(\)$", script, re.M)
+    assert m is not None
+    names = [kapacitor_string(n.strip())[0] for n in m.group(2).split(",")]
+    exprs = _lambdas(m.group(1))
+    assert len(names) == len(exprs)
+    return dict(point) | {n: tick_lambda(e, env)(point) for n, e in zip(names, exprs, strict=True)}
+
+
+def alert_message(name: str, point: Mapping[str, Any], tags: Mapping[str, str], level: str = "CRITICAL",
+                  env: Mapping[str, Any] | None = None) -> str:
+    """The message a template sends for one point (after its eval node), as Kapacitor renders it."""
+    script = TEMPLATES[name][1]
+    fields = _eval_node(script, {k: v for k, v in point.items() if k not in tags and k != "time"}, env or {})
+    return go_template(_message(script), {"Level": level, "Tags": tags, "Fields": fields,
+                                          "Time": "2024-01-01 00:00:00 +0000 UTC", "ID": "x", "Name": "anomaly_error"})
+
+
+#: A window of a multi-field signal, one of a single-field signal, and one written before the attribution fields.
+MULTI = {"top_field": "cpu.usage_user", "direction": "up", "top_share": 0.62,
+         "top_fields": "cpu.usage_user up 62%, mem.used_percent down 21%, net.bytes_recv up 17%"}
+SINGLE = {"top_field": "value", "direction": "down"}
+OLD: dict[str, Any] = {}
+
+
+@pytest.mark.parametrize("name", ["anomaly_stream", "anomaly_batch", "anomaly_fixed"])
+def test_the_alert_messages_name_the_top_field_and_its_direction(name: str) -> None:
+    script = TEMPLATES[name][1]
+    assert TOP_FIELD_PART in _message(script)
+    # the message still ends with the model and the window's time, after the attribution
+    assert _message(script).endswith(TOP_FIELD_PART + ', model {{ index .Tags "model" }}, window ending {{ .Time }}')
+    tags = {"signal": "host", "series": "host=h1", "model": "host-1", "host": "h1"}
+    env = {"threshold": 0.5} if name == "anomaly_fixed" else {}
+    base = _point(4, 0.8, True, threshold=0.42, score=0.9)
+    multi, single, old = (alert_message(name, base | extra, tags, env=env) for extra in (MULTI, SINGLE, OLD))
+    head = "CRITICAL host [host=h1]: max_error 0.8 vs "
+    assert multi.startswith(head) and single.startswith(head) and old.startswith(head)
+    tail = ", model host-1, window ending 2024-01-01 00:00:00 +0000 UTC"
+    assert multi.endswith(", score 0.90), top field cpu.usage_user up (cpu.usage_user up 62%, mem.used_percent "
+                          "down 21%, net.bytes_recv up 17%)" + tail), multi
+    assert single.endswith(", score 0.90), top field value down" + tail), single
+    # a point written before anomalyd wrote the attribution: the message as it was, no "<no value>"
+    assert old.endswith(", score 0.90)" + tail), old
+    for message in (multi, single, old):
+        assert "<no value>" not in message and "%!" not in message, message
+    # the guard is what keeps "<no value>" out: without it, Go prints it for the old point
+    naive = _message(script).replace(TOP_FIELD_PART, ', top field {{ index .Fields "top_field" }}')
+    assert "<no value>" in go_template(naive, {"Level": "CRITICAL", "Tags": tags, "Time": "t",
+                                               "Fields": _eval_node(script, base, env)})
+
+
+def test_the_stream_tasks_messages_carry_the_windows_own_top_field() -> None:
+    """Raised and recovered with the top field of the window that changed the state."""
+    tags = {"signal": "host", "series": "host=h1", "model": "host-1"}
+    attribution = {0: SINGLE, 2: MULTI, 4: MULTI | {"top_field": "mem.used_percent", "direction": "down"},
+                   5: SINGLE | {"direction": "up"}, 8: OLD}
+    points = [p | attribution.get(p["time"], SINGLE) | tags for p in DECISIONS]
+    sent = stream_alerts(TEMPLATES["anomaly_stream"][1], points)
+    assert sent == [(2, "CRITICAL"), (5, "OK"), (8, "CRITICAL")]
+    messages = [alert_message("anomaly_stream", points[t], tags, level) for t, level in sent]
+    assert "top field cpu.usage_user up (cpu.usage_user up 62%" in messages[0]
+    assert messages[1].startswith("OK host [host=h1]") and "top field value up, model" in messages[1]
+    assert "top field" not in messages[2] and "<no value>" not in messages[2]
+
+
+def test_rendered_and_defined_scripts_name_the_top_field(kap: KapacitorStub, tmp_path: Path) -> None:
+    """What render writes and what define sends carry the attribution: the files Kapacitor gets, not only the
+    Python constants."""
+    render(example_config(), tmp_path, example_models())
+    define(example_config(), kap.url, models=example_models(), enable=("stream", "batch", "fixed", "deadman"))
+    for name in ("anomaly_stream", "anomaly_batch", "anomaly_fixed"):
+        script = (tmp_path / f"{name}.tick").read_text()
+        assert TOP_FIELD_PART in _message(script)
+        assert {"top_field", "direction", "top_fields"} <= set(re.findall(r'index \.Fields "(\w+)"', script))
+    assert '"anomalous", "top_field", "direction", "top_fields" FROM' in batch_query(tmp_path)
+    sent = {t: kap.tasks[t]["script"] for t in kap.tasks}
+    assert len(sent) == 5
+    for task_id, script in sent.items():
+        has = TOP_FIELD_PART in script
+        assert has == (task_id != "anomalyd_deadman"), task_id  # the deadman's message is about silence
 
 
 @pytest.mark.parametrize("name", list(TEMPLATES))
@@ -528,16 +773,41 @@ def kapacitor_range(query: str, start_ns: int, stop_ns: int) -> str:
     return f"{head} WHERE ({cond}) AND time >= {start_ns} AND time < {stop_ns} GROUP BY *"
 
 
+def _line_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(v)
+
+
 def _line(signal: str, patient: str, model: str, t_ns: int, max_error: float | None, threshold: float,
-          anomalous: bool = False, score: float = 0.1, n_missing: int = 0) -> str:
-    """One output point; ``anomalous`` is the detector's decision, independent of max_error vs threshold."""
-    tags = f"signal={signal},series=patient\\={patient},model={model},patient={patient}"
+          anomalous: bool = False, score: float = 0.1, n_missing: int = 0,
+          attribution: Mapping[str, Any] | None = None, group_tag: str = "patient") -> str:
+    """One output point; ``anomalous`` is the detector's decision, independent of max_error vs threshold.
+    ``attribution``: the top_field, direction (and top_share, top_fields) fields; None for a point written before
+    anomalyd wrote them."""
+    tags = f"signal={signal},series={group_tag}\\={patient},model={model},{group_tag}={patient}"
     if max_error is None:
         fields = f"threshold={threshold},anomalous=false,missing=true,n_missing={n_missing}i"
     else:
         fields = (f"max_error={max_error},threshold={threshold},anomalous={str(anomalous).lower()},"
                   f"score={score},missing=false,n_missing=0i")
+        fields += "".join(f",{k}={_line_value(v)}" for k, v in (attribution or {}).items())
     return f"anomaly_error,{tags} {fields} {t_ns}"
+
+
+def kapacitor_batch_points(series: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The points Kapacitor's QueryNode makes of one series of the answer (``edge.ResultToBufferedBatches``,
+    edge/messages.go): a null column is left out of the point, the others kept (Kapacitor >= 1.3; before,
+    influxdata/kapacitor#1320, a null column dropped every column after it: the attribution fields, which may be
+    null, come last in the query for that reason)."""
+    points = []
+    for values in series["values"]:
+        fields = {c: v for c, v in zip(series["columns"], values, strict=True) if c != "time" and v is not None}
+        if fields:
+            points.append(fields | {"time": values[0]})
+    return points
 
 
 def test_batch_query_returns_the_worst_anomalous_window_of_each_series(influxd: LocalInfluxd,
@@ -548,57 +818,88 @@ def test_batch_query_returns_the_worst_anomalous_window_of_each_series(influxd: 
     cfg = example_config(database=db)
     render(cfg, tmp_path, example_models())
     t0 = 1_700_000_000 * S
-    # (patient, window index, max_error or None for missing data, threshold, anomalous, score): a window every
-    # 16 s. "anomalous" is the detector's decision: max_error passing the threshold no longer implies it.
-    rows = [("p1", 0, 0.2, 0.42, False, 0.1),
-            ("p1", 1, 0.9, 0.42, False, 0.4),   # the largest error of p1, above its threshold, but normal
-            ("p1", 2, None, 0.42, False, 0.0),
-            ("p1", 3, 0.3, 0.42, True, 0.6),    # the first anomalous window of p1: not the worst
-            ("p1", 4, 0.8, 0.42, True, 0.9),    # the worst anomalous window of p1
-            ("p1", 5, 0.1, 0.42, False, 0.1),
-            ("p1", 6, 0.43, 0.42, True, 0.7),   # the last anomalous window of p1: not the worst either
-            ("p2", 0, 0.6, 0.5625, False, 0.3),  # above its threshold, but normal
-            ("p2", 1, 0.5, 0.5625, True, 0.8),  # anomalous below its threshold: the only one of p2
-            ("p2", 2, None, 0.5625, False, 0.0),
-            ("p2", 3, 0.7, 0.5625, False, 0.4),
-            ("p2", 9, 3.0, 0.5625, True, 1.0),  # outside the queried period
-            ("p3", 0, 2.0, 0.5, False, 0.4),    # above its threshold in every window, never anomalous
-            ("p3", 1, 1.5, 0.5, False, 0.3)]
+    up, down, old = SINGLE | {"direction": "up"}, SINGLE | {"direction": "down"}, None
+    # (patient, window index, max_error or None for missing data, threshold, anomalous, score, attribution): a
+    # window every 16 s. "anomalous" is the detector's decision: max_error passing the threshold no longer implies
+    # it. The attribution fields differ between the windows of a series, so that only the selected (worst) window's
+    # can be in the message; p2's windows were written before anomalyd wrote them (old).
+    rows = [("p1", 0, 0.2, 0.42, False, 0.1, up),
+            ("p1", 1, 0.9, 0.42, False, 0.4, down),   # the largest error of p1, above its threshold, but normal
+            ("p1", 2, None, 0.42, False, 0.0, None),
+            ("p1", 3, 0.3, 0.42, True, 0.6, down),    # the first anomalous window of p1: not the worst
+            ("p1", 4, 0.8, 0.42, True, 0.9, up),      # the worst anomalous window of p1
+            ("p1", 5, 0.1, 0.42, False, 0.1, down),
+            ("p1", 6, 0.43, 0.42, True, 0.7, down),   # the last anomalous window of p1: not the worst either
+            ("p2", 0, 0.6, 0.5625, False, 0.3, old),  # above its threshold, but normal
+            ("p2", 1, 0.5, 0.5625, True, 0.8, old),   # anomalous below its threshold: the only one of p2
+            ("p2", 2, None, 0.5625, False, 0.0, None),
+            ("p2", 3, 0.7, 0.5625, False, 0.4, old),
+            ("p2", 9, 3.0, 0.5625, True, 1.0, up),    # outside the queried period
+            ("p3", 0, 2.0, 0.5, False, 0.4, up),      # above its threshold in every window, never anomalous
+            ("p3", 1, 1.5, 0.5, False, 0.3, up)]
     lines = [_line("heartbeat", p, model_id_for("heartbeat", (("patient", p),), "series"), t0 + i * 16 * S,
-                   e, th, anom, sc) for p, i, e, th, anom, sc in rows]
+                   e, th, anom, sc, attribution=attr) for p, i, e, th, anom, sc, attr in rows]
+    # a multi-field signal (docs/multivariate.md): its windows carry top_share and top_fields too
+    host_rows = [(0, 1.4, True, 0.95, MULTI),
+                 (1, 2.5, True, 1.0, MULTI | {"top_field": "net.bytes_recv", "top_share": 0.7,
+                                               "top_fields": "net.bytes_recv up 70%, cpu.usage_user up 20%, "
+                                                             "mem.used_percent down 10%"}),
+                 (2, 0.3, False, 0.2, MULTI)]
+    lines += [_line("host", "h1", model_id_for("host", (("host", "h1"),), "series"), t0 + i * 16 * S, e, 1.0, anom,
+                    sc, attribution=attr, group_tag="host") for i, e, anom, sc, attr in host_rows]
     # another measurement with the same field names (the daemon's own stats carry "missing") is not read
     lines.append(f"anomalyd_stats,signal=heartbeat max_error=9.0,threshold=1.0,missing=false,anomalous=true "
                  f"{t0 + 16 * S}")
     influxd.write_lines(db, "\n".join(lines))
 
     query = batch_query(tmp_path)
-    assert query == (f'SELECT max("max_error") AS "max_error", "threshold", "score", "anomalous" '
-                     f'FROM "{db}"."autogen"."anomaly_error" WHERE "missing" = false AND "anomalous" = true')
+    assert query == (f'SELECT max("max_error") AS "max_error", "threshold", "score", "anomalous", "top_field", '
+                     f'"direction", "top_fields" FROM "{db}"."autogen"."anomaly_error" WHERE "missing" = false AND '
+                     f'"anomalous" = true')
     res = influxd.query(kapacitor_range(query, t0, t0 + 7 * 16 * S))["results"][0]
     assert "error" not in res, res
+    columns = ["time", "max_error", "threshold", "score", "anomalous", "top_field", "direction", "top_fields"]
     got = {s["tags"]["series"]: v for s in res["series"] for v in s["values"]}
-    # expected from the raw rows: per series, the anomalous scored window of the period with the largest error
+    # expected from the raw rows: per series, the anomalous scored window of the period with the largest error,
+    # with that window's attribution
     expected: dict[str, list[Any]] = {}
-    for p, i, e, th, anom, sc in rows:
+    for p, i, e, th, anom, sc, attr in rows:
         if e is not None and anom and i < 7 and e > expected.get(f"patient={p}", [0, -1.0])[1]:
-            expected[f"patient={p}"] = [t0 + i * 16 * S, e, th, sc, True]
-    assert got == expected == {"patient=p1": [t0 + 4 * 16 * S, 0.8, 0.42, 0.9, True],
-                               "patient=p2": [t0 + 16 * S, 0.5, 0.5625, 0.8, True]}
-    # every group carries the tags the alert's id and message read, and one row: the alert reports it
+            expected[f"patient={p}"] = [t0 + i * 16 * S, e, th, sc, True] + [(attr or {}).get(f) for f in ATTRIBUTION]
+    for i, e, anom, sc, attr in host_rows:
+        if anom and e > expected.get("host=h1", [0, -1.0])[1]:
+            expected["host=h1"] = [t0 + i * 16 * S, e, 1.0, sc, True] + [attr.get(f) for f in ATTRIBUTION]
+    assert got == expected == {
+        "patient=p1": [t0 + 4 * 16 * S, 0.8, 0.42, 0.9, True, "value", "up", None],
+        "patient=p2": [t0 + 16 * S, 0.5, 0.5625, 0.8, True, None, None, None],
+        "host=h1": [t0 + 16 * S, 2.5, 1.0, 1.0, True, "net.bytes_recv", "up",
+                    "net.bytes_recv up 70%, cpu.usage_user up 20%, mem.used_percent down 10%"]}
+    # every group carries the tags the alert's id and message read, and one row: the alert reports it, and its
+    # message, as Kapacitor renders it from the point it makes of the row, names the window's top field
     script = (tmp_path / "anomaly_batch.tick").read_text()
     crit = re.search(r"\.crit\(lambda: (.*)\)$", script, re.M)
-    ratio = re.search(r"\|eval\(lambda: (.*)\)$", script, re.M)
-    assert crit is not None and ratio is not None
+    assert crit is not None
     message_fields = set(re.findall(r'index \.Fields "(\w+)"', script))
+    messages = {}
     for s in res["series"]:
-        assert set(s["tags"]) == {"signal", "series", "model", "patient"}
-        assert s["columns"] == ["time", "max_error", "threshold", "score", "anomalous"]
-        assert s["tags"]["series"] == tags_str((("patient", s["tags"]["patient"]),))
-        assert len(s["values"]) == 1
-        point = dict(zip(s["columns"], s["values"][0], strict=True))
-        point["ratio"] = tick_lambda(ratio.group(1), {})(point)
+        group_tag = "host" if s["tags"]["signal"] == "host" else "patient"
+        # GROUP BY * gives every group every tag key of the measurement: the other signal's group_by tag is empty
+        assert {k for k, v in s["tags"].items() if v} == {"signal", "series", "model", group_tag}
+        assert s["columns"] == columns
+        assert s["tags"]["series"] == tags_str(((group_tag, s["tags"][group_tag]),))
+        (point,) = kapacitor_batch_points(s)
+        point = _eval_node(script, point, {})
         assert tick_lambda(crit.group(1), {})(point) is True, f"the alert would not raise for {point}"
-        assert message_fields <= set(point), message_fields - set(point)
+        assert message_fields - set(ATTRIBUTION) <= set(point), message_fields - set(point)
+        messages[s["tags"]["series"]] = go_template(_message(script), {
+            "Level": "CRITICAL", "Tags": s["tags"], "Fields": point, "Time": "T"})
+    assert messages["patient=p1"].endswith("(ratio 1.9, score 0.90), top field value up, model "
+                                           f"{model_id_for('heartbeat', (('patient', 'p1'),), 'series')}, "
+                                           "window ending T"), messages
+    assert "top field" not in messages["patient=p2"] and "(ratio 0.889, score 0.80), model" in messages["patient=p2"]
+    assert ("(ratio 2.5, score 1.00), top field net.bytes_recv up (net.bytes_recv up 70%, cpu.usage_user up 20%, "
+            "mem.used_percent down 10%), model") in messages["host=h1"]
+    assert all("<no value>" not in m and "%!" not in m for m in messages.values()), messages
     influxd.query(f'DROP DATABASE "{db}"')
 
 

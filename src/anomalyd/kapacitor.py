@@ -9,12 +9,16 @@ Four templates (the same text is shipped in ``tickscripts/``):
   recovers. Missing-data windows neither raise nor clear.
 - ``anomaly_batch.tick`` (b): queries the anomalous windows every period (``"missing" = false AND
   "anomalous" = true``) and sends, per series with anomalous windows in the period, one message about its
-  worst window (``max("max_error")`` selects it, with its threshold and score).
+  worst window (``max("max_error")`` selects it, with its threshold, score, top field and direction).
 - ``anomaly_fixed.tick`` (c): the blog's approach, a task per series with a fixed threshold on ``max_error``
   as a var (the operator's explicit threshold, not the detector's decision).
 - ``anomaly_deadman.tick`` (d): Kapacitor's ``|deadman(0.0, interval)`` over the scored windows of each series
   (grouped by ``signal`` and ``series``): an alert when a series writes no scored window for ``interval``
   (``alerts.deadman``), and a recovery with its next one.
+
+The messages of (a), (b) and (c) name the window's top field and its direction (``top_field``, ``direction``; for
+a multi-field signal also ``top_fields``, see docs/multivariate.md), inside ``{{ if }}`` so that points written
+without them render as before.
 
 :func:`render` writes the templates, their vars files and a ``define.sh`` for the ``kapacitor`` CLI;
 :func:`define` creates or updates the tasks through Kapacitor's HTTP API (``/kapacitor/v1/tasks``).
@@ -119,7 +123,8 @@ var log_path = '/var/log/kapacitor/anomalyd_alerts.log'
 STREAM_TICK = """\
 // anomalyd (a): alert when the detector flags a window anomalous (the point's own "anomalous" field).
 // One task serves every series of the output measurement. Points: tags signal, series (k=v,k=v), model and
-// the signal's group_by tags; fields max_error, threshold, anomalous, score, missing, n_missing.
+// the signal's group_by tags; fields max_error, threshold, anomalous, score, missing, n_missing, and the
+// attribution: top_field and direction (strings), and for a multi-field signal top_share and top_fields.
 
 """ + _COMMON_VARS + """
 // Optional extra filter on the points, e.g. lambda: "signal" == 'heartbeat'
@@ -134,11 +139,16 @@ var crit = lambda: "anomalous" == TRUE
 // Alert id: one per series
 var id = 'anomalyd:{{ index .Tags "signal" }}[{{ index .Tags "series" }}]'
 
-// Alert message: the series, its error, its threshold and its score
+// Alert message: the series, its error, its threshold and its score, and the field that explains the window most
+// (top_field) with its direction (up or down: above or below its reconstruction); for a multi-field signal also the
+// largest shares (top_fields, e.g. "cpu.usage_user up 62%, mem.used_percent down 21%"). Points written before
+// anomalyd wrote these fields have none: the {{ if }} leaves that part out instead of printing <no value>.
 var message = '{{ .Level }} {{ index .Tags "signal" }} [{{ index .Tags "series" }}]: max_error \
 {{ index .Fields "max_error" | printf "%.4g" }} vs threshold {{ index .Fields "threshold" | printf "%.4g" }} \
-(ratio {{ index .Fields "ratio" | printf "%.3g" }}, score {{ index .Fields "score" | printf "%.2f" }}), \
-model {{ index .Tags "model" }}, window ending {{ .Time }}'
+(ratio {{ index .Fields "ratio" | printf "%.3g" }}, score {{ index .Fields "score" | printf "%.2f" }})\
+{{ if index .Fields "top_field" }}, top field {{ index .Fields "top_field" }} \
+{{ index .Fields "direction" }}{{ if index .Fields "top_fields" }} ({{ index .Fields "top_fields" }})\
+{{ end }}{{ end }}, model {{ index .Tags "model" }}, window ending {{ .Time }}'
 
 stream
     |from()
@@ -179,19 +189,25 @@ var offset = 1m
 // Alert id: one per series
 var id = 'anomalyd-batch:{{ index .Tags "signal" }}[{{ index .Tags "series" }}]'
 
-// Alert message: the series, the worst window's error, its threshold and its score
+// Alert message: the series, the worst window's error, its threshold, its score, its top field and direction
+// (and, for a multi-field signal, its largest shares); left out for points written without them
 var message = '{{ .Level }} {{ index .Tags "signal" }} [{{ index .Tags "series" }}]: max_error \
 {{ index .Fields "max_error" | printf "%.4g" }} vs threshold {{ index .Fields "threshold" | printf "%.4g" }} \
-(ratio {{ index .Fields "ratio" | printf "%.3g" }}, score {{ index .Fields "score" | printf "%.2f" }}), \
-model {{ index .Tags "model" }}, window ending {{ .Time }}'
+(ratio {{ index .Fields "ratio" | printf "%.3g" }}, score {{ index .Fields "score" | printf "%.2f" }})\
+{{ if index .Fields "top_field" }}, top field {{ index .Fields "top_field" }} \
+{{ index .Fields "direction" }}{{ if index .Fields "top_fields" }} ({{ index .Fields "top_fields" }})\
+{{ end }}{{ end }}, model {{ index .Tags "model" }}, window ending {{ .Time }}'
 
 // The worst anomalous window of each series in the period; Kapacitor adds the time range and the GROUP BY.
-// max() is a selector: "threshold", "score" and "anomalous" (and the time) are those of the window with the
-// largest max_error. Without it the alert would report the period's first anomalous window, not its worst.
+// max() is a selector: "threshold", "score", "anomalous", "top_field", "direction" and "top_fields" (and the time)
+// are those of the window with the largest max_error. Without it the alert would report the period's first
+// anomalous window, not its worst. The string fields cannot be aggregated, and need not be: they come with the
+// selected point. A window without them (written before anomalyd wrote them; top_fields: a single-field signal)
+// answers null, which Kapacitor leaves out of the point; the message then omits them.
 // To alert on something other than the detector's decision, put the same test in the WHERE condition and in
 // the crit lambda below, e.g. "score" >= 0.5, or "max_error" > "threshold" (no longer the detector's decision).
-var query = 'SELECT max("max_error") AS "max_error", "threshold", "score", "anomalous" FROM "' + db + '"."' + \
-rp + '"."' + measurement + '" WHERE "missing" = false AND "anomalous" = true'
+var query = 'SELECT max("max_error") AS "max_error", "threshold", "score", "anomalous", "top_field", "direction", \
+"top_fields" FROM "' + db + '"."' + rp + '"."' + measurement + '" WHERE "missing" = false AND "anomalous" = true'
 
 batch
     |query(query)
@@ -227,11 +243,15 @@ var threshold float
 // Alert id: one per series
 var id = 'anomalyd-fixed:{{ index .Tags "signal" }}[{{ index .Tags "series" }}]'
 
-// Alert message: the series, its error and the fixed threshold
+// Alert message: the series, its error and the fixed threshold, and the top field with its direction (and, for
+// a multi-field signal, the largest shares); left out for points written without them
 var message = '{{ .Level }} {{ index .Tags "signal" }} [{{ index .Tags "series" }}]: max_error \
 {{ index .Fields "max_error" | printf "%.4g" }} vs fixed threshold \
 {{ index .Fields "fixed_threshold" | printf "%.4g" }} (ratio {{ index .Fields "ratio" | printf "%.3g" }}, \
-score {{ index .Fields "score" | printf "%.2f" }}), model {{ index .Tags "model" }}, window ending {{ .Time }}'
+score {{ index .Fields "score" | printf "%.2f" }})\
+{{ if index .Fields "top_field" }}, top field {{ index .Fields "top_field" }} \
+{{ index .Fields "direction" }}{{ if index .Fields "top_fields" }} ({{ index .Fields "top_fields" }})\
+{{ end }}{{ end }}, model {{ index .Tags "model" }}, window ending {{ .Time }}'
 
 stream
     |from()
