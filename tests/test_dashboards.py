@@ -11,10 +11,16 @@ the ``anomalous`` field: the hand-made output holds windows whose max_error pass
 detector calls them normal, and anomalous windows below the threshold, so a panel deciding on max_error vs
 threshold fails.
 
+The attribution panels (issue 10; docs/multivariate.md) read a multi-field signal: the share of each field per
+window (``anomaly_attribution``, ``GROUP BY "field"``) must give one series per field with exactly the raw shares'
+means per time bucket, and the table of the latest anomalous windows exactly their ``top_fields``, ``top_field`` and
+``direction``, newest first, computed here from ``SELECT *`` of the raw points.
+
 Every test runs twice, on the fixtures named in ``DATA_FIXTURES``: a private influxd holding points of anomalyd's
 output schema written as line protocol (two series with anomalous and missing-data windows, a second signal on the
-same patient, the daemon's stats), and the session's real demo run (``demo_db`` in conftest.py: feed, train, one
-live tick).
+same patient, the daemon's stats, a multi-field signal with its attribution points, and windows written before
+and after anomalyd wrote the attribution fields), and the session's real demo run (``demo_db`` in conftest.py:
+feed, train, one live tick).
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ OUT = CONFIG.get("output", {})
 MEASUREMENT = OUT.get("measurement", "anomaly_error")
 RECON_MEASUREMENT = OUT.get("reconstruction_measurement", "anomaly_reconstruction")
 STATS_MEASUREMENT = OUT.get("stats_measurement", "anomalyd_stats")
+ATTR_MEASUREMENT = OUT.get("attribution_measurement") or "anomaly_attribution"
 DATABASE = CONFIG["influxdb"]["database"]
 SIGNAL = CONFIG["signals"][0]["name"]
 GROUP_TAG = CONFIG["signals"][0]["group_by"][0]
@@ -73,6 +80,7 @@ class OutputDB:
 
     url: str
     database: str
+    origin: str = ""  # the fixture it comes from
 
     def query(self, q: str) -> list[dict[str, Any]]:
         try:
@@ -184,6 +192,81 @@ def _esc(v: str) -> str:
     return v.replace("\\", "\\\\").replace(",", "\\,").replace("=", "\\=").replace(" ", "\\ ")
 
 
+def _multi_signal_spec() -> tuple[str, str, list[str]]:
+    """config.toml's first multi-field signal: its name, its first group_by tag and its field names as the output
+    names them (docs/multivariate.md: ``name``, else ``field`` when every field comes from one measurement, else
+    ``measurement.field``); a stand-in when config.toml has none."""
+    for sig in CONFIG["signals"]:
+        fields = sig.get("fields") or []
+        if len(fields) > 1:
+            entries = [f if isinstance(f, dict) else {"field": f} for f in fields]
+            one = len({e.get("measurement", sig.get("measurement")) for e in entries}) == 1
+            names = [e.get("name") or (e["field"] if one else f"{e['measurement']}.{e['field']}") for e in entries]
+            return str(sig["name"]), str((sig.get("group_by") or ["host"])[0]), names
+    return "host", "host", ["cpu.usage_user", "mem.used_percent", "net.bytes_recv"]
+
+
+MULTI_SIGNAL, MULTI_TAG, MULTI_FIELDS = _multi_signal_spec()
+#: The single-field signals' field name (their top_field).
+SINGLE_FIELD = CONFIG["signals"][0].get("field", "value")
+#: The multi-field signal's series: window index -> what happens in it. Anomalous windows are explained by field
+#: ``k % n_fields``; "gap" windows miss their last field (no attribution point for it, shares over the others);
+#: "missing" windows are missing-data windows (no attribution at all).
+MULTI = {"h1": {"anomalous": {12, 13, 30}, "gap": {20}, "missing": {5}},
+         "h2": {"anomalous": {25, 39}, "gap": {25}, "missing": set()}}
+N_MULTI = 40
+MULTI_OFFSET_MS = 8_000
+#: Since this window index, the single-field signals' points carry top_field and direction (anomalyd upgraded);
+#: the earlier ones were written before it wrote them.
+UPGRADE_AT = N_WINDOWS // 2
+#: (time ms, series) -> top_fields of each scored window of the multi-field signal, as written.
+MULTI_TOP: dict[tuple[int, str], str] = {}
+
+
+def _line_str(v: str) -> str:
+    return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _multivariate_lines() -> list[str]:
+    """The output of a multi-field signal: window points with top_field, direction, top_share and top_fields, and
+    one attribution point per present field (share, error, direction +1/-1, value), tagged with "field"."""
+    lines = []
+    n = len(MULTI_FIELDS)
+    for host, spec in MULTI.items():
+        gtags = ((MULTI_TAG, host),)
+        key = ",".join(f"{k}={v}" for k, v in gtags)
+        tags = {"signal": MULTI_SIGNAL, "series": key, "model": model_id_for(MULTI_SIGNAL, gtags, "series"),
+                MULTI_TAG: host}
+        tagstr = ",".join(f"{_esc(k)}={_esc(v)}" for k, v in sorted(tags.items()))
+        for k in range(N_MULTI):
+            end = T0_MS + MULTI_OFFSET_MS + k * STEP_MS
+            if k in spec["missing"]:
+                lines.append(f"{MEASUREMENT},{tagstr} threshold=1.0,anomalous=false,missing=true,n_missing=90i "
+                             f"{end * 1_000_000}")
+                continue
+            present = MULTI_FIELDS[:-1] if k in spec["gap"] else MULTI_FIELDS
+            errors = {f: round(0.2 + 0.1 * abs(math.sin(k + 3 * j)), 4) for j, f in enumerate(present)}
+            directions = {f: 1.0 if math.sin(k * 7 + j) >= 0 else -1.0 for j, f in enumerate(present)}
+            anomalous = k in spec["anomalous"]
+            if anomalous:
+                errors[present[k % len(present)]] = 3.0 + k / 100
+            total = sum(errors.values())
+            shares = {f: e / total for f, e in errors.items()}
+            ranked = sorted(present, key=lambda f: -shares[f])
+            word = {1.0: "up", -1.0: "down"}
+            top = ", ".join(f"{f} {word[directions[f]]} {round(100 * shares[f])}%" for f in ranked[:3])
+            MULTI_TOP[(end, key)] = top
+            fields = (f"max_error={max(errors.values())},threshold=1.0,anomalous={str(anomalous).lower()},"
+                      f"score={1.0 if anomalous else 0.2},missing=false,n_missing={0 if len(present) == n else 10}i,"
+                      f"top_field={_line_str(ranked[0])},direction={_line_str(word[directions[ranked[0]]])},"
+                      f"top_share={shares[ranked[0]]},top_fields={_line_str(top)}")
+            lines.append(f"{MEASUREMENT},{tagstr} {fields} {end * 1_000_000}")
+            for j, f in enumerate(present):
+                lines.append(f"{ATTR_MEASUREMENT},{tagstr},field={_esc(f)} share={shares[f]},error={errors[f]},"
+                             f"direction={directions[f]},value={50.0 + 10 * j + k} {end * 1_000_000}")
+    return lines
+
+
 def _output_lines() -> str:
     """Line protocol for the three measurements, exactly as the worker writes them (tags, field names and types)."""
     lines = []
@@ -205,6 +288,8 @@ def _output_lines() -> str:
                 anom = "true" if k in s.anomalous else "false"
                 fields = (f"max_error={err:.4f},threshold={THRESHOLD},anomalous={anom},score={score},"
                           "missing=false,n_missing=0i")
+                if k >= UPGRADE_AT:  # the attribution of a single-field signal: its field, and a direction
+                    fields += f',top_field={_line_str(SINGLE_FIELD)},direction="{"up" if k % 3 else "down"}"'
             lines.append(f"{MEASUREMENT},{tagstr} {fields} {end * 1_000_000}")
             if k not in s.missing:  # the first `slide` samples of each scored window
                 for j in range(16):
@@ -221,7 +306,7 @@ def _output_lines() -> str:
             lines.append(f"{STATS_MEASUREMENT},signal={_esc(signal)} lag_seconds={18.3 + k % 3},"
                          f"windows={len(mine) - n_miss}i,anomalous={n_anom}i,missing={n_miss}i,"
                          f"tick_seconds=0.04{k % 10},untrained_series=0i {tick * 1_000_000}")
-    return "\n".join(lines)
+    return "\n".join(lines + _multivariate_lines())
 
 
 #: The fixtures whose ``.url`` and ``.database`` hold the output the dashboards are proven on.
@@ -232,7 +317,7 @@ DATA_FIXTURES = ("private_output_db", "demo_db")
 def output_db(request: pytest.FixtureRequest) -> OutputDB:
     """Both: the hand-made output (two signals, missing windows) and a real demo run's output."""
     data = request.getfixturevalue(request.param)
-    return OutputDB(data.url, data.database)
+    return OutputDB(data.url, data.database, request.param)
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +326,7 @@ def private_output_db(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Outp
     root = tmp_path_factory.mktemp("dashboards-influxd")
     proc, url = _start_influxd(root)
     try:
-        db = OutputDB(url, DATABASE)
+        db = OutputDB(url, DATABASE, "private_output_db")
         requests.post(f"{url}/query", params={"q": f'CREATE DATABASE "{DATABASE}"'}, timeout=10).raise_for_status()
         r = requests.post(f"{url}/write", params={"db": DATABASE, "precision": "ns"},
                           data=_output_lines().encode(), timeout=30)
@@ -261,6 +346,8 @@ class Truth:
     series: str  # the series the dashboards are looked at for
     lo: int  # full range of the output, ms
     hi: int
+    multi: str | None = None  # a signal with attribution points (a multi-field signal), if the output holds one
+    multi_series: str = ""  # the series of it the attribution panels are looked at for
 
     def of(self, signal: str, series: set[str] | None = None, lo: int | None = None,
            hi: int | None = None) -> list[dict[str, Any]]:
@@ -308,8 +395,19 @@ def truth(output_db: OutputDB) -> Truth:
     times = [w["time"] for w in windows] + [s["time"] for s in stats]
     # Look at the series whose latest anomaly is the most recent, over the whole output.
     series = max(anomalous, key=lambda w: w["time"])["series"]
+    # The multi-field signal the attribution panels are proven on: one that wrote attribution points (the private
+    # output always holds one; the demo run does when config.toml has one), and its series whose latest anomaly is
+    # the most recent (or its first series).
+    multi = sorted(r["value"] for r in output_db.rows(f'SHOW TAG VALUES FROM "{ATTR_MEASUREMENT}" WITH KEY = "signal"'))
+    assert multi or output_db.origin != "private_output_db", "the private output holds no attribution points"
+    multi_signal = MULTI_SIGNAL if MULTI_SIGNAL in multi else (multi[0] if multi else None)
+    multi_series = ""
+    if multi_signal is not None:
+        mine = sorted((w for w in windows if w["signal"] == multi_signal), key=lambda w: (w["anomalous"], w["time"]))
+        assert mine, f"{multi_signal!r} wrote attribution points but no {MEASUREMENT} points"
+        multi_series = mine[-1]["series"]
     # epoch=ms truncates: the daemon stamps its stats with the wall clock in ns, so end one ms later.
-    return Truth(windows, SIGNAL, series, min(times), max(times) + 1)
+    return Truth(windows, SIGNAL, series, min(times), max(times) + 1, multi_signal, multi_series)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -428,6 +526,12 @@ def test_grafana_dashboard_structure_and_references() -> None:
         "no count of anomalous windows per series")
     assert has(f'FROM "{STATS_MEASUREMENT}"', '"lag_seconds"'), "no daemon lag panel"
     assert has(f'FROM "{MEASUREMENT}"', 'max("score")', "GROUP BY time"), "no score panel"
+    assert has(f'FROM "{ATTR_MEASUREMENT}"', '"share"', "GROUP BY time", '"field"'), "no attribution share panel"
+    assert has(f'FROM "{MEASUREMENT}"', '"top_fields"', '"top_field"', '"direction"', '"max_error"', '"score"',
+               '"anomalous" = true', "ORDER BY time DESC LIMIT"), "no table of the anomalous windows' top fields"
+    share = next(p for p in dash["panels"] if any(_reads_attribution(t["query"]) for t in p["targets"]))
+    assert [t["alias"] for t in share["targets"]] == ["$tag_field"], "the share lines are not named by field"
+    assert share["fieldConfig"]["defaults"]["unit"] == "percentunit"
     error_panel = next(p for p in dash["panels"] if any('"threshold"' in t["query"] and "GROUP BY time" in t["query"]
                                                         for t in p["targets"]))
     styled = [o for o in error_panel["fieldConfig"]["overrides"] if "threshold" in o["matcher"]["options"]]
@@ -440,6 +544,13 @@ def test_grafana_dashboard_structure_and_references() -> None:
     assert re.search(r'SELECT .*"series"', a["query"]), "the annotation's tagsColumn is not selected"
     for what, q in _grafana_all_queries(dash):
         assert not _decides_on_error(q), f"{what} decides on max_error/threshold, not on the anomalous field: {q}"
+        assert not _unquoted_field(q), f"{what} uses the keyword field unquoted (InfluxQL refuses it): {q}"
+
+
+def _unquoted_field(q: str) -> bool:
+    """Whether a query names the attribution tag ``field`` without double quotes: ``field`` is an InfluxQL keyword,
+    and ``GROUP BY field`` is a parse error."""
+    return re.search(r'(?<!["\w])field(?!["\w])', q, re.I) is not None
 
 
 def _decides_on_error(q: str) -> bool:
@@ -515,14 +626,17 @@ def test_chronograf_dashboard_is_valid_for_the_server() -> None:
             dbs = set(re.findall(r'FROM "([^"]+)"\."autogen"\."([^"]+)"', q["query"]))
             assert dbs, f"cell {c['name']!r} does not name its database: {q['query']}"
             for db, meas in dbs:
-                assert db == DATABASE and meas in {MEASUREMENT, RECON_MEASUREMENT, STATS_MEASUREMENT}, (db, meas)
+                assert db == DATABASE and meas in {MEASUREMENT, RECON_MEASUREMENT, STATS_MEASUREMENT,
+                                                   ATTR_MEASUREMENT}, (db, meas)
     # The same core cells as the Grafana dashboard.
     text = " ".join(q["query"] for c in d["cells"] for q in c["queries"])
     for part in ('"reconstruction"', '"max_error"', '"threshold"', '"n_missing"', 'last("anomalous")',
-                 '"anomalous" = true', '"lag_seconds"', 'count("anomalous")'):
+                 '"anomalous" = true', '"lag_seconds"', 'count("anomalous")', 'mean("share")',
+                 'GROUP BY time(:interval:), "field"', '"top_fields", "top_field", "direction"'):
         assert part in text, f"no Chronograf cell selects {part}"
     for what, q in _chronograf_queries(d):
         assert not _decides_on_error(q), f"{what} decides on max_error/threshold, not on the anomalous field: {q}"
+        assert not _unquoted_field(q), f"{what} uses the keyword field unquoted (InfluxQL refuses it): {q}"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -548,16 +662,35 @@ def test_grafana_variables_list_the_signals_and_their_series(output_db: OutputDB
         assert series == truth.all_series(signal), (signal, series)
 
 
+def _reads_attribution(q: str) -> bool:
+    return f'"{ATTR_MEASUREMENT}"' in q
+
+
+def _looked_at(q: str, truth: Truth, output_db: OutputDB) -> tuple[str, str] | None:
+    """The signal and series a query is looked at for: the multi-field signal for the attribution panels (which
+    a single-field signal leaves empty). None when the output holds no multi-field signal: only the demo run may
+    lack one (config.toml without one), and the query must then still parse (run here)."""
+    if not _reads_attribution(q):
+        return truth.signal, truth.series
+    if truth.multi is None:
+        assert output_db.origin == "demo_db"
+        return None
+    return truth.multi, truth.multi_series
+
+
 def test_every_grafana_query_parses_and_returns_rows(output_db: OutputDB, truth: Truth) -> None:
     dash = load_grafana()
-    variables = {"signal": [truth.signal], "series": [truth.series]}
     for what, q in _grafana_all_queries(dash):
-        rendered = grafana_render(q, *truth.view(q), variables)
+        looked = _looked_at(q, truth, output_db)
+        if looked is None:
+            output_db.query(grafana_render(q, *truth.view(q), {"signal": [truth.signal], "series": [truth.series]}))
+            continue
+        signal, series = looked
+        rendered = grafana_render(q, *truth.view(q), {"signal": [signal], "series": [series]})
         assert output_db.query(rendered), f"{what} returned no rows over the demo output:\n{rendered}"
-    # "All" series (the variable is multi-value with includeAll) renders as an alternation and works too.
-    all_series = sorted(truth.all_series(truth.signal))
-    for what, q in _grafana_all_queries(dash):
-        rendered = grafana_render(q, *truth.view(q), {"signal": [truth.signal], "series": all_series})
+        # "All" series (the variable is multi-value with includeAll) renders as an alternation and works too.
+        all_series = sorted(truth.all_series(signal))
+        rendered = grafana_render(q, *truth.view(q), {"signal": [signal], "series": all_series})
         assert output_db.query(rendered), f"{what} returned no rows for All series:\n{rendered}"
 
 
@@ -641,17 +774,22 @@ def test_chronograf_templates_resolve(output_db: OutputDB, truth: Truth) -> None
 
 def test_every_chronograf_query_parses_and_returns_rows(output_db: OutputDB, truth: Truth) -> None:
     d = load_chronograf()
-    values = {":signal:": truth.signal, ":series:": truth.series}
     for what, q in _chronograf_queries(d):
+        looked = _looked_at(q, truth, output_db)
+        values = {":signal:": truth.signal, ":series:": truth.series}
+        if looked is not None:
+            values = {":signal:": looked[0], ":series:": looked[1]}
         rendered = chronograf_render(q, *truth.view(q), d["templates"], values, output_db.database)
-        assert output_db.query(rendered), f"{what} returned no rows over the demo output:\n{rendered}"
+        rows = output_db.query(rendered)
+        assert rows or looked is None, f"{what} returned no rows over the demo output:\n{rendered}"
 
 
 def test_chronograf_anomalous_cells_are_exact(output_db: OutputDB, truth: Truth) -> None:
     d = load_chronograf()
     queries = dict(_chronograf_queries(d))
     values = {":signal:": truth.signal, ":series:": truth.series}
-    table = next(q for q in queries.values() if '"anomalous" = true' in q and "last(" not in q and "count(" not in q)
+    table = next(q for q in queries.values() if '"anomalous" = true' in q and "last(" not in q and "count(" not in q
+                 and "LIMIT" not in q)
     rows = output_db.rows(chronograf_render(table, truth.lo, truth.hi, d["templates"], values, output_db.database))
     assert sorted((r["time"], r["series"]) for r in rows) == sorted(
         (w["time"], w["series"]) for w in truth.of(truth.signal) if w["anomalous"])
@@ -669,3 +807,161 @@ def test_chronograf_anomalous_cells_are_exact(output_db: OutputDB, truth: Truth)
             rows = output_db.rows(chronograf_render(count, lo, hi, d["templates"], values, output_db.database))
             got = {r["series"]: r["anomalous windows"] for r in rows}
             assert got == truth.anomalous_counts(truth.signal, lo, hi), f"range {lo}..{hi}: {rows}"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The attribution panels (issue 10): which field explains a window of a multi-field signal
+# --------------------------------------------------------------------------------------------------------------
+TOP_COLUMNS = ("top_fields", "top_field", "direction", "max_error", "score")
+
+
+def _raw_windows(output_db: OutputDB, signal: str) -> list[dict[str, Any]]:
+    """Every point of a signal in the output measurement, every field and tag (SELECT *), not the query under test."""
+    return output_db.rows(f"SELECT * FROM \"{MEASUREMENT}\" WHERE \"signal\" = '{signal}'")
+
+
+def _spacing_ms(truth: Truth, signal: str, series: str) -> int:
+    return int(min(np.diff(sorted({w["time"] for w in truth.of(signal, {series})}))))
+
+
+def _expected_shares(output_db: OutputDB, signal: str, series: set[str], bucket_ms: int, lo: int,
+                     hi: int) -> dict[str, dict[int, float]]:
+    """field -> {bucket start: mean share}: from the raw attribution points, bucketed as GROUP BY time does
+    (epoch-aligned buckets of the interval)."""
+    raw = output_db.rows(f'SELECT "share", "field", "series" FROM "{ATTR_MEASUREMENT}" WHERE "signal" = \'{signal}\'')
+    sums: dict[str, dict[int, list[float]]] = {}
+    for r in raw:
+        if r["series"] in series and lo <= r["time"] <= hi:
+            sums.setdefault(r["field"], {}).setdefault(r["time"] // bucket_ms * bucket_ms, []).append(r["share"])
+    return {f: {t: sum(v) / len(v) for t, v in buckets.items()} for f, buckets in sums.items()}
+
+
+def _shares_by_field(result: list[dict[str, Any]]) -> dict[str, dict[int, float]]:
+    out: dict[str, dict[int, float]] = {}
+    for s in result:
+        assert set(s.get("tags") or {}) == {"field"}, f"the share panel is not grouped by field alone: {s.get('tags')}"
+        assert s["columns"] == ["time", "share"], s["columns"]
+        assert s["tags"]["field"] not in out, f"field {s['tags']['field']} answered twice"
+        out[s["tags"]["field"]] = {t: v for t, v in s["values"]}
+    return out
+
+
+def _assert_shares(got: dict[str, dict[int, float]], expected: dict[str, dict[int, float]], what: str) -> None:
+    assert got.keys() == expected.keys(), f"{what}: fields {sorted(got)}, expected {sorted(expected)}"
+    for f in expected:
+        assert got[f].keys() == expected[f].keys(), f"{what}: field {f} has other time buckets than its windows"
+        assert all(math.isclose(got[f][t], v, abs_tol=1e-9) for t, v in expected[f].items()), (what, f)
+
+
+def test_grafana_attribution_share_has_one_series_per_field(output_db: OutputDB, truth: Truth) -> None:
+    """The share panel: one series per field (GROUP BY "field"), each bucket the mean of the raw shares; at one
+    window per bucket, the shares of a window sum to 1. A single-field signal has no attribution points."""
+    q = next(t["query"] for _, t in _grafana_targets(load_grafana()) if _reads_attribution(t["query"]))
+    assert not output_db.query(grafana_render(q, truth.lo, truth.hi, {"signal": [truth.signal],
+                                                                       "series": [truth.series]}))
+    if truth.multi is None:
+        assert output_db.origin == "demo_db"  # the demo run of a config.toml without a multi-field signal
+        return
+    spacing = _spacing_ms(truth, truth.multi, truth.multi_series)
+    q = q.replace("$__interval", f"{spacing}ms")
+    for series in ([truth.multi_series], sorted(truth.all_series(truth.multi))):
+        rendered = grafana_render(q, truth.lo, truth.hi, {"signal": [truth.multi], "series": series})
+        got = _shares_by_field(output_db.query(rendered))
+        expected = _expected_shares(output_db, truth.multi, set(series), spacing, truth.lo, truth.hi)
+        _assert_shares(got, expected, f"series {series}")
+        if output_db.origin == "private_output_db":
+            assert sorted(got) == sorted(MULTI_FIELDS), "not one series per field of the signal"
+        if len(series) == 1:
+            for t in {t for buckets in got.values() for t in buckets}:
+                assert math.isclose(sum(b[t] for b in got.values() if t in b), 1.0, abs_tol=1e-9), t
+
+
+def _limit(q: str) -> int:
+    m = re.search(r"ORDER BY time DESC LIMIT (\d+)$", q)
+    assert m is not None, f"not the latest windows first: {q}"
+    return int(m.group(1))
+
+
+def _assert_top_table(rows: list[dict[str, Any]], raw: list[dict[str, Any]], series: set[str], limit: int,
+                      what: str) -> None:
+    """The latest ``limit`` anomalous windows of ``series`` (from the raw points), newest first, with their
+    attribution. Rows at the same time (several series) may come in any order."""
+    anomalous = [r for r in raw if r["anomalous"] is True and r["series"] in series]
+    assert anomalous, f"{what}: the output holds no anomalous window to list"
+    assert len(rows) == min(limit, len(anomalous)), f"{what}: {len(rows)} rows for {len(anomalous)} windows"
+    times = [r["time"] for r in rows]
+    assert times == sorted(times, reverse=True), f"{what}: not newest first"
+    by_key = {(r["time"], r["series"]): r for r in anomalous}
+    for r in rows:
+        assert (r["time"], r["series"]) in by_key, f"{what}: {r} is not an anomalous window of the series"
+        want = by_key[(r["time"], r["series"])]
+        assert {c: r[c] for c in TOP_COLUMNS} == {c: want.get(c) for c in TOP_COLUMNS}, what
+    newer = {k for k in by_key if k[0] > times[-1]}
+    assert newer <= {(r["time"], r["series"]) for r in rows}, f"{what}: a later anomalous window is left out"
+
+
+def test_grafana_top_fields_table_lists_the_latest_anomalous_windows(output_db: OutputDB, truth: Truth) -> None:
+    panel = next(p for p in load_grafana()["panels"] if any('"top_fields"' in t["query"] for t in p["targets"]))
+    (target,) = panel["targets"]
+    assert target["resultFormat"] == "table"
+    limit = _limit(target["query"])
+    looked = [(truth.signal, truth.series)] + ([(truth.multi, truth.multi_series)] if truth.multi else [])
+    for signal, one in looked:
+        raw = _raw_windows(output_db, signal)
+        for series in ([one], sorted(truth.all_series(signal))):
+            rendered = grafana_render(target["query"], truth.lo, truth.hi, {"signal": [signal], "series": series})
+            rows = output_db.rows(rendered)
+            _assert_top_table(rows, raw, set(series), limit, f"{signal} {series}")
+            if output_db.origin == "private_output_db":
+                _assert_private_attribution(signal, rows)
+
+
+def _assert_private_attribution(signal: str, rows: list[dict[str, Any]]) -> None:
+    """On the hand-made output, what was written: the multi-field signal's top_fields strings; the single-field
+    signal's windows from before the upgrade without attribution, those after it with its field."""
+    if signal == MULTI_SIGNAL:
+        assert rows and all(r["top_fields"] == MULTI_TOP[(r["time"], r["series"])] for r in rows)
+        assert all(r["top_field"] in MULTI_FIELDS and r["direction"] in {"up", "down"} for r in rows)
+        assert all(r["top_fields"].startswith(f"{r['top_field']} {r['direction']} ") for r in rows)
+    else:
+        cut = T0_MS + UPGRADE_AT * STEP_MS
+        assert {(r["top_field"], r["top_fields"]) for r in rows if r["time"] >= cut} == {(SINGLE_FIELD, None)}
+        assert {(r["top_field"], r["direction"]) for r in rows if r["time"] < cut} == {(None, None)}
+
+
+def test_private_output_has_old_and_new_single_field_windows_and_a_gap() -> None:
+    """The hand-made output exercises what the attribution panels must survive: anomalous windows of the single-field
+    signal on both sides of the upgrade, and a multi-field window missing one field (no share for it)."""
+    first = FAKE[0]
+    assert {k < UPGRADE_AT for k in first.anomalous} == {True, False}
+    assert any(MULTI[h]["gap"] & MULTI[h]["anomalous"] for h in MULTI) and len(MULTI_FIELDS) >= 3
+
+
+def test_chronograf_attribution_cells(output_db: OutputDB, truth: Truth) -> None:
+    d = load_chronograf()
+    queries = dict(_chronograf_queries(d))
+    share = next(q for q in queries.values() if _reads_attribution(q))
+    top = next(q for q in queries.values() if '"top_fields"' in q)
+    limit = _limit(top)
+    looked = [(truth.signal, truth.series)] + ([(truth.multi, truth.multi_series)] if truth.multi else [])
+    for signal, series in looked:
+        values = {":signal:": signal, ":series:": series}
+        rows = output_db.rows(chronograf_render(top, truth.lo, truth.hi, d["templates"], values, output_db.database))
+        _assert_top_table(rows, _raw_windows(output_db, signal), truth.all_series(signal), limit, f"{signal}")
+        if output_db.origin == "private_output_db":
+            _assert_private_attribution(signal, rows)
+    rendered = chronograf_render(share, truth.lo, truth.hi, d["templates"],
+                                 {":signal:": truth.signal, ":series:": truth.series}, output_db.database)
+    assert not output_db.query(rendered), "a single-field signal has no attribution points"
+    if truth.multi is None:
+        assert output_db.origin == "demo_db"
+        return
+    spacing = _spacing_ms(truth, truth.multi, truth.multi_series)
+    rendered = chronograf_render(share.replace(":interval:", f"{spacing}ms"), truth.lo, truth.hi, d["templates"],
+                                 {":signal:": truth.multi, ":series:": truth.multi_series}, output_db.database)
+    got = _shares_by_field(output_db.query(rendered))
+    # Chronograf's range is exclusive at both ends, one ms beyond the output's
+    _assert_shares(got, _expected_shares(output_db, truth.multi, {truth.multi_series}, spacing, truth.lo, truth.hi),
+                   "Chronograf")
+    if output_db.origin == "private_output_db":
+        assert sorted(got) == sorted(MULTI_FIELDS)

@@ -488,9 +488,9 @@ def alert_message(name: str, point: Mapping[str, Any], tags: Mapping[str, str], 
 
 
 #: A window of a multi-field signal, one of a single-field signal, and one written before the attribution fields.
-MULTI = {"top_field": "cpu.usage_user", "direction": "up", "top_share": 0.62,
+MULTI: dict[str, Any] = {"top_field": "cpu.usage_user", "direction": "up", "top_share": 0.62,
          "top_fields": "cpu.usage_user up 62%, mem.used_percent down 21%, net.bytes_recv up 17%"}
-SINGLE = {"top_field": "value", "direction": "down"}
+SINGLE: dict[str, Any] = {"top_field": "value", "direction": "down"}
 OLD: dict[str, Any] = {}
 
 
@@ -818,12 +818,15 @@ def test_batch_query_returns_the_worst_anomalous_window_of_each_series(influxd: 
     cfg = example_config(database=db)
     render(cfg, tmp_path, example_models())
     t0 = 1_700_000_000 * S
-    up, down, old = SINGLE | {"direction": "up"}, SINGLE | {"direction": "down"}, None
+    up: dict[str, Any] = SINGLE | {"direction": "up"}
+    down: dict[str, Any] = SINGLE | {"direction": "down"}
+    old = None
     # (patient, window index, max_error or None for missing data, threshold, anomalous, score, attribution): a
     # window every 16 s. "anomalous" is the detector's decision: max_error passing the threshold no longer implies
     # it. The attribution fields differ between the windows of a series, so that only the selected (worst) window's
     # can be in the message; p2's windows were written before anomalyd wrote them (old).
-    rows = [("p1", 0, 0.2, 0.42, False, 0.1, up),
+    rows: list[tuple[str, int, float | None, float, bool, float, dict[str, Any] | None]] = [
+            ("p1", 0, 0.2, 0.42, False, 0.1, up),
             ("p1", 1, 0.9, 0.42, False, 0.4, down),   # the largest error of p1, above its threshold, but normal
             ("p1", 2, None, 0.42, False, 0.0, None),
             ("p1", 3, 0.3, 0.42, True, 0.6, down),    # the first anomalous window of p1: not the worst
@@ -865,10 +868,10 @@ def test_batch_query_returns_the_worst_anomalous_window_of_each_series(influxd: 
     expected: dict[str, list[Any]] = {}
     for p, i, e, th, anom, sc, attr in rows:
         if e is not None and anom and i < 7 and e > expected.get(f"patient={p}", [0, -1.0])[1]:
-            expected[f"patient={p}"] = [t0 + i * 16 * S, e, th, sc, True] + [(attr or {}).get(f) for f in ATTRIBUTION]
+            expected[f"patient={p}"] = [t0 + i * 16 * S, e, th, sc, True, *((attr or {}).get(f) for f in ATTRIBUTION)]
     for i, e, anom, sc, attr in host_rows:
         if anom and e > expected.get("host=h1", [0, -1.0])[1]:
-            expected["host=h1"] = [t0 + i * 16 * S, e, 1.0, sc, True] + [attr.get(f) for f in ATTRIBUTION]
+            expected["host=h1"] = [t0 + i * 16 * S, e, 1.0, sc, True, *(attr.get(f) for f in ATTRIBUTION)]
     assert got == expected == {
         "patient=p1": [t0 + 4 * 16 * S, 0.8, 0.42, 0.9, True, "value", "up", None],
         "patient=p2": [t0 + 16 * S, 0.5, 0.5625, 0.8, True, None, None, None],
