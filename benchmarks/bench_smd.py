@@ -21,7 +21,8 @@ segments, from each window's field shares (what the daemon writes into ``anomaly
 * *centred*: the windows whose taper centre falls in the segment (ending ``window // 2`` rows later);
 * *centred, one ranking*: one ranking per segment, by the mean share over those windows;
 * *flagged only*: the windows flagged ``anomalous`` among those containing a row of the segment (OmniAnomaly
-  scores detected anomalies only); segments without one are left out (their count is shown);
+  scores detected anomalies only); segments without one are left out (their count is shown); also averaged
+  over those windows rather than segments (*per point*, the closest to OmniAnomaly's own average);
 * *per point*: OmniAnomaly's average over rows rather than segments (centred windows);
 * *random*: the expected HitRate of a uniformly random ranking, ``min(⌊P%·|GT|⌋, 38) / 38`` averaged over segments;
 
@@ -190,13 +191,14 @@ def print_attribution(rows: dict[str, dict[str, Any]]) -> None:
     """The attribution tables (module docstring) of the machines in ``rows``."""
     print("\n## SMD attribution: HitRate@100% / @150% per segment, averaged over segments\n")
     print("| machine | segments | as stamped | centred | centred, one ranking | flagged only (segments) | "
-          "per point (centred) | random |")
-    print("|---|---|---|---|---|---|---|---|")
+          "flagged only, per point | per point (centred) | random |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for m, r in rows.items():
         a = r["attribution"]
         fl = a["flagged"]
         print(f"| {m} | {a['segments']} | {_pair(a['stamped'])} | **{_pair(a['centred'])}** | "
               f"{_pair(a['centred_mean'])} | {_pair(fl)} ({int(fl['segments'])}) | "
+              f"{fl['points@100']:.3f} / {fl['points@150']:.3f} | "
               f"{a['centred']['points@100']:.3f} / {a['centred']['points@150']:.3f} | {_pair(a['random'])} |")
     names = list(next(iter(rows.values()))["attribution"]["variants"])
     print("\nHitRate@150% by attribution definition (as stamped / centred / centred, one ranking per segment):\n")
