@@ -1,6 +1,12 @@
 """One tick over many series against a real local influxd, next to the server floor and the blog's loop.
 
 Usage: .venv/bin/python benchmarks/bench_tick.py --series 1000 10000
+       .venv/bin/python benchmarks/bench_tick.py --series 1000 --fields 8
+
+With ``--fields F`` (F > 1) each series is a host of F fields, two per measurement (``m0`` .. ``m{F/2-1}``, fields
+``v0``/``v1``, as Telegraf writes cpu, mem, disk, net), one multi-field signal over all of them: the tick issues
+one query per measurement, joins the fields per host, and writes each window's point (with its attribution fields)
+plus F points of the attribution measurement; the floor reads the same measurements and writes the same points.
 
 For each N: N series at 1 Hz, one shared model (window 32), the shipped defaults (every window scored, one point
 per window), watermarks one interval (16 s) behind, so the tick has 16 due windows per series and writes 16
@@ -32,7 +38,7 @@ from anomalyd import catalog
 from anomalyd.catalog import Catalog, StoredModel
 from anomalyd.config import from_dict
 from anomalyd.detector import Detector
-from anomalyd.influx import InfluxDB1Store, Query
+from anomalyd.influx import InfluxDB1Store
 from anomalyd.localinflux import LocalInfluxd
 from anomalyd.model import sliding_windows
 from anomalyd.records import SeriesKey
@@ -45,26 +51,45 @@ INTERVAL = 16 * SEC  # the daemon's tick interval: 16 new samples per series
 N_SAMPLES = 96  # per series: the tick's read (31 context + 16 new + the gap margins) and more
 
 
-def setup(server: LocalInfluxd, n: int, root: Path, now: int) -> tuple[object, np.ndarray]:
-    db = f"bench{n}"
+def field_layout(n_fields: int) -> list[tuple[str, str]]:
+    """(measurement, field) of each field: one field ``m.v``, else two per measurement."""
+    if n_fields == 1:
+        return [("m", "v")]
+    return [(f"m{j // 2}", f"v{j % 2}") for j in range(n_fields)]
+
+
+def setup(server: LocalInfluxd, n: int, root: Path, now: int, n_fields: int = 1) -> tuple[object, np.ndarray]:
+    db = f"bench{n}x{n_fields}"
     server.query(f'CREATE DATABASE "{db}"')
+    layout = field_layout(n_fields)
+    signal: dict[str, object] = {"name": "bench", "group_by": ["host"], "period": "1s", "scope": "shared",
+                                 "window": 32}
+    if n_fields == 1:
+        signal.update(measurement="m", field="v")
+    else:
+        signal["fields"] = [{"measurement": m, "field": f} for m, f in layout]
     cfg = from_dict({
         "influxdb": {"url": server.url, "database": db},
-        "paths": {"models": str(root / "models"), "state": str(root / f"state{n}")},
+        "paths": {"models": str(root / "models"), "state": str(root / f"state{n}x{n_fields}")},
         "daemon": {"lateness": "0s", "health_listen": ""},
-        "signals": [{"name": "bench", "measurement": "m", "field": "v", "group_by": ["host"], "period": "1s",
-                     "scope": "shared", "window": 32}],
+        "signals": [signal],
     }, env={})
     x, _ = ecg(20_000, seed=1)
-    model = Detector(cfg.signals[0].spec()).fit([x[:8000]])  # type: ignore[attr-defined]
-    catalog.save(cfg.paths.models, StoredModel("bench", "bench", (), "shared", model, SEC, 0, 0,
-                                               meta={"fields": ["v"]}))
+    train = np.stack([x[97 * j : 97 * j + 8000] for j in range(n_fields)], axis=1)
+    model = Detector(cfg.signals[0].spec()).fit([train[:, 0] if n_fields == 1 else train])  # type: ignore
+    (cfg.paths.models / "bench.json").unlink(missing_ok=True)  # type: ignore[attr-defined]
+    catalog.save(cfg.paths.models, StoredModel("bench", "bench", (), "shared", model, SEC, 0, 0,  # type: ignore
+                                               meta={"fields": list(cfg.signals[0].field_names)}))  # type: ignore
     hi = now // INTERVAL * INTERVAL
     t = hi - (N_SAMPLES - 1) * SEC + np.arange(N_SAMPLES) * SEC
     lines = []
     for i in range(n):
-        vals = x[(i * 37) % 10_000 : (i * 37) % 10_000 + N_SAMPLES]
-        lines.extend(f"m,host=h{i:05d} v={v:.3f} {ts}" for v, ts in zip(vals, t, strict=True))
+        a = (i * 37) % 10_000
+        for m in dict.fromkeys(meas for meas, _ in layout):
+            cols = [(j, f) for j, (mm, f) in enumerate(layout) if mm == m]
+            for k, ts in enumerate(t.tolist()):
+                fv = ",".join(f"{f}={x[a + 97 * j + k]:.3f}" for j, f in cols)
+                lines.append(f"{m},host=h{i:05d} {fv} {ts}")
     for k in range(0, len(lines), 100_000):
         server.write_lines(db, "\n".join(lines[k : k + 100_000]))
     wm = Watermarks(cfg.paths.state / "watermarks.json")
@@ -81,14 +106,42 @@ def tick_read_range(cfg, hi: int) -> tuple[int, int]:  # type: ignore[no-untyped
     return hi - INTERVAL + SEC - 31 * SEC - margin - SEC // 2, hi + margin + SEC // 2
 
 
-def curl_floor(cfg, store: InfluxDB1Store, hi: int, n: int, root: Path) -> float:  # type: ignore[no-untyped-def]
+def floor_lines(cfg, n: int, hi: int) -> list[str]:  # type: ignore[no-untyped-def]
+    """The points a tick writes: one per window (with its attribution fields) and, with several fields, one per
+    field per window in the attribution measurement."""
     sig = cfg.signals[0]
-    q, params = store.build_select(Query(sig.measurement, sig.field, sig.where, sig.group_by, sig.period_ns))
+    names = sig.field_names
+    lines = []
+    for i in range(n):
+        tags = f"host=h{i:05d},model=bench,series=host\\=h{i:05d},signal=bench"
+        for k in range(16):
+            extra = (f',top_field="{names[0]}",direction="up"' if len(names) == 1 else
+                     f',top_field="{names[0]}",direction="up",top_share=0.25,'
+                     f'top_fields="{names[0]} up 25%, {names[1]} down 20%, {names[2]} up 15%"')
+            lines.append(f"anomaly_error,{tags} max_error=1.5,threshold=2.5,anomalous=false,score=0.4,"
+                         f"missing=false,n_missing=0i{extra} {hi - k * SEC}")
+            if len(names) > 1:
+                lines.extend(f"anomaly_attribution,{tags},field={f} share=0.125,error=0.5,direction=1.0,"
+                             f"value=0.321 {hi - k * SEC}" for f in names)
+    return lines
+
+
+def curl_floor(cfg, store: InfluxDB1Store, hi: int, n: int, root: Path) -> float:  # type: ignore[no-untyped-def]
+    from anomalyd.sources import signal_reads
+
+    sig = cfg.signals[0]
     lo, end = tick_read_range(cfg, hi)
-    params.update(start=lo, end=end)
-    lines = [f"anomaly_error,host=h{i:05d},model=bench,series=host\\=h{i:05d},signal=bench max_error=1.5,"
-             f"threshold=2.5,anomalous=false,score=0.4,missing=false,n_missing=0i {hi - k * SEC}"
-             for i in range(n) for k in range(16)]
+    reads: list[str] = []
+    for r in signal_reads(sig):
+        q, params = store.build_select(r.query)
+        params.update(start=lo, end=end)
+        if reads:
+            reads.append("--next")
+        reads += ["-sf", "-o", "/dev/null", "-XPOST", f"{cfg.influxdb.url}/query",
+                  "--data-urlencode", f"q={q}", "--data-urlencode", f"db={cfg.influxdb.database}",
+                  "--data-urlencode", "epoch=ms", "--data-urlencode", "chunked=true",
+                  "--data-urlencode", "chunk_size=100000", "--data-urlencode", f"params={json.dumps(params)}"]
+    lines = floor_lines(cfg, n, hi)
     batch = cfg.daemon.write_batch  # the daemon writes in batches of this many points: so does the floor
     write_args: list[str] = []
     for b in range(0, len(lines), batch):
@@ -99,11 +152,7 @@ def curl_floor(cfg, store: InfluxDB1Store, hi: int, n: int, root: Path) -> float
         write_args += ["-sf", "-XPOST", f"{cfg.influxdb.url}/write?db={cfg.influxdb.database}&precision=ns",
                        "--data-binary", f"@{body}"]
     t0 = time.perf_counter()
-    subprocess.run(["curl", "-sf", "-o", "/dev/null", "-XPOST", f"{cfg.influxdb.url}/query",
-                    "--data-urlencode", f"q={q}", "--data-urlencode", f"db={cfg.influxdb.database}",
-                    "--data-urlencode", "epoch=ms", "--data-urlencode", "chunked=true",
-                    "--data-urlencode", "chunk_size=100000", "--data-urlencode", f"params={json.dumps(params)}"],
-                   check=True)
+    subprocess.run(["curl", *reads], check=True)
     subprocess.run(["curl", *write_args], check=True)
     return time.perf_counter() - t0
 
@@ -138,9 +187,10 @@ def fresh_worker(cfg, store: InfluxDB1Store, n: int, hi: int, now: int,  # type:
     return Worker(cfg, store, Catalog(cfg.paths.models), wm, clock=lambda: now, scores=scores)
 
 
-def measure(server: LocalInfluxd, n: int, root: Path, baseline_max: int) -> tuple[float, float, float, int, int]:
+def measure(server: LocalInfluxd, n: int, root: Path, baseline_max: int,
+            n_fields: int = 1) -> tuple[float, float, float, int, int]:
     now = time.time_ns() // INTERVAL * INTERVAL  # the tick is due exactly one interval after the watermarks
-    cfg, _ = setup(server, n, root, now)
+    cfg, _ = setup(server, n, root, now, n_fields)
     store = InfluxDB1Store(cfg.influxdb)  # type: ignore[attr-defined]
     hi = now // INTERVAL * INTERVAL
     floor = min(curl_floor(cfg, store, hi, n, root) for _ in range(3))
@@ -158,6 +208,8 @@ def measure(server: LocalInfluxd, n: int, root: Path, baseline_max: int) -> tupl
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     nb = min(n, baseline_max)
+    if n_fields > 1:  # the blog's loop has no multi-field form
+        return min(ticks), floor, float("nan"), 0, peak
     model = catalog.load(cfg.paths.models / "bench.json").model  # type: ignore[attr-defined]
     base = blog_loop(cfg, model, nb, hi) * n / nb
     return min(ticks), floor, base, nb, peak
@@ -167,6 +219,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--series", type=int, nargs="+", default=[1000, 10000])
     ap.add_argument("--baseline-max", type=int, default=2000)
+    ap.add_argument("--fields", type=int, default=1, help="fields per series (a multi-field signal when > 1)")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -174,7 +227,7 @@ def main() -> None:
         server = LocalInfluxd(root / "influxd").start()
         try:
             for n in args.series:
-                tick, floor, base, nb, peak = measure(server, n, root, args.baseline_max)
+                tick, floor, base, nb, peak = measure(server, n, root, args.baseline_max, args.fields)
                 rows.append((n, tick, floor, base, nb, peak))
                 print(f"N={n}: tick {tick:.2f}s, floor {floor:.2f}s ({tick / floor:.2f}x), blog loop "
                       f"{base:.1f}s{' (scaled from ' + str(nb) + ')' if nb < n else ''} "

@@ -91,8 +91,11 @@ def model_mismatch(stored: StoredModel, sig: Any) -> str | None:
     if stored.scope != sig.scope:
         problems.append(f"scope {stored.scope} (config: {sig.scope})")
     fields = stored.fields
-    if fields and tuple(fields) != (sig.field,):
-        problems.append(f"fields {', '.join(fields)} (config: {sig.field})")
+    names = tuple(getattr(sig, "field_names", (sig.field,)))
+    if fields and tuple(fields) != names:
+        added = [f for f in names if f not in fields] if len(names) > 1 else []
+        problems.append(f"fields {', '.join(fields)} (config: {', '.join(names)}"
+                        + (f"; new: {', '.join(added)}" if added else "") + ")")
     if not problems:
         return None
     return (f"trained with {'; '.join(problems)}; retrain with `anomalyd train` or restore the config")

@@ -193,22 +193,30 @@ def _check(cfg: Config) -> int:
 
 def _series_with_data(cfg: Config, store: Any, sig: Any, where: tuple[tuple[str, str], ...], start: int,
                       end: int) -> int:
-    """How many series of the signal's field (filtered by ``where``) have samples in ``[start, end]``."""
-    from .influx import Query, StoreError, quote_ident
+    """How many series of the signal (filtered by ``where``) have samples in ``[start, end]``: with several
+    measurements, the fewest over its measurements (a measurement that stopped shows as 0)."""
+    from .sources import signal_reads
+
+    return min(_count_series(cfg, store, r.query, start, end) for r in signal_reads(sig, where))
+
+
+def _count_series(cfg: Config, store: Any, query: Any, start: int, end: int) -> int:
+    from .influx import StoreError, quote_ident
 
     query_raw = getattr(store, "query_raw", None)
     if query_raw is None:  # a store without InfluxQL: read the samples
-        return len(store.read(Query(sig.measurement, sig.field, where, sig.group_by, sig.period_ns), start, end))
+        return len(store.read(query, start, end))
+    where = query.where
     rp = cfg.influxdb.retention_policy
-    source = (quote_ident(rp) + "." if rp else "") + quote_ident(sig.measurement)
+    source = (quote_ident(rp) + "." if rp else "") + quote_ident(query.measurement)
     params: dict[str, Any] = {"start": start, "end": end}
     cond = ["time >= $start", "time <= $end"]
     for i, (k, v) in enumerate(where):
         params[f"w{i}"] = v
         cond.append(f"{quote_ident(k)} = $w{i}")
-    q = f"SELECT COUNT({quote_ident(sig.field)}) FROM {source} WHERE {' AND '.join(cond)}"
-    if sig.group_by:
-        q += " GROUP BY " + ",".join(quote_ident(g) for g in sig.group_by)
+    q = f"SELECT COUNT({quote_ident(query.field)}) FROM {source} WHERE {' AND '.join(cond)}"
+    if query.group_by:
+        q += " GROUP BY " + ",".join(quote_ident(g) for g in query.group_by)
     n = 0
     for res in query_raw(q, params):
         if "error" in res:
@@ -243,36 +251,48 @@ def _check_fields(cfg: Config, query_raw: Any) -> set[str]:
 
     db, rp = cfg.influxdb.database, cfg.influxdb.retention_policy
     failed: set[str] = set()
-    fields_of: dict[str, dict[str, str] | None] = {}
+    fields_of: dict[str, dict[str, set[str]] | None] = {}
+    numeric = {"float", "integer", "unsigned"}
     for i, sig in enumerate(cfg.signals):
-        if sig.measurement not in fields_of:
-            source = (quote_ident(rp) + "." if rp else "") + quote_ident(sig.measurement)
-            q = f"SHOW FIELD KEYS FROM {source}"
-            found: dict[str, str] | None = None
-            for res in query_raw(q):
-                if "error" in res:
-                    raise StoreError(f"InfluxDB rejected {q!r}: {res['error']}")
-                for series in res.get("series", []):
-                    found = (found or {}) | {str(k): str(t) for k, t in series.get("values", [])}
-            fields_of[sig.measurement] = found
-        fields = fields_of[sig.measurement]
-        if fields is None:
-            print(f"FAIL signal {sig.name}: measurement {sig.measurement!r} does not exist in database {db!r}"
-                  f"{' (retention policy ' + repr(rp) + ')' if rp else ''}; fix signals[{i}].measurement (SHOW "
-                  "MEASUREMENTS lists them), or write the data first")
-            failed.add(sig.name)
-        elif sig.field not in fields:
-            names = sorted(fields)
-            listed = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
-            print(f"FAIL signal {sig.name}: measurement {sig.measurement!r} has no field {sig.field!r} (its "
-                  f"fields: {listed}); fix signals[{i}].field")
-            failed.add(sig.name)
-        elif fields[sig.field] not in ("float", "integer", "unsigned"):
-            print(f"FAIL signal {sig.name}: field {sig.field!r} of {sig.measurement!r} holds {fields[sig.field]} "
-                  f"values, not numbers; point signals[{i}].field at a numeric field")
-            failed.add(sig.name)
-        else:
-            print(f"ok   signal {sig.name}: field {sig.measurement}.{sig.field} exists ({fields[sig.field]})")
+        for j, f in enumerate(sig.fields):
+            key = f"signals[{i}].fields[{j}]" if sig.multi else f"signals[{i}]"
+            if f.measurement not in fields_of:
+                source = (quote_ident(rp) + "." if rp else "") + quote_ident(f.measurement)
+                q = f"SHOW FIELD KEYS FROM {source}"
+                found: dict[str, set[str]] | None = None
+                for res in query_raw(q):
+                    if "error" in res:
+                        raise StoreError(f"InfluxDB rejected {q!r}: {res['error']}")
+                    for series in res.get("series", []):
+                        found = found or {}
+                        for k, t in series.get("values", []):  # a field of several types is listed once per type
+                            found.setdefault(str(k), set()).add(str(t))
+                fields_of[f.measurement] = found
+            fields = fields_of[f.measurement]
+            if fields is None:
+                print(f"FAIL signal {sig.name}: measurement {f.measurement!r} does not exist in database {db!r}"
+                      f"{' (retention policy ' + repr(rp) + ')' if rp else ''}; fix {key}.measurement (SHOW "
+                      "MEASUREMENTS lists them), or write the data first")
+                failed.add(sig.name)
+            elif f.field not in fields:
+                names = sorted(fields)
+                listed = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+                print(f"FAIL signal {sig.name}: measurement {f.measurement!r} has no field {f.field!r} (its "
+                      f"fields: {listed}); fix {key}.field")
+                failed.add(sig.name)
+            elif not fields[f.field] & numeric:
+                print(f"FAIL signal {sig.name}: field {f.field!r} of {f.measurement!r} holds "
+                      f"{'/'.join(sorted(fields[f.field]))} values, not numbers; point {key}.field at a numeric "
+                      "field")
+                failed.add(sig.name)
+            elif fields[f.field] - numeric - {"boolean"}:
+                kinds = "/".join(sorted(fields[f.field]))
+                print(f"WARN signal {sig.name}: field {f.field!r} of {f.measurement!r} holds {kinds} values in "
+                      f"different shards; InfluxDB returns one type per query, so the others read as gaps; write "
+                      f"numbers only to it (or rename the field written as text)")
+            else:
+                print(f"ok   signal {sig.name}: field {f.measurement}.{f.field} exists "
+                      f"({'/'.join(sorted(fields[f.field]))})")
     return failed
 
 
@@ -281,6 +301,7 @@ def _check_data(cfg: Config, store: Any, untrained: set[str]) -> int:
     signal has recent data (what the next tick scores), and an untrained signal has data in its training range.
     One line per problem, naming the value to fix."""
     from .influx import StoreError
+    from .sources import describe
 
     db = cfg.influxdb.database
     query_raw = getattr(store, "query_raw", None)
@@ -311,14 +332,14 @@ def _check_data(cfg: Config, store: Any, untrained: set[str]) -> int:
         if sig.name in skip:
             continue
         where_txt = "{" + ", ".join(f"{k} = {v!r}" for k, v in sig.where) + "}"
-        what = f"{sig.measurement}.{sig.field}" + (f" where {where_txt}" if sig.where else "")
+        what = describe(sig) + (f" where {where_txt}" if sig.where else "")
         if sig.name in untrained:
             start, end = sig.train_range.resolve(now)
             where = tuple(sorted({**dict(sig.where), **dict(sig.train_where)}.items()))
             n = _series_with_data(cfg, store, sig, where, start, end)
             tw = "{" + ", ".join(f"{k} = {v!r}" for k, v in where) + "}"
             if not n:
-                print(f"FAIL signal {sig.name}: no data of {sig.measurement}.{sig.field}"
+                print(f"FAIL signal {sig.name}: no data of {describe(sig)}"
                       f"{' where ' + tw if where else ''} in its training range {rfc3339(start)} to "
                       f"{rfc3339(end)} (database {db!r}); fix signals.train_range, measurement, field or where, "
                       f"or write the data first")

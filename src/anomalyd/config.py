@@ -166,6 +166,12 @@ class SignalConfig:
     def __post_init__(self) -> None:
         if not self.fields:
             object.__setattr__(self, "fields", (FieldSpec(self.field, self.measurement, self.field),))
+        elif len(self.fields) == 1 and (self.fields[0].measurement, self.fields[0].field) != (self.measurement,
+                                                                                             self.field):
+            # `dataclasses.replace(sig, field=...)` of a single-field signal: its one field follows
+            f = self.fields[0]
+            object.__setattr__(self, "fields", (replace(f, name=self.field if f.name == f.field else f.name,
+                                                        measurement=self.measurement, field=self.field),))
 
     @property
     def field_names(self) -> tuple[str, ...]:
@@ -682,9 +688,9 @@ def from_dict(raw: dict[str, Any], source: str = "<config>", env: Mapping[str, s
                   kapacitor=kapacitor, signals=signals, source=source)
 
 
-_SIGNAL_KEYS = {"name", "measurement", "field", "fields", "where", "group_by", "period", "window", "train_slide", "slide",
-                "write_every", "clusters", "random_state", "n_init", "max_gap", "scope", "train_where", "train_range",
-                "holdout", "max_train_windows", "threshold", "score_history", "score_threshold", "decision"}
+_SIGNAL_KEYS = {"name", "measurement", "field", "fields", "where", "group_by", "period", "window", "train_slide",
+                "slide", "write_every", "clusters", "random_state", "n_init", "max_gap", "scope", "train_where",
+                "train_range", "holdout", "max_train_windows", "threshold", "score_history", "score_threshold", "decision"}
 
 
 def _signals(c: _Checker, raw: Any) -> tuple[SignalConfig, ...]:

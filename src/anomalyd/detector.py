@@ -316,7 +316,9 @@ class WindowBatch:
     scored : ndarray of bool
         The window is on the stride grid (otherwise every other field is meaningless).
     complete : ndarray of bool
-        The window has no missing sample (a scored, incomplete window is a missing-data window).
+        The window has an error: it has no missing sample or, with several fields, at least one of its fields is
+        complete (it is then scored on those, `n_missing` counts the rest). A scored window that is not complete is
+        a missing-data window.
     error, max_error, score : ndarray of float
         Score input, max absolute error (series' units for one field) and score; NaN unless scored and complete.
     anomalous : ndarray of bool
@@ -328,7 +330,8 @@ class WindowBatch:
     n_missing : ndarray of int
         Missing samples in each window.
     last_present : ndarray of bool
-        The window's last sample is there (real or filled): the daemon writes a point only for such windows.
+        The window's last sample is there (real or filled; with several fields, of at least one field): the daemon
+        writes a point only for such windows.
     """
 
     position: NDArray[np.int64]
@@ -556,6 +559,10 @@ class Detector:
         scored = (pos % s.stride) == 0
         n_missing = np.isnan(wins).sum(axis=(2, 3))
         complete = n_missing == 0
+        partial = np.zeros_like(complete)
+        if d > 1 and s.scorer == "kmeans":  # several fields, some complete: scored on those (see _match_partial)
+            field_ok = ~np.isnan(wins).any(axis=2)
+            partial = scored & ~complete & field_ok.any(axis=2)
         sel = scored & complete
         picked = wins[sel]
         near, mean_abs, max_abs, signed = self.catalog_.match(picked)
@@ -582,6 +589,15 @@ class Detector:
         else:
             lo[sel] = picked.min(axis=1)
             hi[sel] = picked.max(axis=1)
+        if partial.any():
+            p_near, p_field, p_max, p_signed = self._match_partial(wins[partial], field_ok[partial])
+            with np.errstate(invalid="ignore"):
+                error[partial] = (np.nanmax(p_field, axis=1) if s.aggregate == "max"
+                                  else np.nanmean(p_field, axis=1))
+            max_error[partial] = np.nanmax(p_max, axis=1)
+            pw = np.where(field_ok[partial][:, None, :], wins[partial], np.nan)
+            lo[partial] = np.fmin.reduce(pw, axis=1)
+            hi[partial] = np.fmax.reduce(pw, axis=1)
         score = update_block([st.norm for st in states], error, lo, hi) if n else np.empty((0, m))
         nearest = np.full((n, m), -1, dtype=np.intp)
         nearest[sel] = near
@@ -592,6 +608,11 @@ class Detector:
             f_err[sel] = per_field
         f_sign = np.zeros((n, m, d))
         f_sign[sel] = np.sign(signed)
+        if partial.any():
+            nearest[partial] = p_near
+            f_err[partial] = p_field
+            f_sign[partial] = np.nan_to_num(np.sign(p_signed))
+            complete = complete | partial
         for i, st in enumerate(states):
             st.position += m
             if w > 1:
@@ -602,7 +623,28 @@ class Detector:
         anomalous = by_score if s.decision == "score" else by_error if s.decision == "error" else by_score | by_error
         return WindowBatch(position=pos, scored=scored, complete=complete, error=error, max_error=max_error,
                            score=score, anomalous=anomalous, nearest=nearest, field_error=f_err, field_sign=f_sign,
-                           n_missing=n_missing.astype(np.int64), last_present=np.asarray(np.isfinite(x).all(axis=2)))
+                           n_missing=n_missing.astype(np.int64), last_present=np.asarray(np.isfinite(x).any(axis=2)))
+
+    def _match_partial(self, wins: NDArray[np.float64], ok: NDArray[np.bool_]) -> tuple[
+            NDArray[np.intp], NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
+        """Windows of several fields where only the fields ``ok`` marks are complete: each matched on those fields
+        (the nearest shape on them), with their errors; the other fields' errors are NaN.
+
+        A field that stops (its measurement disappeared, its input broke) thus leaves the others scored with the
+        same catalog, the same per-field references and the same score history."""
+        s, d = self.spec, self.n_fields_
+        near = np.empty(len(wins), dtype=np.intp)
+        per_field, max_abs, signed = (np.full((len(wins), d), np.nan) for _ in range(3))
+        patterns, inverse = np.unique(ok, axis=0, return_inverse=True)
+        for g, mask in enumerate(patterns):
+            rows = np.flatnonzero(inverse.reshape(-1) == g)
+            nn, mean_a, max_a, sg = self.catalog_.match(wins[rows][:, :, mask], fields=mask)
+            near[rows] = nn
+            per_field[np.ix_(rows, np.flatnonzero(mask))] = ((mean_a if s.error == "mean" else max_a)
+                                                            / self.field_ref_[mask])
+            max_abs[np.ix_(rows, np.flatnonzero(mask))] = max_a
+            signed[np.ix_(rows, np.flatnonzero(mask))] = sg
+        return near, per_field, max_abs, signed
 
     # -- display -----------------------------------------------------------------------------------
     def shape(self, nearest: int) -> NDArray[np.float64]:

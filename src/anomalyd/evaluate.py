@@ -1869,8 +1869,9 @@ def _load_influx_series(args: Any, spec: Any) -> tuple[list[EvalSeries], str, bo
     from .catalog import load as load_model
     from .config import ConfigError, parse_time_ns
     from .config import load as load_config
-    from .influx import InfluxDB1Store, Query
+    from .influx import InfluxDB1Store
     from .records import SeriesKey, Tags, tags_str
+    from .sources import describe, read_signal
     from .stored import run_stored
 
     config_path = args.config if args.config is not None else Path("config.toml")
@@ -1920,11 +1921,10 @@ def _load_influx_series(args: Any, spec: Any) -> tuple[list[EvalSeries], str, bo
     # context before --start and the gap-filling margin beyond both ends.
     store = InfluxDB1Store(cfg.influxdb, cfg.daemon.write_batch)
     margin = ((sig.window or sig.spec().max_window) - 1 + sig.max_gap + 1) * period + period // 2
-    data = store.read(Query(sig.measurement, sig.field, sig.where, sig.group_by, period), start - margin,
-                      end + (sig.max_gap + 1) * period + period // 2)
+    data = read_signal(store, sig, start - margin, end + (sig.max_gap + 1) * period + period // 2)
     if not data:
         where = f" where {tags_str(sig.where)}" if sig.where else ""
-        raise ValueError(f"signal {sig.name}: no samples of {sig.measurement}.{sig.field}{where} between "
+        raise ValueError(f"signal {sig.name}: no samples of {describe(sig)}{where} between "
                          f"{rfc3339(start)} and {rfc3339(end)} in database {cfg.influxdb.database!r} at "
                          f"{cfg.influxdb.url}; check --start/--end (UTC) and the signal's measurement, field and where")
     items = sorted(data.items())
@@ -1967,7 +1967,8 @@ def _load_influx_series(args: Any, spec: Any) -> tuple[list[EvalSeries], str, bo
     out: list[EvalSeries] = []
     first_end = start // period * period  # the daemon's score: windows ending after --start
     for r in _progress(list(range(len(items))), args, "evaluate InfluxDB"):
-        (tags, (times, vals)), key = items[r], keys[r]
+        (tags, per_field), key = items[r], keys[r]
+        times = np.unique(np.concatenate([t for t, _ in per_field]))
         if models and tags not in models:
             continue
         name = str(SeriesKey(sig.name, tags))
@@ -1980,8 +1981,9 @@ def _load_influx_series(args: Any, spec: Any) -> tuple[list[EvalSeries], str, bo
             n_train = args.train_rows if args.train_rows is not None else nab_probation(n_rows)
             if not 0 < n_train < n_rows:
                 raise ValueError(f"--train-rows {n_train} must be between 1 and the {n_rows} rows of {name} minus one")
-            sel = times > first_end  # the range only: the context read before --start is not training data
-            run = run_stored(times[sel], vals[sel], int(inside[n_train - 1]), spec, period, sig.max_gap)
+            # the range only: the context read before --start is not training data
+            run = run_stored(times, None, int(inside[n_train - 1]), spec, period, sig.max_gap,
+                             fields=[(t[t > first_end], v[t > first_end]) for t, v in per_field])
             info["train_rows"] = n_train
         else:
             boundary = max(first_end, stored.train_end_ns // period * period)
@@ -1989,7 +1991,8 @@ def _load_influx_series(args: Any, spec: Any) -> tuple[list[EvalSeries], str, bo
                 later = rfc3339(stored.train_end_ns + period)
                 raise ValueError(f"{name}: no window of the range ends after model {stored.model_id}'s training end "
                                  f"({rfc3339(stored.train_end_ns)}); evaluate a later range, e.g. --start {later}")
-            run = run_stored(times, vals, boundary, period_ns=period, max_gap=sig.max_gap, detector=stored.model)
+            run = run_stored(times, None, boundary, period_ns=period, max_gap=sig.max_gap, detector=stored.model,
+                             fields=per_field)
             info.update(model=stored.model_id, model_threshold=float(stored.model.threshold_))
         keep = run.stamps <= end
         t_rows = run.stamps[keep]

@@ -135,6 +135,37 @@ def align_many(series: Sequence[tuple[NDArray[np.int64], NDArray[np.float64]]], 
     return out, problems, stamps
 
 
+def align_fields(series: Sequence[Sequence[tuple[NDArray[np.int64], NDArray[np.float64]]]], period_ns: int, t0: int,
+                 n: int, max_gap: int) -> tuple[NDArray[np.float64], list[dict[str, int]],
+                                                dict[int, NDArray[np.int64]]]:
+    """:func:`align_many` for series of one or several fields, each field with its own timestamps.
+
+    ``series[i]`` holds one ``(times, values)`` pair per field. One field: exactly `align_many`, an ``(len(series),
+    n)`` matrix. Several: an ``(len(series), n, fields)`` array, each field aligned (and its short gaps filled)
+    on its own; the problems are summed per series, and the output stamps are the grid's (fields written at
+    different times share no single "time of the last sample").
+
+    Examples
+    --------
+    >>> m, p, s = align_fields([[(np.array([0, 10]), np.array([1.0, 2.0])), (np.array([10]), np.array([5.0]))]],
+    ...                        10, 0, 2, 0)
+    >>> m.tolist(), p, s
+    ([[[1.0, nan], [2.0, 5.0]]], [{}], {})
+    """
+    d = len(series[0]) if series else 1
+    if d == 1:
+        return align_many([f[0] for f in series], period_ns, t0, n, max_gap)
+    out = np.full((len(series), n, d), np.nan)
+    problems: list[dict[str, int]] = [{} for _ in series]
+    for j in range(d):
+        m, pj, _ = align_many([f[j] for f in series], period_ns, t0, n, max_gap)
+        out[:, :, j] = m
+        for r, p in enumerate(pj):
+            for kind, count in p.items():
+                problems[r][kind] = problems[r].get(kind, 0) + count
+    return out, problems, {}
+
+
 def stretches(x: NDArray[np.float64]) -> list[tuple[int, NDArray[np.float64]]]:
     """The gap-free stretches of an aligned series (rows, or rows x fields): ``(first row, rows)`` each.
 

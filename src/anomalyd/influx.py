@@ -189,6 +189,14 @@ class Query:
     retention_policy: str = ""
     #: Only these series (their ``group_by`` tag values; "" matches a series without the tag); () reads all.
     series: tuple[Tags, ...] = ()
+    #: Several fields of the measurement in one read (``field`` is then ignored): each series' values are then
+    #: shaped ``(rows, len(fields))``, NaN where a row lacks a field or holds a string there.
+    fields: tuple[str, ...] = ()
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The fields read, in the order of the values' columns."""
+        return self.fields or (self.field,)
 
 
 def pipelined_write(points: Iterable[Point | SeriesPoints], batch: int, sender: ThreadPoolExecutor,
@@ -299,6 +307,36 @@ def line_protocol(p: Point) -> str:
     return f"{_escape_measurement(p.measurement)}{tags} {fields} {p.time_ns}"
 
 
+_reported_strings: set[tuple[str, str]] = set()
+
+
+def _number(v: Any) -> float:
+    """A field value as a float: null and strings (a field written as a string in some points) are NaN."""
+    if v is None or isinstance(v, str):
+        return math.nan
+    return float(v)
+
+
+def _rows_to_matrix(rows: list[list[Any]], ms: bool, query: Query) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
+    """``[[time, v1, v2, ...], ...]`` rows of a several-field read to (times ns, values ``(rows, fields)``); a
+    string value is read as missing, and said once per field."""
+    k = len(query.columns)
+    scale = 1_000_000 if ms else 1
+    t = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)) * scale
+    try:
+        v = np.array(rows, dtype=np.float64)[:, 1:].reshape(-1, k)
+    except (TypeError, ValueError):  # nulls or strings: the careful path
+        v = np.array([[_number(x) for x in r[1:]] for r in rows], dtype=np.float64).reshape(-1, k)
+        for j, name in enumerate(query.columns):
+            n_str = sum(isinstance(r[j + 1], str) for r in rows)
+            if n_str and (query.measurement, name) not in _reported_strings:
+                _reported_strings.add((query.measurement, name))
+                log.warning("field %r of measurement %r holds strings in %d points: they are read as missing; "
+                            "write numbers to it (or drop the field from the signal)", name, query.measurement,
+                            n_str)
+    return t, v
+
+
 def _rows_to_arrays(rows: list[list[Any]], ms: bool) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
     """``[[time, value], ...]`` rows to (epoch-ns int64 times, float values; null becomes NaN)."""
     if ms:
@@ -403,7 +441,7 @@ class InfluxDB1Store:
         if alternatives:
             cond.append("(" + " OR ".join(alternatives) + ")")
         source = self._source(query.measurement, query.retention_policy)
-        q = f"SELECT {quote_ident(query.field)} FROM {source} WHERE {' AND '.join(cond)}"
+        q = f"SELECT {','.join(quote_ident(f) for f in query.columns)} FROM {source} WHERE {' AND '.join(cond)}"
         if query.group_by:
             q += " GROUP BY " + ",".join(quote_ident(g) for g in query.group_by)
         return q, params
@@ -449,25 +487,30 @@ class InfluxDB1Store:
                         INFLUX_ERRORS.labels(op="query").inc()
                         raise StoreError(f"InfluxDB rejected the query {q!r}: {res['error']}")
                     for s in res.get("series", []):
+                        if query.fields and s.get("columns", [])[1:] != list(query.fields):
+                            raise StoreError(f"InfluxDB answered columns {s.get('columns')} to {q!r}")
                         key = tuple(sorted((s.get("tags") or {}).items()))
                         if keys and key == keys[-1]:  # a series continued in the next chunk
                             blocks[-1] = blocks[-1] + s["values"]
                             continue
                         if len(keys) >= size:  # a new series begins: the ones before are complete
-                            yield self._batch(keys, blocks, ms)
+                            yield self._batch(keys, blocks, ms, query)
                             keys, blocks = [], []
                         keys.append(key)
                         blocks.append(s["values"])
             if keys:
-                yield self._batch(keys, blocks, ms)
+                yield self._batch(keys, blocks, ms, query)
         finally:
             if gc_was_enabled:
                 gc.enable()
 
     @staticmethod
-    def _batch(keys: list[Tags], blocks: list[list[list[Any]]], ms: bool) -> SeriesData:
+    def _batch(keys: list[Tags], blocks: list[list[list[Any]]], ms: bool, query: Query) -> SeriesData:
         lengths = [len(b) for b in blocks]
-        t, v = _rows_to_arrays([row for b in blocks for row in b], ms)
+        rows = [row for b in blocks for row in b]
+        # One field holding strings fails the read (the signal reports it each tick); among several fields,
+        # they are read as missing (`_rows_to_matrix` says so once) and the other fields go on.
+        t, v = _rows_to_matrix(rows, ms, query) if query.fields else _rows_to_arrays(rows, ms)
         out: SeriesData = {}
         pos = 0
         for key, n in zip(keys, lengths, strict=True):

@@ -82,7 +82,9 @@ def build_flux(bucket: str, query: Query, start_ns: int, end_ns: int) -> str:
       |> sort(columns: ["_time"])
       |> keep(columns: ["_time", "_value", "host"])
     """
-    cond = [f'r["_measurement"] == {flux_string(query.measurement)}', f'r["_field"] == {flux_string(query.field)}']
+    fields = " or ".join(f'r["_field"] == {flux_string(f)}' for f in query.columns)
+    cond = [f'r["_measurement"] == {flux_string(query.measurement)}',
+            fields if len(query.columns) == 1 else f"({fields})"]
     cond += [f"r[{flux_string(k)}] == {flux_string(v)}" for k, v in query.where]
     if query.series and all(query.series):  # a series without tags: all of them
         def equal(k: str, v: str) -> str:
@@ -91,8 +93,9 @@ def build_flux(bucket: str, query: Query, start_ns: int, end_ns: int) -> str:
 
         cond.append("(" + " or ".join("(" + " and ".join(equal(k, v) for k, v in tags) + ")"
                                       for tags in query.series) + ")")
-    group = ", ".join(flux_string(g) for g in query.group_by)
-    keep = ", ".join(flux_string(c) for c in ("_time", "_value", *query.group_by))
+    by = (*query.group_by, "_field") if query.fields else query.group_by
+    group = ", ".join(flux_string(g) for g in by)
+    keep = ", ".join(flux_string(c) for c in ("_time", "_value", *by))
     return (f"from(bucket: {flux_string(bucket)})\n"
             f"  |> range(start: time(v: {int(start_ns)}), stop: time(v: {int(end_ns) + 1}))\n"
             f"  |> filter(fn: (r) => {' and '.join(cond)})\n"
@@ -115,16 +118,18 @@ def _values(texts: list[str], kind: str, default: str) -> NDArray[np.float64]:
     return np.array([t or default or "nan" for t in texts], dtype=np.float64)
 
 
-def parse_annotated_csv(lines: Iterable[str], group_by: tuple[str, ...], where: str = "InfluxDB") -> SeriesData:
+def parse_annotated_csv(lines: Iterable[str], group_by: tuple[str, ...], where: str = "InfluxDB",
+                        skip_strings: bool = False) -> SeriesData:
     """An annotated-CSV answer of `build_flux` as ``{tags: (times ns, values)}``, keyed like the 1.x store (every
-    ``group_by`` tag, "" where a series has none). An error table in the answer raises `StoreError`.
+    ``group_by`` tag, "" where a series has none). An error table in the answer raises `StoreError`, and so does a
+    table of strings unless ``skip_strings`` (it is then left out, and said).
     """
     parts: dict[Tags, tuple[list[str], list[str]]] = {}
     kinds: dict[Tags, str] = {}
     header: list[str] | None = None
     datatypes: list[str] = []
     defaults: list[str] = []
-    error = False
+    error = skipping = False
     i_time = i_value = i_table = -1
     tag_idx: list[int] = []
     table = key = None
@@ -145,6 +150,7 @@ def parse_annotated_csv(lines: Iterable[str], group_by: tuple[str, ...], where: 
             continue
         if header is None:
             header = row
+            skipping = False
             error = row[1:3] == ["error", "reference"]
             if error:
                 continue
@@ -155,10 +161,17 @@ def parse_annotated_csv(lines: Iterable[str], group_by: tuple[str, ...], where: 
             tag_idx = [row.index(g) if g in row else -1 for g in group_by]
             value_kind = datatypes[i_value] if len(datatypes) > i_value else "double"
             value_default = defaults[i_value] if len(defaults) > i_value else ""
+            if value_kind not in (*_NUMERIC, "boolean") and skip_strings:
+                log.warning("%s: a table of %s values is read as missing (%s); write numbers to the field",
+                            where, value_kind, ",".join(row))
+                skipping = True  # its rows are skipped until the next header
+                continue
             if value_kind not in (*_NUMERIC, "boolean"):
                 raise StoreError(f"{where}: the field holds {value_kind} values; anomalyd reads numbers (float, "
                                  "integer or boolean fields)")
             table = None
+            continue
+        if skipping:
             continue
         if error:
             msg = row[1] if len(row) > 1 else ",".join(row)
@@ -180,6 +193,34 @@ def parse_annotated_csv(lines: Iterable[str], group_by: tuple[str, ...], where: 
             order = np.argsort(t, kind="stable")
             t, v = t[order], v[order]
         out[key] = (t, v)
+    return out
+
+
+def join_fields(per_field: SeriesData, fields: tuple[str, ...]) -> SeriesData:
+    """Series keyed by their tags plus ``_field`` joined into one series per tag set, values shaped
+    ``(times, len(fields))`` over the union of the fields' times, NaN where a field has no sample.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> got = join_fields({(("_field", "a"), ("h", "x")): (np.array([1, 2]), np.array([1.0, 2.0])),
+    ...                    (("_field", "b"), ("h", "x")): (np.array([2, 3]), np.array([5.0, 6.0]))}, ("a", "b"))
+    >>> got[(("h", "x"),)][0].tolist(), got[(("h", "x"),)][1].tolist()
+    ([1, 2, 3], [[1.0, nan], [2.0, 5.0], [nan, 6.0]])
+    """
+    groups: dict[Tags, dict[str, tuple[NDArray[np.int64], NDArray[np.float64]]]] = {}
+    for key, tv in per_field.items():
+        name = dict(key).get("_field", "")
+        groups.setdefault(tuple(kv for kv in key if kv[0] != "_field"), {})[name] = tv
+    out: SeriesData = {}
+    for tags, by_name in groups.items():
+        times = np.unique(np.concatenate([t for t, _ in by_name.values()]))
+        values = np.full((len(times), len(fields)), np.nan)
+        for j, name in enumerate(fields):
+            if name in by_name:
+                t, v = by_name[name]
+                values[np.searchsorted(times, t), j] = v
+        out[tags] = (times, values)
     return out
 
 
@@ -270,6 +311,10 @@ class InfluxDB2FluxStore:
         with r:
             lines = (b.rstrip(b"\r").decode() for b in r.iter_lines(chunk_size=1 << 16, delimiter=b"\n"))
             try:
+                if query.fields:
+                    return join_fields(parse_annotated_csv(lines, (*query.group_by, "_field"),
+                                                           f"InfluxDB at {self.cfg.url}", skip_strings=True),
+                                       query.fields)
                 return parse_annotated_csv(lines, query.group_by, f"InfluxDB at {self.cfg.url}")
             except StoreError:
                 INFLUX_ERRORS.labels(op="query").inc()

@@ -150,12 +150,15 @@ class ShapeCatalog(BaseEstimator):
         self.n_fields_ = fields
         self._center_sq = (c * c).sum(axis=1)
 
-    def match(self, windows: NDArray[np.float64], chunk: int = 4096) -> tuple[
+    def match(self, windows: NDArray[np.float64], chunk: int = 4096,
+              fields: NDArray[np.bool_] | None = None) -> tuple[
             NDArray[np.intp], NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
         """Nearest centroid of each window and, per field, the mean and max absolute and the mean signed
         difference between the tapered window and that centroid.
 
-        Computed in chunks, so the ``n x n_clusters`` distance matrix stays small.
+        Computed in chunks, so the ``n x n_clusters`` distance matrix stays small. With ``fields`` (a mask over
+        the catalog's fields), the windows hold only those fields and the nearest centroid is the nearest on
+        them: the shapes' marginal on the fields that are there.
 
         Returns
         -------
@@ -164,6 +167,12 @@ class ShapeCatalog(BaseEstimator):
         """
         check_is_fitted(self, "cluster_centers_")
         w, d = self.window_, self.n_fields_
+        centers, center_sq = self.cluster_centers_, self._center_sq
+        if fields is not None and not np.all(fields):
+            sub = self.cluster_centers_.reshape(-1, w, d)[:, :, fields]
+            d = int(np.count_nonzero(fields))
+            centers = np.ascontiguousarray(sub.reshape(len(sub), w * d))
+            center_sq = (centers * centers).sum(axis=1)
         win = np.asarray(windows, dtype=np.float64)
         n = len(win)
         if n == 0:
@@ -175,12 +184,12 @@ class ShapeCatalog(BaseEstimator):
         mean_abs, max_abs, signed = np.empty((n, d)), np.empty((n, d)), np.empty((n, d))
         for lo in range(0, n, chunk):
             t = (win[lo : lo + chunk] * tap).reshape(-1, w * d)
-            dist = t @ self.cluster_centers_.T
+            dist = t @ centers.T
             dist *= -2.0
-            dist += self._center_sq
+            dist += center_sq
             nn = dist.argmin(axis=1)
             near[lo : lo + len(t)] = nn
-            diff = (t - self.cluster_centers_[nn]).reshape(-1, w, d)
+            diff = (t - centers[nn]).reshape(-1, w, d)
             signed[lo : lo + len(t)] = diff.mean(axis=1)
             np.abs(diff, out=diff)
             mean_abs[lo : lo + len(t)] = diff.mean(axis=1)

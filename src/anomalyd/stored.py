@@ -15,7 +15,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from .detector import Detector, DetectorSpec, WindowBatch
-from .grid import align, stretches
+from .grid import align, align_fields, stretches
 
 
 @dataclass
@@ -71,6 +71,30 @@ def training_stretches(times: NDArray[np.int64], values: NDArray[np.float64], pe
     return [p for _, p in parts], [t0 // period_ns + a for a, _ in parts], problems
 
 
+def training_stretches_fields(fields: list[tuple[NDArray[np.int64], NDArray[np.float64]]], period_ns: int,
+                              max_gap: int) -> tuple[list[NDArray[np.float64]], list[int], dict[str, int]]:
+    """`training_stretches` for a signal of several fields, each with its own timestamps: every field aligned
+    on one grid (short gaps filled per field), the rows split wherever any field is missing. The stretches are
+    ``(rows, fields)``."""
+    if len(fields) == 1:
+        return training_stretches(fields[0][0], fields[0][1], period_ns, max_gap)
+    present = [t for t, _ in fields if len(t)]
+    if len(present) < len(fields):
+        return [], [], {}
+    t0 = min(int(t.min()) for t in present) // period_ns * period_ns
+    n = int((max(int(t.max()) for t in present) - t0 + period_ns // 2) // period_ns) + 1
+    cols: list[NDArray[np.float64]] = []
+    problems: dict[str, int] = {}
+    for t, v in fields:
+        aligned, pr = align(np.asarray(t, dtype=np.int64), np.asarray(v, dtype=np.float64), period_ns, t0, n,
+                            max_gap)
+        cols.append(aligned.values)
+        for kind, count in pr.items():
+            problems[kind] = problems.get(kind, 0) + count
+    parts = stretches(np.stack(cols, axis=1))
+    return [p for _, p in parts], [t0 // period_ns + a for a, _ in parts], problems
+
+
 def output_stamps(aligned_stamps: NDArray[np.int64] | None, t0: int, period_ns: int,
                   slots: NDArray[np.int64]) -> NDArray[np.int64]:
     """The output timestamp of the windows ending at grid ``slots`` (relative to ``t0``): the time of the sample
@@ -80,9 +104,10 @@ def output_stamps(aligned_stamps: NDArray[np.int64] | None, t0: int, period_ns: 
     return aligned_stamps[slots]
 
 
-def run_stored(times: NDArray[np.int64], values: NDArray[np.float64], train_end_ns: int,
+def run_stored(times: NDArray[np.int64], values: NDArray[np.float64] | None, train_end_ns: int,
                spec: DetectorSpec | None = None, period_ns: int | None = None, max_gap: int = 2,
-               detector: Detector | None = None) -> StoredRun:
+               detector: Detector | None = None,
+               fields: list[tuple[NDArray[np.int64], NDArray[np.float64]]] | None = None) -> StoredRun:
     """Train on the samples up to ``train_end_ns`` and score every later window, as train + score would.
 
     Parameters
@@ -99,24 +124,28 @@ def run_stored(times: NDArray[np.int64], values: NDArray[np.float64], train_end_
         Gaps up to this many samples are filled (``signals.max_gap``).
     detector : Detector, optional
         An already fitted detector (a stored model) instead of training one.
+    fields : list of (times, values), optional
+        A signal of several fields, each with its own timestamps (``times``/``values`` are then ignored): aligned
+        and scored as the daemon does (`anomalyd.grid.align_fields`); ``values`` becomes ``(rows, fields)``.
     """
-    t = np.asarray(times, dtype=np.int64)
-    v = np.asarray(values, dtype=np.float64)
+    per = fields if fields is not None else [(np.asarray(times, dtype=np.int64), np.asarray(values, dtype=np.float64))]
+    per = [(np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.float64)) for a, b in per]
+    t = np.concatenate([a for a, _ in per])
     period = period_ns or infer_period(t)
     if detector is None:
-        train = t <= train_end_ns
-        parts, starts, _ = training_stretches(t[train], v[train], period, max_gap)
+        parts, starts, _ = training_stretches_fields([(a[a <= train_end_ns], b[a <= train_end_ns]) for a, b in per],
+                                                     period, max_gap)
         detector = Detector(spec).fit(parts, starts)
     t0 = int(t.min()) // period * period
     n = int((int(t.max()) - t0 + period // 2) // period) + 1
-    aligned, _ = align(t, v, period, t0, n, max_gap)
+    matrix, _, stamps = align_fields([per], period, t0, n, max_gap)
+    aligned = matrix[0]
     first = max(0, (train_end_ns - t0) // period + 1)
     w = detector.window_
-    state = detector.start(t0 // period + first, aligned.values[max(0, first - (w - 1)) : first])
-    batch = detector.update(state, aligned.values[first:])
+    state = detector.start(t0 // period + first, aligned[max(0, first - (w - 1)) : first])
+    batch = detector.update(state, aligned[first:])
     slots = np.arange(first, n, dtype=np.int64)
-    return StoredRun(detector, batch, output_stamps(aligned.stamps, t0, period, slots), aligned.values, t0, first,
-                     period)
+    return StoredRun(detector, batch, output_stamps(stamps.get(0), t0, period, slots), aligned, t0, first, period)
 
 
 def by_timestamp(run: StoredRun, times: NDArray[np.int64], column: NDArray[np.float64]) -> NDArray[np.float64]:

@@ -19,7 +19,8 @@ from .config import Config, SignalConfig
 from .detector import Detector
 from .influx import Query, Store
 from .records import SeriesKey, Tags, tags_str
-from .stored import training_stretches
+from .sources import FieldSamples, describe, read_signal
+from .stored import training_stretches_fields
 
 log = logging.getLogger(__name__)
 
@@ -43,28 +44,36 @@ def flagged_windows(cfg: Config, store: Store, sig: SignalConfig, start: int, en
     return out
 
 
-def prepare(times: np.ndarray, values: np.ndarray, sig: SignalConfig, key: SeriesKey,
+def prepare(times: np.ndarray | list[FieldSamples], values: np.ndarray | None, sig: SignalConfig, key: SeriesKey,
             exclude_ends: np.ndarray | None = None) -> tuple[list[np.ndarray], list[int]]:
     """Align a training series to its period, fill short gaps, split it at the longer ones.
 
-    ``exclude_ends`` are the end times of windows to leave out (windows flagged anomalous by an earlier run):
-    their samples are cut out like a gap. Returns the gap-free stretches and the grid index of each one's first
-    sample; raises ValueError naming the series when there are no samples.
+    ``times, values`` are one field's samples, or ``times`` is the list of every field's ``(times, values)`` (a
+    several-field signal; ``values`` None). ``exclude_ends`` are the end times of windows to leave out (windows
+    flagged anomalous by an earlier run): their samples are cut out like a gap. Returns the gap-free stretches and
+    the grid index of each one's first sample; raises ValueError naming the series (and the field) when there are
+    no samples.
     """
-    if len(times) == 0:
-        raise ValueError(f"series {key} has no samples in the training range; widen signals.train_range")
-    keep = np.ones(len(times), dtype=bool)
+    fields = list(times) if values is None else [(np.asarray(times), np.asarray(values))]
+    for f, (t, _) in zip(sig.fields, fields, strict=True):
+        if len(t) == 0:
+            what = f"field {f.name} of series {key}" if sig.multi else f"series {key}"
+            raise ValueError(f"{what} has no samples in the training range; widen signals.train_range"
+                             + (" or check what writes it" if sig.multi else ""))
     if exclude_ends is not None and len(exclude_ends):
         w = sig.window or sig.spec().max_window
         ends = np.sort(np.asarray(exclude_ends, dtype=np.int64))
-        # A sample is dropped when a flagged window (the w samples up to its end) covers it.
-        nxt = np.searchsorted(ends, times, side="left")
-        covered = nxt < len(ends)
-        covered[covered] = ends[nxt[covered]] - times[covered] < w * sig.period_ns
-        keep = ~covered
-        log.info("series %s: leaving %d samples of %d windows flagged anomalous out of training", key,
-                 int((~keep).sum()), len(exclude_ends))
-    parts, starts, problems = training_stretches(times[keep], values[keep], sig.period_ns, sig.max_gap)
+        dropped = 0
+        for j, (t, v) in enumerate(fields):
+            # A sample is dropped when a flagged window (the w samples up to its end) covers it.
+            nxt = np.searchsorted(ends, t, side="left")
+            covered = nxt < len(ends)
+            covered[covered] = ends[nxt[covered]] - t[covered] < w * sig.period_ns
+            fields[j] = (t[~covered], v[~covered])
+            dropped += int(covered.sum())
+        log.info("series %s: leaving %d samples of %d windows flagged anomalous out of training", key, dropped,
+                 len(exclude_ends))
+    parts, starts, problems = training_stretches_fields(fields, sig.period_ns, sig.max_gap)
     for kind, count in problems.items():
         if kind != "filled":
             log.warning("series %s: %d %s samples in the training range", key, count, kind)
@@ -91,7 +100,7 @@ def train(cfg: Config, store: Store, now_ns: int | None = None, signals: list[st
         flagged = flagged_windows(cfg, store, sig, start, end) if exclude_anomalous else {}
         if sig.scope == "shared":
             where = tuple(sorted({**dict(sig.where), **dict(sig.train_where)}.items()))
-            data = store.read(Query(sig.measurement, sig.field, where, sig.group_by, sig.period_ns), start, end)
+            data = read_signal(store, sig, start, end, where=sig.train_where)
             key = SeriesKey(sig.name, ())
             try:
                 if not data:
@@ -100,8 +109,8 @@ def train(cfg: Config, store: Store, now_ns: int | None = None, signals: list[st
                 # Windows never straddle two series: each series' stretches are fitted as separate segments.
                 parts: list[np.ndarray] = []
                 starts: list[int] = []
-                for tags, (t, v) in sorted(data.items()):
-                    p, a = prepare(t, v, sig, SeriesKey(sig.name, tags), flagged.get(tags_str(tags)))
+                for tags, per_field in sorted(data.items()):
+                    p, a = prepare(per_field, None, sig, SeriesKey(sig.name, tags), flagged.get(tags_str(tags)))
                     parts += p
                     starts += a
                 _fit_save(cfg, sig, (), (parts, starts), start, end, report, n_series=len(data))
@@ -109,19 +118,18 @@ def train(cfg: Config, store: Store, now_ns: int | None = None, signals: list[st
                 report.failed[key.id] = str(exc)
                 log.error("cannot train %s: %s", key, exc)
             continue
-        query = Query(sig.measurement, sig.field, tuple(sorted({**dict(sig.where), **dict(sig.train_where)}.items())),
-                      sig.group_by, sig.period_ns)
-        data = store.read(query, start, end)
+        data = read_signal(store, sig, start, end, where=sig.train_where)
         if not data:
             report.failed[sig.name] = "no series in the training range"
-            log.error("signal %s: no series of %s.%s in the training range; check train_range and where",
-                      sig.name, sig.measurement, sig.field)
+            log.error("signal %s: no series of %s in the training range; check train_range and where",
+                      sig.name, describe(sig))
         items = sorted(data.items())
-        for tags, (t, v) in tqdm(items, desc=f"train {sig.name}", unit="series", disable=not progress
-                                 or len(items) < 10):
+        for tags, per_field in tqdm(items, desc=f"train {sig.name}", unit="series", disable=not progress
+                                    or len(items) < 10):
             key = SeriesKey(sig.name, tags)
             try:
-                _fit_save(cfg, sig, tags, prepare(t, v, sig, key, flagged.get(tags_str(tags))), start, end, report)
+                _fit_save(cfg, sig, tags, prepare(per_field, None, sig, key, flagged.get(tags_str(tags))), start,
+                          end, report)
             except ValueError as exc:
                 report.failed[key.id] = str(exc)
                 log.error("cannot train %s: %s", key, exc)
@@ -136,7 +144,7 @@ def _fit_save(cfg: Config, sig: SignalConfig, tags: Tags, data: tuple[list[np.nd
     n = sum(len(p) for p in parts)
     stored = StoredModel(model_id=mid, signal=sig.name, tags=tags, scope=sig.scope, model=model,
                          period_ns=sig.period_ns, train_start_ns=start, train_end_ns=end,
-                         meta={"n_samples": n, "n_series": n_series, "fields": [sig.field]})
+                         meta={"n_samples": n, "n_series": n_series, "fields": list(sig.field_names)})
     catalog.save(cfg.paths.models, stored)
     report.trained.append(stored)
     log.info("trained %s on %d samples: window %d, %d shapes, max_error threshold %.4g", mid, n, model.window_,

@@ -19,7 +19,7 @@ import glob
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -27,27 +27,19 @@ from numpy.typing import NDArray
 
 from .catalog import Catalog, StoredModel, model_id_for, model_mismatch
 from .config import Config, SignalConfig
-from .detector import SeriesState, WindowBatch
-from .grid import align_many
-from .influx import Point, Query, SeriesData, SeriesPoints, Store, StoreError
+from .detector import Detector, SeriesState, WindowBatch
+from .grid import align_fields
+from .influx import Point, SeriesPoints, Store, StoreError
 from .metrics import DATA_PROBLEMS, LAG_SECONDS, SIGNAL_FAILED, UNSCORED_SERIES, UNTRAINED_SERIES, WINDOWS
 from .postprocess import ScoreNormaliser
-from .records import SeriesKey, Tags, WindowResult, parse_tags, rfc3339, tags_str
+from .records import FieldShare, SeriesKey, Tags, WindowResult, describe_shares, parse_tags, rfc3339, tags_str
+from .sources import FieldSamples, SignalData, describe, read_signal, read_signal_batches
 from .state import ScoreStates, Watermarks
 from .stored import output_stamps
 
 log = logging.getLogger(__name__)
 _SLICE = 2000  # series scored together before their points go to the store
 _LATE_BATCH = 100  # series behind the others read again per query
-
-
-def _read_batches(store: Store, query: Query, start: int, end: int, size: int) -> Iterator[SeriesData]:
-    """The store's answer ``size`` series at a time as it arrives (all at once from stores that cannot stream)."""
-    batches = getattr(store, "read_batches", None)
-    if batches is not None:
-        yield from batches(query, start, end, size)
-    else:
-        yield store.read(query, start, end)
 
 
 class AlertObserver(Protocol):
@@ -94,6 +86,10 @@ class _SeriesResults:
     plots: dict[int, tuple[NDArray[np.float64], NDArray[np.float64]]]
     #: The series' first sample when it lies within this read (its first windows reach before it).
     data_start_ns: int | None = None
+    #: Per anomalous window (as ``plots``): every field by share, largest first.
+    attribution: dict[int, tuple[FieldShare, ...]] = field(default_factory=dict)
+    #: With several fields, the names of the plot arrays' columns.
+    fields: tuple[str, ...] = ()
 
     def results(self) -> list[WindowResult]:
         out = []
@@ -105,7 +101,8 @@ class _SeriesResults:
             values, recon = self.plots.get(g, (None, None))
             out.append(WindowResult(self.key, self.model_id, self.worst_ends[g] - self.span_ns, end, self.threshold,
                                     max_error=self.max_error[g], anomalous=self.anomalous[g], score=self.score[g],
-                                    n_missing=self.n_missing[g], values=values, reconstruction=recon))
+                                    n_missing=self.n_missing[g], values=values, reconstruction=recon,
+                                    attribution=self.attribution.get(g, ()), fields=self.fields))
         return out
 
 
@@ -149,6 +146,65 @@ class _FrozenScores(ScoreStates):
         return self.live.get(series_id, model_tag, initial).copy()
 
 
+def _plot(det: Detector, row: NDArray[np.float64], k: int, nearest: int) -> tuple[NDArray[np.float64],
+                                                                                  NDArray[np.float64]]:
+    """The window ending at ``row[k]`` and its nearest shape, in data units, for the plot in an alert message
+    (one field: 1-D; several: ``(window, fields)``)."""
+    w = det.window_
+    values, shape = row[k - w + 1 : k + 1].copy(), det.shape(nearest)
+    return (values, shape[:, 0]) if det.n_fields_ == 1 else (values, shape)
+
+
+class _Explained:
+    """Which fields explain some windows of one series (``cols``: their columns in the batch): the top field and
+    its direction for every signal; with several fields also each field's share of the window's error, its
+    error, direction and newest value, and the ``top_share``/``top_fields`` of the output point."""
+
+    def __init__(self, sig: SignalConfig, b: WindowBatch, r: int, cols: NDArray[np.intp], row: NDArray[np.float64],
+                 slots: NDArray[np.int64]) -> None:
+        self.field_names = sig.field_names
+        err = b.field_error[r, cols]  # (k, fields)
+        sign = b.field_sign[r, cols]
+        top = np.nan_to_num(err, nan=-1.0).argmax(axis=1)
+        at = np.arange(len(cols))
+        up = (sign[at, top] >= 0).tolist()
+        self.names: tuple[str, ...] = ("top_field", "direction")
+        self.columns: list[list[float | int | bool | str] | float | bool | str] = [
+            [self.field_names[i] for i in top.tolist()] if sig.multi else self.field_names[0],
+            ["up" if u else "down" for u in up]]
+        self.share: NDArray[np.float64] | None = None
+        if not sig.multi:  # `shares` works it out when asked (an alert), not for every window
+            self._one = (cols, row, slots, up)
+            return
+        total = np.nansum(err, axis=1, keepdims=True)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            self.share = np.where(total > 0, err / np.where(total > 0, total, 1.0), np.where(np.isnan(err), np.nan,
+                                                                                           1.0 / err.shape[1]))
+        self.error, self.sign = err, sign
+        last = row[slots[cols]] if row.ndim == 2 else row[slots[cols]][:, None]
+        self.value = np.asarray(last, dtype=np.float64)
+        self._order = np.argsort(-np.nan_to_num(self.share, nan=-1.0), axis=1, kind="stable")
+        self.names += ("top_share", "top_fields")
+        self.columns += [self.share[at, top].tolist(),
+                         [describe_shares(self.shares(g, 3)) for g in range(len(cols))]]
+
+    def shares(self, g: int, top: int | None = None) -> tuple[FieldShare, ...]:
+        """Window ``g``'s fields by share, largest first (its missing fields left out)."""
+        if self.share is None:
+            cols, row, slots, up = self._one
+            v = float(row[slots[cols[g]]])
+            return (FieldShare(self.field_names[0], 1.0, 1 if up[g] else -1, v if np.isfinite(v) else None),)
+        out = []
+        for j in self._order[g, :top].tolist():
+            sh = float(self.share[g, j])
+            if not np.isfinite(sh):
+                break
+            v = float(self.value[g, j])
+            out.append(FieldShare(self.field_names[j], sh, 1 if self.sign[g, j] >= 0 else -1,
+                                  v if np.isfinite(v) else None))
+        return tuple(out)
+
+
 def _out_tags(sig: SignalConfig, stored: StoredModel, key: SeriesKey) -> Tags:
     """The tags of a series' output points."""
     return (("signal", sig.name), ("series", tags_str(key.tags)), ("model", stored.model_id), *key.tags)
@@ -157,8 +213,8 @@ def _out_tags(sig: SignalConfig, stored: StoredModel, key: SeriesKey) -> Tags:
 @dataclass
 class _Member:
     key: SeriesKey
-    times: NDArray[np.int64]
-    values: NDArray[np.float64]
+    #: One (times, values) pair per field of the signal.
+    fields: list[FieldSamples]
 
 
 class Worker:
@@ -182,6 +238,7 @@ class Worker:
         #: series id -> ends of windows written as missing data, re-scored if their samples arrive late
         self._holes: dict[str, list[int]] = {}
         self._reported_problem: dict[str, str] = {}
+        self._reported_fields: set[str] = set()
 
     # -- public entry points ---------------------------------------------------------------------------
     def tick(self, now_ns: int | None = None) -> TickReport:
@@ -313,7 +370,6 @@ class Worker:
         back = (w_max - 1) * (2 if self.cfg.output.write_reconstruction else 1)
         margin = (sig.max_gap + 1) * period
         half = period // 2
-        query = Query(sig.measurement, sig.field, sig.where, sig.group_by, period)
         shared = self._model_for(sig, ()) if sig.scope == "shared" else None
         points: list[SeriesPoints] = []
         recon_points: list[Point] = []
@@ -358,9 +414,10 @@ class Worker:
             """Series are scored a batch at a time as influxd sends them, and each batch's points go to the store
             while the next batch is read and scored."""
             read_lo = q_lo + period - back * period - margin - half
-            for data in _read_batches(self.store, query, read_lo, hi + margin + half, _SLICE):
+            for data in read_signal_batches(self.store, sig, read_lo, hi + margin + half, _SLICE):
+                self._check_fields(sig, data)
                 groups: dict[tuple[str, int], tuple[StoredModel, list[_Member]]] = {}
-                for tags, (times, values) in data.items():
+                for tags, per_field in data.items():
                     key = SeriesKey(sig.name, tags)
                     found[0] += 1
                     stored = shared if sig.scope == "shared" else self._model_for(sig, tags)
@@ -385,10 +442,10 @@ class Worker:
                     # A series behind the others (new since training, back after an outage, late samples) is read
                     # again on its own from its own start, below.
                     target = late if s_lo < q_lo else groups
-                    target.setdefault((stored.model_id, s_lo), (stored, []))[1].append(_Member(key, times, values))
+                    target.setdefault((stored.model_id, s_lo), (stored, []))[1].append(_Member(key, per_field))
                 yield from score(groups)
             if late:
-                yield from score(self._reread(query, late, hi + margin + half, period, back, margin))
+                yield from score(self._reread(sig, late, hi + margin + half, period, back, margin))
             yield from recon_points
 
         try:
@@ -406,7 +463,7 @@ class Worker:
         UNTRAINED_SERIES.labels(signal=sig.name).set(rep.untrained)
         if not found[0]:
             where = "{" + ", ".join(f"{k}={v!r}" for k, v in sig.where) + "}"
-            rep.problem = (f"signal {sig.name}: no series of {sig.measurement}.{sig.field} matches where {where} "
+            rep.problem = (f"signal {sig.name}: no series of {describe(sig)} matches where {where} "
                            f"in database {self.cfg.influxdb.database!r} between {rfc3339(q_lo)} and {rfc3339(hi)}")
         elif not found[1] and no_models and no_models[0]:
             rep.problem = (f"signal {sig.name}: no model in {self.cfg.paths.models}; run "
@@ -471,7 +528,6 @@ class Worker:
         period, step = sig.period_ns, sig.step_ns
         w_max = sig.window or sig.spec().max_window
         margin = (sig.max_gap + 1) * period
-        query = Query(sig.measurement, sig.field, sig.where, sig.group_by, period)
         frozen = _FrozenScores(self.scores)
         filled: list[SeriesPoints] = []
         n_filled = n_anomalous = 0
@@ -481,9 +537,8 @@ class Worker:
             keys = [SeriesKey(sig.name, parse_tags(sid[len(prefix):])) for sid, _ in part]
             lo = min(ends[0] for _, ends in part) - 2 * step
             hi = max(ends[-1] for _, ends in part) + step
-            data = self.store.read(replace(query, series=tuple(k.tags for k in keys)),
-                                   lo + period - (w_max - 1) * period - margin - period // 2,
-                                   hi + margin + period // 2)
+            data = read_signal(self.store, sig, lo + period - (w_max - 1) * period - margin - period // 2,
+                               hi + margin + period // 2, series=tuple(k.tags for k in keys))
             for key, (sid, ends) in zip(keys, part, strict=True):
                 got = data.get(key.tags)
                 stored = self._model_for(sig, () if sig.scope == "shared" else key.tags)
@@ -494,7 +549,7 @@ class Worker:
                 # On the grid (a point's time is its last real sample's, off the grid by less than half a period).
                 s_lo = (ends[0] + period // 2) // step * step - step
                 s_hi = (ends[-1] + period // 2) // step * step
-                self._score_group(sig, stored, [_Member(key, *got)], s_lo, s_hi, frozen, SignalReport(),
+                self._score_group(sig, stored, [_Member(key, got)], s_lo, s_hi, frozen, SignalReport(),
                                   results, points, [], [])
                 # Only the points of the remembered windows: their last sample came (the others are left alone). One
                 # that is still incomplete is written as missing again and stays remembered.
@@ -514,7 +569,7 @@ class Worker:
                      "alert: the series has moved on)", sig.name, n_filled, n_anomalous)
         return n_filled
 
-    def _reread(self, query: Query, late: dict[tuple[str, int], tuple[StoredModel, list[_Member]]], end: int,
+    def _reread(self, sig: SignalConfig, late: dict[tuple[str, int], tuple[StoredModel, list[_Member]]], end: int,
                 period: int, back: int, margin: int) -> dict[tuple[str, int], tuple[StoredModel, list[_Member]]]:
         """The series behind the others read again from their own starts (``_LATE_BATCH`` series per query,
         oldest first), so that one of them never widens the read of the rest."""
@@ -522,11 +577,28 @@ class Worker:
                          key=lambda x: x[0])
         for i in range(0, len(members), _LATE_BATCH):
             part = members[i : i + _LATE_BATCH]
-            q = replace(query, series=tuple(m.key.tags for _, _, m in part))
-            again = self.store.read(q, part[0][0] + period - back * period - margin - period // 2, end)
+            again = read_signal(self.store, sig, part[0][0] + period - back * period - margin - period // 2, end,
+                                series=tuple(m.key.tags for _, _, m in part))
             for _, _, m in part:
-                m.times, m.values = again.get(m.key.tags, (m.times, m.values))
+                m.fields = again.get(m.key.tags, m.fields)
         return late
+
+    def _check_fields(self, sig: SignalConfig, data: SignalData) -> None:
+        """Say once when a field of a several-field signal has no samples in a read for some series (its
+        measurement disappeared, its input broke; the other fields go on being scored), and once when it is back."""
+        if not sig.multi or not data:
+            return
+        for j, f in enumerate(sig.fields):
+            absent = sum(not len(per[j][0]) for per in data.values())
+            key = f"{sig.name}|{f.name}"
+            if absent and key not in self._reported_fields:
+                self._reported_fields.add(key)
+                log.warning("signal %s: field %s (%s.%s) has no samples for %d of %d series in this read; their "
+                            "windows are scored on the other fields until it is back; check what writes it",
+                            sig.name, f.name, f.measurement, f.field, absent, len(data))
+            elif not absent and key in self._reported_fields:
+                self._reported_fields.discard(key)
+                log.info("signal %s: field %s has samples again", sig.name, f.name)
 
     def _deadman(self, sig: SignalConfig, marks: list[tuple[str, int]], hi: int, now: int,
                  rep: SignalReport) -> None:
@@ -583,7 +655,9 @@ class Worker:
         t0 = first - (w - 1 + extra + gap) * period
         n_new = int((hi - s_lo) // period)
         n = (w - 1 + extra + gap) + n_new + gap
-        matrix, problems, stamps = align_many([(m.times, m.values) for m in members], period, t0, n, sig.max_gap)
+        matrix, problems, stamps = align_fields([m.fields for m in members], period, t0, n, sig.max_gap)
+        # A sample row is there when any field of it is (one field: when it is).
+        there = np.asarray(np.isfinite(matrix) if matrix.ndim == 2 else np.isfinite(matrix).any(axis=2))
         for r, m in enumerate(members):
             for kind, count in problems[r].items():
                 DATA_PROBLEMS.labels(signal=sig.name, kind=kind).inc(count)
@@ -593,7 +667,7 @@ class Worker:
         new = slice(w - 1 + extra + gap, w - 1 + extra + gap + n_new)
         settled = [hi] * len(members)
         if settle and n_new:
-            present = np.isfinite(matrix[:, new])
+            present = there[:, new]
             last = n_new - 1 - np.argmax(present[:, ::-1], axis=1)  # newest present sample (if any)
             ends = np.where(present.any(axis=1), first + last * period, s_lo)
             step = sig.step_ns
@@ -602,9 +676,10 @@ class Worker:
             for r in np.flatnonzero(ends < hi).tolist():
                 k = int((settled[r] - first) // period) + 1  # first column left for the next tick
                 matrix[r, new.start + max(k, 0) :] = np.nan
+                there[r, new.start + max(k, 0) :] = False
             if gaps is not None and sig.write_every == 1:
                 for r in np.flatnonzero((~present).any(axis=1)).tolist():
-                    seen = np.flatnonzero(np.isfinite(matrix[r]))
+                    seen = np.flatnonzero(there[r])
                     after = -(2**63) if not seen.size or seen[0] == 0 else t0 + int(seen[0] + w - 1) * period
                     cols = np.flatnonzero(~present[r])
                     unwritten = [e for e in (first + cols * period).tolist() if after <= e <= settled[r]]
@@ -637,9 +712,9 @@ class Worker:
                 ends = output_stamps(stamps.get(r), t0, period, slots)
                 n_blocks = len(results)
                 self._emit(sig, stored, m.key, batch, r, keep[r], ends, matrix[r], slots, rep, results, points)
-                present = np.flatnonzero(np.isfinite(matrix[r]))
-                if len(results) > n_blocks and present.size and present[0] > 0:
-                    results[-1].data_start_ns = t0 + int(present[0]) * period
+                seen = np.flatnonzero(there[r])
+                if len(results) > n_blocks and seen.size and seen[0] > 0:
+                    results[-1].data_start_ns = t0 + int(seen[0]) * period
             if self.cfg.output.write_reconstruction:
                 self._reconstruction_points(sig, stored, m.key, matrix[r], t0, first, hi, recon_points)
         return settled
@@ -654,20 +729,25 @@ class Worker:
         n = len(ends)
         zeros = [0] * n
         tags = _out_tags(sig, stored, key)
+        every = np.arange(n)
+        why = _Explained(sig, b, r, every, row, slots)
         points.append(SeriesPoints(self.cfg.output.measurement, tags,
-                                   ("max_error", "threshold", "anomalous", "score", "missing", "n_missing"),
-                                   (max_error, thr, anomalous, score, False, 0), ends))
+                                   ("max_error", "threshold", "anomalous", "score", "missing", "n_missing",
+                                    *why.names),
+                                   (max_error, thr, anomalous, score, False, 0, *why.columns), ends))
+        self._attribution_points(sig, tags, why, ends, points)
         n_anom = sum(anomalous)
         rep.windows += n
         rep.anomalous += n_anom
         plots = {}
+        shares = {}
         if n_anom:
-            w = det.window_
             for g in np.flatnonzero(b.anomalous[r]).tolist():
-                k = int(slots[g])
-                plots[g] = (row[k - w + 1 : k + 1].copy(), det.shape(int(b.nearest[r, g]))[:, 0])
+                plots[g] = _plot(det, row, int(slots[g]), int(b.nearest[r, g]))
+                shares[g] = why.shares(g)
         results.append(_SeriesResults(key, stored.model_id, thr, (det.window_ - 1) * sig.period_ns, ends, ends,
-                                      max_error, anomalous, score, [False] * n, zeros, plots))
+                                      max_error, anomalous, score, [False] * n, zeros, plots, None, shares,
+                                      sig.field_names if sig.multi else ()))
 
     def _emit(self, sig: SignalConfig, stored: StoredModel, key: SeriesKey, b: WindowBatch, r: int,
               keep: NDArray[np.bool_], ends: NDArray[np.int64], row: NDArray[np.float64],
@@ -704,16 +784,20 @@ class Worker:
         out = self.cfg.output
         tags = _out_tags(sig, stored, key)
         n_good = int(good.sum())
+        why = _Explained(sig, b, r, cols[worst[good]], row, slots)
         if n_good:
             g_end = end_all[good].tolist()
             names = ["max_error", "threshold", "anomalous", "score", "missing", "n_missing"]
-            columns: list[list[float | int | bool | str] | float | bool] = [
+            columns: list[list[float | int | bool | str] | float | bool | str] = [
                 max_err[good].tolist(), thr, anom[good].tolist(), sc[worst[good]].tolist(), False,
                 n_miss[good].tolist()]
             if every > 1:
                 names += ["windows", "worst_end"]
                 columns += [n_ok[good].tolist(), worst_end[good].tolist()]
+            names += why.names
+            columns += why.columns
             points.append(SeriesPoints(out.measurement, tags, tuple(names), tuple(columns), g_end))
+            self._attribution_points(sig, tags, why, g_end, points)
         bad = ~good
         if bad.any():
             points.append(SeriesPoints(out.measurement, tags, ("threshold", "anomalous", "missing", "n_missing"),
@@ -722,14 +806,35 @@ class Worker:
         rep.missing += int(bad.sum())
         rep.anomalous += int(anom[good].sum())
         plots = {}
+        shares = {}
+        at_good = np.cumsum(good) - 1  # the row of `why` of each good group
         for g in np.flatnonzero(anom & good).tolist():  # the window behind an alert, for the plot in the message
             j = int(cols[worst[g]])
-            k = int(slots[j])
-            plots[g] = (row[k - w + 1 : k + 1].copy(), det.shape(int(b.nearest[r, j]))[:, 0])
+            plots[g] = _plot(det, row, int(slots[j]), int(b.nearest[r, j]))
+            shares[g] = why.shares(int(at_good[g]))
         results.append(_SeriesResults(
             key, stored.model_id, thr, (w - 1) * period, end_all.tolist(), worst_end.tolist(),
             np.where(good, max_err, np.nan).tolist(), (anom & good).tolist(),
-            np.where(good, sc[worst], np.nan).tolist(), bad.tolist(), n_miss.tolist(), plots))
+            np.where(good, sc[worst], np.nan).tolist(), bad.tolist(), n_miss.tolist(), plots, None, shares,
+            sig.field_names if sig.multi else ()))
+
+    def _attribution_points(self, sig: SignalConfig, tags: Tags, why: _Explained, ends: list[int],
+                            points: list[SeriesPoints]) -> None:
+        """A several-field signal's attribution measurement: per field, its share, error, direction and value at
+        each written window (not at windows where the field was missing)."""
+        meas = self.cfg.output.attribution_measurement
+        if not sig.multi or not meas or why.share is None:
+            return
+        for j, name in enumerate(sig.field_names):
+            ok = np.isfinite(why.share[:, j])
+            if not ok.any():
+                continue
+            idx = np.flatnonzero(ok)
+            points.append(SeriesPoints(meas, (*tags, ("field", name)), ("share", "error", "direction", "value"),
+                                       (why.share[idx, j].tolist(), why.error[idx, j].tolist(),
+                                        np.where(why.sign[idx, j] >= 0, 1.0, -1.0).tolist(),
+                                        why.value[idx, j].tolist()),
+                                       [ends[i] for i in idx.tolist()]))
 
     def _reconstruction_points(self, sig: SignalConfig, stored: StoredModel, key: SeriesKey,
                                row: NDArray[np.float64], t0: int, first: int, hi: int, out: list[Point]) -> None:
@@ -741,11 +846,16 @@ class Worker:
         # The last samples of the previous tick lacked the windows after them: they are written again, complete
         # now (same points, overwritten).
         a = max(0, int((first - t0) // period) - (stored.model.window_ - 1))
-        z = int((hi - t0) // period) + 1
-        for k in range(a, min(z, len(row))):
-            v, rc = row[k], recon[k]
-            if np.isfinite(v) and np.isfinite(rc):
-                out.append(Point(meas, tags, (("value", float(v)), ("reconstruction", float(rc))), t0 + k * period))
+        z = min(int((hi - t0) // period) + 1, len(row))
+        if row.ndim == 1:
+            row, recon = row[:, None], recon[:, None]
+        for j, name in enumerate(sig.field_names):
+            ftags = (*tags, ("field", name)) if sig.multi else tags
+            for k in range(a, z):
+                v, rc = row[k, j], recon[k, j]
+                if np.isfinite(v) and np.isfinite(rc):
+                    out.append(Point(meas, ftags, (("value", float(v)), ("reconstruction", float(rc))),
+                                     t0 + k * period))
 
     def _finish(self, report: TickReport, now: int, live: bool, t_start: float, alert: bool = False) -> None:
         """Deliver queued alerts, then record the tick's statistics (its time includes the delivery)."""
