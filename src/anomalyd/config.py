@@ -690,7 +690,8 @@ def from_dict(raw: dict[str, Any], source: str = "<config>", env: Mapping[str, s
 
 _SIGNAL_KEYS = {"name", "measurement", "field", "fields", "where", "group_by", "period", "window", "train_slide",
                 "slide", "write_every", "clusters", "random_state", "n_init", "max_gap", "scope", "train_where",
-                "train_range", "holdout", "max_train_windows", "threshold", "score_history", "score_threshold", "decision"}
+                "train_range", "holdout", "max_train_windows", "threshold", "score_history", "score_threshold",
+                "decision"}
 
 
 def _signals(c: _Checker, raw: Any) -> tuple[SignalConfig, ...]:

@@ -188,7 +188,7 @@ def report_findings(results: list[WindowResult], fed: list[FedSeries], period_ns
 def report_host_findings(results: list[WindowResult], fed: list[FedSeries], signal: str) -> str:
     """A multi-field signal's flagged windows: score, the fields that explain each (top_fields: name, direction,
     share), and which injected fault they hit, with whether the top field is the faulty metric."""
-    lines = ["", f"anomalous windows of the multi-field signal {signal!r} (which field explains each):"]
+    lines = ["", f"anomalous windows of the multi-field signal {signal!r} (top fields: direction, share of the error):"]
     flagged = [r for r in results if r.anomalous]
     hit: dict[tuple[str, int], bool] = {}
     for r in sorted(flagged, key=lambda r: (str(r.key), r.end_ns)):
@@ -202,11 +202,11 @@ def report_host_findings(results: list[WindowResult], fed: list[FedSeries], sign
                 a0, a1 = s.origin_ns + a.start * s.period_ns, s.origin_ns + (a.end - 1) * s.period_ns
                 if a0 <= r.end_ns and a1 >= r.start_ns:
                     right = top == a.field
-                    what = f"injected {a.kind} in {a.field}" + ("" if right else f" (top field: {top or '-'})")
+                    what = f"injected {a.kind} ({a.field}" + (")" if right else "; not the top field)")
                     hit[(s.tag, a.start)] = hit.get((s.tag, a.start), False) or right
         score = f"{r.score:.2f}" if r.score is not None else "-"
-        lines.append(f"  {r.key!s:22} {_fmt(r.start_ns)}-{_fmt(r.end_ns)} UTC  score {score}  "
-                     f"{describe_shares(r.attribution) or '-'}  <- {what}")
+        lines.append(f"  {r.key!s:18} {_fmt(r.start_ns)}-{_fmt(r.end_ns)} UTC  score {score}  "
+                     f"{describe_shares(r.attribution) or '-'}  {what}")
     if not flagged:
         lines.append("  (none)")
     scored_until = max((r.end_ns for r in results), default=0)
