@@ -13,8 +13,9 @@ per window), watermarks one interval (16 s) behind, so the tick has 16 due windo
 points per series. Reported, all measured in the same run:
 - tick: wall time of ``Worker.tick`` (read the samples of all due windows, score, write all points, advance
   watermarks);
-- floor: curl fetching exactly what the tick reads (the same InfluxQL query over the same range) plus curl
-  writing the same points (same measurement, tags and fields);
+- floor: curl fetching exactly what the tick reads (the same InfluxQL queries over the same range) plus curl
+  posting exactly the lines the tick writes (captured from a tick that keeps them instead of sending them), in
+  bodies of ``daemon.write_batch`` lines;
 - baseline: the blog's loop, one client and one query per series per window and one write per point
   (measured on min(N, --baseline-max) series and scaled linearly to N when fewer);
 - peak memory: tracemalloc peak of a further tick run (Python + numpy allocations).
@@ -38,7 +39,7 @@ from anomalyd import catalog
 from anomalyd.catalog import Catalog, StoredModel
 from anomalyd.config import from_dict
 from anomalyd.detector import Detector
-from anomalyd.influx import InfluxDB1Store
+from anomalyd.influx import InfluxDB1Store, SeriesPoints, line_protocol, series_lines
 from anomalyd.localinflux import LocalInfluxd
 from anomalyd.model import sliding_windows
 from anomalyd.records import SeriesKey
@@ -106,27 +107,29 @@ def tick_read_range(cfg, hi: int) -> tuple[int, int]:  # type: ignore[no-untyped
     return hi - INTERVAL + SEC - 31 * SEC - margin - SEC // 2, hi + margin + SEC // 2
 
 
-def floor_lines(cfg, n: int, hi: int) -> list[str]:  # type: ignore[no-untyped-def]
-    """The points a tick writes: one per window (with its attribution fields) and, with several fields, one per
-    field per window in the attribution measurement."""
-    sig = cfg.signals[0]
-    names = sig.field_names
-    lines = []
-    for i in range(n):
-        tags = f"host=h{i:05d},model=bench,series=host\\=h{i:05d},signal=bench"
-        for k in range(16):
-            extra = (f',top_field="{names[0]}",direction="up"' if len(names) == 1 else
-                     f',top_field="{names[0]}",direction="up",top_share=0.25,'
-                     f'top_fields="{names[0]} up 25%, {names[1]} down 20%, {names[2]} up 15%"')
-            lines.append(f"anomaly_error,{tags} max_error=1.5,threshold=2.5,anomalous=false,score=0.4,"
-                         f"missing=false,n_missing=0i{extra} {hi - k * SEC}")
-            if len(names) > 1:
-                lines.extend(f"anomaly_attribution,{tags},field={f} share=0.125,error=0.5,direction=1.0,"
-                             f"value=0.321 {hi - k * SEC}" for f in names)
-    return lines
+class CapturingStore(InfluxDB1Store):
+    """Reads from influxd, and keeps the line protocol of every write instead of sending it: the floor then posts
+    exactly the bytes a tick writes."""
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self.lines: list[str] = []
+
+    def write(self, points, retention_policy: str = "") -> None:  # type: ignore[no-untyped-def]
+        for p in points:
+            self.lines.extend(series_lines(p) if isinstance(p, SeriesPoints) else [line_protocol(p)])
 
 
-def curl_floor(cfg, store: InfluxDB1Store, hi: int, n: int, root: Path) -> float:  # type: ignore[no-untyped-def]
+def floor_lines(cfg, n: int, hi: int, now: int) -> list[str]:  # type: ignore[no-untyped-def]
+    """The lines a tick writes (its points, with their attribution, and its statistics), from a tick that
+    keeps them instead of sending them."""
+    store = CapturingStore(cfg.influxdb)
+    fresh_worker(cfg, store, n, hi, now, ScoreStates(None)).tick()
+    return store.lines
+
+
+def curl_floor(cfg, store: InfluxDB1Store, hi: int, n: int, root: Path,  # type: ignore[no-untyped-def]
+               lines: list[str]) -> float:
     from anomalyd.sources import signal_reads
 
     sig = cfg.signals[0]
@@ -141,7 +144,6 @@ def curl_floor(cfg, store: InfluxDB1Store, hi: int, n: int, root: Path) -> float
                   "--data-urlencode", f"q={q}", "--data-urlencode", f"db={cfg.influxdb.database}",
                   "--data-urlencode", "epoch=ms", "--data-urlencode", "chunked=true",
                   "--data-urlencode", "chunk_size=100000", "--data-urlencode", f"params={json.dumps(params)}"]
-    lines = floor_lines(cfg, n, hi)
     batch = cfg.daemon.write_batch  # the daemon writes in batches of this many points: so does the floor
     write_args: list[str] = []
     for b in range(0, len(lines), batch):
@@ -193,7 +195,8 @@ def measure(server: LocalInfluxd, n: int, root: Path, baseline_max: int,
     cfg, _ = setup(server, n, root, now, n_fields)
     store = InfluxDB1Store(cfg.influxdb)  # type: ignore[attr-defined]
     hi = now // INTERVAL * INTERVAL
-    floor = min(curl_floor(cfg, store, hi, n, root) for _ in range(3))
+    lines = floor_lines(cfg, n, hi, now)
+    floor = min(curl_floor(cfg, store, hi, n, root, lines) for _ in range(3))
     ticks = []
     scores = ScoreStates(None)
     for _ in range(3):  # best of three, like the floor

@@ -875,7 +875,8 @@ def test_grafana_attribution_share_has_one_series_per_field(output_db: OutputDB,
             assert sorted(got) == sorted(MULTI_FIELDS), "not one series per field of the signal"
         if len(series) == 1:
             for t in {t for buckets in got.values() for t in buckets}:
-                assert math.isclose(sum(b[t] for b in got.values() if t in b), 1.0, abs_tol=1e-9), t
+                # shares are written with 4 decimals
+                assert math.isclose(sum(b[t] for b in got.values() if t in b), 1.0, abs_tol=5e-4), t
 
 
 def _limit(q: str) -> int:

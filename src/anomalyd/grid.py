@@ -120,7 +120,14 @@ def align_many(series: Sequence[tuple[NDArray[np.int64], NDArray[np.float64]]], 
     if max_gap > 0:
         # Series with interior gaps short enough to fill also take the careful path.
         holes = np.isnan(out)
-        has_hole = holes.any(axis=1) & ~bad
+        # Only holes between a series' first and last sample can be filled (the common trailing and leading
+        # ones cannot): look closer at the series that have such holes.
+        present = ~holes
+        first = present.argmax(axis=1)
+        last = n - 1 - present[:, ::-1].argmax(axis=1)
+        cols = np.arange(n)
+        inner = holes & (cols >= first[:, None]) & (cols <= last[:, None])
+        has_hole = inner.any(axis=1) & ~bad
         for r in np.flatnonzero(has_hole):
             present = np.flatnonzero(~holes[r])
             if len(present) >= 2 and np.any((np.diff(present) > 1) & (np.diff(present) <= max_gap + 1)):

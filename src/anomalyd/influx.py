@@ -162,10 +162,15 @@ def series_lines(sp: SeriesPoints) -> list[str]:
     if n == 0:
         return []
     fmt = [f"{_escape_measurement(sp.measurement)}{_tag_string(sp.tags)} ".replace("%", "%%")]
-    varying: list[list[str]] = []
+    varying: list[Sequence[str | float]] = []
     for i, (k, col) in enumerate(zip(sp.names, sp.columns, strict=True)):
         key = ("," if i else "") + f"{_escape_key(k)}=".replace("%", "%%")
-        if isinstance(col, list | tuple):
+        if isinstance(col, list | tuple) and len(col) and type(col[0]) is float:
+            if not math.isfinite(math.fsum(col)):
+                _column_text(col)  # raises, naming the value
+            fmt.append(key + "%r")  # repr: the shortest text that reads back as the same float
+            varying.append(col)
+        elif isinstance(col, list | tuple):
             fmt.append(key + "%s")
             varying.append(_column_text(col))
         else:

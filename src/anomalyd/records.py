@@ -126,7 +126,12 @@ def describe_shares(shares: tuple[FieldShare, ...] | list[FieldShare], top: int 
     >>> describe_shares([FieldShare("cpu", 0.62, 1, 97.0), FieldShare("mem", 0.21, -1, 3.0)])
     'cpu up 62%, mem down 21%'
     """
-    return ", ".join(f"{s.field} {s.arrow} {s.share:.0%}" for s in list(shares)[:top])
+    return ", ".join(share_text(s.field, s.direction, s.share) for s in list(shares)[:top])
+
+
+def share_text(field: str, direction: float, share: float) -> str:
+    """One field of `describe_shares`: ``cpu up 62%``."""
+    return f"{field} {'up' if direction >= 0 else 'down'} {share:.0%}"
 
 
 @dataclass(frozen=True, slots=True)

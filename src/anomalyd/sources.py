@@ -10,6 +10,7 @@ line up.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,8 @@ FieldSamples = tuple[NDArray[np.int64], NDArray[np.float64]]
 SignalData = dict[Tags, list[FieldSamples]]
 
 _EMPTY: FieldSamples = (np.empty(0, dtype=np.int64), np.empty(0))
+#: Queries of one signal in flight at once (one per measurement, up to this many).
+_PARALLEL_READS = 4
 
 
 @dataclass(frozen=True)
@@ -103,11 +106,19 @@ def _join(sig: SignalConfig, answers: Sequence[tuple[_Read, SeriesData]]) -> Sig
     return out
 
 
+def _read_all(store: Store, reads: list[_Read], start_ns: int, end_ns: int) -> list[tuple[_Read, SeriesData]]:
+    """Every query's answer; several queries run side by side (influxd answers one while the other is parsed)."""
+    if len(reads) == 1:
+        return [(reads[0], store.read(reads[0].query, start_ns, end_ns))]
+    with ThreadPoolExecutor(min(len(reads), _PARALLEL_READS), thread_name_prefix="read") as pool:
+        answers = list(pool.map(lambda r: store.read(r.query, start_ns, end_ns), reads))
+    return list(zip(reads, answers, strict=True))
+
+
 def read_signal(store: Store, sig: SignalConfig, start_ns: int, end_ns: int, where: Tags = (),
                 series: tuple[Tags, ...] = ()) -> SignalData:
     """Every series of the signal with samples in ``[start_ns, end_ns]``, each field's samples apart."""
-    reads = signal_reads(sig, where, series)
-    return _join(sig, [(r, store.read(r.query, start_ns, end_ns)) for r in reads])
+    return _join(sig, _read_all(store, signal_reads(sig, where, series), start_ns, end_ns))
 
 
 def read_signal_batches(store: Store, sig: SignalConfig, start_ns: int, end_ns: int, size: int,
@@ -122,7 +133,7 @@ def read_signal_batches(store: Store, sig: SignalConfig, start_ns: int, end_ns: 
         for data in parts:
             yield _join(sig, [(reads[0], data)])
         return
-    whole = _join(sig, [(r, store.read(r.query, start_ns, end_ns)) for r in reads])
+    whole = _join(sig, _read_all(store, reads, start_ns, end_ns))
     keys = list(whole)
     for i in range(0, len(keys), size):
         yield {k: whole[k] for k in keys[i : i + size]}

@@ -32,14 +32,15 @@ from .grid import align_fields
 from .influx import Point, SeriesPoints, Store, StoreError
 from .metrics import DATA_PROBLEMS, LAG_SECONDS, SIGNAL_FAILED, UNSCORED_SERIES, UNTRAINED_SERIES, WINDOWS
 from .postprocess import ScoreNormaliser
-from .records import FieldShare, SeriesKey, Tags, WindowResult, describe_shares, parse_tags, rfc3339, tags_str
+from .records import FieldShare, SeriesKey, Tags, WindowResult, parse_tags, rfc3339, share_text, tags_str
 from .sources import FieldSamples, SignalData, describe, read_signal, read_signal_batches
 from .state import ScoreStates, Watermarks
 from .stored import output_stamps
 
 log = logging.getLogger(__name__)
-_SLICE = 2000  # series scored together before their points go to the store
+_SLICE = 2000  # series scored together before their points go to the store (fewer with several fields, see below)
 _LATE_BATCH = 100  # series behind the others read again per query
+_ATTRIBUTION_FIELDS = ("share", "error", "direction", "value")
 
 
 class AlertObserver(Protocol):
@@ -155,53 +156,78 @@ def _plot(det: Detector, row: NDArray[np.float64], k: int, nearest: int) -> tupl
     return (values, shape[:, 0]) if det.n_fields_ == 1 else (values, shape)
 
 
-class _Explained:
-    """Which fields explain some windows of one series (``cols``: their columns in the batch): the top field and
-    its direction for every signal; with several fields also each field's share of the window's error, its
-    error, direction and newest value, and the ``top_share``/``top_fields`` of the output point."""
+class _Explanations:
+    """Which fields explain the windows of a batch (every series of one model at once, in a few array
+    operations): the top field and its direction for every signal; with several fields also each field's share of
+    the window's error, its error, direction and newest value. `row` hands out one series' windows."""
 
-    def __init__(self, sig: SignalConfig, b: WindowBatch, r: int, cols: NDArray[np.intp], row: NDArray[np.float64],
+    def __init__(self, sig: SignalConfig, b: WindowBatch, matrix: NDArray[np.float64],
                  slots: NDArray[np.int64]) -> None:
+        self.sig = sig
         self.field_names = sig.field_names
-        err = b.field_error[r, cols]  # (k, fields)
-        sign = b.field_sign[r, cols]
-        top = np.nan_to_num(err, nan=-1.0).argmax(axis=1)
-        at = np.arange(len(cols))
-        up = (sign[at, top] >= 0).tolist()
+        self.names_arr = np.array(self.field_names, dtype=object)
+        self.err, self.sign = b.field_error, b.field_sign  # (n, m, fields)
+        self.top = np.nan_to_num(self.err, nan=-1.0).argmax(axis=2)
+        self.up = np.take_along_axis(self.sign, self.top[:, :, None], axis=2)[:, :, 0] >= 0
+        self.matrix, self.slots = matrix, slots
+        self.share: NDArray[np.float64] | None = None
+        if sig.multi:
+            total = np.nansum(self.err, axis=2, keepdims=True)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                # All errors zero (a window exactly on its shape): the present fields share equally.
+                even = np.where(np.isnan(self.err), np.nan, 1.0 / np.isfinite(self.err).sum(axis=2, keepdims=True))
+                share = np.where(total > 0, self.err / np.where(total > 0, total, 1.0), even)
+            # Four decimals are all a share or an error says (and the points' text is half as long).
+            self.share = np.round(share, 4)
+            self.err = np.round(self.err, 4)
+            self.order = np.argsort(-np.nan_to_num(self.share, nan=-1.0), axis=2, kind="stable")
+
+    def row(self, r: int, cols: NDArray[np.intp]) -> _Explained:
+        return _Explained(self, r, cols)
+
+
+class _Explained:
+    """`_Explanations` of one series' windows (``cols``: their columns in the batch), and the output point's
+    fields that carry them: ``top_field``, ``direction`` and, with several fields, ``top_share`` and
+    ``top_fields``."""
+
+    def __init__(self, ex: _Explanations, r: int, cols: NDArray[np.intp]) -> None:
+        self.field_names = ex.field_names
+        top = ex.top[r, cols]
+        up = ex.up[r, cols]
         self.names: tuple[str, ...] = ("top_field", "direction")
         self.columns: list[list[float | int | bool | str] | float | bool | str] = [
-            [self.field_names[i] for i in top.tolist()] if sig.multi else self.field_names[0],
-            ["up" if u else "down" for u in up]]
+            ex.names_arr[top].tolist() if ex.sig.multi else self.field_names[0],
+            np.where(up, "up", "down").tolist()]
+        row = ex.matrix[r, ex.slots[cols]]
+        self.value = row if row.ndim == 2 else row[:, None]
         self.share: NDArray[np.float64] | None = None
-        if not sig.multi:  # `shares` works it out when asked (an alert), not for every window
-            self._one = (cols, row, slots, up)
+        self._up = up
+        if ex.share is None:  # one field: `shares` works it out when asked (an alert), not for every window
             return
-        total = np.nansum(err, axis=1, keepdims=True)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            self.share = np.where(total > 0, err / np.where(total > 0, total, 1.0), np.where(np.isnan(err), np.nan,
-                                                                                           1.0 / err.shape[1]))
-        self.error, self.sign = err, sign
-        last = row[slots[cols]] if row.ndim == 2 else row[slots[cols]][:, None]
-        self.value = np.asarray(last, dtype=np.float64)
-        self._order = np.argsort(-np.nan_to_num(self.share, nan=-1.0), axis=1, kind="stable")
+        self.share, self.error, self.sign = ex.share[r, cols], ex.err[r, cols], ex.sign[r, cols]
+        self._order = ex.order[r, cols]
+        at = np.arange(len(cols))
+        names = self.field_names
+        texts: list[float | int | bool | str] = []
+        for order, share, sign in zip(self._order[:, :3].tolist(), self.share.tolist(), self.sign.tolist(),
+                                      strict=True):
+            texts.append(", ".join(share_text(names[j], sign[j], share[j]) for j in order if share[j] == share[j]))
         self.names += ("top_share", "top_fields")
-        self.columns += [self.share[at, top].tolist(),
-                         [describe_shares(self.shares(g, 3)) for g in range(len(cols))]]
+        self.columns += [self.share[at, top].tolist(), texts]
 
     def shares(self, g: int, top: int | None = None) -> tuple[FieldShare, ...]:
         """Window ``g``'s fields by share, largest first (its missing fields left out)."""
+        v = self.value[g].tolist()
         if self.share is None:
-            cols, row, slots, up = self._one
-            v = float(row[slots[cols[g]]])
-            return (FieldShare(self.field_names[0], 1.0, 1 if up[g] else -1, v if np.isfinite(v) else None),)
+            return (FieldShare(self.field_names[0], 1.0, 1 if self._up[g] else -1, v[0] if v[0] == v[0] else None),)
         out = []
         for j in self._order[g, :top].tolist():
             sh = float(self.share[g, j])
-            if not np.isfinite(sh):
+            if sh != sh:
                 break
-            v = float(self.value[g, j])
             out.append(FieldShare(self.field_names[j], sh, 1 if self.sign[g, j] >= 0 else -1,
-                                  v if np.isfinite(v) else None))
+                                  v[j] if v[j] == v[j] else None))
         return tuple(out)
 
 
@@ -414,7 +440,10 @@ class Worker:
             """Series are scored a batch at a time as influxd sends them, and each batch's points go to the store
             while the next batch is read and scored."""
             read_lo = q_lo + period - back * period - margin - half
-            for data in read_signal_batches(self.store, sig, read_lo, hi + margin + half, _SLICE):
+            # A series of several fields writes a point per field per window too: fewer series per slice keep the
+            # slices' points (and the overlap of scoring one slice with writing the previous) about the same.
+            size = max(100, _SLICE // len(sig.fields))
+            for data in read_signal_batches(self.store, sig, read_lo, hi + margin + half, size):
                 self._check_fields(sig, data)
                 groups: dict[tuple[str, int], tuple[StoredModel, list[_Member]]] = {}
                 for tags, per_field in data.items():
@@ -693,6 +722,7 @@ class Worker:
         batch = det.update_many(states, matrix[:, new])
         score_states.touch()
         slots = np.arange(n_new, dtype=np.int64) + (w - 1 + extra + gap)
+        ex = _Explanations(sig, batch, matrix, slots)
         # A window whose last sample is missing (before a series starts, after it stops, inside a long outage)
         # is not written; one with a gap before its last sample is a missing-data window.
         keep = batch.last_present
@@ -707,11 +737,11 @@ class Worker:
         for r, m in enumerate(members):
             if fast[r] and r not in stamps:
                 self._emit_steady(sig, stored, m.key, [col[r] for col in lists], grid_ends, batch, r, matrix[r],
-                                  slots, rep, results, points)
+                                  slots, rep, results, points, ex)
             else:
                 ends = output_stamps(stamps.get(r), t0, period, slots)
                 n_blocks = len(results)
-                self._emit(sig, stored, m.key, batch, r, keep[r], ends, matrix[r], slots, rep, results, points)
+                self._emit(sig, stored, m.key, batch, r, keep[r], ends, matrix[r], slots, rep, results, points, ex)
                 seen = np.flatnonzero(there[r])
                 if len(results) > n_blocks and seen.size and seen[0] > 0:
                     results[-1].data_start_ns = t0 + int(seen[0]) * period
@@ -721,7 +751,8 @@ class Worker:
 
     def _emit_steady(self, sig: SignalConfig, stored: StoredModel, key: SeriesKey, cols: list[list],
                      ends: list[int], b: WindowBatch, r: int, row: NDArray[np.float64], slots: NDArray[np.int64],
-                     rep: SignalReport, results: list[_SeriesResults], points: list[SeriesPoints]) -> None:
+                     rep: SignalReport, results: list[_SeriesResults], points: list[SeriesPoints],
+                     ex: _Explanations) -> None:
         """`_emit` for a series whose new windows are all complete, each written as its own point."""
         max_error, anomalous, score = cols
         det = stored.model
@@ -729,8 +760,7 @@ class Worker:
         n = len(ends)
         zeros = [0] * n
         tags = _out_tags(sig, stored, key)
-        every = np.arange(n)
-        why = _Explained(sig, b, r, every, row, slots)
+        why = ex.row(r, np.arange(n))
         points.append(SeriesPoints(self.cfg.output.measurement, tags,
                                    ("max_error", "threshold", "anomalous", "score", "missing", "n_missing",
                                     *why.names),
@@ -752,7 +782,7 @@ class Worker:
     def _emit(self, sig: SignalConfig, stored: StoredModel, key: SeriesKey, b: WindowBatch, r: int,
               keep: NDArray[np.bool_], ends: NDArray[np.int64], row: NDArray[np.float64],
               slots: NDArray[np.int64], rep: SignalReport, results: list[_SeriesResults],
-              points: list[SeriesPoints]) -> None:
+              points: list[SeriesPoints], ex: _Explanations) -> None:
         """Points and results of one series' new windows: one per window, or one summary per ``write_every``
         windows (the largest max_error and score, anomalous if any window was, and which window was worst)."""
         cols = np.flatnonzero(b.scored[r] & keep)
@@ -784,7 +814,7 @@ class Worker:
         out = self.cfg.output
         tags = _out_tags(sig, stored, key)
         n_good = int(good.sum())
-        why = _Explained(sig, b, r, cols[worst[good]], row, slots)
+        why = ex.row(r, cols[worst[good]])
         if n_good:
             g_end = end_all[good].tolist()
             names = ["max_error", "threshold", "anomalous", "score", "missing", "n_missing"]
@@ -825,16 +855,21 @@ class Worker:
         meas = self.cfg.output.attribution_measurement
         if not sig.multi or not meas or why.share is None:
             return
+        ok = np.isfinite(why.share)
+        share, error, value = why.share, why.error, why.value
+        direction = np.where(why.sign >= 0, 1.0, -1.0)
+        if ok.all():  # the common case: every field of every window, one conversion per array
+            cols = [a.T.tolist() for a in (share, error, direction, value)]
+            for j, name in enumerate(sig.field_names):
+                points.append(SeriesPoints(meas, (*tags, ("field", name)), _ATTRIBUTION_FIELDS,
+                                           tuple(c[j] for c in cols), ends))
+            return
         for j, name in enumerate(sig.field_names):
-            ok = np.isfinite(why.share[:, j])
-            if not ok.any():
-                continue
-            idx = np.flatnonzero(ok)
-            points.append(SeriesPoints(meas, (*tags, ("field", name)), ("share", "error", "direction", "value"),
-                                       (why.share[idx, j].tolist(), why.error[idx, j].tolist(),
-                                        np.where(why.sign[idx, j] >= 0, 1.0, -1.0).tolist(),
-                                        why.value[idx, j].tolist()),
-                                       [ends[i] for i in idx.tolist()]))
+            idx = np.flatnonzero(ok[:, j])
+            if idx.size:
+                points.append(SeriesPoints(meas, (*tags, ("field", name)), _ATTRIBUTION_FIELDS,
+                                           tuple(a[idx, j].tolist() for a in (share, error, direction, value)),
+                                           [ends[i] for i in idx.tolist()]))
 
     def _reconstruction_points(self, sig: SignalConfig, stored: StoredModel, key: SeriesKey,
                                row: NDArray[np.float64], t0: int, first: int, hi: int, out: list[Point]) -> None:
