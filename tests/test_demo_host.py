@@ -250,10 +250,6 @@ def test_the_host_signal_flags_each_fault_and_names_the_faulty_metric(
         assert f"injected {a.kind} ({a.field})" in text, text
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "a window flagged by the out-of-range rule at a fault's onset barely sees the fault (its newest samples, "
-    "tapered to ~0): its fields' errors are near-even and its top field is arbitrary; the detector could name "
-    "the field that left its range"))
 def test_every_flagged_window_of_a_fault_names_the_faulty_metric(
         influxd: LocalInfluxd, host_run: tuple[Config, list[FedSeries], list[Any], str]) -> None:
     in_fault, _ = _flagged(influxd, host_run)

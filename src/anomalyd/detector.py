@@ -44,7 +44,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from .model import ShapeCatalog, TooLittleDataError, sliding_windows, taper, threshold_from_errors
-from .postprocess import NormaliserParams, ScoreNormaliser, update_block
+from .postprocess import NormaliserParams, ScoreNormaliser, range_excess, update_block
 from .scorers import WindowScorer, make_scorer, parse_scorers
 
 __all__ = [
@@ -327,6 +327,10 @@ class WindowBatch:
         Index of the nearest shape (-1 unless scored and complete).
     field_error, field_sign : ndarray, shape (n, m, fields)
         Per field, its error (the score input's units) and direction (+1 above the shape, -1 below).
+    field_excess : ndarray, shape (n, m, fields)
+        With several fields, how far each field leaves the range seen before the window (beyond the out-of-range
+        rule's tolerance, in widths of that range; positive above, negative below; `postprocess.range_excess`):
+        the fields that made the rule score the window 1. Zero inside the range, and with one field.
     n_missing : ndarray of int
         Missing samples in each window.
     last_present : ndarray of bool
@@ -344,6 +348,7 @@ class WindowBatch:
     nearest: NDArray[np.intp]
     field_error: NDArray[np.float64]
     field_sign: NDArray[np.float64]
+    field_excess: NDArray[np.float64]
     n_missing: NDArray[np.int64]
     last_present: NDArray[np.bool_]
 
@@ -551,6 +556,7 @@ class Detector:
                                complete=e.astype(bool),
                                error=e, max_error=e, score=e, anomalous=e.astype(bool), nearest=e.astype(np.intp),
                                field_error=np.empty((n, 0, d)), field_sign=np.empty((n, 0, d)),
+                               field_excess=np.empty((n, 0, d)),
                                n_missing=e.astype(np.int64), last_present=e.astype(bool))
         z = (x - self.mean_) / self.scale_
         ext = np.concatenate((np.stack([st.tail for st in states]) if n else np.empty((0, w - 1, d)), z), axis=1)
@@ -598,6 +604,9 @@ class Detector:
             pw = np.where(field_ok[partial][:, None, :], wins[partial], np.nan)
             lo[partial] = np.fmin.reduce(pw, axis=1)
             hi[partial] = np.fmax.reduce(pw, axis=1)
+        # Which fields leave the range seen so far (the out-of-range rule's reason), before the range widens.
+        excess = (range_excess([st.norm for st in states], lo, hi) if d > 1 and n and s.scorer != "nodata"
+                  else np.zeros((n, m, d)))
         score = update_block([st.norm for st in states], error, lo, hi) if n else np.empty((0, m))
         nearest = np.full((n, m), -1, dtype=np.intp)
         nearest[sel] = near
@@ -623,6 +632,7 @@ class Detector:
         anomalous = by_score if s.decision == "score" else by_error if s.decision == "error" else by_score | by_error
         return WindowBatch(position=pos, scored=scored, complete=complete, error=error, max_error=max_error,
                            score=score, anomalous=anomalous, nearest=nearest, field_error=f_err, field_sign=f_sign,
+                           field_excess=excess,
                            n_missing=n_missing.astype(np.int64), last_present=np.asarray(np.isfinite(x).any(axis=2)))
 
     def _match_partial(self, wins: NDArray[np.float64], ok: NDArray[np.bool_]) -> tuple[

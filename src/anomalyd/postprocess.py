@@ -316,6 +316,40 @@ def _out_of_range(prev_lo: NDArray[np.float64], prev_hi: NDArray[np.float64], lo
     return np.asarray(out.any(axis=-1))
 
 
+def range_excess(norms: Sequence[ScoreNormaliser], lo: NDArray[np.float64],
+                 hi: NDArray[np.float64]) -> NDArray[np.float64]:
+    """How far each field of each window leaves the range seen before it, by the out-of-range rule of
+    `update_block` (window bounds ``(n, k, d)``; the running range of each series, from its normaliser's):
+    beyond the tolerance, in widths of that range, positive above it, negative below, 0 inside (and for a field
+    of no width, and without the rule). It says which fields made the rule score a window 1.
+
+    Examples
+    --------
+    >>> nm = ScoreNormaliser(NormaliserParams())
+    >>> nm.lo, nm.hi = np.array([0.0, 0.0]), np.array([1.0, 1.0])
+    >>> range_excess([nm], np.array([[[0.5, -0.5]]]), np.array([[[1.5, 0.9]]])).round(2).tolist()
+    [[[0.48, -0.48]]]
+    """
+    n, k, d = lo.shape
+    tolerance = norms[0].params.range_tolerance if norms else None
+    if tolerance is None or not n:
+        return np.zeros((n, k, d))
+    lo0 = np.stack([np.full(d, np.nan) if nm.lo is None or len(nm.lo) != d else nm.lo for nm in norms])
+    hi0 = np.stack([np.full(d, np.nan) if nm.hi is None or len(nm.hi) != d else nm.hi for nm in norms])
+    with np.errstate(invalid="ignore", over="ignore"):
+        lo_c = np.where(np.isfinite(lo), lo, np.nan)
+        hi_c = np.where(np.isfinite(hi), hi, np.nan)
+    run_lo = np.fmin.accumulate(np.concatenate((lo0[:, None, :], lo_c), axis=1), axis=1)[:, :k]
+    run_hi = np.fmax.accumulate(np.concatenate((hi0[:, None, :], hi_c), axis=1), axis=1)[:, :k]
+    half = _half_width(run_lo, run_hi)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        width = np.where(half > 0, 2.0 * half, np.nan)
+        above = (hi - run_hi) / width - tolerance
+        below = (run_lo - lo) / width - tolerance
+        out = np.where(above > 0, above, 0.0) - np.where(below > 0, below, 0.0)
+    return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
+
+
 def _capped_range(lo0: NDArray[np.float64], hi0: NDArray[np.float64], lo: NDArray[np.float64],
                   hi: NDArray[np.float64], tolerance: float, growth: float) -> tuple[
                       NDArray[np.float64], NDArray[np.float64], NDArray[np.bool_]]:

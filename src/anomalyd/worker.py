@@ -167,16 +167,25 @@ class _Explanations:
         self.field_names = sig.field_names
         self.names_arr = np.array(self.field_names, dtype=object)
         self.err, self.sign = b.field_error, b.field_sign  # (n, m, fields)
-        self.top = np.nan_to_num(self.err, nan=-1.0).argmax(axis=2)
-        self.up = np.take_along_axis(self.sign, self.top[:, :, None], axis=2)[:, :, 0] >= 0
         self.matrix, self.slots = matrix, slots
         self.share: NDArray[np.float64] | None = None
+        weight = self.err
         if sig.multi:
-            total = np.nansum(self.err, axis=2, keepdims=True)
+            # A window that leaves the range seen so far is scored 1 by the out-of-range rule, whatever its
+            # reconstruction error: the fields out of range explain it, in proportion to how far out they are.
+            excess = b.field_excess
+            ranged = (excess != 0).any(axis=2, keepdims=True)
+            if ranged.any():
+                weight = np.where(ranged, np.where(np.isnan(self.err), np.nan, np.abs(excess)), self.err)
+                self.sign = np.where(ranged & (excess != 0), np.sign(excess), self.sign)
+        self.top = np.nan_to_num(weight, nan=-1.0).argmax(axis=2)
+        self.up = np.take_along_axis(self.sign, self.top[:, :, None], axis=2)[:, :, 0] >= 0
+        if sig.multi:
+            total = np.nansum(weight, axis=2, keepdims=True)
             with np.errstate(invalid="ignore", divide="ignore"):
                 # All errors zero (a window exactly on its shape): the present fields share equally.
-                even = np.where(np.isnan(self.err), np.nan, 1.0 / np.isfinite(self.err).sum(axis=2, keepdims=True))
-                share = np.where(total > 0, self.err / np.where(total > 0, total, 1.0), even)
+                even = np.where(np.isnan(weight), np.nan, 1.0 / np.isfinite(weight).sum(axis=2, keepdims=True))
+                share = np.where(total > 0, weight / np.where(total > 0, total, 1.0), even)
             # Four decimals are all a share or an error says (and the points' text is half as long).
             self.share = np.round(share, 4)
             self.err = np.round(self.err, 4)
