@@ -187,9 +187,10 @@ class _Explanations:
                 even = np.where(np.isnan(weight), np.nan, 1.0 / np.isfinite(weight).sum(axis=2, keepdims=True))
                 share = np.where(total > 0, weight / np.where(total > 0, total, 1.0), even)
             # Four decimals are all a share or an error says (and the points' text is half as long).
-            self.share = np.round(share, 4)
+            rounded = np.asarray(np.round(share, 4), dtype=np.float64)
+            self.share = rounded
             self.err = np.round(self.err, 4)
-            self.order = np.argsort(-np.nan_to_num(self.share, nan=-1.0), axis=2, kind="stable")
+            self.order = np.argsort(-np.nan_to_num(rounded, nan=-1.0), axis=2, kind="stable")
 
     def row(self, r: int, cols: NDArray[np.intp]) -> _Explained:
         return _Explained(self, r, cols)
