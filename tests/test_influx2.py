@@ -331,3 +331,36 @@ def test_the_cli_picks_the_store_from_influxdb_api(tmp_path: Path) -> None:
                                                                           "bucket": BUCKET})
     store = _store(flux)
     assert isinstance(store, InfluxDB2FluxStore) and store.cfg.bucket == BUCKET
+
+
+def test_several_fields_are_read_in_one_flux_query_and_joined_per_series(stub: Influx2Stub,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    # The answer's shape for group(columns: ["host", "_field"]): one table per host and field; a table of
+    # another datatype starts a new block with its own annotations; a table of strings is read as missing.
+    stub.answer = (
+        "#datatype,string,long,dateTime:RFC3339Nano,double,string,string\r\n"
+        "#group,false,false,false,false,true,true\r\n"
+        "#default,_result,,,,,\r\n"
+        ",result,table,_time,_value,_field,host\r\n"
+        ",,0,2023-11-14T22:13:20Z,1.5,a,h1\r\n"
+        ",,0,2023-11-14T22:13:21Z,2.5,a,h1\r\n"
+        ",,1,2023-11-14T22:13:21Z,7,b,h1\r\n"
+        ",,2,2023-11-14T22:13:20Z,3,a,h2\r\n"
+        "\r\n"
+        "#datatype,string,long,dateTime:RFC3339Nano,string,string,string\r\n"
+        "#group,false,false,false,false,true,true\r\n"
+        "#default,_result,,,,,\r\n"
+        ",result,table,_time,_value,_field,host\r\n"
+        ",,3,2023-11-14T22:13:20Z,oops,b,h2\r\n"
+        "\r\n").encode()
+    store = InfluxDB2FluxStore(flux_cfg(stub.url))
+    q = Query("m", "a", (), ("host",), S, fields=("a", "b"))
+    with caplog.at_level(logging.WARNING):
+        data = store.read(q, T0, T0 + 10 * S)
+    t, v = data[(("host", "h1"),)]
+    assert t.tolist() == [T0, T0 + S] and np.array_equal(v, [[1.5, np.nan], [2.5, 7.0]], equal_nan=True)
+    t, v = data[(("host", "h2"),)]
+    assert t.tolist() == [T0] and np.array_equal(v, [[3.0, np.nan]], equal_nan=True)
+    assert any("string values is read as missing" in r.message for r in caplog.records)
+    flux = stub.recorded("/api/v2/query")[0].json["query"]
+    assert '(r["_field"] == "a" or r["_field"] == "b")' in flux and 'group(columns: ["host", "_field"])' in flux
