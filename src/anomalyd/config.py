@@ -247,6 +247,8 @@ class DaemonConfig:
     refit_every_s: float = 0.0
     #: How far back windows written as missing are re-scored when their samples arrive late (0: never).
     rescore_horizon_s: float = 3600.0
+    #: This replica's share of the series, ``(index, count)`` from ``shard = "I/N"``; None: every series.
+    shard: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -413,6 +415,39 @@ def redact_url(text: str) -> str:
     'InfluxDB at http://***@db:8086 is unreachable'
     """
     return _USERINFO.sub(r"\1***@", text)
+
+
+_SHARD_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
+
+
+def _shard_problem(v: str) -> str | None:
+    if v.strip() == "":
+        return None
+    m = _SHARD_RE.match(v)
+    if not m:
+        return ('must be "I/N": this replica\'s index I (0 .. N-1) out of N replicas, e.g. "0/3", or "" for one '
+                "replica scoring every series")
+    i, n = int(m.group(1)), int(m.group(2))
+    if n < 1:
+        return f"has N={n} replicas; N must be at least 1, e.g. \"0/1\""
+    if i >= n:
+        return (f"has index {i} out of {n} replicas; indices run from 0 to {n - 1} (a StatefulSet's pod ordinal), "
+                f"e.g. \"{n - 1}/{n}\"")
+    return None
+
+
+def parse_shard(v: str) -> tuple[int, int] | None:
+    """``"I/N"`` as ``(I, N)``; "" (and any invalid text, reported by the checker) as None.
+
+    Examples
+    --------
+    >>> parse_shard("2/3"), parse_shard("")
+    ((2, 3), None)
+    """
+    m = _SHARD_RE.match(v or "")
+    if not m or _shard_problem(v):
+        return None
+    return int(m.group(1)), int(m.group(2))
 
 
 def _port_problem(port: str, example: str) -> str | None:
@@ -612,7 +647,7 @@ def from_dict(raw: dict[str, Any], source: str = "<config>", env: Mapping[str, s
 
     t = sec["daemon"]
     c.unknown(t, "daemon", {"interval", "lateness", "max_backlog_windows", "write_batch", "health_listen",
-                            "max_backoff", "refit_every", "rescore_horizon"})
+                            "max_backoff", "refit_every", "rescore_horizon", "shard"})
 
     def listen_problem(v: str) -> str | None:
         if v == "":
@@ -633,7 +668,8 @@ def from_dict(raw: dict[str, Any], source: str = "<config>", env: Mapping[str, s
         max_backoff_s=c.get(t, "max_backoff", "daemon", "duration", 300 * 10**9, _positive) / 1e9,
         refit_every_s=c.get(t, "refit_every", "daemon", "duration", 0, _non_negative) / 1e9,
         rescore_horizon_s=c.get(t, "rescore_horizon", "daemon", "duration", 3600 * 10**9,
-                                _non_negative_or_off) / 1e9)
+                                _non_negative_or_off) / 1e9,
+        shard=parse_shard(c.get(t, "shard", "daemon", "str", "", _shard_problem)))
 
     t = sec["alerts"]
     st = t.pop("slack", {}) if isinstance(t.get("slack", {}), dict) else {}
