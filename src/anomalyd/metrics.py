@@ -30,3 +30,6 @@ UNSCORED_SERIES = Gauge("anomalyd_unscored_series", "Series not being scored, pe
                         "mismatch, no_data)", ["signal", "reason"], registry=REGISTRY)
 SIGNAL_FAILED = Gauge("anomalyd_signal_failed", "1 when the signal's last tick failed (its windows are scored "
                       "again next tick)", ["signal"], registry=REGISTRY)
+SHARD_CONFLICT = Gauge("anomalyd_shard_conflict", "1 while another replica writes statistics for this replica's "
+                       "shard (two replicas configured with the same index score the same series)",
+                       registry=REGISTRY)

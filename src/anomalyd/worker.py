@@ -18,6 +18,7 @@ from __future__ import annotations
 import glob
 import logging
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -29,17 +30,29 @@ from .catalog import Catalog, StoredModel, model_id_for, model_mismatch
 from .config import Config, SignalConfig
 from .detector import Detector, SeriesState, WindowBatch
 from .grid import align_fields
+from .handover import claimants, last_written, series_keys
 from .influx import Point, SeriesPoints, Store, StoreError
-from .metrics import DATA_PROBLEMS, LAG_SECONDS, SIGNAL_FAILED, UNSCORED_SERIES, UNTRAINED_SERIES, WINDOWS
+from .metrics import (
+    DATA_PROBLEMS,
+    LAG_SECONDS,
+    SHARD_CONFLICT,
+    SIGNAL_FAILED,
+    UNSCORED_SERIES,
+    UNTRAINED_SERIES,
+    WINDOWS,
+)
 from .postprocess import ScoreNormaliser
 from .records import FieldShare, SeriesKey, Tags, WindowResult, parse_tags, rfc3339, share_text, tags_str
-from .sources import FieldSamples, SignalData, describe, read_signal, read_signal_batches
+from .sharding import Shard
+from .sources import FieldSamples, SignalData, describe, read_signal, read_signal_batches, signal_reads
 from .state import ScoreStates, Watermarks
 from .stored import output_stamps
 
 log = logging.getLogger(__name__)
 _SLICE = 2000  # series scored together before their points go to the store (fewer with several fields, see below)
 _LATE_BATCH = 100  # series behind the others read again per query
+_OWNED_BATCH = 500  # a sharded replica's series per query (a tag filter of this many alternatives)
+_DISCOVER_S = 600.0  # a sharded replica looks for new series this often (SHOW SERIES: the index, no samples)
 _ATTRIBUTION_FIELDS = ("share", "error", "direction", "value")
 
 
@@ -275,6 +288,17 @@ class Worker:
         self._holes: dict[str, list[int]] = {}
         self._reported_problem: dict[str, str] = {}
         self._reported_fields: set[str] = set()
+        #: This replica's share of the series (``daemon.shard``), None when it scores them all.
+        self.shard = Shard(*cfg.daemon.shard) if cfg.daemon.shard else None
+        #: Names this process in the statistics, so that two replicas claiming one shard are told apart.
+        self.instance = uuid.uuid4().hex[:12]
+        self._started_ns = clock()
+        #: The durable watermarks (signal -> series id -> end of its last point in the output measurement), read
+        #: once per signal when sharded or started without watermarks: a series taken over resumes after them.
+        self._durable: dict[str, dict[str, int]] = {}
+        self._use_durable = self.shard is not None or not any(True for _ in watermarks.items())
+        self._owned: dict[str, tuple[float, list[Tags]]] = {}
+        self._conflict: set[str] = set()
 
     # -- public entry points ---------------------------------------------------------------------------
     def tick(self, now_ns: int | None = None) -> TickReport:
@@ -375,7 +399,51 @@ class Worker:
         wm = self.watermarks.get(key.id)
         if wm is None and key.legacy_id != key.id:  # saved before series keys were escaped
             wm = self.watermarks.get(key.legacy_id)
+        durable = self._durable.get(key.signal, {}).get(key.id)
+        if durable is not None and (wm is None or durable > wm):  # written since by another replica
+            wm = durable
         return wm
+
+    def _mine(self, series_id: str) -> bool:
+        return self.shard is None or self.shard.owns(series_id)
+
+    def _load_durable(self, sig: SignalConfig, floor: int, hi: int) -> None:
+        """The output measurement's last point per series of the signal (once per signal), see ``_durable``."""
+        if not self._use_durable or sig.name in self._durable:
+            return
+        out = self.cfg.output
+        got = last_written(self.store, out.measurement, sig.name, floor, hi, out.retention_policy)
+        self._durable[sig.name] = {SeriesKey(sig.name, t).id: end for t, end in (got or {}).items()
+                                   if self._mine(SeriesKey(sig.name, t).id)}
+        if got:
+            log.info("signal %s: resuming %d series after the last point written for them (%s)", sig.name,
+                     len(self._durable[sig.name]), f"shard {self.shard}" if self.shard else "no watermarks saved")
+
+    def _owned_series(self, sig: SignalConfig) -> list[Tags] | None:
+        """A sharded replica's series of the signal (found in InfluxDB's index every ``_DISCOVER_S``, plus those
+        it knows from its watermarks); None when not sharded or the store cannot list series."""
+        if self.shard is None:
+            return None
+        cached = self._owned.get(sig.name)
+        if cached is not None and time.monotonic() - cached[0] < _DISCOVER_S:
+            return cached[1]
+        keys: set[Tags] = set()
+        rp = self.cfg.influxdb.retention_policy
+        for r in signal_reads(sig):
+            got = series_keys(self.store, r.query.measurement, r.query.where, sig.group_by, rp)
+            if got is None:
+                return None
+            keys |= got
+        prefix = sig.name + "|"
+        for sid in [k for k, _ in self.watermarks.items() if k.startswith(prefix)]:
+            try:
+                keys.add(parse_tags(sid[len(prefix):]))
+            except ValueError:
+                continue
+        owned = sorted(t for t in keys if self.shard.owns(SeriesKey(sig.name, t).id))
+        self._owned[sig.name] = (time.monotonic(), owned)
+        log.info("signal %s: shard %s owns %d of %d series", sig.name, self.shard, len(owned), len(keys))
+        return owned
 
     def _run_signal(self, sig: SignalConfig, lo: int | None, hi: int, report: TickReport,
                     live: bool, now: int | None = None) -> SignalReport:
@@ -392,7 +460,11 @@ class Worker:
         floor = hi - backlog
         w_max = sig.window or sig.spec().max_window
         if lo is None:
-            marks = [v for k, v in self.watermarks.items() if k.startswith(sig.name + "|")]
+            self._load_durable(sig, floor, hi)
+            mine = {k: v for k, v in self.watermarks.items() if k.startswith(sig.name + "|") and self._mine(k)}
+            for k, v in self._durable.get(sig.name, {}).items():
+                mine[k] = max(v, mine.get(k, v))
+            marks = list(mine.values())
             # The live series share the newest watermark; those a little behind (a late last sample) come along.
             newest = max(marks, default=floor)
             q_lo = max(min((v for v in marks if v >= newest - w_max * step), default=floor), floor)
@@ -453,11 +525,18 @@ class Worker:
             # A series of several fields writes a point per field per window too: fewer series per slice keep the
             # slices' points (and the overlap of scoring one slice with writing the previous) about the same.
             size = max(100, _SLICE // len(sig.fields))
-            for data in read_signal_batches(self.store, sig, read_lo, hi + margin + half, size):
+            owned = self._owned_series(sig) if lo is None else None
+            reads = ([()] if owned is None else
+                     [tuple(owned[i : i + _OWNED_BATCH]) for i in range(0, len(owned), _OWNED_BATCH)])
+            for data in (d for series in reads
+                         for d in read_signal_batches(self.store, sig, read_lo, hi + margin + half, size,
+                                                      series=series)):
                 self._check_fields(sig, data)
                 groups: dict[tuple[str, int], tuple[StoredModel, list[_Member]]] = {}
                 for tags, per_field in data.items():
                     key = SeriesKey(sig.name, tags)
+                    if not self._mine(key.id):  # another replica's (a store that cannot filter by series)
+                        continue
                     found[0] += 1
                     stored = shared if sig.scope == "shared" else self._model_for(sig, tags)
                     if stored is None:
@@ -500,7 +579,10 @@ class Worker:
                 norm.restore(refs)
             raise
         UNTRAINED_SERIES.labels(signal=sig.name).set(rep.untrained)
-        if not found[0]:
+        if not found[0] and self.shard is not None and lo is None and not self._owned_series(sig):
+            rep.problem = (f"signal {sig.name}: shard {self.shard} owns none of its series (the other replicas score "
+                           "them); fewer replicas, or more series, give it some")
+        elif not found[0]:
             where = "{" + ", ".join(f"{k}={v!r}" for k, v in sig.where) + "}"
             rep.problem = (f"signal {sig.name}: no series of {describe(sig)} matches where {where} "
                            f"in database {self.cfg.influxdb.database!r} between {rfc3339(q_lo)} and {rfc3339(hi)}")
@@ -523,7 +605,7 @@ class Worker:
                 self.watermarks.advance(key_id, end)
                 self._reported_behind.discard(key_id)
             self.watermarks.save()
-            all_marks = [(k, v) for k, v in self.watermarks.items() if k.startswith(sig.name + "|")]
+            all_marks = [(k, v) for k, v in self.watermarks.items() if k.startswith(sig.name + "|") and self._mine(k)]
             rep.lag_s = (self.clock() - min(v for _, v in all_marks)) / 1e9 if all_marks else 0.0
             LAG_SECONDS.labels(signal=sig.name).set(rep.lag_s)
             self._deadman(sig, all_marks, hi, now if now is not None else self.clock(), rep)
@@ -915,19 +997,40 @@ class Worker:
         if not live:
             return
         out = self.cfg.output
-        stats = [Point(out.stats_measurement, (("signal", name),),
+        shard: Tags = (("shard", str(self.shard)),) if self.shard else ()
+        ident: tuple[tuple[str, str], ...] = (("instance", self.instance),) if self.shard else ()
+        stats = [Point(out.stats_measurement, (("signal", name), *shard),
                        (("lag_seconds", float(r.lag_s)), ("windows", r.windows), ("anomalous", r.anomalous),
                         ("missing", r.missing), ("tick_seconds", float(report.seconds)),
                         ("untrained_series", r.untrained), ("unscored_series", len(r.unscored)),
-                        ("failed", bool(r.failed))), now)
+                        ("failed", bool(r.failed)), *ident), now)
                  for name, r in report.signals.items()]
         try:
             if stats:
                 self.store.write(stats, out.retention_policy)
+            self._check_claimants(now)
             self.watermarks.save()  # a signal whose save failed: try again (its alerts are queued already)
             self.scores.maybe_save()
         except (StoreError, OSError) as exc:  # bookkeeping: the windows and alerts are committed already
             log.warning("could not record the tick's statistics or state: %s", exc)
+
+    def _check_claimants(self, now: int) -> None:
+        """Two replicas configured with the same shard index both score (and write) its series: each sees the
+        other's statistics, says so once in the log, and sets ``anomalyd_shard_conflict``."""
+        if self.shard is None:
+            return
+        since = max(self._started_ns, now - int(3 * self.cfg.daemon.interval_s * 1e9))
+        others = claimants(self.store, self.cfg.output.stats_measurement, str(self.shard), since,
+                           self.cfg.output.retention_policy)
+        if others is None:
+            return
+        others.discard(self.instance)
+        SHARD_CONFLICT.set(1 if others else 0)
+        if others - self._conflict:
+            log.error("another replica (instance %s) also runs as shard %s: both score and write the same series; "
+                      "give every replica its own index (a StatefulSet's pod ordinal) and N the same everywhere",
+                      ", ".join(sorted(others)), self.shard)
+        self._conflict = others
 
     def close(self) -> None:
         """Save what is kept between ticks only in memory (the score history); call on shutdown."""
