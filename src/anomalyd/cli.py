@@ -36,6 +36,13 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--exclude-anomalous", action="store_true",
                     help="leave out the windows anomalyd flagged anomalous in the training range (a refit on "
                          "recent normal data)")
+    where = sp.add_mutually_exclusive_group()
+    where.add_argument("--jobs", type=_positive_int, metavar="N",
+                       help="fit per-series models in N local processes (default: one per CPU, or 1 when a signal "
+                            "has fewer than 32 series)")
+    where.add_argument("--dask", metavar="ADDRESS",
+                       help="fit per-series models on the Dask cluster whose scheduler is at ADDRESS (such as "
+                            "tcp://scheduler:8786); needs the dask extra; the models are saved here")
     sp = cmd("run", "run the daemon: score new windows every interval")
     sp.add_argument("--once", action="store_true", help="run a single tick and exit (for cron and tests)")
     sp.add_argument("--dry-run", action="store_true",
@@ -69,6 +76,16 @@ def _parser() -> argparse.ArgumentParser:
                     help="comma-separated tasks to create enabled: stream, batch, fixed, deadman (default "
                          "%(default)s)")
     return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return n
 
 
 def _store(cfg: Config):  # type: ignore[no-untyped-def]
@@ -395,7 +412,8 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> int:
     if args.cmd == "train":
         from .training import train
 
-        report = train(cfg, _store(cfg), signals=args.signal, exclude_anomalous=args.exclude_anomalous)
+        report = train(cfg, _store(cfg), signals=args.signal, exclude_anomalous=args.exclude_anomalous,
+                       jobs=args.jobs, dask=args.dask)
         for m in report.trained:
             print(f"trained {m.model_id}: window {m.model.window_}, {len(m.model.catalog_.cluster_centers_)} shapes, "
                   f"max_error threshold {m.threshold:.4g}")

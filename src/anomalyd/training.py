@@ -1,28 +1,48 @@
 """Training: read each series' training range, fit its model, save it to the catalog.
 
 One bad series (too little data, NaN only, ...) is reported and the others go on.
+
+Per-series models (scope "series") can be fitted in parallel: in local processes (``jobs``, joblib's loky
+backend) or on a Dask cluster (``dask``: a scheduler address, joblib's dask backend). Only the fitting is
+shipped: this process reads each signal (one query, as always), prepares each series' gap-free stretches and
+sends them out ``BATCH`` series at a time; the workers send back each fitted detector as plain arrays and metadata
+(`Detector.to_state`), and this process alone writes the model files. A series' raw samples are dropped as soon
+as its stretches are prepared, so the raw data and the fitted models are never both held whole. Every per-series
+fit runs with one BLAS/OpenMP thread, here and in the workers alike, so a model is the same bit for bit however
+it was trained (K-Means' sums depend on the number of OpenMP threads in the last bits).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from . import catalog
+from . import __version__, catalog
 from .catalog import StoredModel, model_id_for
 from .config import Config, SignalConfig
-from .detector import Detector
+from .detector import Detector, DetectorSpec
 from .influx import Query, Store
 from .records import SeriesKey, Tags, tags_str
 from .sources import FieldSamples, describe, read_signal
 from .stored import training_stretches_fields
 
 log = logging.getLogger(__name__)
+
+#: Below this many series of a signal, per-series training stays in this process unless ``jobs`` is given:
+#: starting worker processes (and importing scikit-learn in each) costs more than it saves.
+PARALLEL_MIN_SERIES = 32
+#: Series prepared and fitted per round: bounds the prepared stretches (and results) in flight.
+BATCH = 256
 
 
 @dataclass
@@ -85,14 +105,20 @@ def prepare(times: np.ndarray | list[FieldSamples], values: np.ndarray | None, s
 
 def train(cfg: Config, store: Store, now_ns: int | None = None, signals: list[str] | None = None,
           progress: bool = True, clock: Callable[[], int] = time.time_ns,
-          exclude_anomalous: bool = False) -> TrainReport:
+          exclude_anomalous: bool = False, jobs: int | None = 1, dask: str | None = None) -> TrainReport:
     """Train every configured signal (or those named) and save the models.
 
     With ``exclude_anomalous``, windows that anomalyd itself flagged anomalous in the training range (read back
     from the output measurement) are left out, so a refit on recent data learns only what was normal.
+
+    Per-series models are fitted in ``jobs`` local processes (1: in this process; None: one per CPU, or 1 when
+    the first per-series signal has fewer than `PARALLEL_MIN_SERIES` series), or, with ``dask`` (a scheduler
+    address such as ``tcp://scheduler:8786``), on that Dask cluster's workers. A shared model is fitted here.
+    Raises RuntimeError (one line) when the Dask cluster cannot be used.
     """
     now = clock() if now_ns is None else now_ns
     report = TrainReport()
+    pool: _Pool | None = None
     for sig in cfg.signals:
         if signals and sig.name not in signals:
             continue
@@ -123,32 +149,198 @@ def train(cfg: Config, store: Store, now_ns: int | None = None, signals: list[st
             report.failed[sig.name] = "no series in the training range"
             log.error("signal %s: no series of %s in the training range; check train_range and where",
                       sig.name, describe(sig))
-        items = sorted(data.items())
-        for tags, per_field in tqdm(items, desc=f"train {sig.name}", unit="series", disable=not progress
-                                    or len(items) < 10):
-            key = SeriesKey(sig.name, tags)
-            try:
-                _fit_save(cfg, sig, tags, prepare(per_field, None, sig, key, flagged.get(tags_str(tags))), start,
-                          end, report)
-            except ValueError as exc:
-                report.failed[key.id] = str(exc)
-                log.error("cannot train %s: %s", key, exc)
+            continue
+        if pool is None:
+            pool = _Pool.open(jobs, dask, len(data))
+        _train_series(cfg, sig, data, flagged, start, end, report, pool, progress)
+    if pool is not None:
+        pool.close()
     return report
+
+
+def _train_series(cfg: Config, sig: SignalConfig, data: dict[Tags, list[FieldSamples]],
+                  flagged: dict[str, np.ndarray], start: int, end: int, report: TrainReport, pool: _Pool,
+                  progress: bool) -> None:
+    """Fit and save one model per series of ``sig``, ``BATCH`` series at a time; the report lists them in series
+    order whatever order the fits finish in."""
+    queue = deque(enumerate(sorted(data.items())))
+    data.clear()  # the queue holds the raw samples now; each series' are dropped once prepared
+    n = len(queue)
+    spec = sig.spec()
+    trained: dict[int, StoredModel] = {}
+    failed: dict[int, tuple[str, str]] = {}
+    with tqdm(total=n, desc=f"train {sig.name}", unit="series", disable=not progress or n < 10) as bar:
+        while queue:
+            batch: list[tuple[int, Tags, tuple[list[np.ndarray], list[int]]]] = []
+            while queue and len(batch) < pool.batch:
+                i, (tags, per_field) = queue.popleft()
+                key = SeriesKey(sig.name, tags)
+                try:
+                    batch.append((i, tags, prepare(per_field, None, sig, key, flagged.get(tags_str(tags)))))
+                except ValueError as exc:
+                    failed[i] = (key.id, str(exc))
+                    log.error("cannot train %s: %s", key, exc)
+                    bar.update(1)
+            by_index = {i: (tags, stretches) for i, tags, stretches in batch}
+            for i, result in pool.fit(spec, [(i, stretches) for i, _, stretches in batch]):
+                tags, (parts, _) = by_index.pop(i)
+                key = SeriesKey(sig.name, tags)
+                if isinstance(result, str):
+                    failed[i] = (key.id, result)
+                    log.error("cannot train %s: %s", key, result)
+                else:
+                    trained[i] = _save(cfg, sig, tags, Detector.from_state(*result), sum(len(p) for p in parts),
+                                       start, end)
+                bar.update(1)
+    report.trained += [trained[i] for i in sorted(trained)]
+    report.failed.update(failed[i] for i in sorted(failed))
 
 
 def _fit_save(cfg: Config, sig: SignalConfig, tags: Tags, data: tuple[list[np.ndarray], list[int]], start: int,
               end: int, report: TrainReport, n_series: int = 1) -> None:
     parts, starts = data
     model = Detector(sig.spec()).fit(parts, starts)
+    report.trained.append(_save(cfg, sig, tags, model, sum(len(p) for p in parts), start, end, n_series))
+
+
+def _save(cfg: Config, sig: SignalConfig, tags: Tags, model: Detector, n: int, start: int, end: int,
+          n_series: int = 1) -> StoredModel:
     mid = model_id_for(sig.name, tags, sig.scope)
-    n = sum(len(p) for p in parts)
     stored = StoredModel(model_id=mid, signal=sig.name, tags=tags, scope=sig.scope, model=model,
                          period_ns=sig.period_ns, train_start_ns=start, train_end_ns=end,
                          meta={"n_samples": n, "n_series": n_series, "fields": list(sig.field_names)})
     catalog.save(cfg.paths.models, stored)
-    report.trained.append(stored)
     log.info("trained %s on %d samples: window %d, %d shapes, max_error threshold %.4g", mid, n, model.window_,
              len(model.catalog_.cluster_centers_), model.threshold_)
+    return stored
+
+
+#: A fitted detector as `Detector.to_state` gives it (arrays, metadata), or why it could not be fitted.
+_Fitted = tuple[dict[str, np.ndarray], dict[str, Any]] | str
+_threads: Any = None
+
+
+def _fit_one(spec: DetectorSpec, index: int, stretches: tuple[list[np.ndarray], list[int]]) -> tuple[int, _Fitted]:
+    """Fit one series' detector (in this process or a worker's) with one BLAS/OpenMP thread; a series that
+    cannot be fitted (too little data, ...) answers its message instead of failing the others."""
+    global _threads
+    from threadpoolctl import ThreadpoolController
+
+    if _threads is None:
+        _threads = ThreadpoolController()
+    try:
+        with _threads.limit(limits=1):
+            return index, Detector(spec).fit(*stretches).to_state()
+    except ValueError as exc:  # TooLittleDataError too
+        return index, str(exc)
+
+
+def _versions() -> dict[str, str]:
+    """What a model file records of the process that fitted it (compared with each Dask worker's)."""
+    import sklearn
+
+    return {"anomalyd": __version__, "numpy": np.__version__, "scikit-learn": sklearn.__version__}
+
+
+@dataclass
+class _Pool:
+    """Where per-series fits run: here (``jobs`` 1), in local processes, or on a Dask cluster (``client``)."""
+
+    jobs: int = 1
+    client: Any = None
+    batch: int = BATCH
+
+    @classmethod
+    def open(cls, jobs: int | None, dask: str | None, n_series: int) -> _Pool:
+        if dask:
+            client = _dask_client(dask)
+            threads = sum(client.nthreads().values())
+            log.info("training on the Dask cluster at %s: %d workers, %d threads", dask, len(client.nthreads()),
+                     threads)
+            return cls(jobs=threads, client=client, batch=max(BATCH, 8 * threads))
+        if jobs is None:
+            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            jobs = 1 if n_series < PARALLEL_MIN_SERIES else cpus
+        if jobs < 1:
+            raise ValueError(f"jobs must be at least 1, not {jobs}")
+        if jobs > 1:
+            log.info("training in %d local processes", jobs)
+        return cls(jobs=jobs)
+
+    def fit(self, spec: DetectorSpec, tasks: list[tuple[int, tuple[list[np.ndarray], list[int]]]]
+            ) -> Iterator[tuple[int, _Fitted]]:
+        """Each task's (index, fitted state or message), as the fits complete (in no particular order)."""
+        if self.client is None and (self.jobs == 1 or len(tasks) == 1):
+            for index, stretches in tasks:
+                yield _fit_one(spec, index, stretches)
+            return
+        from joblib import Parallel, delayed, parallel_config
+
+        if self.client is not None:
+            with parallel_config(backend="dask", client=self.client):
+                parallel = Parallel(n_jobs=-1, return_as="generator_unordered")
+        else:
+            parallel = Parallel(n_jobs=min(self.jobs, len(tasks)), backend="loky", return_as="generator_unordered")
+        with closing(parallel(delayed(_fit_one)(spec, i, s) for i, s in tasks)) as results:
+            yield from results
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _dask_client(address: str) -> Any:
+    """A client of the Dask scheduler at ``address`` whose workers run this anomalyd, numpy and scikit-learn;
+    RuntimeError (one line, with the fix) otherwise."""
+    try:
+        import dask.config
+        import distributed
+        from dask.utils import parse_timedelta
+        from distributed.comm import connect
+        from distributed.security import Security
+    except ImportError as exc:
+        raise RuntimeError(f"--dask needs the dask extra ({_one_line(exc)}): pip install 'anomalyd[dask]'"
+                           ) from None
+    fix = (f"start a scheduler there (`dask scheduler`) and workers (`dask worker {address}`), or fix --dask "
+           "(tcp://HOST:8786)")
+    timeout = parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), "s")
+
+    async def probe() -> None:  # a failed Client leaves a noisy, slow finaliser behind: try the address first
+        comm = await connect(address, timeout=timeout, **Security().get_connection_args("client"))
+        await comm.close()
+
+    try:
+        asyncio.run(probe())
+        client = distributed.Client(address, set_as_default=False)
+    except Exception as exc:  # OSError (refused, timed out), ValueError (not an address), TypeError...
+        raise RuntimeError(f"cannot reach the Dask scheduler at {address} ({_one_line(exc)}); {fix}") from None
+    try:
+        try:
+            client.wait_for_workers(1, timeout=timeout)
+        except Exception:
+            raise RuntimeError(f"the Dask scheduler at {address} has no workers (waited {timeout:g} s); start some: "
+                               f"`dask worker {address}` with anomalyd installed") from None
+        try:
+            theirs = client.run(_versions)
+        except Exception as exc:
+            raise RuntimeError(f"the Dask workers of {address} cannot run anomalyd's training ({_one_line(exc)});"
+                               " install anomalyd (pip install 'anomalyd[dask]') on every worker") from None
+        ours = _versions()
+        for worker, versions in sorted(theirs.items()):
+            if versions != ours:
+                diff = ", ".join(f"{k} {versions.get(k)} (here {v})" for k, v in ours.items() if versions.get(k) != v)
+                raise RuntimeError(f"Dask worker {worker} runs {diff}: the models would not be what their files "
+                                   "record; install the same versions on every worker")
+    except BaseException:
+        client.close()
+        raise
+    return client
 
 
 def refit(cfg: Config, store: Store) -> TrainReport:
@@ -158,7 +350,7 @@ def refit(cfg: Config, store: Store) -> TrainReport:
     if absolute:
         log.warning("signals %s have an absolute train_range: a refit trains on the same data again; use a "
                     "relative range such as \"last 7 days\"", ", ".join(absolute))
-    report = train(cfg, store, progress=False, exclude_anomalous=True)
+    report = train(cfg, store, progress=False, exclude_anomalous=True)  # in the daemon's process, one series at a time
     if report.failed:
         log.error("refit: %d models could not be refitted and keep their current version: %s", len(report.failed),
                   "; ".join(f"{k}: {v}" for k, v in list(report.failed.items())[:5]))
