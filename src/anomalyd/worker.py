@@ -254,6 +254,26 @@ class _Explained:
         return tuple(out)
 
 
+def _keep(fields: list[FieldSamples], wm: int, period: int, back: int, margin: int) -> list[FieldSamples]:
+    """The samples of a series that the tick after this one needs but need not read again: those of its context
+    before the watermark ``wm`` (what a full read from ``wm`` would start with), up to half a period after it."""
+    lo, hi = wm + period - back * period - margin - period // 2, wm + period // 2
+    out = []
+    for t, v in fields:
+        a, b = np.searchsorted(t, lo, side="left"), np.searchsorted(t, hi, side="right")
+        out.append((t[a:b].copy(), v[a:b].copy()))
+    return out
+
+
+def _joined(kept: list[FieldSamples], new: list[FieldSamples], after: int) -> list[FieldSamples]:
+    """The kept samples followed by the newly read ones after them (a read may overlap what was kept)."""
+    out = []
+    for (kt, kv), (nt, nv) in zip(kept, new, strict=True):
+        a = np.searchsorted(nt, after, side="right")
+        out.append((np.concatenate((kt, nt[a:])), np.concatenate((kv, nv[a:]))))
+    return out
+
+
 def _out_tags(sig: SignalConfig, stored: StoredModel, key: SeriesKey) -> Tags:
     """The tags of a series' output points."""
     return (("signal", sig.name), ("series", tags_str(key.tags)), ("model", stored.model_id), *key.tags)
@@ -293,11 +313,17 @@ class Worker:
         #: Names this process in the statistics, so that two replicas claiming one shard are told apart.
         self.instance = uuid.uuid4().hex[:12]
         self._started_ns = clock()
-        #: The durable watermarks (signal -> series id -> end of its last point in the output measurement), read
-        #: once per signal when sharded or started without watermarks: a series taken over resumes after them.
+        #: The durable watermarks of a sharded replica (signal -> series id -> end of its last point in the output
+        #: measurement), read once per signal: a series taken over resumes after them. A series' own watermark
+        #: wins unless the output is further ahead than an interrupted commit can leave it (two intervals): the
+        #: windows of a tick killed between its points and its alert decisions are scored (and alerted) again.
         self._durable: dict[str, dict[str, int]] = {}
-        self._use_durable = self.shard is not None or not any(True for _ in watermarks.items())
+        self._use_durable = self.shard is not None
+        self._handover_ns = int(2 * cfg.daemon.interval_s * 1e9)
         self._owned: dict[str, tuple[float, list[Tags]]] = {}
+        #: signal -> series id -> (its watermark, its raw samples of the window before it): what the next tick
+        #: does not read again. Only the series scored in the last committed tick; empty after a restart.
+        self._kept: dict[str, dict[str, tuple[int, list[FieldSamples]]]] = {}
         self._conflict: set[str] = set()
 
     # -- public entry points ---------------------------------------------------------------------------
@@ -400,7 +426,7 @@ class Worker:
         if wm is None and key.legacy_id != key.id:  # saved before series keys were escaped
             wm = self.watermarks.get(key.legacy_id)
         durable = self._durable.get(key.signal, {}).get(key.id)
-        if durable is not None and (wm is None or durable > wm):  # written since by another replica
+        if durable is not None and (wm is None or durable > wm + self._handover_ns):  # another replica wrote since
             wm = durable
         return wm
 
@@ -416,8 +442,8 @@ class Worker:
         self._durable[sig.name] = {SeriesKey(sig.name, t).id: end for t, end in (got or {}).items()
                                    if self._mine(SeriesKey(sig.name, t).id)}
         if got:
-            log.info("signal %s: resuming %d series after the last point written for them (%s)", sig.name,
-                     len(self._durable[sig.name]), f"shard {self.shard}" if self.shard else "no watermarks saved")
+            log.info("signal %s: shard %s found the last points of %d of its series in %s (a series taken over "
+                     "resumes after them)", sig.name, self.shard, len(self._durable[sig.name]), out.measurement)
 
     def _owned_series(self, sig: SignalConfig) -> list[Tags] | None:
         """A sharded replica's series of the signal (found in InfluxDB's index every ``_DISCOVER_S``, plus those
@@ -463,7 +489,8 @@ class Worker:
             self._load_durable(sig, floor, hi)
             mine = {k: v for k, v in self.watermarks.items() if k.startswith(sig.name + "|") and self._mine(k)}
             for k, v in self._durable.get(sig.name, {}).items():
-                mine[k] = max(v, mine.get(k, v))
+                if k not in mine or v > mine[k] + self._handover_ns:
+                    mine[k] = v
             marks = list(mine.values())
             # The live series share the newest watermark; those a little behind (a late last sample) come along.
             newest = max(marks, default=floor)
@@ -483,6 +510,7 @@ class Worker:
         recon_points: list[Point] = []
         results: list[_SeriesResults] = []
         done: dict[str, int] = {}
+        keep: dict[str, tuple[int, list[FieldSamples]]] = {}  # the samples the next tick need not read again
         gaps: dict[str, list[int]] = {}  # windows left unwritten inside the scored range (their last sample late)
         states = self.scores if live else self._backfill_scores
         before: list[tuple[ScoreNormaliser, tuple[object, ...]]] = []
@@ -515,13 +543,22 @@ class Worker:
                 for m, end in zip(members, settled, strict=True):
                     if end > s_lo:
                         done[m.key.id] = end
+                    if lo is None:
+                        wm = max(end, s_lo)
+                        keep[m.key.id] = (wm, _keep(m.fields, wm, period, back, margin))
                 yield from points
                 points.clear()
 
         def scored() -> Iterator[Point | SeriesPoints]:
             """Series are scored a batch at a time as influxd sends them, and each batch's points go to the store
             while the next batch is read and scored."""
-            read_lo = q_lo + period - back * period - margin - half
+            full_lo = q_lo + period - back * period - margin - half
+            # Read each sample once: with the samples before the watermark kept from the last tick (see `_keep`),
+            # only the newer ones are asked for; a series without them is read again on its own, in full.
+            cached = self._kept.get(sig.name) if lo is None else None
+            read_lo = q_lo + half + 1 if cached else full_lo
+            if cached and any(f.transform for f in sig.fields):  # a rate needs the sample before it
+                read_lo -= margin
             # A series of several fields writes a point per field per window too: fewer series per slice keep the
             # slices' points (and the overlap of scoring one slice with writing the previous) about the same.
             size = max(100, _SLICE // len(sig.fields))
@@ -558,7 +595,14 @@ class Worker:
                     if s_lo >= hi:
                         continue
                     # A series behind the others (new since training, back after an outage, late samples) is read
-                    # again on its own from its own start, below.
+                    # again on its own from its own start, below; so is one whose samples before its watermark were
+                    # not kept (new since the last tick).
+                    if cached:
+                        kept = cached.get(key.id)
+                        if kept is None or kept[0] != s_lo:
+                            late.setdefault((stored.model_id, s_lo), (stored, []))[1].append(_Member(key, per_field))
+                            continue
+                        per_field = _joined(kept[1], per_field, s_lo + half)
                     target = late if s_lo < q_lo else groups
                     target.setdefault((stored.model_id, s_lo), (stored, []))[1].append(_Member(key, per_field))
                 yield from score(groups)
@@ -605,6 +649,7 @@ class Worker:
                 self.watermarks.advance(key_id, end)
                 self._reported_behind.discard(key_id)
             self.watermarks.save()
+            self._kept[sig.name] = keep  # committed: the next tick starts where these end
             all_marks = [(k, v) for k, v in self.watermarks.items() if k.startswith(sig.name + "|") and self._mine(k)]
             rep.lag_s = (self.clock() - min(v for _, v in all_marks)) / 1e9 if all_marks else 0.0
             LAG_SECONDS.labels(signal=sig.name).set(rep.lag_s)
