@@ -68,6 +68,16 @@ def anomalyd_services() -> dict[str, dict[str, Any]]:
     return {n: s for n, s in services().items() if "build" in s}
 
 
+def replicas() -> dict[str, dict[str, Any]]:
+    """The services that run the daemon (``anomalyd run``), by name: the replicas that share the series out."""
+    out = {}
+    for name, svc in anomalyd_services().items():
+        cmd = svc.get("command")
+        if "entrypoint" not in svc and isinstance(cmd, list) and cmd[:1] == ["run"]:
+            out[name] = svc
+    return dict(sorted(out.items()))
+
+
 def host_port(url: str) -> tuple[str, int]:
     u = urlsplit(url)
     assert u.hostname and u.port, f"{url} must name a host and a port"
@@ -105,8 +115,10 @@ def config_with_env(env: dict[str, str]):  # type: ignore[no-untyped-def]
 # --------------------------------------------------------------------------------------------------------------
 def test_compose_parses_and_has_the_stack() -> None:
     svcs = services()
-    for name in ("influxdb", "kapacitor", "chronograf", "grafana", "anomalyd", "demo-setup", "demo-feeder"):
+    for name in ("influxdb", "kapacitor", "chronograf", "grafana", "anomalyd-0", "anomalyd-1", "demo-setup",
+                 "demo-feeder"):
         assert name in svcs, f"docker-compose.yml has no {name} service"
+    assert list(replicas()) == ["anomalyd-0", "anomalyd-1"], "the daemon runs as the replicas anomalyd-0 and -1"
     declared = set(compose().get("volumes") or {})
     for name, svc in svcs.items():
         for target, source in mounts(svc).items():
@@ -160,12 +172,43 @@ def test_anomalyd_environment_agrees_with_config_and_services() -> None:
         assert listen_host == "0.0.0.0" and int(listen_port) == health_port, cfg.daemon.health_listen
         m = mounts(svc)
         assert m.get(IN_CONTAINER_CONFIG) == "./config.toml", f"{name}: config.toml is not mounted"
-        for path in (cfg.paths.models, cfg.paths.state):
+        # Every anomalyd container shares the models; the daemon replicas also keep state (the one-shot ones don't).
+        for path in (cfg.paths.models, cfg.paths.state) if name in replicas() else (cfg.paths.models,):
             assert path.is_absolute() and str(path) in m, f"{name}: {path} is not a volume"
             assert not m[str(path)].startswith("."), f"{name}: {path} should be a named volume"
         assert cfg.paths.models != cfg.paths.state
-    # The published health port reaches the daemon, on the host's loopback only.
-    assert published(svcs["anomalyd"])[health_port] == ("127.0.0.1", health_port)
+    # Each replica's published health port reaches it, on the host's loopback only, on a host port of its own.
+    host_ports = [published(svc)[health_port] for svc in replicas().values()]
+    assert all(addr == "127.0.0.1" for addr, _ in host_ports), host_ports
+    assert host_ports[0][1] == health_port, "anomalyd-0 keeps the documented port"
+    assert len({p for _, p in host_ports}) == len(host_ports), f"two replicas publish one host port: {host_ports}"
+
+
+def test_compose_replicas_share_the_series_out() -> None:
+    """anomalyd-0 .. anomalyd-(N-1): shard "I/N" through the real loader, each index once, N = the replicas; own
+    state volumes, one models volume (the one demo-setup trains into), a stop grace period for the last tick."""
+    svcs = services()
+    reps = replicas()
+    n = len(reps)
+    assert n >= 2, "docker-compose.yml shows at least two replicas"
+    models = {mounts(svcs["demo-setup"])["/var/lib/anomalyd/models"]}
+    states = []
+    for i, (name, svc) in enumerate(reps.items()):
+        assert name == f"anomalyd-{i}", f"replica {i} is named {name}"
+        cfg = config_with_env(env_of(svc))
+        assert cfg.daemon.shard == (i, n), f"{name}: ANOMALYD_DAEMON_SHARD gives {cfg.daemon.shard}, not ({i}, {n})"
+        m = mounts(svc)
+        models.add(m[str(cfg.paths.models)])
+        states.append(m[str(cfg.paths.state)])
+        grace = re.fullmatch(r"(\d+)s", str(svc.get("stop_grace_period", "")))
+        stop_timeout = int(unit_settings()["TimeoutStopSec"][0])
+        assert grace and int(grace.group(1)) >= stop_timeout, f"{name}: stop_grace_period below {stop_timeout}s"
+        assert svc["depends_on"]["demo-setup"]["condition"] == "service_completed_successfully"
+    assert len(models) == 1, f"the replicas and demo-setup must share one models volume: {models}"
+    assert len(set(states)) == n and not models & set(states), f"each replica needs its own state volume: {states}"
+    # The other services name the replicas, not a service that no longer exists.
+    for name, svc in svcs.items():
+        assert "anomalyd" not in svc.get("depends_on", {}), f"{name} depends on the old service anomalyd"
 
 
 def _anomalyd_argvs(svc: dict[str, Any]) -> list[list[str]]:
@@ -187,15 +230,17 @@ def test_anomalyd_commands_parse_with_the_real_cli() -> None:
             args = parser.parse_args(argv)
             assert str(args.config) == IN_CONTAINER_CONFIG, f"{name}: {argv} does not use the mounted config"
             seen.setdefault(name, []).append(args)
-    run = seen["anomalyd"][0]
-    assert run.cmd == "run" and not run.once and not run.dry_run
+    for name in replicas():
+        run = seen[name][0]
+        assert run.cmd == "run" and not run.once and not run.dry_run
     feed, train = seen["demo-setup"]
     assert (feed.cmd, feed.history, feed.follow, train.cmd) == ("feed", "7h", False, "train")
     live = seen["demo-feeder"][0]
     assert (live.cmd, live.follow, live.history) == ("feed", True, "0s")
     svcs = services()
-    assert svcs["anomalyd"]["depends_on"]["demo-setup"]["condition"] == "service_completed_successfully"
-    assert svcs["anomalyd"]["depends_on"]["influxdb"]["condition"] == "service_healthy"
+    for name in replicas():
+        assert svcs[name]["depends_on"]["demo-setup"]["condition"] == "service_completed_successfully"
+        assert svcs[name]["depends_on"]["influxdb"]["condition"] == "service_healthy"
     assert svcs["demo-setup"]["restart"] == "no" and svcs["demo-setup"]["healthcheck"]["disable"] is True
     # The one-shot and feeder containers do not serve /healthz: the image's HEALTHCHECK must be off for them.
     for name in ("demo-setup", "demo-feeder", "kapacitor-tasks"):
@@ -276,13 +321,24 @@ def test_telegraf_example_scrapes_the_metrics_endpoint() -> None:
     (out,) = conf["outputs"]["influxdb"]
     ovar = re.fullmatch(r"\$\{(\w+):-(.+)\}", out["urls"][0])
     assert ovar and urlsplit(ovar.group(2)).port == urlsplit(CONFIG["influxdb"]["url"]).port
-    # In compose, the same variables point at the services.
+    # In compose, telegraf-compose.conf: the same file but for the URLs, which list every replica.
     tel = services()["telegraf"]
     assert tel.get("profiles") == ["telegraf"]
+    assert mounts(tel)["/etc/telegraf/telegraf.conf"] == "./telegraf/telegraf-compose.conf"
+    cconf = tomllib.loads((ROOT / "telegraf" / "telegraf-compose.conf").read_text())
+    (cprom,) = cconf["inputs"]["prometheus"]
+    assert sorted(cprom["urls"]) == [f"http://{name}:{health_port}/metrics" for name in replicas()], cprom["urls"]
+    assert {k: v for k, v in cprom.items() if k != "urls"} == {k: v for k, v in prom.items() if k != "urls"}
+    assert cconf["agent"] == conf["agent"] and cconf["outputs"]["influxdb"][0].keys() == out.keys()
+    (cout,) = cconf["outputs"]["influxdb"]
+    assert {k: v for k, v in cout.items() if k != "urls"} == {k: v for k, v in out.items() if k != "urls"}
+    cvar = re.fullmatch(r"\$\{(\w+):-(.+)\}", cout["urls"][0])
+    assert cvar, f"expected ${{VAR:-default}} in {cout['urls'][0]}"
     tenv = env_of(tel)
-    assert tenv[var.group(1)] == f"http://anomalyd:{health_port}/metrics"
-    assert host_port(tenv[ovar.group(1)]) == ("influxdb", urlsplit(CONFIG["influxdb"]["url"]).port)
-    assert mounts(tel)["/etc/telegraf/telegraf.conf"] == "./telegraf/telegraf.conf"
+    for url in (cvar.group(2), tenv[cvar.group(1)]):
+        assert host_port(url) == ("influxdb", urlsplit(CONFIG["influxdb"]["url"]).port), url
+    for name in replicas():
+        assert tel["depends_on"][name]["condition"] == "service_started"
 
 
 # --------------------------------------------------------------------------------------------------------------
