@@ -338,21 +338,21 @@ def test_several_fields_are_read_in_one_flux_query_and_joined_per_series(stub: I
     # The answer's shape for group(columns: ["host", "_field"]): one table per host and field; a table of
     # another datatype starts a new block with its own annotations; a table of strings is read as missing.
     stub.answer = (
-        "#datatype,string,long,dateTime:RFC3339Nano,double,string,string\r\n"
-        "#group,false,false,false,false,true,true\r\n"
-        "#default,_result,,,,,\r\n"
-        ",result,table,_time,_value,_field,host\r\n"
-        ",,0,2023-11-14T22:13:20Z,1.5,a,h1\r\n"
-        ",,0,2023-11-14T22:13:21Z,2.5,a,h1\r\n"
-        ",,1,2023-11-14T22:13:21Z,7,b,h1\r\n"
-        ",,2,2023-11-14T22:13:20Z,3,a,h2\r\n"
-        "\r\n"
-        "#datatype,string,long,dateTime:RFC3339Nano,string,string,string\r\n"
-        "#group,false,false,false,false,true,true\r\n"
-        "#default,_result,,,,,\r\n"
-        ",result,table,_time,_value,_field,host\r\n"
-        ",,3,2023-11-14T22:13:20Z,oops,b,h2\r\n"
-        "\r\n").encode()
+        b"#datatype,string,long,dateTime:RFC3339Nano,double,string,string\r\n"
+        b"#group,false,false,false,false,true,true\r\n"
+        b"#default,_result,,,,,\r\n"
+        b",result,table,_time,_value,_field,host\r\n"
+        b",,0,2023-11-14T22:13:20Z,1.5,a,h1\r\n"
+        b",,0,2023-11-14T22:13:21Z,2.5,a,h1\r\n"
+        b",,1,2023-11-14T22:13:21Z,7,b,h1\r\n"
+        b",,2,2023-11-14T22:13:20Z,3,a,h2\r\n"
+        b"\r\n"
+        b"#datatype,string,long,dateTime:RFC3339Nano,string,string,string\r\n"
+        b"#group,false,false,false,false,true,true\r\n"
+        b"#default,_result,,,,,\r\n"
+        b",result,table,_time,_value,_field,host\r\n"
+        b",,3,2023-11-14T22:13:20Z,oops,b,h2\r\n"
+        b"\r\n")
     store = InfluxDB2FluxStore(flux_cfg(stub.url))
     q = Query("m", "a", (), ("host",), S, fields=("a", "b"))
     with caplog.at_level(logging.WARNING):
