@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
+import sys
 import tempfile
 import time
 import tracemalloc
@@ -49,7 +50,8 @@ from anomalyd.worker import Worker
 
 SEC = 10**9
 INTERVAL = 16 * SEC  # the daemon's tick interval: 16 new samples per series
-N_SAMPLES = 96  # per series: the tick's read (31 context + 16 new + the gap margins) and more
+N_SAMPLES = 112  # per series: a warm-up tick and a tick (2 x 16 new + 31 context + the gap margins) and more
+COLD: dict[int, float] = {}  # series -> the first tick after a restart (whole windows read)
 
 
 def field_layout(n_fields: int) -> list[tuple[str, str]]:
@@ -59,9 +61,8 @@ def field_layout(n_fields: int) -> list[tuple[str, str]]:
     return [(f"m{j // 2}", f"v{j % 2}") for j in range(n_fields)]
 
 
-def setup(server: LocalInfluxd, n: int, root: Path, now: int, n_fields: int = 1) -> tuple[object, np.ndarray]:
-    db = f"bench{n}x{n_fields}"
-    server.query(f'CREATE DATABASE "{db}"')
+def bench_config(url: str, n: int, root: Path, n_fields: int):  # type: ignore[no-untyped-def]
+    """The daemon's config for N series (one shared model, window 32, lateness 0)."""
     layout = field_layout(n_fields)
     signal: dict[str, object] = {"name": "bench", "group_by": ["host"], "period": "1s", "scope": "shared",
                                  "window": 32}
@@ -69,12 +70,18 @@ def setup(server: LocalInfluxd, n: int, root: Path, now: int, n_fields: int = 1)
         signal.update(measurement="m", field="v")
     else:
         signal["fields"] = [{"measurement": m, "field": f} for m, f in layout]
-    cfg = from_dict({
-        "influxdb": {"url": server.url, "database": db},
+    return from_dict({
+        "influxdb": {"url": url, "database": f"bench{n}x{n_fields}"},
         "paths": {"models": str(root / "models"), "state": str(root / f"state{n}x{n_fields}")},
         "daemon": {"lateness": "0s", "health_listen": ""},
         "signals": [signal],
     }, env={})
+
+
+def setup(server: LocalInfluxd, n: int, root: Path, now: int, n_fields: int = 1) -> tuple[object, np.ndarray]:
+    cfg = bench_config(server.url, n, root, n_fields)
+    server.query(f'CREATE DATABASE "{cfg.influxdb.database}"')
+    layout = field_layout(n_fields)
     x, _ = ecg(20_000, seed=1)
     train = np.stack([x[97 * j : 97 * j + 8000] for j in range(n_fields)], axis=1)
     model = Detector(cfg.signals[0].spec()).fit([train[:, 0] if n_fields == 1 else train])  # type: ignore
@@ -92,7 +99,7 @@ def setup(server: LocalInfluxd, n: int, root: Path, now: int, n_fields: int = 1)
                 fv = ",".join(f"{f}={x[a + 97 * j + k]:.3f}" for j, f in cols)
                 lines.append(f"{m},host=h{i:05d} {fv} {ts}")
     for k in range(0, len(lines), 100_000):
-        server.write_lines(db, "\n".join(lines[k : k + 100_000]))
+        server.write_lines(cfg.influxdb.database, "\n".join(lines[k : k + 100_000]))
     wm = Watermarks(cfg.paths.state / "watermarks.json")
     for i in range(n):
         wm.advance(SeriesKey("bench", (("host", f"h{i:05d}"),)).id, hi - INTERVAL)
@@ -101,10 +108,11 @@ def setup(server: LocalInfluxd, n: int, root: Path, now: int, n_fields: int = 1)
 
 
 def tick_read_range(cfg, hi: int) -> tuple[int, int]:  # type: ignore[no-untyped-def]
-    """The range `Worker` reads for a tick whose windows end in (hi - INTERVAL, hi] (see worker._run_signal)."""
+    """The range a steady `Worker` tick reads for windows ending in (hi - INTERVAL, hi]: only the samples after the
+    watermark (the window before it is kept from the last tick; see worker._run_signal), plus the gap margin."""
     sig = cfg.signals[0]
     margin = (sig.max_gap + 1) * SEC
-    return hi - INTERVAL + SEC - 31 * SEC - margin - SEC // 2, hi + margin + SEC // 2
+    return hi - INTERVAL + SEC // 2 + 1, hi + margin + SEC // 2
 
 
 class CapturingStore(InfluxDB1Store):
@@ -124,7 +132,9 @@ def floor_lines(cfg, n: int, hi: int, now: int) -> list[str]:  # type: ignore[no
     """The lines a tick writes (its points, with their attribution, and its statistics), from a tick that
     keeps them instead of sending them."""
     store = CapturingStore(cfg.influxdb)
-    fresh_worker(cfg, store, n, hi, now, ScoreStates(None)).tick()
+    w = fresh_worker(cfg, store, n, hi, now, ScoreStates(None))
+    store.lines.clear()  # the warm-up tick's
+    w.tick(now)
     return store.lines
 
 
@@ -179,14 +189,18 @@ def blog_loop(cfg, model: Detector, n: int, hi: int) -> float:  # type: ignore[n
 
 
 def fresh_worker(cfg, store: InfluxDB1Store, n: int, hi: int, now: int,  # type: ignore[no-untyped-def]
-                 scores: ScoreStates) -> Worker:
-    """A worker whose watermarks put one interval (16 windows) per series due (the score history is kept in
-    memory across ticks, as in the daemon)."""
+                 scores: ScoreStates, warm: bool = True) -> Worker:
+    """A worker in its steady state: its watermarks two intervals back and one tick run (warm), so the next tick
+    has one interval (16 windows) per series due and keeps the samples before them from that tick. The score
+    history is kept in memory across ticks, as in the daemon. ``warm=False``: the first tick after a restart."""
     (cfg.paths.state / "bench.json").unlink(missing_ok=True)  # the previous run's tick saved its watermarks
     wm = Watermarks(cfg.paths.state / "bench.json")
     for i in range(n):
-        wm.advance(SeriesKey("bench", (("host", f"h{i:05d}"),)).id, hi - INTERVAL)
-    return Worker(cfg, store, Catalog(cfg.paths.models), wm, clock=lambda: now, scores=scores)
+        wm.advance(SeriesKey("bench", (("host", f"h{i:05d}"),)).id, hi - (2 if warm else 1) * INTERVAL)
+    w = Worker(cfg, store, Catalog(cfg.paths.models), wm, clock=lambda: now, scores=scores)
+    if warm:
+        w.tick(now - INTERVAL)
+    return w
 
 
 def measure(server: LocalInfluxd, n: int, root: Path, baseline_max: int,
@@ -202,12 +216,19 @@ def measure(server: LocalInfluxd, n: int, root: Path, baseline_max: int,
     for _ in range(3):  # best of three, like the floor
         w = fresh_worker(cfg, store, n, hi, now, scores)
         t0 = time.perf_counter()
-        rep = w.tick()
+        rep = w.tick(now)
         ticks.append(time.perf_counter() - t0)
         assert rep.windows == 16 * n, (rep.windows, n)
+    cold = []
+    for _ in range(3):  # the first tick after a restart reads whole windows
+        w = fresh_worker(cfg, store, n, hi, now, scores, warm=False)
+        t0 = time.perf_counter()
+        w.tick(now)
+        cold.append(time.perf_counter() - t0)
+    COLD[n] = min(cold)
     w = fresh_worker(cfg, store, n, hi, now, scores)
     tracemalloc.start()
-    w.tick()
+    w.tick(now)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     nb = min(n, baseline_max)
@@ -218,11 +239,35 @@ def measure(server: LocalInfluxd, n: int, root: Path, baseline_max: int,
     return min(ticks), floor, base, nb, peak
 
 
+def child_rss(url: str, n: int, root: str, n_fields: int, now: int) -> None:
+    """In a fresh process: a worker in its steady state over N series (two ticks: whole windows after the start,
+    then a steady tick, score histories and kept samples in memory); print its peak RSS in bytes."""
+    import resource
+
+    cfg = bench_config(url, n, Path(root), n_fields)
+    store = InfluxDB1Store(cfg.influxdb)  # type: ignore[attr-defined]
+    w = fresh_worker(cfg, store, n, now, now, ScoreStates(None))
+    w.tick(now)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def peak_rss(server: LocalInfluxd, n: int, root: Path, n_fields: int) -> int:
+    now = time.time_ns() // INTERVAL * INTERVAL
+    out = subprocess.run([sys.executable, __file__, "--child-rss", server.url, str(n), str(root), str(n_fields),
+                          str(now)], check=True, capture_output=True, text=True).stdout
+    return int(out.split()[-1])
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child-rss":
+        url, n, root, n_fields, now = sys.argv[2:7]
+        child_rss(url, int(n), root, int(n_fields), int(now))
+        return
     ap = argparse.ArgumentParser()
     ap.add_argument("--series", type=int, nargs="+", default=[1000, 10000])
     ap.add_argument("--baseline-max", type=int, default=2000)
     ap.add_argument("--fields", type=int, default=1, help="fields per series (a multi-field signal when > 1)")
+    ap.add_argument("--rss", action="store_true", help="also the peak RSS of a daemon process at each N")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -231,18 +276,22 @@ def main() -> None:
         try:
             for n in args.series:
                 tick, floor, base, nb, peak = measure(server, n, root, args.baseline_max, args.fields)
-                rows.append((n, tick, floor, base, nb, peak))
-                print(f"N={n}: tick {tick:.2f}s, floor {floor:.2f}s ({tick / floor:.2f}x), blog loop "
-                      f"{base:.1f}s{' (scaled from ' + str(nb) + ')' if nb < n else ''} "
-                      f"({base / tick:.0f}x slower), peak {peak / 2**20:.1f} MiB", flush=True)
+                rss = peak_rss(server, n, root, args.fields) if args.rss else 0
+                rows.append((n, tick, floor, base, nb, peak, rss))
+                print(f"N={n}: tick {tick:.2f}s, floor {floor:.2f}s ({tick / floor:.2f}x), first tick after a "
+                      f"restart {COLD[n]:.2f}s, blog loop {base:.1f}s"
+                      f"{' (scaled from ' + str(nb) + ')' if nb < n else ''} ({base / tick:.0f}x slower), "
+                      f"tracemalloc peak {peak / 2**20:.1f} MiB" + (f", peak RSS {rss / 2**20:.0f} MiB" if rss else ""),
+                      flush=True)
         finally:
             server.stop()
-    print("\n| series | tick (s) | curl floor (s) | tick / floor | blog loop (s) | blog / tick | peak MiB |")
-    print("|---|---|---|---|---|---|---|")
-    for n, tick, floor, base, nb, peak in rows:
+    print("\n| series | tick (s) | curl floor (s) | tick / floor | first tick after a restart (s) | blog loop (s) "
+          "| blog / tick | tracemalloc peak MiB | peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for n, tick, floor, base, nb, peak, rss in rows:
         note = f" (measured on {nb}, scaled)" if nb < n else ""
-        print(f"| {n} | {tick:.2f} | {floor:.2f} | {tick / floor:.2f} | {base:.1f}{note} | {base / tick:.0f} | "
-              f"{peak / 2**20:.1f} |")
+        print(f"| {n} | {tick:.2f} | {floor:.2f} | {tick / floor:.2f} | {COLD[n]:.2f} | {base:.1f}{note} | "
+              f"{base / tick:.0f} | {peak / 2**20:.1f} | {rss / 2**20:.0f} |")
 
 
 if __name__ == "__main__":
