@@ -7,9 +7,10 @@ backend) or on a Dask cluster (``dask``: a scheduler address, joblib's dask back
 shipped: this process reads each signal (one query, as always), prepares each series' gap-free stretches and
 sends them out ``BATCH`` series at a time; the workers send back each fitted detector as plain arrays and metadata
 (`Detector.to_state`), and this process alone writes the model files. A series' raw samples are dropped as soon
-as its stretches are prepared, so the raw data and the fitted models are never both held whole. Every per-series
-fit runs with one BLAS/OpenMP thread, here and in the workers alike, so a model is the same bit for bit however
-it was trained (K-Means' sums depend on the number of OpenMP threads in the last bits).
+as its stretches are prepared, so the raw data and the fitted models are never both held whole. A worker fits
+with as many OpenMP threads as this process has (K-Means' sums depend on that number in their last bits), so a
+model is the same bit for bit whether it was fitted here, in a local process or on a Dask worker, and the same as
+an in-memory ``Detector.fit`` here.
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ log = logging.getLogger(__name__)
 PARALLEL_MIN_SERIES = 32
 #: Series prepared and fitted per round: bounds the prepared stretches (and results) in flight.
 BATCH = 256
+#: OpenMP threads of each fit in a worker; None: as many as this process has, which makes a worker's model
+#: identical to one fitted here. (K-Means is what uses them; BLAS runs on one thread in the workers, which
+#: does not change the results.)
+WORKER_THREADS: int | None = None
 
 
 @dataclass
@@ -220,19 +225,31 @@ _Fitted = tuple[dict[str, np.ndarray], dict[str, Any]] | str
 _threads: Any = None
 
 
-def _fit_one(spec: DetectorSpec, index: int, stretches: tuple[list[np.ndarray], list[int]]) -> tuple[int, _Fitted]:
-    """Fit one series' detector (in this process or a worker's) with one BLAS/OpenMP thread; a series that
-    cannot be fitted (too little data, ...) answers its message instead of failing the others."""
+def _fit_one(spec: DetectorSpec, index: int, stretches: tuple[list[np.ndarray], list[int]],
+             threads: int | None = None) -> tuple[int, _Fitted]:
+    """Fit one series' detector, here (``threads`` None: as any fit here) or in a worker (``threads``: its OpenMP
+    threads, BLAS on one); a series that cannot be fitted (too little data, ...) answers its message instead of
+    failing the others."""
     global _threads
-    from threadpoolctl import ThreadpoolController
-
-    if _threads is None:
-        _threads = ThreadpoolController()
     try:
-        with _threads.limit(limits=1):
+        if threads is None:
+            return index, Detector(spec).fit(*stretches).to_state()
+        if _threads is None:
+            from threadpoolctl import ThreadpoolController
+
+            _threads = ThreadpoolController()
+        with _threads.limit(limits={"openmp": threads, "blas": 1}):
             return index, Detector(spec).fit(*stretches).to_state()
     except ValueError as exc:  # TooLittleDataError too
         return index, str(exc)
+
+
+def _openmp_threads() -> int | None:
+    """This process's OpenMP threads (scikit-learn's K-Means uses them), None when no OpenMP library is loaded."""
+    from threadpoolctl import threadpool_info
+
+    counts = [int(i["num_threads"]) for i in threadpool_info() if i.get("user_api") == "openmp"]
+    return max(counts) if counts else None
 
 
 def _versions() -> dict[str, str]:
@@ -249,6 +266,7 @@ class _Pool:
     jobs: int = 1
     client: Any = None
     batch: int = BATCH
+    threads: int | None = None  # each worker fit's OpenMP threads
 
     @classmethod
     def open(cls, jobs: int | None, dask: str | None, n_series: int) -> _Pool:
@@ -257,7 +275,8 @@ class _Pool:
             threads = sum(client.nthreads().values())
             log.info("training on the Dask cluster at %s: %d workers, %d threads", dask, len(client.nthreads()),
                      threads)
-            return cls(jobs=threads, client=client, batch=max(BATCH, 8 * threads))
+            return cls(jobs=threads, client=client, batch=max(BATCH, 8 * threads),
+                       threads=WORKER_THREADS or _openmp_threads())
         if jobs is None:
             cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
             jobs = 1 if n_series < PARALLEL_MIN_SERIES else cpus
@@ -265,7 +284,7 @@ class _Pool:
             raise ValueError(f"jobs must be at least 1, not {jobs}")
         if jobs > 1:
             log.info("training in %d local processes", jobs)
-        return cls(jobs=jobs)
+        return cls(jobs=jobs, threads=WORKER_THREADS or _openmp_threads())
 
     def fit(self, spec: DetectorSpec, tasks: list[tuple[int, tuple[list[np.ndarray], list[int]]]]
             ) -> Iterator[tuple[int, _Fitted]]:
@@ -281,7 +300,7 @@ class _Pool:
                 parallel = Parallel(n_jobs=-1, return_as="generator_unordered")
         else:
             parallel = Parallel(n_jobs=min(self.jobs, len(tasks)), backend="loky", return_as="generator_unordered")
-        with closing(parallel(delayed(_fit_one)(spec, i, s) for i, s in tasks)) as results:
+        with closing(parallel(delayed(_fit_one)(spec, i, s, self.threads) for i, s in tasks)) as results:
             yield from results
 
     def close(self) -> None:
