@@ -542,3 +542,102 @@ def test_reference_ekg_both_dropouts_and_no_false_alarm(shared_data: Path) -> No
     print("; ".join(report))
     assert not b.anomalous[~hit].any(), f"false alarms at {b.position[~hit & b.anomalous][:10]}"
     assert normal.sum() == len(anomaly) - (w - 1) - 2 * (w - 1) - 5 - 4
+
+
+# -- per-field surprise, re-baselining and scale floors (issues 10/11) ------------------------------------------
+
+
+def _shift_case(n_train: int = 3000, n_test: int = 3000, shift_at: int = 500) -> tuple[np.ndarray, np.ndarray]:
+    """Two fields: a noisy sine, and a field almost constant in training that settles at a new level in test
+    (issue 11's cause (a)); a burst on the sine field at test rows 2500-2511."""
+    rng = np.random.default_rng(7)
+    t = np.arange(n_train + n_test)
+    a = np.sin(2 * np.pi * t / PERIOD) + 0.05 * rng.standard_normal(t.size)
+    b = 1.0 + 0.005 * rng.standard_normal(t.size)
+    b[n_train + shift_at :] += 0.1  # 20 training sigmas, for good
+    a[n_train + 2500 : n_train + 2512] += 5.0
+    x = np.stack([a, b], axis=1)
+    return x[:n_train], x[n_train:]
+
+
+def _run(spec: DetectorSpec, train: np.ndarray, test: np.ndarray) -> tuple[Detector, WindowBatch]:
+    det = Detector(spec).fit([train])
+    return det, det.update(det.start(len(train), train), test)
+
+
+def test_field_surprise_settles_after_a_level_shift_and_keeps_a_later_spike() -> None:
+    train, test = _shift_case()
+    base = DetectorSpec(window=24, n_clusters=30, decision="error")
+    _, plain = _run(base, train, test)
+    _, surp = _run(base.with_overrides(field_surprise=200), train, test)
+    late = slice(1200, 2450)  # long after the shift, before the spike
+    assert plain.anomalous[late].mean() > 0.9  # without it the shifted field floods the threshold
+    assert surp.anomalous[late].mean() < 0.05  # with it the field's history has taken the new level
+    assert surp.anomalous[500:560].any()  # the shift itself is flagged
+    assert surp.anomalous[2500:2530].any()  # and so is the later spike, on the other field
+    assert int(np.nanargmax(surp.field_error[2510])) == 0  # attributed to the sine field
+
+
+def test_field_surprise_is_chunk_invariant_and_persisted() -> None:
+    train, test = _shift_case()
+    spec = DetectorSpec(window=24, n_clusters=30, field_surprise=300, surprise_gate=6.0, surprise_rebaseline=50)
+    det = Detector(spec).fit([train])
+    one = det.update(det.start(len(train), train), test)
+    st = det.start(len(train), train)
+    parts = [det.update(st, test[i : i + 97]) for i in range(0, len(test), 97)]
+    for name in ("error", "score", "field_error", "anomalous", "field_rebased"):
+        assert np.array_equal(np.concatenate([getattr(p, name) for p in parts]), getattr(one, name),
+                              equal_nan=True), name
+    arrays, meta = det.to_state()
+    again = Detector.from_state(arrays, json.loads(json.dumps(meta)))
+    two = again.update(again.start(len(train), train), test)
+    assert np.array_equal(two.error, one.error, equal_nan=True)
+    # A saved score state without the per-field history (older daemons) continues from the trained one.
+    st2 = det.start(len(train), train)
+    st2.norm.fm = st2.norm.fv = st2.norm.fn = None
+    three = det.update(st2, test)
+    assert np.array_equal(three.error, one.error, equal_nan=True)
+
+
+def test_surprise_gate_rebaselines_a_sustained_shift_and_says_so() -> None:
+    train, test = _shift_case()
+    spec = DetectorSpec(window=24, n_clusters=30, decision="error", field_surprise=2000, surprise_gate=6.0,
+                        surprise_rebaseline=100)
+    _, b = _run(spec, train, test)
+    rows, cols = np.nonzero(b.field_rebased)
+    assert len(rows) and set(cols.tolist()) == {1}  # only the shifted field
+    assert 500 <= rows.min() <= 700  # about 100 windows after the shift
+    assert not b.anomalous[int(rows.min()) + 50 : 2450].any()  # then the new level is normal
+    assert b.anomalous[2500:2530].any()
+    _, off = _run(DetectorSpec(window=24, n_clusters=30, decision="error"), train, test)
+    assert not off.field_rebased.any()
+
+
+def test_new_spec_options_default_off_and_old_models_load() -> None:
+    spec = DetectorSpec()
+    assert (spec.field_surprise, spec.resolution_floor, spec.range_floor, spec.surprise_gate,
+            spec.surprise_rebaseline) == (0, 0.0, 0.0, None, 0)
+    old = spec.to_dict()
+    for k in ("field_surprise", "surprise_floor", "surprise_gate", "surprise_rebaseline", "resolution_floor",
+              "range_floor"):
+        old.pop(k)
+    assert DetectorSpec.from_dict(old) == spec
+    with pytest.raises(ValueError):
+        DetectorSpec(field_surprise=-1)
+
+
+def test_resolution_and_range_floors_bound_a_near_constant_field() -> None:
+    from anomalyd.detector import field_resolution
+
+    rng = np.random.default_rng(0)
+    counter = np.zeros(3000)
+    counter[::500] = 1.0  # a counter that moved by one unit six times: std ~0.045
+    x = np.stack([np.sin(np.arange(3000) / 8) + 0.05 * rng.standard_normal(3000), counter], axis=1)
+    assert field_resolution(x)[1] == 1.0
+    plain = Detector(DetectorSpec(window=16, n_clusters=20)).fit([x])
+    res = Detector(DetectorSpec(window=16, n_clusters=20, resolution_floor=0.5)).fit([x])
+    rng_f = Detector(DetectorSpec(window=16, n_clusters=20, range_floor=0.25)).fit([x])
+    assert plain.scale_[1] < 0.1
+    assert res.scale_[1] == pytest.approx(0.5)
+    assert rng_f.scale_[1] == pytest.approx(0.25)
+    assert res.scale_[0] == plain.scale_[0]  # a field with a fine resolution keeps its std

@@ -474,3 +474,39 @@ def test_robust_reference_keeps_a_larger_later_error_above_an_earlier_burst() ->
         scores[ref] = ScoreNormaliser(p).update(err)
     assert scores["robust"][1300] >= scores["robust"][1000]
     assert scores["gaussian"][1300] < scores["gaussian"][1000]  # the failure the option fixes
+
+
+def test_field_surprise_against_the_fields_own_history() -> None:
+    from anomalyd.postprocess import field_surprise
+
+    nm = ScoreNormaliser()
+    nm.fm, nm.fv = np.array([1.0, 10.0]), np.array([0.01, 1.0])
+    z, rebased = field_surprise([nm], np.array([[[1.5, 12.0]]]), span=3)
+    assert z[0, 0].tolist() == pytest.approx([5.0, 2.0])  # (1.5 - 1) / 0.1, (12 - 10) / 1
+    assert not rebased.any()
+    a = 0.5  # 2 / (span + 1)
+    assert nm.fm.tolist() == pytest.approx([1.0 + a * 0.5, 10.0 + a * 2.0])
+    assert nm.fv.tolist() == pytest.approx([(1 - a) * (0.01 + a * 0.25), (1 - a) * (1.0 + a * 4.0)])
+    # The spread is floored at surprise_floor of the mean: a field with a flat history is not infinitely surprised.
+    nm2 = ScoreNormaliser()
+    nm2.fm, nm2.fv = np.array([2.0]), np.array([0.0])
+    z2, _ = field_surprise([nm2], np.array([[[3.0]]]), span=10, min_rel_std=0.1)
+    assert float(z2[0, 0, 0]) == pytest.approx(5.0)
+
+
+def test_field_surprise_gate_and_rebaseline_and_state_round_trip() -> None:
+    from anomalyd.postprocess import field_surprise
+
+    nm = ScoreNormaliser()
+    nm.fm, nm.fv = np.array([1.0]), np.array([0.01])
+    e = np.full((1, 6, 1), 5.0)  # a sustained jump
+    z, rebased = field_surprise([nm], e, span=10, gate=3.0, rebaseline=4)
+    assert rebased[0, :, 0].tolist() == [False, False, False, True, False, False]
+    assert z[0, :4, 0].tolist() == pytest.approx([40.0] * 4)  # gated: the history did not move
+    assert abs(float(z[0, 4, 0])) < 1.0  # re-baselined at the new level
+    state = json.loads(json.dumps(nm.to_dict()))
+    again = ScoreNormaliser.from_dict(state)
+    assert again.fm is not None and again.fm.tolist() == nm.fm.tolist()
+    assert again.refs()[8:] == (again.fm, again.fv, again.fn)
+    old = {k: v for k, v in state.items() if k not in ("fm", "fv", "fn")}  # a state saved before the option
+    assert ScoreNormaliser.from_dict(old).fm is None

@@ -44,7 +44,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from .model import ShapeCatalog, TooLittleDataError, sliding_windows, taper, threshold_from_errors
-from .postprocess import NormaliserParams, ScoreNormaliser, range_excess, update_block
+from .postprocess import NormaliserParams, ScoreNormaliser, field_surprise, range_excess, update_block
 from .scorers import WindowScorer, make_scorer, parse_scorers
 
 __all__ = [
@@ -86,6 +86,25 @@ def standardise(train: NDArray[np.float64], min_scale: float = 0.0) -> tuple[NDA
     std = np.nanstd(a2, axis=0)
     scale = np.maximum.reduce([std, np.full_like(std, min_scale), 1e-3 * np.abs(mean), np.full_like(std, 1e-12)])
     return np.asarray(mean), np.asarray(scale)
+
+
+def field_resolution(rows: ArrayLike) -> NDArray[np.float64]:
+    """Per column of ``rows`` (rows x fields), the smallest positive step between its distinct values (0 for a
+    constant column): the field's resolution, e.g. 1 for a counter, 0.1 for a reading with one decimal.
+
+    Examples
+    --------
+    >>> field_resolution(np.array([[1.0, 5.0], [3.0, 5.0], [2.0, 5.0]])).tolist()
+    [1.0, 0.0]
+    """
+    a = np.asarray(rows, dtype=np.float64)
+    a = a[:, None] if a.ndim == 1 else a
+    out = np.zeros(a.shape[1])
+    for j in range(a.shape[1]):
+        u = np.unique(a[:, j][np.isfinite(a[:, j])])
+        if len(u) > 1:
+            out[j] = float(np.diff(u).min())
+    return out
 
 
 def dominant_period(x: ArrayLike, max_lag: int | None = None, min_acf: float = 0.3) -> int | None:
@@ -203,6 +222,27 @@ class DetectorSpec:
         nearest shape and the reconstruction are always the catalog's.
     discord_max_ref : int
         ``discord``: at most this many training windows in its reference (every k-th).
+    resolution_floor : float
+        Floor of each field's scale in units of that field's *resolution* in training (the smallest positive
+        step between its distinct values): a field that is almost constant in training (a counter that moved
+        by one unit) cannot make a one-step change a hundred-sigma event. 0 (default): off.
+    range_floor : float
+        Floor of each field's scale as a share of its training range (max - min). 0 (default): off.
+    field_surprise : int
+        With several fields: each field's error is replaced by its *surprise*, the error against that field's
+        own recent errors (an exponentially weighted mean and variance over about this many windows;
+        `anomalyd.postprocess.field_surprise`), clipped at 0, before the fields are aggregated; the threshold
+        and the score's warm-up are learned on the hold-out's surprises, and ``field_error`` (the attribution)
+        is the surprise. 0 (default): off. One field: no effect.
+    surprise_floor : float
+        The surprise's spread is at least this share of the field's mean error.
+    surprise_gate : float or None
+        A field's window with a surprise above this does not update the field's history (None: every window
+        does).
+    surprise_rebaseline : int
+        With ``surprise_gate``: after this many gated windows in a row the field re-baselines (its history's
+        mean becomes the current error: a sustained level shift becomes the new normal) and
+        ``WindowBatch.field_rebased`` says so. 0: never.
     """
 
     window: int | None = None
@@ -234,6 +274,12 @@ class DetectorSpec:
     range_by: str = "window"
     scorer: str = "kmeans"
     discord_max_ref: int = 4000
+    resolution_floor: float = 0.0
+    range_floor: float = 0.0
+    field_surprise: int = 0
+    surprise_floor: float = 0.05
+    surprise_gate: float | None = None
+    surprise_rebaseline: int = 0
 
     def __post_init__(self) -> None:
         choices = {"error": ERROR_KINDS, "field_norm": FIELD_NORMS, "aggregate": AGGREGATES,
@@ -257,6 +303,10 @@ class DetectorSpec:
         parse_scorers(self.scorer)
         if self.discord_max_ref < 1:
             raise ValueError(f"discord_max_ref={self.discord_max_ref} must be at least 1 window")
+        if not (self.resolution_floor >= 0 and self.range_floor >= 0 and self.field_surprise >= 0
+                and self.surprise_floor >= 0 and self.surprise_rebaseline >= 0):
+            raise ValueError("resolution_floor, range_floor, field_surprise, surprise_floor and surprise_rebaseline "
+                             "must be >= 0")
         if not 0.0 < self.score_threshold <= 1.0:
             raise ValueError(f"score_threshold={self.score_threshold} must be in (0, 1]")
 
@@ -331,6 +381,9 @@ class WindowBatch:
         With several fields, how far each field leaves the range seen before the window (beyond the out-of-range
         rule's tolerance, in widths of that range; positive above, negative below; `postprocess.range_excess`):
         the fields that made the rule score the window 1. Zero inside the range, and with one field.
+    field_rebased : ndarray of bool, shape (n, m, fields)
+        With ``DetectorSpec.surprise_rebaseline``: the field re-baselined at this window (a sustained level shift
+        became its new normal). All False otherwise.
     n_missing : ndarray of int
         Missing samples in each window.
     last_present : ndarray of bool
@@ -349,6 +402,7 @@ class WindowBatch:
     field_error: NDArray[np.float64]
     field_sign: NDArray[np.float64]
     field_excess: NDArray[np.float64]
+    field_rebased: NDArray[np.bool_]
     n_missing: NDArray[np.int64]
     last_present: NDArray[np.bool_]
 
@@ -409,7 +463,12 @@ class Detector:
         mean = rows.mean(axis=0)
         std = rows.std(axis=0)
         self.mean_ = mean
-        self.scale_ = np.maximum.reduce([std, np.full(d, s.min_scale), 1e-3 * np.abs(mean), np.full(d, 1e-12)])
+        floors = [std, np.full(d, s.min_scale), 1e-3 * np.abs(mean), np.full(d, 1e-12)]
+        if s.range_floor > 0:
+            floors.append(s.range_floor * (rows.max(axis=0) - rows.min(axis=0)))
+        if s.resolution_floor > 0:
+            floors.append(s.resolution_floor * field_resolution(rows))
+        self.scale_ = np.maximum.reduce(floors)
         zs = [(p - mean) / self.scale_ for p in segs]
         longest = max(zs, key=len)
         if s.window is not None:
@@ -467,11 +526,16 @@ class Detector:
         self.scorer_refs_ = np.stack(refs)
         self.field_ref_ = refs[0]
         per_field = parts[0] if len(parts) == 1 else np.maximum.reduce(parts)
+        norm = ScoreNormaliser(s.normaliser)
+        if self._surprise_on(d):  # the hold-out's surprises, from a history started at the hold-out's own level
+            norm.fm, norm.fv = per_field.mean(axis=0), per_field.var(axis=0)
+            z, _ = field_surprise([norm], per_field[None], s.field_surprise, s.surprise_floor, s.surprise_gate,
+                                  s.surprise_rebaseline)
+            per_field = np.maximum(z[0], 0.0)
         errors = self._aggregate(per_field)
         max_errors = max_abs.max(axis=1) * (self.scale_[0] if d == 1 else 1.0)
         self.threshold_ = threshold_from_errors(max_errors, s.threshold_policy, s.margin, s.quantile, s.sigma_k)
         self.error_threshold_ = threshold_from_errors(errors, s.threshold_policy, s.margin, s.quantile, s.sigma_k)
-        norm = ScoreNormaliser(s.normaliser)
         # Out-of-sample warm-up. The normaliser remembers its last long_window averages only, so the last few
         # long windows of hold-out errors give it the same state as all of them, in bounded time and memory.
         keep = 4 * s.normaliser.long_window + s.normaliser.short_window
@@ -484,6 +548,9 @@ class Detector:
     def _check_fitted(self) -> None:
         if not hasattr(self, "catalog_"):
             raise ValueError("this detector is not fitted yet; call fit (or load a trained model) first")
+
+    def _surprise_on(self, d: int) -> bool:
+        return self.spec.field_surprise > 0 and d > 1 and self.spec.scorer != "nodata"
 
     def _aggregate(self, per_field: NDArray[np.float64]) -> NDArray[np.float64]:
         if per_field.shape[1] == 1:
@@ -556,7 +623,7 @@ class Detector:
                                complete=e.astype(bool),
                                error=e, max_error=e, score=e, anomalous=e.astype(bool), nearest=e.astype(np.intp),
                                field_error=np.empty((n, 0, d)), field_sign=np.empty((n, 0, d)),
-                               field_excess=np.empty((n, 0, d)),
+                               field_excess=np.empty((n, 0, d)), field_rebased=np.empty((n, 0, d), dtype=bool),
                                n_missing=e.astype(np.int64), last_present=e.astype(bool))
         z = (x - self.mean_) / self.scale_
         ext = np.concatenate((np.stack([st.tail for st in states]) if n else np.empty((0, w - 1, d)), z), axis=1)
@@ -597,13 +664,32 @@ class Detector:
             hi[sel] = picked.max(axis=1)
         if partial.any():
             p_near, p_field, p_max, p_signed = self._match_partial(wins[partial], field_ok[partial])
-            with np.errstate(invalid="ignore"):
-                error[partial] = (np.nanmax(p_field, axis=1) if s.aggregate == "max"
-                                  else np.nanmean(p_field, axis=1))
             max_error[partial] = np.nanmax(p_max, axis=1)
             pw = np.where(field_ok[partial][:, None, :], wins[partial], np.nan)
             lo[partial] = np.fmin.reduce(pw, axis=1)
             hi[partial] = np.fmax.reduce(pw, axis=1)
+        rebased = np.zeros((n, m, d), dtype=bool)
+        if self._surprise_on(d) and n:
+            fe = np.full((n, m, d), np.nan)
+            fe[sel] = per_field
+            if partial.any():
+                fe[partial] = p_field
+            for st in states:  # a state saved without the per-field history starts from the trained one
+                if st.norm.fm is None or len(st.norm.fm) != d:
+                    st.norm.fm, st.norm.fv = self.normaliser_.fm, self.normaliser_.fv
+                    st.norm.fn = self.normaliser_.fn
+            z, rebased = field_surprise([st.norm for st in states], fe, s.field_surprise, s.surprise_floor,
+                                        s.surprise_gate, s.surprise_rebaseline)
+            with np.errstate(invalid="ignore"):
+                z = np.maximum(z, 0.0)
+            per_field = z[sel]
+            error[sel] = self._aggregate(per_field)
+            if partial.any():
+                p_field = z[partial]
+        if partial.any():
+            with np.errstate(invalid="ignore"):
+                error[partial] = (np.nanmax(p_field, axis=1) if s.aggregate == "max"
+                                  else np.nanmean(p_field, axis=1))
         # Which fields leave the range seen so far (the out-of-range rule's reason), before the range widens.
         excess = (range_excess([st.norm for st in states], lo, hi) if d > 1 and n and s.scorer != "nodata"
                   else np.zeros((n, m, d)))
@@ -632,7 +718,7 @@ class Detector:
         anomalous = by_score if s.decision == "score" else by_error if s.decision == "error" else by_score | by_error
         return WindowBatch(position=pos, scored=scored, complete=complete, error=error, max_error=max_error,
                            score=score, anomalous=anomalous, nearest=nearest, field_error=f_err, field_sign=f_sign,
-                           field_excess=excess,
+                           field_excess=excess, field_rebased=rebased,
                            n_missing=n_missing.astype(np.int64), last_present=np.asarray(np.isfinite(x).any(axis=2)))
 
     def _match_partial(self, wins: NDArray[np.float64], ok: NDArray[np.bool_]) -> tuple[
@@ -718,6 +804,9 @@ class Detector:
                 "n_clusters": len(self.catalog_.cluster_centers_),
                 "n_train_windows": int(self.catalog_.n_train_windows_), "n_train_samples": int(self.n_train_samples_),
                 "normaliser": {"s1": norm.s1, "s2": norm.s2, "seen": norm.seen, "since_red": norm.since_red}}
+        for k in ("fm", "fv", "fn"):  # the per-field surprise's warm state (JSON: the model file's arrays are fixed)
+            if getattr(norm, k) is not None:
+                meta["normaliser"][k] = [float(v) for v in getattr(norm, k)]
         return arrays, meta
 
     @classmethod
@@ -754,7 +843,8 @@ class Detector:
         det.normaliser_ = ScoreNormaliser.from_dict({
             "version": 2, "params": det.spec.normaliser, "hist": arrays["norm_hist"], "tail": arrays["norm_tail"],
             "s1": nm["s1"], "s2": nm["s2"], "seen": nm["seen"], "since_red": nm["since_red"],
-            "lo": None if np.isnan(lo).all() else lo, "hi": None if np.isnan(hi).all() else hi})
+            "lo": None if np.isnan(lo).all() else lo, "hi": None if np.isnan(hi).all() else hi,
+            **{k: nm.get(k) for k in ("fm", "fv", "fn")}})
         return det
 
 

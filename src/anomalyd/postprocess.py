@@ -33,7 +33,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy.special import ndtr
 
-__all__ = ["TRANSFORMS", "NormaliserParams", "ScoreNormaliser", "log_score", "update_block"]
+__all__ = ["TRANSFORMS", "NormaliserParams", "ScoreNormaliser", "field_surprise", "log_score", "update_block"]
 
 #: Transforms applied to the errors before the likelihood.
 TRANSFORMS = ("none", "log")
@@ -146,7 +146,7 @@ class ScoreNormaliser:
     True
     """
 
-    __slots__ = ("hi", "hist", "lo", "params", "s1", "s2", "seen", "since_red", "tail")
+    __slots__ = ("fm", "fn", "fv", "hi", "hist", "lo", "params", "s1", "s2", "seen", "since_red", "tail")
 
     def __init__(self, params: NormaliserParams | None = None) -> None:
         self.params = params or NormaliserParams()
@@ -158,15 +158,22 @@ class ScoreNormaliser:
         self.since_red = 1 << 30  # errors since the last red one (huge: none yet)
         self.lo: NDArray[np.float64] | None = None  # per-field range seen so far
         self.hi: NDArray[np.float64] | None = None
+        # Per-field surprise (`field_surprise`, ``DetectorSpec.field_surprise``): each field's exponentially
+        # weighted error mean and variance, and its run of consecutive gated windows; None when unused.
+        self.fm: NDArray[np.float64] | None = None
+        self.fv: NDArray[np.float64] | None = None
+        self.fn: NDArray[np.float64] | None = None
 
     def refs(self) -> tuple[Any, ...]:
         """The state as references, without copying: `update_block` replaces the arrays rather than changing them,
         so `restore` can put the state back as it was (e.g. when a tick's writes failed)."""
-        return (self.hist, self.s1, self.s2, self.tail, self.seen, self.since_red, self.lo, self.hi)
+        return (self.hist, self.s1, self.s2, self.tail, self.seen, self.since_red, self.lo, self.hi, self.fm,
+                self.fv, self.fn)
 
     def restore(self, refs: tuple[Any, ...]) -> None:
         """Put back a state taken with `refs`."""
-        self.hist, self.s1, self.s2, self.tail, self.seen, self.since_red, self.lo, self.hi = refs
+        (self.hist, self.s1, self.s2, self.tail, self.seen, self.since_red, self.lo, self.hi, self.fm, self.fv,
+         self.fn) = refs
 
     def copy(self) -> ScoreNormaliser:
         """An independent copy (the arrays are copied)."""
@@ -187,14 +194,16 @@ class ScoreNormaliser:
         """The state with arrays (not JSON-able; `to_dict` is); `from_dict` takes either."""
         return {"version": _STATE_VERSION, "params": self.params, "hist": self.hist.copy(), "s1": self.s1,
                 "s2": self.s2, "tail": self.tail.copy(), "seen": self.seen, "since_red": self.since_red,
-                "lo": None if self.lo is None else self.lo.copy(), "hi": None if self.hi is None else self.hi.copy()}
+                "lo": None if self.lo is None else self.lo.copy(), "hi": None if self.hi is None else self.hi.copy(),
+                **{k: None if getattr(self, k) is None else getattr(self, k).copy() for k in ("fm", "fv", "fn")}}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able state, parameters included; floats round-trip exactly through JSON."""
         s = self.snapshot()
         return {**s, "params": asdict(self.params), "hist": s["hist"].tolist(), "tail": s["tail"].tolist(),
                 "lo": None if s["lo"] is None else [_json_float(v) for v in s["lo"]],
-                "hi": None if s["hi"] is None else [_json_float(v) for v in s["hi"]]}
+                "hi": None if s["hi"] is None else [_json_float(v) for v in s["hi"]],
+                **{k: None if s[k] is None else [_json_float(v) for v in s[k]] for k in ("fm", "fv", "fn")}}
 
     @classmethod
     def from_dict(cls, state: Mapping[str, Any]) -> ScoreNormaliser:
@@ -225,6 +234,9 @@ class ScoreNormaliser:
             norm.since_red = int(state["since_red"])
             norm.lo = None if state["lo"] is None else np.array(state["lo"], dtype=np.float64).reshape(-1)
             norm.hi = None if state["hi"] is None else np.array(state["hi"], dtype=np.float64).reshape(-1)
+            for k in ("fm", "fv", "fn"):  # absent from states saved before the per-field surprise: None
+                v = state.get(k)
+                setattr(norm, k, None if v is None else np.array(v, dtype=np.float64).reshape(-1))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"normaliser state is malformed ({exc!r}); delete the saved score state (or retrain) "
                              "so it is learned again") from exc
@@ -249,6 +261,79 @@ class ScoreNormaliser:
         """
         e = np.asarray(errors, dtype=np.float64).reshape(1, -1)
         return update_block([self], e, _per_field(lo, e.shape[1]), _per_field(hi, e.shape[1]))[0]
+
+
+def field_surprise(norms: Sequence[ScoreNormaliser], errors: NDArray[np.float64], span: int,
+                   min_rel_std: float = 0.05, gate: float | None = None,
+                   rebaseline: int = 0) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
+    """Each field's error against that field's own recent errors: a per-field surprise (causal, chunk-invariant).
+
+    Per series and field, an exponentially weighted mean ``m`` and variance ``v`` of the field's errors (weight
+    ``a = 2 / (span + 1)`` for the newest, state in ``norm.fm``/``norm.fv``, which must be set) give
+    ``z = (e - m) / max(sqrt(v), min_rel_std * |m|, 1e-9)`` *before* ``e`` updates them. A field whose error is
+    high all the time (noisy, or settled at a new level) thus stops dominating the windows, and a field that is
+    quiet in training but moves at a lower level than the others keeps its voice.
+
+    With ``gate``, a window whose ``z`` is above ``gate`` does not update its field's history (an anomaly does not
+    teach the history that it is normal); after ``rebaseline`` such windows in a row (0: never) the field
+    *re-baselines*: its mean becomes the current error (a sustained level shift is accepted as the new normal)
+    and the window is reported in the second output.
+
+    Parameters
+    ----------
+    norms : sequence of ScoreNormaliser
+        One per series, with ``fm``/``fv`` of ``d`` fields (``fn`` is created when missing); advanced in place.
+    errors : ndarray, shape (n, k, d)
+        Per-field errors in time order; NaN: not updated, NaN out.
+
+    Returns
+    -------
+    z : ndarray, shape (n, k, d)
+    rebased : ndarray of bool, shape (n, k, d)
+        The field re-baselined at that window.
+
+    Examples
+    --------
+    >>> nm = ScoreNormaliser()
+    >>> nm.fm, nm.fv = np.array([1.0, 1.0]), np.array([0.01, 0.01])
+    >>> z, _ = field_surprise([nm], np.array([[[1.0, 2.0], [1.0, 1.0]]]), span=10)
+    >>> z.round(2).tolist()
+    [[[0.0, 10.0], [0.0, -0.75]]]
+    """
+    e_all = np.asarray(errors, dtype=np.float64)
+    n, k, d = e_all.shape
+    z = np.full((n, k, d), np.nan)
+    rebased = np.zeros((n, k, d), dtype=bool)
+    if n == 0 or k == 0:
+        return z, rebased
+    a = 2.0 / (span + 1.0)
+    m = np.stack([np.asarray(nm.fm, dtype=np.float64) for nm in norms])
+    v = np.stack([np.asarray(nm.fv, dtype=np.float64) for nm in norms])
+    c = np.stack([np.zeros(d) if nm.fn is None else np.asarray(nm.fn, dtype=np.float64) for nm in norms])
+    for j in range(k):  # one step at a time, the same operations in any chunking
+        e = e_all[:, j]
+        ok = np.isfinite(e)
+        den = np.maximum(np.maximum(np.sqrt(v), min_rel_std * np.abs(m)), 1e-9)
+        zj = np.where(ok, (np.where(ok, e, 0.0) - m) / den, np.nan)
+        z[:, j] = zj
+        upd = ok
+        if gate is not None:
+            with np.errstate(invalid="ignore"):
+                hot = ok & (zj > gate)
+            c = np.where(hot, c + 1.0, np.where(ok, 0.0, c))
+            upd = ok & ~hot
+            if rebaseline > 0:
+                rb = hot & (c >= rebaseline)
+                if rb.any():
+                    rebased[:, j] = rb
+                    m = np.where(rb, e, m)
+                    c = np.where(rb, 0.0, c)
+        dlt = np.where(upd, e - m, 0.0)
+        m = np.where(upd, m + a * dlt, m)
+        v = np.where(upd, (1.0 - a) * (v + a * dlt * dlt), v)
+    for i, nm in enumerate(norms):
+        nm.fm, nm.fv, nm.fn = m[i].copy(), v[i].copy(), c[i].copy()
+    return z, rebased
 
 
 def _per_field(a: ArrayLike | None, k: int) -> NDArray[np.float64] | None:
