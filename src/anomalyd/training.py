@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -123,7 +122,17 @@ def train(cfg: Config, store: Store, now_ns: int | None = None, signals: list[st
     """
     now = clock() if now_ns is None else now_ns
     report = TrainReport()
-    pool: _Pool | None = None
+    pool: list[_Pool] = []  # opened for the first per-series signal with data
+    try:
+        _train(cfg, store, now, signals, progress, exclude_anomalous, jobs, dask, report, pool)
+    finally:
+        for p in pool:
+            p.close()
+    return report
+
+
+def _train(cfg: Config, store: Store, now: int, signals: list[str] | None, progress: bool, exclude_anomalous: bool,
+           jobs: int | None, dask: str | None, report: TrainReport, pool: list[_Pool]) -> None:
     for sig in cfg.signals:
         if signals and sig.name not in signals:
             continue
@@ -155,12 +164,9 @@ def train(cfg: Config, store: Store, now_ns: int | None = None, signals: list[st
             log.error("signal %s: no series of %s in the training range; check train_range and where",
                       sig.name, describe(sig))
             continue
-        if pool is None:
-            pool = _Pool.open(jobs, dask, len(data))
-        _train_series(cfg, sig, data, flagged, start, end, report, pool, progress)
-    if pool is not None:
-        pool.close()
-    return report
+        if not pool:
+            pool.append(_Pool.open(jobs, dask, len(data)))
+        _train_series(cfg, sig, data, flagged, start, end, report, pool[0], progress)
 
 
 def _train_series(cfg: Config, sig: SignalConfig, data: dict[Tags, list[FieldSamples]],
@@ -278,8 +284,9 @@ class _Pool:
             return cls(jobs=threads, client=client, batch=max(BATCH, 8 * threads),
                        threads=WORKER_THREADS or _openmp_threads())
         if jobs is None:
-            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-            jobs = 1 if n_series < PARALLEL_MIN_SERIES else cpus
+            from joblib import cpu_count  # the CPUs this process may use (affinity, cgroup quota)
+
+            jobs = 1 if n_series < PARALLEL_MIN_SERIES else cpu_count()
         if jobs < 1:
             raise ValueError(f"jobs must be at least 1, not {jobs}")
         if jobs > 1:
