@@ -133,13 +133,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ablation", action="store_true", help="also score the variants in ABLATIONS")
     p.add_argument("--only", help="with --ablation: only the variants whose name contains this text")
     p.add_argument("--json", type=Path, help="write all figures to this JSON file")
+    p.add_argument("--spec", default="{}", help="JSON of `DetectorSpec.with_overrides` arguments for the run "
+                   "measured in place of the default")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     if not (args.data / "data").is_dir():
         print(f"NAB data not found at {args.data}; pass --data", file=sys.stderr)
         return 2
     corpus = load_nab_corpus(args.data)
-    default = DetectorSpec()
+    default = DetectorSpec().with_overrides(**json.loads(args.spec))
     t0 = time.perf_counter()
     scores, windows, cpu = score_corpus(corpus, args.data, default, args.jobs)
     wall = time.perf_counter() - t0

@@ -51,6 +51,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "kmeans, robust reference, range per sample": {"normaliser_reference": "robust", "range_by": "sample",
                                                    "normaliser_range_growth": 1.0},
     "kmeans, range per sample, growth cap 1": {"range_by": "sample", "normaliser_range_growth": 1.0},
+    "kmeans, resolution floor 1, per-field surprise 500": {"resolution_floor": 1.0, "field_surprise": 500},
 }
 
 
