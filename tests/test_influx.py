@@ -372,3 +372,307 @@ def test_a_stopped_influxd_is_retried_and_a_restart_within_the_retries_is_ridden
         assert data[(("host", "h1"),)][1].tolist() == [1.0, 2.0]
     finally:
         server.stop()
+
+
+# -- MessagePack reads (issue 12): the same arrays as the JSON path --------------------------------------------------
+# (their imports kept here, with them)
+
+import socket  # noqa: E402
+from typing import Any  # noqa: E402
+
+import msgpack  # noqa: E402
+import requests  # noqa: E402
+
+from conftest import AuthInfluxd  # noqa: E402
+
+
+@pytest.fixture
+def decoded(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """How many documents the MessagePack reads handed to the msgpack package (not the packed-rows scan), and how
+    many scans ran."""
+    from anomalyd import influx
+
+    counts = {"scan": 0, "msgpack": 0}
+    scan, unpack = influx._scan, influx._unpack_document
+
+    def counting_scan(*a: Any) -> Any:
+        counts["scan"] += 1
+        return scan(*a)
+
+    def counting_unpack(*a: Any) -> Any:
+        doc, used = unpack(*a)
+        counts["msgpack"] += doc is not None
+        return doc, used
+
+    monkeypatch.setattr(influx, "_scan", counting_scan)
+    monkeypatch.setattr(influx, "_unpack_document", counting_unpack)
+    return counts
+
+
+def _read_both(store: InfluxDB1Store, query: Query, start: int, end: int) -> tuple[dict, dict]:
+    """The same read as MessagePack (the default) and as JSON (the read path before issue 12)."""
+    assert store.read_format == "msgpack"
+    packed = store.read(query, start, end)
+    store.read_format = "json"
+    try:
+        plain = store.read(query, start, end)
+    finally:
+        store.read_format = "msgpack"
+    return packed, plain
+
+
+def _assert_identical(packed: dict, plain: dict) -> None:
+    assert list(packed) == list(plain)  # the same series, in the same order
+    for key, (t, v) in plain.items():
+        t2, v2 = packed[key]
+        assert (t2.dtype, v2.dtype, t2.shape, v2.shape) == (t.dtype, v.dtype, t.shape, v.shape), key
+        assert np.array_equal(t2, t), key
+        assert np.array_equal(np.isnan(v2), np.isnan(v)), key
+        assert np.array_equal(v2, v, equal_nan=True), key
+
+
+def test_msgpack_reads_one_field_exactly_as_json_without_decoding_values(
+        store: InfluxDB1Store, influxd: LocalInfluxd, database: str, decoded: dict[str, int]) -> None:
+    rng = np.random.default_rng(12)
+    values = np.concatenate([rng.normal(0, 1, 500) * 10.0 ** rng.integers(-300, 300, 500), [5e-324, 1.7e308]])
+    lines = [raw_line("cpu", {"host": f"h{j:02d}", **({"dc": "eu"} if j % 3 else {})}, "load",
+                      float(values[(i * 7 + j) % len(values)]), T0 + i * S) for j in range(40) for i in range(60)]
+    influxd.write_lines(database, "\n".join(lines))
+    q = Query("cpu", "load", (), ("host", "dc"), S)
+    packed, plain = _read_both(store, q, T0, T0 + 59 * S)
+    assert len(plain) == 40 and all(len(t) == 60 for t, _ in plain.values())
+    assert (("dc", ""), ("host", "h00")) in plain  # a series without the tag keys it as ""
+    _assert_identical(packed, plain)
+    assert decoded["scan"] > 0 and decoded["msgpack"] == 0  # every row read as packed, no value decoded alone
+    ungrouped = _read_both(store, Query("cpu", "load", (("host", "h07"),), (), S), T0, T0 + 59 * S)
+    assert list(ungrouped[0]) == [()]
+    _assert_identical(*ungrouped)
+
+
+def test_msgpack_reads_several_fields_with_nulls_exactly_as_json(store: InfluxDB1Store, influxd: LocalInfluxd,
+                                                                  database: str, decoded: dict[str, int]) -> None:
+    lines = []
+    for j in range(6):
+        for i in range(50):
+            fields = {"a": i + 0.5, "b": -i * 1.25 - 1, "c": j + i / 7}
+            if j % 2 and i % 4 == 1:  # odd hosts miss a field now and then
+                del fields["abc"[i % 3]]
+            body = ",".join(f"{k}={v!r}" for k, v in fields.items())
+            lines.append(f"multi,host=h{j} {body} {T0 + i * S}")
+    influxd.write_lines(database, "\n".join(lines))
+    q = Query("multi", "", (), ("host",), S, fields=("c", "a", "b"))
+    packed, plain = _read_both(store, q, T0, T0 + 49 * S)
+    _assert_identical(packed, plain)
+    _, v = packed[(("host", "h1"),)]
+    assert v.shape == (50, 3) and np.isnan(v).sum() == 13 and v[0].tolist() == [1.0, 0.5, -1.0]
+    assert not np.isnan(packed[(("host", "h0"),)][1]).any()
+    assert decoded["msgpack"] == 3  # the hosts with nulls; the others read as packed rows
+    unknown = _read_both(store, replace(q, fields=("a", "zz")), T0, T0 + 49 * S)  # a field never written: NaN
+    _assert_identical(*unknown)
+    assert np.isnan(unknown[0][(("host", "h0"),)][1][:, 1]).all()
+
+
+def test_msgpack_reads_a_field_holding_strings_in_some_shards_as_json_does(
+        store: InfluxDB1Store, influxd: LocalInfluxd, database: str, caplog: pytest.LogCaptureFixture) -> None:
+    from anomalyd import influx
+
+    week = 8 * 24 * 3600 * S  # another shard group (7 days each): there the field may have another type
+    lines = [f"mixed,host=h{j} a={i}.5,s={i * 2}.0 {T0 + i * S}" for j in range(3) for i in range(10)]
+    lines += [f'mixed,host=h{j} a={i}.5,s="text {i}" {T0 + week + i * S}' for j in range(3) for i in range(10)]
+    influxd.write_lines(database, "\n".join(lines))
+    q = Query("mixed", "", (), ("host",), S, fields=("a", "s"))
+    influx._reported_strings.discard(("mixed", "s"))
+    with caplog.at_level(logging.WARNING, logger="anomalyd.influx"):
+        packed, plain = _read_both(store, q, T0 + week, T0 + week + 9 * S)  # the shard where "s" holds strings
+    _assert_identical(packed, plain)
+    t, v = packed[(("host", "h2"),)]
+    assert len(t) == 10 and np.isnan(v[:, 1]).all() and v[:, 0].tolist() == [i + 0.5 for i in range(10)]
+    warned = [r.getMessage() for r in caplog.records if "holds strings" in r.getMessage()]
+    assert len(warned) == 1 and "'s'" in warned[0]  # once per field, not once per read or per series
+    # Over both shards influxd answers the float values and leaves the strings out (nulls).
+    both = _read_both(store, q, T0, T0 + week + 9 * S)
+    _assert_identical(*both)
+    t, v = both[0][(("host", "h2"),)]
+    assert len(t) == 20 and np.isnan(v[:, 1]).tolist() == [False] * 10 + [True] * 10
+    # One field holding strings fails the read the same way in both formats.
+    single = Query("mixed", "s", (), ("host",), S)
+    errors = []
+    for fmt in ("msgpack", "json"):
+        store.read_format = fmt
+        with pytest.raises(ValueError) as info:
+            store.read(single, T0 + week, T0 + week + 9 * S)
+        errors.append(type(info.value))
+    store.read_format = "msgpack"
+    assert errors[0] is errors[1]
+
+
+def test_msgpack_reads_ms_and_ns_epochs_and_integer_fields_as_json(store: InfluxDB1Store, influxd: LocalInfluxd,
+                                                                   database: str, decoded: dict[str, int]) -> None:
+    lines = [raw_line("fast", {"host": "a"}, "v", i / 3, T0 + i * 250_001) for i in range(100)]
+    lines += [raw_line("fast", {"host": "b"}, "v", -i / 3, i * 1_000_000) for i in range(100)]  # small epochs
+    lines += [f"ints,host=a v={i * 1_000_003}i {T0 + i * S}" for i in range(100)]
+    lines += [f"ints,host=b v={2**62 + i}i {T0 + i * S}" for i in range(100)]
+    influxd.write_lines(database, "\n".join(lines))
+    ns = _read_both(store, Query("fast", "v", (), ("host",), 250_001), 0, T0 + S)  # not whole ms: ns epochs
+    _assert_identical(*ns)
+    assert ns[0][(("host", "a"),)][0].tolist() == [T0 + i * 250_001 for i in range(100)]
+    assert ns[0][(("host", "b"),)][0].tolist() == [i * 1_000_000 for i in range(100)]
+    assert decoded["scan"] > 0 and decoded["msgpack"] >= 1  # the small epochs are packed shorter: decoded alone
+    ms = _read_both(store, Query("fast", "v", (), ("host",), 4 * S), 0, T0 + S)  # whole ms: ms epochs, ns kept
+    assert ms[0][(("host", "b"),)][0].tolist() == [i * 1_000_000 for i in range(100)]
+    _assert_identical(*ms)
+    ints = _read_both(store, Query("ints", "v", (), ("host",), S), T0, T0 + 100 * S)
+    _assert_identical(*ints)
+    assert ints[0][(("host", "b"),)][1][3] == float(2**62 + 3)
+
+
+def test_msgpack_reads_an_empty_answer_as_json(store: InfluxDB1Store, influxd: LocalInfluxd, database: str) -> None:
+    influxd.write_lines(database, raw_line("cpu", {"host": "h1"}, "load", 1.0, T0))
+    for q, lo, hi in [(Query("cpu", "load", (), ("host",), S), T0 + S, T0 + 9 * S),  # nothing in the range
+                      (Query("cpu", "load", (("host", "nope"),), ("host",), S), T0, T0),
+                      (Query("nothing", "load", (), ("host",), S), T0, T0),
+                      (Query("cpu", "", (), ("host",), S, fields=("load", "x")), T0 + S, T0 + S)]:
+        assert _read_both(store, q, lo, hi) == ({}, {})
+
+
+def test_msgpack_error_answers_are_store_errors_naming_the_query(influxd: LocalInfluxd) -> None:
+    store = InfluxDB1Store(InfluxConfig(url=influxd.url, database="no_such_db_mp", timeout_s=5))
+    q = Query("m", "v", (), ("host",), S)
+    with pytest.raises(StoreError) as info:
+        store.read(q, 0, S)
+    assert "database not found: no_such_db_mp" in str(info.value)
+    assert store.build_select(q)[0] in str(info.value) and store.read_format == "msgpack"
+    # An HTTP error answered in MessagePack is decoded for the message (not shown as bytes).
+    params = store._query_params("SELEKT nothing", {}, "ms")
+    with pytest.raises(StoreError, match=r'refused the query \(HTTP 400\): \{"error":"error parsing query: found '
+                                         r"SELEKT"):
+        store._request("query", "query", "POST", params, send=lambda: store._send_query(params))
+
+
+def test_msgpack_long_answers_across_many_chunks_and_batches_are_read_exactly(
+        store: InfluxDB1Store, influxd: LocalInfluxd, database: str, decoded: dict[str, int]) -> None:
+    rng = np.random.default_rng(3)
+    lines = [raw_line("long", {"host": f"h{j}"}, "v", float(rng.normal()), T0 + i * S)
+             for j in range(7) for i in range(100)]
+    lines += [raw_line("long", {"host": "huge"}, "v", float(rng.normal()), T0 + i * S) for i in range(30_000)]
+    influxd.write_lines(database, "\n".join(lines))
+    q = Query("long", "v", (), ("host",), S)
+    whole = _read_both(store, q, T0, T0 + 30_000 * S)  # one document of 570 kB for "huge", read in pieces
+    _assert_identical(*whole)
+    assert len(whole[0][(("host", "huge"),)][0]) == 30_000 and decoded["msgpack"] == 0
+    store.chunk_size = 7  # every series in many documents, each continuing the one before
+    chunked = _read_both(store, q, T0, T0 + 30_000 * S)
+    _assert_identical(*chunked)
+    _assert_identical(chunked[0], whole[1])
+    batches = list(store.read_batches(q, T0, T0 + 30_000 * S, 3))
+    assert [len(b) for b in batches] == [3, 3, 2]  # complete series, three at a time
+    merged = {k: v for b in batches for k, v in b.items()}
+    assert sum(len(b) for b in batches) == len(merged) == 8
+    _assert_identical(merged, whole[1])
+    assert decoded["msgpack"] == 0
+
+
+def test_a_server_refusing_msgpack_is_asked_for_json_from_then_on(caplog: pytest.LogCaptureFixture) -> None:
+    with _Influx1Stub() as stub:  # InfluxDB 3 answers 400 to an Accept header it does not know
+        store = InfluxDB1Store(InfluxConfig(url=stub.url, database="db", timeout_s=5, retries=0, token="tok"))
+        stub.script(Reply(400, {"error": "invalid mime type: application/x-msgpack"}, path="/query"))
+        with caplog.at_level(logging.INFO, logger="anomalyd.influx"):
+            data = store.read(Query("m", "v", (), ("host",), S), T0, T0 + S)
+        assert data[(("host", "h1"),)][1].tolist() == [1.0, 2.0] and store.read_format == "json"
+        assert any("does not answer in MessagePack" in r.getMessage() for r in caplog.records)
+        store.read(Query("m", "v", (), ("host",), S), T0, T0 + S)
+        sent = stub.recorded("/query")
+        assert [r.headers["Accept"] for r in sent] == ["application/x-msgpack", "application/json",
+                                                       "application/json"]
+        assert all(r.headers.get("Authorization") == "Token tok" for r in sent)
+        assert all(r.query["chunked"] == ["true"] and r.query["epoch"] == ["ms"] for r in sent)
+        # A refused read that JSON cannot fix either keeps MessagePack and reports the JSON answer.
+        store.read_format = "msgpack"
+        stub.script(Reply(400, {"error": "nope"}, path="/query"), Reply(400, {"error": "still no"}, path="/query"))
+        with pytest.raises(StoreError, match=r"HTTP 400.*still no"):
+            store.read(Query("m", "v", (), ("host",), S), T0, T0 + S)
+        assert store.read_format == "msgpack"
+
+
+def test_msgpack_reads_send_user_and_password(influxd_auth: AuthInfluxd) -> None:
+    influxd_auth.query('CREATE DATABASE "mp"')
+    requests.post(f"{influxd_auth.url}/write", params={"db": "mp"}, data=f"m,host=a v=1.5 {T0}",
+                  auth=(influxd_auth.user, influxd_auth.password), timeout=10).raise_for_status()
+    cfg = InfluxConfig(url=influxd_auth.url, database="mp", timeout_s=5, retries=0, username=influxd_auth.user,
+                       password=influxd_auth.password)
+    assert InfluxDB1Store(cfg).read(Query("m", "v", (), ("host",), S), T0, T0)[(("host", "a"),)][1].tolist() == [1.5]
+    with pytest.raises(StoreError, match=r"HTTP 401.*ANOMALYD_INFLUXDB_USERNAME"):
+        InfluxDB1Store(replace(cfg, password="wrong")).read(Query("m", "v", (), ("host",), S), T0, T0)
+
+
+class _RawHTTP:
+    """One loopback server that answers each request with the same raw bytes (status line, headers and a body as
+    given, chunked or not) and closes the connection: answers influxd would not send, or sent only in part."""
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    more = conn.recv(65536)
+                    if not more:
+                        break
+                    data += more
+                conn.sendall(self.payload)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _msgpack_answer(*docs: bytes, end: bool = True) -> bytes:
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/x-msgpack\r\nTransfer-Encoding: chunked\r\n\r\n"
+    body = b"".join(b"%x\r\n%s\r\n" % (len(d), d) for d in docs)
+    return head + body + (b"0\r\n\r\n" if end else b"")
+
+
+def _doc(host: str, values: list[list[Any]], partial: bool = True) -> bytes:
+    res: dict[str, Any] = {"statement_id": 0, "series": [{"name": "m", "tags": {"host": host},
+                                                          "columns": ["time", "v"], "values": values}]}
+    if partial:
+        res["partial"] = True
+    return msgpack.packb({"results": [res]})
+
+
+@pytest.mark.parametrize("case", ["broken", "cut", "error", "plain"])
+def test_msgpack_answers_broken_off_or_erroneous_are_store_errors(case: str) -> None:
+    ms = T0 // 1_000_000
+    first = _doc("h1", [[ms, 1.0], [ms + 1000, None]])
+    second = _doc("h2", [[ms, 3.0]], partial=False)
+    payload = {"broken": _msgpack_answer(first, second[:20], end=False),  # the connection drops mid-chunk
+               "cut": _msgpack_answer(first, second[:20]),  # the answer ends inside a document
+               "error": _msgpack_answer(first, msgpack.packb({"error": "query interrupted"})),
+               "plain": _msgpack_answer(first[:7], first[7:], second)}[case]
+    server = _RawHTTP(payload)
+    try:
+        store = InfluxDB1Store(InfluxConfig(url=server.url, database="db", timeout_s=5, retries=0))
+        q = Query("m", "v", (), ("host",), S)
+        if case == "plain":  # the same documents, whole: read (with a null, by msgpack)
+            data = store.read(q, T0, T0 + S)
+            assert data[(("host", "h1"),)][1].tolist()[0] == 1.0 and np.isnan(data[(("host", "h1"),)][1][1])
+            assert data[(("host", "h2"),)][0].tolist() == [T0]  # ms epochs, as asked
+            return
+        with pytest.raises(StoreError) as info:
+            store.read(q, T0, T0 + S)
+        msg = str(info.value)
+        if case == "error":
+            assert "query interrupted" in msg and store.build_select(q)[0] in msg
+        else:
+            assert server.url in msg and "broke off the answer" in msg
+    finally:
+        server.close()
