@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -567,7 +567,7 @@ def _run(spec: DetectorSpec, train: np.ndarray, test: np.ndarray) -> tuple[Detec
 
 def test_field_surprise_settles_after_a_level_shift_and_keeps_a_later_spike() -> None:
     train, test = _shift_case()
-    base = DetectorSpec(window=24, n_clusters=30, decision="error")
+    base = DetectorSpec(window=24, n_clusters=30, decision="error", field_surprise=0, resolution_floor=0.0)
     _, plain = _run(base, train, test)
     _, surp = _run(base.with_overrides(field_surprise=200), train, test)
     late = slice(1200, 2450)  # long after the shift, before the spike
@@ -613,15 +613,16 @@ def test_surprise_gate_rebaselines_a_sustained_shift_and_says_so() -> None:
     assert not off.field_rebased.any()
 
 
-def test_new_spec_options_default_off_and_old_models_load() -> None:
+def test_new_spec_defaults_and_old_models_load_as_they_were_trained() -> None:
     spec = DetectorSpec()
     assert (spec.field_surprise, spec.resolution_floor, spec.range_floor, spec.surprise_gate,
-            spec.surprise_rebaseline) == (0, 0.0, 0.0, None, 0)
+            spec.surprise_rebaseline) == (500, 1.0, 0.0, None, 0)
     old = spec.to_dict()
     for k in ("field_surprise", "surprise_floor", "surprise_gate", "surprise_rebaseline", "resolution_floor",
               "range_floor"):
         old.pop(k)
-    assert DetectorSpec.from_dict(old) == spec
+    # A model saved before these parameters existed was trained without the surprise and the floor.
+    assert DetectorSpec.from_dict(old) == replace(spec, field_surprise=0, resolution_floor=0.0)
     with pytest.raises(ValueError):
         DetectorSpec(field_surprise=-1)
 
@@ -634,9 +635,9 @@ def test_resolution_and_range_floors_bound_a_near_constant_field() -> None:
     counter[::500] = 1.0  # a counter that moved by one unit six times: std ~0.045
     x = np.stack([np.sin(np.arange(3000) / 8) + 0.05 * rng.standard_normal(3000), counter], axis=1)
     assert field_resolution(x)[1] == 1.0
-    plain = Detector(DetectorSpec(window=16, n_clusters=20)).fit([x])
+    plain = Detector(DetectorSpec(window=16, n_clusters=20, resolution_floor=0.0)).fit([x])
     res = Detector(DetectorSpec(window=16, n_clusters=20, resolution_floor=0.5)).fit([x])
-    rng_f = Detector(DetectorSpec(window=16, n_clusters=20, range_floor=0.25)).fit([x])
+    rng_f = Detector(DetectorSpec(window=16, n_clusters=20, range_floor=0.25, resolution_floor=0.0)).fit([x])
     assert plain.scale_[1] < 0.1
     assert res.scale_[1] == pytest.approx(0.5)
     assert rng_f.scale_[1] == pytest.approx(0.25)

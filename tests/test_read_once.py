@@ -42,7 +42,8 @@ def _write(influxd: LocalInfluxd, db: str, hosts: list[str], lo: int, hi: int) -
         x, _ = ecg(hi + 1, seed=j)
         counter = np.cumsum(300 + 10 * x)  # a counter: its rate follows the ECG
         lines += [f"ecg,host={h} value={float(x[i])!r} {T0 + i * S}" for i in range(lo, hi + 1)]
-        lines += [f"net,host={h} bytes={float(counter[i])!r},load={float(x[i])!r} {T0 + i * S}" for i in range(lo, hi + 1)
+        lines += [f"net,host={h} bytes={float(counter[i])!r},load={float(x[i])!r} {T0 + i * S}"
+                  for i in range(lo, hi + 1)
                   if i % 97 != 5]  # a few samples missing: gaps to fill at the tick boundaries too
     influxd.write_lines(db, "\n".join(lines))
 

@@ -98,7 +98,7 @@ def test_rendezvous_moves_only_what_must_move() -> None:
     assert 800 < sum(v == 2 for v in three.values()) < 1200  # about a third each
     shard = Shard(1, 3)
     assert [shard.owns(s) for s in ids[:50]] == [three[s] == 1 for s in ids[:50]]
-    with pytest.raises(ValueError, match="0..2"):
+    with pytest.raises(ValueError, match=r"0\.\.2"):
         Shard(3, 3)
 
 
@@ -157,7 +157,7 @@ def test_two_replicas_with_one_index_are_told(influxd: LocalInfluxd, database: s
 
 def test_a_bad_shard_is_one_line() -> None:
     for bad, word in (("3/2", "indices run from 0 to 1"), ("0/0", "N must be at least 1"), ("x", "must be \"I/N\"")):
-        with pytest.raises(ValueError, match="daemon.shard") as exc:
+        with pytest.raises(ValueError, match=r"daemon\.shard") as exc:
             from_dict({"daemon": {"shard": bad}, "signals": [{"name": "a", "measurement": "m", "field": "f",
                                                                 "period": "1s"}]}, env={})
         assert word in str(exc.value) and len(str(exc.value).splitlines()) == 2

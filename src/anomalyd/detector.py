@@ -175,6 +175,10 @@ def choose_window(x: ArrayLike, default: int = 32, min_window: int = 16, max_win
 
 
 
+#: Parameters added after models were first saved, with the value that reproduces how those models were trained.
+_BEFORE_KEYS: dict[str, Any] = {"resolution_floor": 0.0, "field_surprise": 0}
+
+
 @dataclass(frozen=True)
 class DetectorSpec:
     """The detector's parameters: one configuration for every series (defaults: the module docstring).
@@ -225,7 +229,8 @@ class DetectorSpec:
     resolution_floor : float
         Floor of each field's scale in units of that field's *resolution* in training (the smallest positive
         step between its distinct values): a field that is almost constant in training (a counter that moved
-        by one unit) cannot make a one-step change a hundred-sigma event. 0 (default): off.
+        by one unit) cannot make a one-step change a hundred-sigma event. 1 (default): a one-step change is at
+        most one standard unit; 0: off.
     range_floor : float
         Floor of each field's scale as a share of its training range (max - min). 0 (default): off.
     field_surprise : int
@@ -233,7 +238,8 @@ class DetectorSpec:
         own recent errors (an exponentially weighted mean and variance over about this many windows;
         `anomalyd.postprocess.field_surprise`), clipped at 0, before the fields are aggregated; the threshold
         and the score's warm-up are learned on the hold-out's surprises, and ``field_error`` (the attribution)
-        is the surprise. 0 (default): off. One field: no effect.
+        is the surprise. 500 (default): a field that is always a little off (its shape fits the catalog less
+        well) does not dominate every window and its attribution; 0: off. One field: no effect.
     surprise_floor : float
         The surprise's spread is at least this share of the field's mean error.
     surprise_gate : float or None
@@ -274,9 +280,9 @@ class DetectorSpec:
     range_by: str = "window"
     scorer: str = "kmeans"
     discord_max_ref: int = 4000
-    resolution_floor: float = 0.0
+    resolution_floor: float = 1.0
     range_floor: float = 0.0
-    field_surprise: int = 0
+    field_surprise: int = 500
     surprise_floor: float = 0.05
     surprise_gate: float | None = None
     surprise_rebaseline: int = 0
@@ -323,7 +329,7 @@ class DetectorSpec:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown detector parameters {unknown}")
-        kw = dict(d)
+        kw = {**_BEFORE_KEYS, **d}  # a model saved before a parameter existed was trained without it
         if isinstance(kw.get("normaliser"), dict):
             kw["normaliser"] = NormaliserParams(**kw["normaliser"])
         return cls(**kw)

@@ -298,7 +298,7 @@ def field_surprise(norms: Sequence[ScoreNormaliser], errors: NDArray[np.float64]
     >>> nm.fm, nm.fv = np.array([1.0, 1.0]), np.array([0.01, 0.01])
     >>> z, _ = field_surprise([nm], np.array([[[1.0, 2.0], [1.0, 1.0]]]), span=10)
     >>> z.round(2).tolist()
-    [[[0.0, 10.0], [0.0, -0.75]]]
+    [[[0.0, 10.0], [0.0, -0.46]]]
     """
     e_all = np.asarray(errors, dtype=np.float64)
     n, k, d = e_all.shape

@@ -198,7 +198,7 @@ class ScoreStates:
     close = save
 
 
-_LISTS = ("hist", "tail", "lo", "hi")
+_LISTS = ("hist", "tail", "lo", "hi", "fm", "fv", "fn")  # fm/fv/fn: per-field surprise state (several fields)
 _VERSION = 2
 
 
@@ -257,9 +257,12 @@ def _unpack_states(blob: bytes) -> dict[str, tuple[str, dict[str, Any]]]:
             "seen": int(a["seen"][r]), "since_red": int(a["since_red"][r]), "s1": float(a["s1"][r]),
             "s2": float(a["s2"][r])}
         for name in _LISTS:
+            if name not in a:  # saved before the per-field state existed
+                state[name] = None
+                continue
             state[name] = a[name][r, : int(a[f"{name}_len"][r])]  # from_dict copies
-        for name in ("lo", "hi"):
-            if len(state[name]) == 0:
+        for name in ("lo", "hi", "fm", "fv", "fn"):
+            if state[name] is not None and len(state[name]) == 0:
                 state[name] = None
         out[str(sid)] = (str(model), state)
     return out
