@@ -221,3 +221,51 @@ def test_check_against_influxdb_2x_flux_and_influxql_with_a_token(tmp_path: Path
             assert main(["check", "-c", str(path)]) == 1  # the stand-in holds no data
             out = capsys.readouterr().out
             assert [f for f in _fails(out) if "401" in f] == [] and TOKEN not in out
+
+
+#: What `anomalyd --version` and `--help` must not load: the numeric stack, the plotting and InfluxDB clients, the
+#: evaluation back end, and the config (it loads the detector, hence scikit-learn).
+HEAVY = ("numpy", "sklearn", "scipy", "matplotlib", "pandas", "influxdb", "requests", "anomalyd.evaluate",
+         "anomalyd.config", "anomalyd.detector")
+
+
+@pytest.mark.parametrize("flag", ["--version", "--help"])
+def test_version_and_help_import_only_the_standard_library(flag: str) -> None:
+    """No wall clock: ``-X importtime`` lists every module a fresh interpreter imports for the flag."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "anomalyd", flag], capture_output=True,
+                       text=True, check=True)
+    assert r.stdout.startswith("anomalyd 0.1.0" if flag == "--version" else "usage: anomalyd")
+    imported = {line.split("|")[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+    assert "anomalyd.cli" in imported
+    heavy = sorted(m for m in imported if any(m == h or m.startswith(h + ".") for h in HEAVY))
+    assert heavy == []
+
+
+def test_evaluate_without_its_extra_is_one_line_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+    import sys
+
+    csv = tmp_path / "x.csv"
+    csv.write_text("timestamp,value,label\n")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: find_spec answers None
+    assert main(["evaluate", str(csv), "--plots", str(tmp_path / "plots")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--plots needs matplotlib" in err and "pip install 'anomalyd[evaluate]'" in err
+    assert not (tmp_path / "plots").exists()
+
+    real_import = builtins.__import__
+
+    def no_evaluate_deps(name: str, globals: object = None, locals: object = None, fromlist: object = (),
+                         level: int = 0) -> object:
+        if fromlist and "evaluate" in fromlist:  # type: ignore[operator]
+            raise ModuleNotFoundError("No module named 'stumpy'", name="stumpy")
+        return real_import(name, globals, locals, fromlist, level)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(builtins, "__import__", no_evaluate_deps)
+    assert main(["evaluate", str(csv)]) == 2
+    err = capsys.readouterr().err
+    assert err == "anomalyd evaluate: stumpy is not installed; pip install 'anomalyd[evaluate]'\n"

@@ -1,5 +1,8 @@
 """Command line: argument parsing and logging set-up only; the work is done by the modules it calls."""
 
+# Only the standard library is imported at the top: `anomalyd --version` and `--help` load no numpy,
+# scikit-learn, config (which loads the detector), InfluxDB client or evaluate. Each subcommand imports what it
+# needs in its branch (tests/test_cli.py checks this).
 from __future__ import annotations
 
 import argparse
@@ -8,19 +11,27 @@ import logging
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable
-from dataclasses import replace
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .config import Config, ConfigError, load, parse_duration_ns, parse_time_ns, redact_url
-from .records import rfc3339
+
+if TYPE_CHECKING:
+    from .config import Config
 
 log = logging.getLogger("anomalyd")
 
+#: Installs what ``anomalyd evaluate`` needs beyond the daemon (matplotlib for ``--plots``; the benchmarks' stumpy).
+EVALUATE_EXTRA = "pip install 'anomalyd[evaluate]'"
 
-def _parser() -> argparse.ArgumentParser:
+_EVALUATE_HELP = "measure detection quality on labelled data (CSV, NAB, SMD, InfluxDB)"
+
+
+def _parser(evaluate_options: bool = False) -> argparse.ArgumentParser:
+    """The command line. ``evaluate``'s options come from `anomalyd.evaluate` (numpy, scikit-learn), so they are
+    added only with ``evaluate_options`` (the command line names ``evaluate``); ``anomalyd --help`` lists the
+    subcommand all the same."""
     p = argparse.ArgumentParser(prog="anomalyd", description=__doc__)
     p.add_argument("--version", action="version", version=f"anomalyd {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -61,12 +72,13 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--ticks", type=int, default=3, help="live ticks after the catch-up (default 3)")
     sp.add_argument("--dir", type=Path, default=Path("var/demo"), help="working directory (default var/demo)")
     sp.add_argument("--external", action="store_true", help="use influxdb.url from the config, start no influxd")
-    from . import evaluate
-
-    ev = sub.add_parser("evaluate", help="measure detection quality on labelled data (CSV, NAB, SMD, InfluxDB)",
+    ev = sub.add_parser("evaluate", help=_EVALUATE_HELP,
                         description="measure detection quality on labelled data: F1, point-adjusted F1, window "
                                     "F1, ROC/PR-AUC, NAB scores; tune the threshold from labels")
-    evaluate.add_arguments(ev)
+    if evaluate_options:
+        from . import evaluate
+
+        evaluate.add_arguments(ev)
     sp = cmd("kapacitor", "render the TICKscripts or define the tasks in Kapacitor")
     sp.add_argument("action", choices=["render", "define"])
     sp.add_argument("--out", type=Path, default=Path("var/tickscripts"),
@@ -76,6 +88,12 @@ def _parser() -> argparse.ArgumentParser:
                     help="comma-separated tasks to create enabled: stream, batch, fixed, deadman (default "
                          "%(default)s)")
     return p
+
+
+def _names_evaluate(argv: Sequence[str]) -> bool:
+    """Whether the subcommand of ``argv`` is ``evaluate`` (the top-level options take no value, so it is the
+    first argument that is not an option)."""
+    return next((a for a in argv if not a.startswith("-")), None) == "evaluate"
 
 
 def _positive_int(text: str) -> int:
@@ -162,6 +180,7 @@ def _worker(cfg: Config, dry_run: bool = False):  # type: ignore[no-untyped-def]
 def _check(cfg: Config) -> int:
     from .catalog import CatalogError, model_id_for, model_mismatch
     from .catalog import load as load_model
+    from .config import redact_url
     from .influx import StoreError
 
     problems = 0
@@ -244,6 +263,8 @@ def _count_series(cfg: Config, store: Any, query: Any, start: int, end: int) -> 
 
 def _access_problem(cfg: Config, exc: Exception) -> str:
     """One line for an InfluxQL query refused for its credentials (HTTP 401) or privileges (403), else ""."""
+    from .config import redact_url
+
     code = getattr(exc.__cause__, "code", None)
     url, db, user = redact_url(cfg.influxdb.url), cfg.influxdb.database, cfg.influxdb.username
     if code == 401:
@@ -317,7 +338,9 @@ def _check_data(cfg: Config, store: Any, untrained: set[str]) -> int:
     """The credentials are accepted and the database exists; every signal's measurement and field exist, every
     signal has recent data (what the next tick scores), and an untrained signal has data in its training range.
     One line per problem, naming the value to fix."""
+    from .config import redact_url
     from .influx import StoreError
+    from .records import rfc3339
     from .sources import describe
 
     db = cfg.influxdb.database
@@ -385,12 +408,18 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        parser = _parser(evaluate_options=_names_evaluate(argv))
+    except ModuleNotFoundError as exc:  # evaluate needs a module of its extra
+        print(f"anomalyd evaluate: {exc.name} is not installed; {EVALUATE_EXTRA}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     _setup_logging(args.verbose)
     if args.cmd == "evaluate":  # reads its own inputs (and its own config, for an InfluxDB range)
-        from . import evaluate
+        return _evaluate(args)
+    from .config import ConfigError, load
 
-        return evaluate.run(args)
     try:
         cfg = load(args.config)
     except ConfigError as exc:
@@ -404,6 +433,18 @@ def main(argv: list[str] | None = None) -> int:
         log.debug("failure", exc_info=True)
         print(f"anomalyd {args.cmd}: {exc}", file=sys.stderr)
         return 1
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from importlib.util import find_spec
+
+    if args.plots is not None and find_spec("matplotlib") is None:
+        print(f"anomalyd evaluate: --plots needs matplotlib, which is not installed; {EVALUATE_EXTRA}",
+              file=sys.stderr)
+        return 2
+    from . import evaluate
+
+    return evaluate.run(args)
 
 
 def _dispatch(args: argparse.Namespace, cfg: Config) -> int:
@@ -439,6 +480,10 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> int:
         service.run_forever()
         return 0
     if args.cmd == "score":
+        from dataclasses import replace
+
+        from .config import parse_time_ns
+
         now = time.time_ns()
         start, end = parse_time_ns(args.start, now), parse_time_ns(args.end, now)
         if start >= end:
@@ -455,6 +500,7 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> int:
         _print_anomalous(report, cfg.output.measurement)
         return _nothing_scored(report, "score")
     if args.cmd == "feed":
+        from .config import parse_duration_ns
         from .demo import feed, feed_live
 
         store = _store(cfg)
@@ -503,6 +549,8 @@ SHOW_ANOMALOUS = 20  # windows listed by `anomalyd score`; the rest are counted
 
 def _print_anomalous(report: Any, measurement: str, limit: int | None = None) -> None:
     """The anomalous windows of a backfill, earliest first, at most ``limit`` (`SHOW_ANOMALOUS`) of them."""
+    from .records import rfc3339
+
     limit = SHOW_ANOMALOUS if limit is None else limit
     rows = ((end, str(b.key), score, err, b.threshold)
             for b in report.blocks
