@@ -399,6 +399,25 @@ def test_a_failed_plot_upload_still_sends_the_message(slack: SlackStub, tmp_path
     assert "plot upload" in caplog.text and "sent without it" in caplog.text
 
 
+def test_without_matplotlib_messages_go_without_the_plot_and_one_line_names_the_extra(
+        slack: SlackStub, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    import anomalyd.alerts
+
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: importing it raises
+    monkeypatch.setattr(anomalyd.alerts, "_told_no_plots", False)
+    m = AlertManager(bot_config(slack), tmp_path)
+    m.observe(pattern("A..A"), now_ns=0)
+    assert len(slack.recorded("/api/chat.postMessage")) == 3 and m.queued() == 0  # anomalous, recovered, anomalous
+    assert slack.recorded("/upload/") == []
+    told = [r.getMessage() for r in caplog.records if "matplotlib" in r.getMessage()]
+    assert len(told) == 1 and "pip install 'anomalyd[plots]'" in told[0]   # one line, not one per message
+    assert "plot upload" not in caplog.text
+
+
 def test_bot_rate_limit_and_errors_keep_alerts_queued(slack: SlackStub, tmp_path: Path) -> None:
     slack.script(Reply.rate_limited(60, path="/api/chat.postMessage"))
     m = AlertManager(bot_config(slack), tmp_path)

@@ -395,6 +395,20 @@ def test_dockerfile_paths_exist_and_reach_the_build_context() -> None:
     assert any(op == "RUN" and "pip install" in rest for op, rest in ins), "the package is not pip-installed"
 
 
+def test_the_image_installs_the_core_and_the_plots_extra_and_dev_gets_every_extra() -> None:
+    """The daemon runs without the extras; the image adds the Slack plots, not what only evaluate needs."""
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    core = " ".join(meta["project"]["dependencies"])
+    extras = meta["project"]["optional-dependencies"]
+    assert "matplotlib" not in core and "stumpy" not in core
+    assert extras["plots"] == ["matplotlib>=3.8"] and "matplotlib>=3.8" in extras["evaluate"]
+    dev = [r for r in extras["dev"] if r.startswith("anomalyd[")]
+    assert dev and {"plots", "evaluate", "dask"} <= set(dev[0][len("anomalyd["):-1].split(","))
+    (install,) = [rest for op, rest in dockerfile_instructions() if op == "RUN" and "pip install" in rest]
+    target = next(w for w in shlex.split(install) if w.startswith("/tmp/anomalyd-src"))
+    assert target == "/tmp/anomalyd-src[plots]"
+
+
 def test_dockerfile_runs_as_non_root_with_volumes_and_the_cli() -> None:
     ins = dockerfile_instructions()
     users = [rest for op, rest in ins if op == "USER"]

@@ -938,8 +938,26 @@ class SlackBotSink(_SlackSink):
                                    filename=f"{t.signal}-{t.end_ns}.png",
                                    title=f"{t.signal} [{t.series}] window vs reconstruction")
         except Exception as exc:
+            if _plots_not_installed(exc):
+                return
             log.warning("plot upload for %s %s failed (%s: %s); the message was sent without it", t.kind,
                         t.series_id, type(exc).__name__, _REDACT.redact(str(exc))[:300])
+
+
+_told_no_plots = False
+
+
+def _plots_not_installed(exc: BaseException) -> bool:
+    """Whether ``exc`` says matplotlib (the ``plots`` extra) is not installed. The first time, one log line says
+    so: every message is then sent without its plot."""
+    global _told_no_plots
+    if not (isinstance(exc, ModuleNotFoundError) and (exc.name or "").partition(".")[0] == "matplotlib"):
+        return False
+    if not _told_no_plots:
+        _told_no_plots = True
+        log.warning("alerts.slack.attach_plot: matplotlib is not installed, so Slack messages are sent without "
+                    "the plot; pip install 'anomalyd[plots]' to attach it")
+    return True
 
 
 def sinks_from_config(cfg: AlertsConfig) -> list[Sink]:
