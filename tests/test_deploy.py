@@ -388,8 +388,8 @@ def test_dockerfile_paths_exist_and_reach_the_build_context() -> None:
             if path.is_file():
                 assert kept == [path], f"COPY {src}: excluded by .dockerignore"
             else:
-                py = [p for p in files if p.suffix == ".py"]
-                assert all(p in kept for p in py), f"COPY {src}: .dockerignore drops some .py files"
+                py = [p for p in files if p.suffix in (".py", ".tick")]  # the code and its TICKscripts
+                assert all(p in kept for p in py), f"COPY {src}: .dockerignore drops some .py or .tick files"
     for heavy in (".venv/bin/python", ".git/HEAD", "tests/test_deploy.py", "var/x"):
         assert dockerignored(heavy, patterns), f"{heavy} would be sent to the build context"
     assert any(op == "RUN" and "pip install" in rest for op, rest in ins), "the package is not pip-installed"

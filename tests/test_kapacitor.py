@@ -17,7 +17,7 @@ from anomalyd import kapacitor
 from anomalyd.catalog import StoredModel, model_id_for
 from anomalyd.config import Config, from_dict
 from anomalyd.kapacitor import (
-    BATCH_TICK,
+    TEMPLATE_TYPES,
     TEMPLATES,
     VAR_TYPES,
     KapacitorError,
@@ -33,7 +33,7 @@ from anomalyd.records import tags_str
 from http_stubs import KapacitorStub, Reply
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = ROOT / "tickscripts"
+SHIPPED = ROOT / "src" / "anomalyd" / "tickscripts"
 S = 10**9
 
 # The output schema the worker writes (see the README's output section, and docs/multivariate.md for the
@@ -80,11 +80,22 @@ def kap() -> Iterator[KapacitorStub]:
 # The scripts
 
 
-def test_shipped_tickscripts_are_the_templates_and_vars_examples_are_current(tmp_path: Path) -> None:
-    for name, (_, script) in TEMPLATES.items():
-        assert (SHIPPED / f"{name}.tick").read_text() == script, f"tickscripts/{name}.tick is out of date"
+def test_the_scripts_rendered_are_the_package_files_and_vars_examples_are_current(tmp_path: Path) -> None:
+    """The .tick files in the package are the templates' one copy: render writes them byte for byte, and
+    nothing else in the package holds a TICKscript."""
+    from importlib.resources import files
+
+    packaged = files("anomalyd").joinpath("tickscripts")
+    assert sorted(p.name for p in packaged.iterdir() if p.name.endswith(".tick")) == sorted(
+        f"{n}.tick" for n in TEMPLATE_TYPES)
+    assert not (ROOT / "tickscripts").exists()  # no second copy at the top of the repository
     models = example_models()[:1]
     render(example_config(), tmp_path, models)
+    for name in TEMPLATE_TYPES:
+        assert (tmp_path / f"{name}.tick").read_bytes() == packaged.joinpath(f"{name}.tick").read_bytes()
+        assert TEMPLATES[name] == (TEMPLATE_TYPES[name], packaged.joinpath(f"{name}.tick").read_text())
+    source = (ROOT / "src" / "anomalyd" / "kapacitor.py").read_text()
+    assert "|alert()" not in source and "var measurement" not in source  # the scripts are not also strings here
     (tmp_path / f"anomaly_fixed.{models[0].model_id}.vars.json").rename(tmp_path / "anomaly_fixed.vars.json")
     for name in ("anomaly_stream", "anomaly_batch", "anomaly_fixed", "anomaly_deadman"):
         shipped = json.loads((SHIPPED / f"{name}.vars.json").read_text())
@@ -601,7 +612,7 @@ def test_check_vars_catches_what_kapacitor_would_reject() -> None:
                            "threshold": {"type": "float", "value": 0.4},
                            "treshold": {"type": "float", "value": 1}})
     with pytest.raises(KapacitorError, match="not a valid duration"):
-        check_vars(BATCH_TICK, {"db": {"type": "string", "value": "x"},
+        check_vars(TEMPLATES["anomaly_batch"][1], {"db": {"type": "string", "value": "x"},
                                 "period": {"type": "duration", "value": "1.5m"}})
 
 

@@ -1,6 +1,7 @@
 """Kapacitor: the shipped TICKscript templates, rendered with the learned thresholds, and defined over HTTP.
 
-Four templates (the same text is shipped in ``tickscripts/``):
+Four templates, shipped once as package data in ``anomalyd/tickscripts/`` (``src/anomalyd/tickscripts/`` in the
+repository, each with a vars example):
 
 - ``anomaly_stream.tick`` (a): a stream task over every series of the output measurement. Because each point
   carries the detector's own decision (``anomalous``), one task alerts on ``"anomalous" == TRUE`` for all of
@@ -34,6 +35,7 @@ import shlex
 import unicodedata
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -104,227 +106,24 @@ class ModelRef:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The templates. Keep them in sync with tickscripts/ (a test compares them).
+# The templates: the package's tickscripts/*.tick files (package data), their one copy.
 
-_COMMON_VARS = """\
-// Measurement anomalyd writes one point per scored window to (output.measurement)
-var measurement = 'anomaly_error'
-
-// Dimensions of the alert state: every tag, i.e. one state per series
-var groups = [*]
-
-// Slack channel of the alerts ('' = the channel set in the [slack] section of kapacitor.conf)
-var slack_channel = ''
-
-// File the alerts are appended to, one JSON object per line (absolute path)
-var log_path = '/var/log/kapacitor/anomalyd_alerts.log'
-"""
-
-STREAM_TICK = """\
-// anomalyd (a): alert when the detector flags a window anomalous (the point's own "anomalous" field).
-// One task serves every series of the output measurement. Points: tags signal, series (k=v,k=v), model and
-// the signal's group_by tags; fields max_error, threshold, anomalous, score, missing, n_missing, and the
-// attribution: top_field and direction (strings), and for a multi-field signal top_share and top_fields.
-
-""" + _COMMON_VARS + """
-// Optional extra filter on the points, e.g. lambda: "signal" == 'heartbeat'
-var where_filter = lambda: TRUE
-
-// When a window is critical: the detector's decision, written by anomalyd as the "anomalous" field.
-// Alternatives: the likelihood score alone, lambda: "score" >= 0.5 (0.5 is the score's red zone, a tail
-// probability of 1e-5); or the raw error against its learned threshold, lambda: "max_error" > "threshold"
-// (no longer the detector's decision; max_error and threshold are in every scored point for information).
-var crit = lambda: "anomalous" == TRUE
-
-// Alert id: one per series
-var id = 'anomalyd:{{ index .Tags "signal" }}[{{ index .Tags "series" }}]'
-
-// Alert message: the series, its error, its threshold and its score, and the field that explains the window most
-// (top_field) with its direction (up or down: above or below its reconstruction); for a multi-field signal also the
-// largest shares (top_fields, e.g. "cpu.usage_user up 62%, mem.used_percent down 21%"). Points written before
-// anomalyd wrote these fields have none: the {{ if }} leaves that part out instead of printing <no value>.
-var message = '{{ .Level }} {{ index .Tags "signal" }} [{{ index .Tags "series" }}]: max_error \
-{{ index .Fields "max_error" | printf "%.4g" }} vs threshold {{ index .Fields "threshold" | printf "%.4g" }} \
-(ratio {{ index .Fields "ratio" | printf "%.3g" }}, score {{ index .Fields "score" | printf "%.2f" }})\
-{{ if index .Fields "top_field" }}, top field {{ index .Fields "top_field" }} \
-{{ index .Fields "direction" }}{{ if index .Fields "top_fields" }} ({{ index .Fields "top_fields" }})\
-{{ end }}{{ end }}, model {{ index .Tags "model" }}, window ending {{ .Time }}'
-
-stream
-    |from()
-        .measurement(measurement)
-        .where(where_filter)
-        .groupBy(groups)
-    // Missing-data windows carry no max_error (and anomalous false): they neither raise nor clear the alert.
-    |where(lambda: "missing" == FALSE AND isPresent("max_error"))
-    |eval(lambda: "max_error" / "threshold")
-        .as('ratio')
-        .keep()
-    |alert()
-        .id(id)
-        .message(message)
-        .crit(crit)
-        .stateChangesOnly()
-        .log(log_path)
-        .slack()
-        .channel(slack_channel)
-"""
-
-BATCH_TICK = """\
-// anomalyd (b): every period, query the windows the detector flagged anomalous and send one alert per series
-// that had any, about its worst window. The query skips missing-data windows (they have no max_error).
-
-// Database and retention policy anomalyd writes to
-var db string
-var rp = 'autogen'
-
-""" + _COMMON_VARS + """
-// Time covered by each query and how often it runs; equal, so that every window is reported once
-var period = 1m
-var every = 1m
-
-// How far behind now each queried period ends, so that anomalyd has scored and written its windows
-var offset = 1m
-
-// Alert id: one per series
-var id = 'anomalyd-batch:{{ index .Tags "signal" }}[{{ index .Tags "series" }}]'
-
-// Alert message: the series, the worst window's error, its threshold, its score, its top field and direction
-// (and, for a multi-field signal, its largest shares); left out for points written without them
-var message = '{{ .Level }} {{ index .Tags "signal" }} [{{ index .Tags "series" }}]: max_error \
-{{ index .Fields "max_error" | printf "%.4g" }} vs threshold {{ index .Fields "threshold" | printf "%.4g" }} \
-(ratio {{ index .Fields "ratio" | printf "%.3g" }}, score {{ index .Fields "score" | printf "%.2f" }})\
-{{ if index .Fields "top_field" }}, top field {{ index .Fields "top_field" }} \
-{{ index .Fields "direction" }}{{ if index .Fields "top_fields" }} ({{ index .Fields "top_fields" }})\
-{{ end }}{{ end }}, model {{ index .Tags "model" }}, window ending {{ .Time }}'
-
-// The worst anomalous window of each series in the period; Kapacitor adds the time range and the GROUP BY.
-// max() is a selector: "threshold", "score", "anomalous", "top_field", "direction" and "top_fields" (and the time)
-// are those of the window with the largest max_error. Without it the alert would report the period's first
-// anomalous window, not its worst. The string fields cannot be aggregated, and need not be: they come with the
-// selected point. A window without them (written before anomalyd wrote them; top_fields: a single-field signal)
-// answers null, which Kapacitor leaves out of the point; the message then omits them.
-// To alert on something other than the detector's decision, put the same test in the WHERE condition and in
-// the crit lambda below, e.g. "score" >= 0.5, or "max_error" > "threshold" (no longer the detector's decision).
-var query = 'SELECT max("max_error") AS "max_error", "threshold", "score", "anomalous", "top_field", "direction", \
-"top_fields" FROM "' + db + '"."' + rp + '"."' + measurement + '" WHERE "missing" = false AND "anomalous" = true'
-
-batch
-    |query(query)
-        .period(period)
-        .every(every)
-        .offset(offset)
-        .align()
-        .groupBy(groups)
-    |eval(lambda: "max_error" / "threshold")
-        .as('ratio')
-        .keep()
-    |alert()
-        .id(id)
-        .message(message)
-        .crit(lambda: "anomalous" == TRUE)
-        .log(log_path)
-        .slack()
-        .channel(slack_channel)
-"""
-
-FIXED_TICK = """\
-// anomalyd (c): the blog's approach, one task per series with a fixed threshold on max_error as a var.
-// `anomalyd kapacitor render` writes one vars file per model, filled from the catalog's learned threshold;
-// the operator may set another. This alerts on max_error alone, not on the detector's decision (anomalous).
-
-""" + _COMMON_VARS + """
-// The series this task watches, e.g. lambda: "signal" == 'heartbeat' AND "series" == 'patient=p1'
-var where_filter lambda
-
-// The fixed threshold on max_error, learned by `anomalyd train`
-var threshold float
-
-// Alert id: one per series
-var id = 'anomalyd-fixed:{{ index .Tags "signal" }}[{{ index .Tags "series" }}]'
-
-// Alert message: the series, its error and the fixed threshold, and the top field with its direction (and, for
-// a multi-field signal, the largest shares); left out for points written without them
-var message = '{{ .Level }} {{ index .Tags "signal" }} [{{ index .Tags "series" }}]: max_error \
-{{ index .Fields "max_error" | printf "%.4g" }} vs fixed threshold \
-{{ index .Fields "fixed_threshold" | printf "%.4g" }} (ratio {{ index .Fields "ratio" | printf "%.3g" }}, \
-score {{ index .Fields "score" | printf "%.2f" }})\
-{{ if index .Fields "top_field" }}, top field {{ index .Fields "top_field" }} \
-{{ index .Fields "direction" }}{{ if index .Fields "top_fields" }} ({{ index .Fields "top_fields" }})\
-{{ end }}{{ end }}, model {{ index .Tags "model" }}, window ending {{ .Time }}'
-
-stream
-    |from()
-        .measurement(measurement)
-        .where(where_filter)
-        .groupBy(groups)
-    // Missing-data windows carry no max_error: they neither raise nor clear the alert.
-    |where(lambda: "missing" == FALSE AND isPresent("max_error"))
-    |eval(lambda: threshold, lambda: "max_error" / threshold)
-        .as('fixed_threshold', 'ratio')
-        .keep()
-    |alert()
-        .id(id)
-        .message(message)
-        .crit(lambda: "max_error" > threshold)
-        .stateChangesOnly()
-        .log(log_path)
-        .slack()
-        .channel(slack_channel)
-"""
-
-DEADMAN_TICK = """\
-// anomalyd (d): deadman, one alert for each series that stops being scored. Kapacitor's |deadman counts the
-// scored windows (missing = false) each series (signal, series) writes, every interval, and raises when a series
-// writes none for a whole interval; the next scored window recovers it. Missing-data windows do not count:
-// anomalyd writes them for a while after a series stops reporting. Kapacitor watches a series from its first
-// point after the task starts (it does not know series that stopped before); anomalyd's own deadman alert
-// (alerts.deadman) knows every series it has scored.
-
-// Measurement anomalyd writes one point per scored window to (output.measurement)
-var measurement = 'anomaly_error'
-
-// Dimensions of the deadman: one per series (the tags anomalyd writes to name it)
-var groups = ['signal', 'series']
-
-// How long a series may go without a scored window before the alert (alerts.deadman)
-var interval = 10m
-
-// Slack channel of the alerts ('' = the channel set in the [slack] section of kapacitor.conf)
-var slack_channel = ''
-
-// File the alerts are appended to, one JSON object per line (absolute path)
-var log_path = '/var/log/kapacitor/anomalyd_alerts.log'
-
-// Alert id: one per series
-var id = 'anomalyd-deadman:{{ index .Tags "signal" }}[{{ index .Tags "series" }}]'
-
-// Alert message: the series, and whether it stopped or came back
-var message = '{{ .Level }} {{ index .Tags "signal" }} [{{ index .Tags "series" }}]: \
-{{ if eq .Level "OK" }}scored again{{ else }}deadman: no scored window in the last interval \
-({{ index .Fields "emitted" | printf "%.0f" }} written); is the series still reporting and anomalyd running?{{ end }}'
-
-stream
-    |from()
-        .measurement(measurement)
-        .groupBy(groups)
-    |where(lambda: "missing" == FALSE)
-    |deadman(0.0, interval)
-        .id(id)
-        .message(message)
-        .stateChangesOnly()
-        .log(log_path)
-        .slack()
-        .channel(slack_channel)
-"""
-
-#: Template file name -> (task type, script).
-TEMPLATES: dict[str, tuple[str, str]] = {
-    "anomaly_stream": ("stream", STREAM_TICK),
-    "anomaly_batch": ("batch", BATCH_TICK),
-    "anomaly_fixed": ("stream", FIXED_TICK),
-    "anomaly_deadman": ("stream", DEADMAN_TICK),
+#: Template name -> task type; the script is ``tickscripts/<name>.tick`` in the package.
+TEMPLATE_TYPES: dict[str, str] = {
+    "anomaly_stream": "stream",
+    "anomaly_batch": "batch",
+    "anomaly_fixed": "stream",
+    "anomaly_deadman": "stream",
 }
+
+
+def template_text(name: str) -> str:
+    """The TICKscript of template ``name``, as shipped in the package's ``tickscripts/`` folder."""
+    return files(__package__).joinpath("tickscripts", f"{name}.tick").read_text(encoding="utf-8")
+
+
+#: Template name -> (task type, script).
+TEMPLATES: dict[str, tuple[str, str]] = {name: (ttype, template_text(name)) for name, ttype in TEMPLATE_TYPES.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -689,8 +488,9 @@ class _Api:
         if r.status_code >= 400 and r.status_code != 404:
             error = str(data.get("error") or r.reason)
             if "invalid TICKscript" in error:
-                raise KapacitorError(f"Kapacitor rejected task {task_id}: {error}. Fix the template in "
-                                     "tickscripts/ or its vars (see `anomalyd kapacitor render`)")
+                raise KapacitorError(f"Kapacitor rejected task {task_id}: {error}. Fix the template "
+                                     "(anomalyd/tickscripts/ in the package) or its vars (see `anomalyd kapacitor "
+                                     "render`)")
             raise KapacitorError(f"Kapacitor at {self.shown} answered HTTP {r.status_code} to {method} "
                                  f"/kapacitor/v1{path} for task {task_id}: {error}")
         return r.status_code, data
