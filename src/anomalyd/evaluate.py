@@ -48,7 +48,6 @@ from .records import rfc3339
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "DEFAULT_SCORE_THRESHOLD",
     "NAB_PROFILES",
     "EvalSeries",
     "Metrics",
@@ -1350,9 +1349,6 @@ def load_label_windows(path: Path | str, series: Sequence[str], start_ns: int, e
 # `anomalyd evaluate`: the command line back end
 # ---------------------------------------------------------------------------------------------------------
 
-#: The default threshold on normalised scores: the log-likelihood scale's 0.5 is a likelihood of 0.99999,
-#: the red zone of `anomalyd.postprocess` (and of NAB's HTM detector).
-DEFAULT_SCORE_THRESHOLD = 0.5
 TUNE_CHOICES = ("none", "f1", "point-adjusted", "window", *(f"nab-{p}" for p in NAB_PROFILES))
 FORMATS = ("auto", "csv", "nab", "smd", "ucr", "influx")
 _F1_KIND: dict[str, Literal["point", "point_adjusted", "window"]] = {
