@@ -114,23 +114,13 @@ def feed(cfg: Config, store: InfluxDB1Store, history_s: float, now_ns: int | Non
     now0 = time.time_ns() if now_ns is None else now_ns
     sig = ecg_signal(cfg)
     if sig is not None:
-        period = sig.period_ns
-        now = now0 // period * period
-        n_hist = int(history_s * 1e9 // period)
-        n_live = int(future_s * 1e9 // period)
-        origin = now - n_hist * period
-        anomalies_from = max(n_hist - int(3600e9 // period), 0)
+        period, origin, n_hist, n_live, anomalies_from = _layout(sig.period_ns, now0, history_s, future_s)
         for i, p in enumerate(PATIENTS):
             s = make_series(sig, origin, n_hist + n_live + 1, anomalies_from + 137 * i, seed=11 + i)
             s.tag, s.written, s.signal, s.period_ns = p, n_hist, sig.name, period
             fed.append(s)
     for sig in host_signals(cfg):
-        period = sig.period_ns
-        now = now0 // period * period
-        n_hist = int(history_s * 1e9 // period)
-        n_live = int(future_s * 1e9 // period)
-        origin = now - n_hist * period
-        faults_from = max(n_hist - int(3600e9 // period), 0)
+        period, origin, n_hist, n_live, faults_from = _layout(sig.period_ns, now0, history_s, future_s)
         for i, name in enumerate(HOSTS):
             s = make_host(sig, origin, n_hist + n_live + 1, faults_from, i, seed=21 + i)
             s.tag, s.written = name, n_hist
@@ -145,6 +135,14 @@ def feed(cfg: Config, store: InfluxDB1Store, history_s: float, now_ns: int | Non
                          for p in s.points(signals[name], k)])
         log.info("fed %d samples per series of %s for %s", n_hist, name, ", ".join(s.tag for s in group))
     return fed
+
+
+def _layout(period: int, now_ns: int, history_s: float, future_s: float) -> tuple[int, int, int, int, int]:
+    """A fed signal's grid: its period, first sample, samples of history and of the future, and the first sample
+    of the last hour (where the demo injects its anomalies)."""
+    n_hist = int(history_s * 1e9 // period)
+    origin = now_ns // period * period - n_hist * period
+    return period, origin, n_hist, int(future_s * 1e9 // period), max(n_hist - int(3600e9 // period), 0)
 
 
 def _fmt(ns: int) -> str:
