@@ -2,6 +2,7 @@
 
 Usage: .venv/bin/python benchmarks/bench_read_formats.py                       # the four cases below
        .venv/bin/python benchmarks/bench_read_formats.py --cases 10000x1 1000x8
+       .venv/bin/python benchmarks/bench_read_formats.py --render run.log        # the table of a run's output
 
 Cases (``NxF``: N series of F fields, 48 samples each at 1 Hz, one measurement, tag ``host``): 10000x1,
 100000x1, 1000x8 and 1000x8n (8 fields, every third row of each series missing one field: nulls). For each, the
@@ -344,11 +345,28 @@ def parse_case(s: str) -> tuple[int, int, bool]:
     return int(n), int(f), nulls
 
 
+def render(table: list[dict[str, Any]]) -> None:
+    print("\n| case | decoder | body MB | curl floor s (influxd CPU s) | fetch + decode s | / its floor | / JSON floor "
+          "| client CPU s | decode only s | / JSON | decode peak MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    json_row = {r["case"]: r for r in table if r["decoder"] == "json"}
+    for r in table:
+        j = json_row[r["case"]]
+        print(f"| {r['case']} | {r['decoder']} | {r['bytes'] / 1e6:.1f} | {r['curl']:.2f} ({r['curl_srv']:.2f}) | "
+              f"{r['fetch']:.2f} | {r['fetch'] / r['curl']:.2f} | {r['fetch'] / j['curl']:.2f} | "
+              f"{r['fetch_cpu']:.2f} | {r['decode']:.3f} | {r['decode'] / j['decode']:.2f} | "
+              f"{r['peak'] / 2**20:.1f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", nargs="+", default=["10000x1", "100000x1", "1000x8", "1000x8n"])
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--render", type=Path, help="print the table of a run's output (its JSON lines) and stop")
     args = ap.parse_args()
+    if args.render:
+        render([json.loads(line) for line in args.render.read_text().splitlines() if line.startswith("{")])
+        return
     table = []
     with tempfile.TemporaryDirectory() as tmp:
         server = LocalInfluxd(Path(tmp) / "influxd").start()
@@ -361,14 +379,7 @@ def main() -> None:
                     print(json.dumps(r), flush=True)
         finally:
             server.stop()
-    print("\n| case | decoder | body MB | curl floor s (influxd CPU s) | fetch + decode s | / floor | client CPU s "
-          "| decode only s | / json | decode peak MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    json_decode = {r["case"]: r["decode"] for r in table if r["decoder"] == "json"}
-    for r in table:
-        print(f"| {r['case']} | {r['decoder']} | {r['bytes'] / 1e6:.1f} | {r['curl']:.2f} ({r['curl_srv']:.2f}) | "
-              f"{r['fetch']:.2f} | {r['fetch'] / r['curl']:.2f} | {r['fetch_cpu']:.2f} | {r['decode']:.3f} | "
-              f"{r['decode'] / json_decode[r['case']]:.2f} | {r['peak'] / 2**20:.1f} |")
+    render(table)
 
 
 if __name__ == "__main__":

@@ -543,18 +543,12 @@ def _scan(buf: bytes, pos: int, rows: _Rows, out: list[tuple[Tags, bytes]]) -> t
     return pos, False
 
 
-def _unpack_document(buf: bytes, pos: int, size: int) -> tuple[Any, int]:
-    """The document at ``buf[pos]`` decoded by msgpack, and its length; (None, 0) if the buffer ends inside it.
-    The first ``size`` bytes are tried first, then four times as many, and so on (not all of a long buffer)."""
-    while True:
-        up = msgpack.Unpacker(raw=False, strict_map_key=False, unicode_errors="replace", max_buffer_size=0)
-        up.feed(memoryview(buf)[pos : pos + size])
-        try:
-            return up.unpack(), up.tell()
-        except msgpack.OutOfData:
-            if pos + size >= len(buf):
-                return None, 0
-            size *= 4
+def _unpack_next(up: msgpack.Unpacker) -> Any:
+    """The next document ``up`` holds whole, or None."""
+    try:
+        return up.unpack()
+    except msgpack.OutOfData:
+        return None
 
 
 def _is_msgpack(r: requests.Response) -> bool:
@@ -569,7 +563,8 @@ def _join(a: bytes | list[list[Any]], b: bytes | list[list[Any]], rows: _Rows) -
 
 
 class InfluxDB1Store:
-    """InfluxDB 1.x through the ``influxdb`` package (HTTP API, chunked JSON reads, line-protocol writes)."""
+    """InfluxDB 1.x through the ``influxdb`` package's session (HTTP API; chunked MessagePack reads, JSON where the
+    server does not answer MessagePack; line-protocol writes)."""
 
     def __init__(self, cfg: InfluxConfig, write_batch: int = 10_000, chunk_size: int = 100_000) -> None:
         self.cfg = cfg
@@ -605,7 +600,7 @@ class InfluxDB1Store:
         def attempt() -> requests.Response:
             if send is not None:
                 return send()
-            # JSON, not the client's default msgpack: chunked responses are newline-delimited JSON objects.
+            # JSON (reads ask for MessagePack in `_send_query`): chunked answers are newline-delimited JSON objects.
             return self.client.request(url=url, method=method, params=params, data=data, stream=stream,
                                        expected_response_code=expected, headers=self._headers)
 
@@ -794,24 +789,38 @@ class InfluxDB1Store:
         pieces = self._pieces(r)
         buf, pos = b"", 0
         out: list[tuple[Tags, bytes]] = []
+        # Documents `_scan` does not read go to msgpack's decoder, which then stays in step with the answer (fed
+        # what arrives, ``buf[up_base:]`` at first) and reads the documents after them, `_scan` trying again
+        # every few documents: a run of irregular documents is decoded as it arrives, without scanning each twice.
+        up: msgpack.Unpacker | None = None
+        up_base = since_scan = 0
         ended = False
-        doc_size = 1 << 12  # about the size of the last document decoded by msgpack
         while True:
-            pos, irregular = _scan(buf, pos, rows, out)
-            yield from out
-            out.clear()
+            irregular = True
+            if up is None or since_scan >= 8:
+                scanned, irregular = _scan(buf, pos, rows, out)
+                yield from out
+                out.clear()
+                if scanned != pos:  # packed documents read: msgpack's decoder is behind
+                    up, pos = None, scanned
+                since_scan = 0
             # The scan stops at a document it does not read, or where the buffer ends (which it cannot always tell
             # apart: rows with a null are shorter than it counts), so a document left at the end is decoded too.
-            if irregular or (ended and pos < len(buf)):
+            if pos < len(buf) and (irregular or ended):
+                if up is None:
+                    up = msgpack.Unpacker(raw=False, strict_map_key=False, unicode_errors="replace",
+                                          max_buffer_size=0)
+                    up.feed(memoryview(buf)[pos:])
+                    up_base = pos
                 try:
-                    doc, used = _unpack_document(buf, pos, 2 * doc_size)
+                    doc = _unpack_next(up)
                 except (ValueError, msgpack.UnpackException) as exc:
                     INFLUX_ERRORS.labels(op="query").inc()
                     raise StoreError(f"InfluxDB at {self.cfg.url} answered {q!r} with broken MessagePack "
                                      f"({exc})") from exc
                 if doc is not None:
-                    pos += used
-                    doc_size = used
+                    pos = up_base + up.tell()
+                    since_scan += 1
                     if not isinstance(doc, dict):
                         raise StoreError(f"InfluxDB at {self.cfg.url} answered {q!r} with {type(doc).__name__}")
                     yield from self._doc_series(doc, q, query)
@@ -834,6 +843,9 @@ class InfluxDB1Store:
             if size == rest:
                 ended = True
                 continue
+            if up is not None:
+                up.feed(b"".join(parts[1:]))
+                up_base -= pos
             buf, pos = b"".join(parts), 0
 
     @staticmethod
