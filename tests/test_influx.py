@@ -729,3 +729,23 @@ def test_msgpack_answers_arriving_in_pieces_of_any_size_are_read_exactly(
         with pytest.raises(StoreError, match="broke off the answer"):
             store.read(q, T0, T0 + 40 * S)
         body = body_full
+
+
+def test_msgpack_reads_sixteen_fields_and_series_half_regular_exactly_as_json(
+        store: InfluxDB1Store, influxd: LocalInfluxd, database: str, decoded: dict[str, int]) -> None:
+    names = [f"f{j:02d}" for j in range(16)]  # 17 columns: rows packed with a 3-byte array header
+    lines = [f"wide,host=h{h} " + ",".join(f"{n}={i * 16 + j + h / 8!r}" for j, n in enumerate(names))
+             + f" {T0 + i * S}" for h in range(3) for i in range(30)]
+    # One series whose first chunk is regular and whose second has nulls: its packed rows meet decoded ones.
+    lines += [f"half,host=a x={i}.5{'' if i < 20 else ',y=1.0' if i % 2 else ''} {T0 + i * S}" for i in range(40)]
+    lines[-40:-20] = [f"half,host=a x={i}.5,y={i}.0 {T0 + i * S}" for i in range(20)]
+    influxd.write_lines(database, "\n".join(lines))
+    wide = _read_both(store, Query("wide", "", (), ("host",), S, fields=tuple(names)), T0, T0 + 30 * S)
+    _assert_identical(*wide)
+    assert wide[0][(("host", "h2"),)][1].shape == (30, 16) and decoded["msgpack"] == 0
+    store.chunk_size = 20
+    half = _read_both(store, Query("half", "", (), ("host",), S, fields=("x", "y")), T0, T0 + 40 * S)
+    _assert_identical(*half)
+    v = half[0][(("host", "a"),)][1]
+    assert v.shape == (40, 2) and np.isnan(v[:, 1]).tolist() == [False] * 20 + [i % 2 == 0 for i in range(20, 40)]
+    assert decoded["msgpack"] == 1  # the second chunk only
