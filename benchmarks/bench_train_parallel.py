@@ -14,12 +14,16 @@ the code behind ``anomalyd train``, runs once per mode, each in a fresh process:
   worker fits with as many OpenMP threads as the coordinator has (2 here), so that its models are bit for bit
   those of one process; on 2 cores, 2 processes of 2 threads each are oversubscribed. This row shows what one
   thread per fit would give (its models differ from the others in the last bits: the largest difference is
-  reported).
+  reported);
+- ``1 process, 1 OpenMP thread``: as ``1 process`` with ``OMP_NUM_THREADS=1`` (the same models as the row
+  before).
+
+``--modes`` picks some of them (by the short names jobs1, jobs2, dask, jobs2-1thread, jobs1-1thread).
 
 Each timing covers the whole training: the one query of the signal, preparing each series, the fits, saving the
 1,000 model files. The part that stays serial in the coordinator (the query and the preparation, measured apart
 in this process) is reported so the ceiling on the speed-up is visible. The saved models of the three modes are
-compared file by file (they must be identical: the fits are seeded and run on one thread each).
+compared array by array (``1 process``, ``2 processes`` and ``LocalCluster`` must be identical).
 
 Usage::
 
@@ -29,7 +33,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import filecmp
 import json
 import os
 import resource
@@ -53,7 +56,7 @@ from anomalyd.synthetic import ecg
 SEC = 10**9
 PERIOD_S = 10
 MODES = {"1 process": "jobs1", "2 processes": "jobs2", "2-worker LocalCluster": "dask",
-         "2 processes, 1 OpenMP thread each": "jobs2-1thread"}
+         "2 processes, 1 OpenMP thread each": "jobs2-1thread", "1 process, 1 OpenMP thread": "jobs1-1thread"}
 
 
 def config(url: str, db: str, models: Path) -> Config:
@@ -85,7 +88,7 @@ def run(mode: str, url: str, db: str, models: Path, now_ns: int) -> dict[str, An
     out: dict[str, Any] = {}
     cluster = None
     kwargs: dict[str, Any] = {"jobs": 1}
-    if mode.startswith("jobs2"):
+    if mode.startswith("jobs2"):  # jobs1-1thread: jobs=1, OMP_NUM_THREADS=1 set by the caller
         kwargs = {"jobs": 2}
         if mode == "jobs2-1thread":
             training.WORKER_THREADS = 1
@@ -119,31 +122,39 @@ def serial_part(cfg: Config, store: InfluxDB1Store, now_ns: int) -> tuple[float,
 
 
 def compare(a: Path, b: Path) -> str:
-    """"yes" when the two model folders hold the same files byte for byte, else the largest difference of the
-    models' arrays (cluster centres, normaliser...) and thresholds."""
-    names = sorted(p.name for p in a.iterdir())
-    if names != sorted(p.name for p in b.iterdir()):
+    """"yes" when the two model folders hold the same models (every array of every model equal, bit for bit, and
+    the same metadata; the files themselves differ: a .npz records when it was written), else the largest
+    difference of the models' arrays (cluster centres, normaliser...) and thresholds."""
+    names = sorted(p.name for p in a.glob("*.json"))
+    if names != sorted(p.name for p in b.glob("*.json")):
         return "NO (other models)"
-    _, mismatch, errors = filecmp.cmpfiles(a, b, names, shallow=False)
-    if not mismatch and not errors:
+    differ, arrays, thresholds = 0, 0.0, 0.0
+    for name in names:
+        ma, mb = (json.loads((d / name).read_text()) for d in (a, b))
+        for m in (ma, mb):
+            for k in ("npz_sha256", "meta_sha256"):
+                m.pop(k)
+        same = ma == mb
+        ta, tb = float(ma["threshold"]), float(mb["threshold"])
+        thresholds = max(thresholds, abs(ta - tb) / abs(tb))
+        npz = name.removesuffix(".json") + ".npz"
+        with np.load(a / npz) as za, np.load(b / npz) as zb:
+            for k in za.files:
+                same = same and np.array_equal(za[k], zb[k], equal_nan=True)
+                arrays = max(arrays, float(np.nanmax(np.abs(za[k] - zb[k]), initial=0.0)))
+        differ += not same
+    if not differ:
         return "yes"
-    arrays = thresholds = 0.0
-    for name in mismatch:
-        if name.endswith(".json"):
-            ta, tb = (float(json.loads((d / name).read_text())["threshold"]) for d in (a, b))
-            thresholds = max(thresholds, abs(ta - tb) / abs(tb))
-        elif name.endswith(".npz"):
-            with np.load(a / name) as za, np.load(b / name) as zb:
-                for k in za.files:
-                    arrays = max(arrays, float(np.nanmax(np.abs(za[k] - zb[k]), initial=0.0)))
-    return (f"no: {len(mismatch) // 2} models differ, arrays by at most {arrays:.1e}, thresholds by at most "
-            f"{thresholds:.1e} (relative)")
+    return (f"no: {differ} models differ, arrays by at most {arrays:.1e}, thresholds by at most {thresholds:.1e} "
+            "(relative)")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--series", type=int, default=1000)
     p.add_argument("--samples", type=int, default=4320, help="per series, 10 s apart (default 12 h)")
+    p.add_argument("--modes", nargs="+", choices=list(MODES.values()), default=list(MODES.values())[:4],
+                   help="the modes to run (default: the first four; jobs1 always runs first, as the reference)")
     p.add_argument("--run", help=argparse.SUPPRESS)
     p.add_argument("--url", help=argparse.SUPPRESS)
     p.add_argument("--db", help=argparse.SUPPRESS)
@@ -169,11 +180,15 @@ def main(argv: list[str] | None = None) -> int:
             read_s, prepare_s = serial_part(cfg, InfluxDB1Store(cfg.influxdb, cfg.daemon.write_batch), now)
             print(f"serial part in the coordinator: query {read_s:.1f} s, prepare {prepare_s:.1f} s", flush=True)
             results: dict[str, dict[str, Any]] = {}
-            for label, mode in MODES.items():
+            modes = ["jobs1", *(m for m in args.modes if m != "jobs1")]
+            for label, mode in sorted(MODES.items(), key=lambda lm: modes.index(lm[1]) if lm[1] in modes else 99):
+                if mode not in modes:
+                    continue
                 models = root / mode / "models"
+                env = {**os.environ, "OMP_NUM_THREADS": "1"} if mode == "jobs1-1thread" else None
                 out = subprocess.run([sys.executable, __file__, "--run", mode, "--url", server.url, "--db", db,
                                       "--models", str(models), "--now", str(now)],
-                                     capture_output=True, text=True, check=True)
+                                     capture_output=True, text=True, check=True, env=env)
                 results[label] = r = json.loads(out.stdout.strip().splitlines()[-1])
                 r["same"] = compare(models, root / "jobs1" / "models")
                 print(f"{label}: {r['seconds']:.1f} s, {r['trained']} trained, {r['failed']} failed"
