@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from anomalyd.attribution import field_shares, load_interpretation, shift_segments, summarise
+from anomalyd.attribution import explain, load_interpretation, shift_segments, summarise
 from anomalyd.config import load
 from anomalyd.detector import DetectorSpec
 from anomalyd.evaluate import load_smd_machine, smd_run, window_metrics
@@ -152,11 +152,11 @@ def compare(daemon: dict[str, Any], b: Any, names: list[str], rtol: float = 1e-9
         d, o = daemon[name], np.asarray(getattr(b, name))
         same = (np.isnan(d) & np.isnan(o)) | np.isclose(d, o, rtol=rtol, atol=1e-12)
         note(name, both & ~same)
-    off_share = field_shares(b.field_error)
+    # The same code as the daemon's (`anomalyd.attribution.explain`): shares with 4 decimals, the out-of-range rule.
+    off_share, _, top_off = explain(b.field_error, b.field_sign, b.field_excess)
     d_share = daemon["share"]
     same = (np.isnan(d_share) & np.isnan(off_share)) | np.isclose(d_share, off_share, rtol=1e-7, atol=1e-12)
     note("share", both & ~same.all(axis=1))
-    top_off = np.nan_to_num(b.field_error, nan=-1.0).argmax(axis=1)
     top_d = np.array([names.index(t) if t in names else -1 for t in daemon["top_field"]])
     note("top_field", both & (top_d != top_off))
     with np.errstate(invalid="ignore"):
@@ -207,7 +207,7 @@ def run_machine(server: LocalInfluxd, work: Path, data: Path, machine: str) -> d
         "window_f1_daemon": f_daemon["f1"], "window_f1_offline": f_offline["f1"],
         "window_precision_daemon": f_daemon["precision"], "window_recall_daemon": f_daemon["recall"],
         "hit_daemon": hit_rates(back["share"], segs, det.window_),
-        "hit_offline": hit_rates(field_shares(b.field_error), segs, det.window_),
+        "hit_offline": hit_rates(explain(b.field_error, b.field_sign, b.field_excess)[0], segs, det.window_),
         "compare": cmp,
     }
 

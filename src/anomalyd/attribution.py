@@ -132,6 +132,41 @@ def field_shares(field_error: ArrayLike) -> NDArray[np.float64]:
     return out
 
 
+def explain(field_error: ArrayLike, field_sign: ArrayLike, field_excess: ArrayLike | None = None) -> tuple[
+        NDArray[np.float64], NDArray[np.float64], NDArray[np.intp]]:
+    """What the daemon writes as a window's attribution (`anomalyd.worker`): each field's share, direction and the
+    top field, for windows of several fields (any leading shape, fields last).
+
+    The share is the field's error over the sum of the present fields' errors, with 4 decimals (all zero: the
+    present fields share equally). A window where some field left the range seen so far (``field_excess`` not 0:
+    the out-of-range rule scored it 1, whatever its error) is explained by those fields instead, in proportion to
+    how far out they are, and their direction is the side they left by. The top field is the largest share (ties:
+    the first).
+
+    Examples
+    --------
+    >>> share, sign, top = explain([[1.0, 3.0], [1.0, 3.0]], [[1, -1], [1, -1]], [[0.0, 0.0], [-0.5, 0.0]])
+    >>> share.tolist(), sign.tolist(), top.tolist()
+    ([[0.25, 0.75], [1.0, 0.0]], [[1.0, -1.0], [-1.0, -1.0]], [1, 0])
+    """
+    err = np.asarray(field_error, dtype=np.float64)
+    sign = np.asarray(field_sign, dtype=np.float64)
+    weight = err
+    if field_excess is not None:
+        excess = np.asarray(field_excess, dtype=np.float64)
+        ranged = (excess != 0).any(axis=-1, keepdims=True)
+        if ranged.any():
+            weight = np.where(ranged, np.where(np.isnan(err), np.nan, np.abs(excess)), err)
+            sign = np.where(ranged & (excess != 0), np.sign(excess), sign)
+    total = np.nansum(weight, axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        even = np.where(np.isnan(weight), np.nan, 1.0 / np.isfinite(weight).sum(axis=-1, keepdims=True))
+        share = np.where(total > 0, weight / np.where(total > 0, total, 1.0), even)
+    share = np.asarray(np.round(share, 4), dtype=np.float64)
+    top = np.asarray(np.nan_to_num(weight, nan=-1.0).argmax(axis=-1), dtype=np.intp)
+    return share, sign, top
+
+
 def rank_fields(scores: ArrayLike) -> NDArray[np.intp]:
     """Field indices by score, largest first; ties keep index order; NaN fields come last.
 

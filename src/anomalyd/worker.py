@@ -26,6 +26,7 @@ from typing import Protocol
 import numpy as np
 from numpy.typing import NDArray
 
+from .attribution import explain
 from .catalog import Catalog, StoredModel, model_id_for, model_mismatch
 from .config import Config, SignalConfig
 from .detector import Detector, SeriesState, WindowBatch
@@ -182,28 +183,13 @@ class _Explanations:
         self.err, self.sign = b.field_error, b.field_sign  # (n, m, fields)
         self.matrix, self.slots = matrix, slots
         self.share: NDArray[np.float64] | None = None
-        weight = self.err
-        if sig.multi:
-            # A window that leaves the range seen so far is scored 1 by the out-of-range rule, whatever its
-            # reconstruction error: the fields out of range explain it, in proportion to how far out they are.
-            excess = b.field_excess
-            ranged = (excess != 0).any(axis=2, keepdims=True)
-            if ranged.any():
-                weight = np.where(ranged, np.where(np.isnan(self.err), np.nan, np.abs(excess)), self.err)
-                self.sign = np.where(ranged & (excess != 0), np.sign(excess), self.sign)
-        self.top = np.nan_to_num(weight, nan=-1.0).argmax(axis=2)
+        if sig.multi:  # the shares, directions and top fields, as `anomalyd.attribution.explain` defines them
+            self.share, self.sign, self.top = explain(self.err, self.sign, b.field_excess)
+            self.err = np.round(self.err, 4)  # four decimals are all an error or a share says (shorter points)
+            self.order = np.argsort(-np.nan_to_num(self.share, nan=-1.0), axis=2, kind="stable")
+        else:
+            self.top = np.zeros(self.err.shape[:2], dtype=np.intp)
         self.up = np.take_along_axis(self.sign, self.top[:, :, None], axis=2)[:, :, 0] >= 0
-        if sig.multi:
-            total = np.nansum(weight, axis=2, keepdims=True)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                # All errors zero (a window exactly on its shape): the present fields share equally.
-                even = np.where(np.isnan(weight), np.nan, 1.0 / np.isfinite(weight).sum(axis=2, keepdims=True))
-                share = np.where(total > 0, weight / np.where(total > 0, total, 1.0), even)
-            # Four decimals are all a share or an error says (and the points' text is half as long).
-            rounded = np.asarray(np.round(share, 4), dtype=np.float64)
-            self.share = rounded
-            self.err = np.round(self.err, 4)
-            self.order = np.argsort(-np.nan_to_num(rounded, nan=-1.0), axis=2, kind="stable")
 
     def row(self, r: int, cols: NDArray[np.intp]) -> _Explained:
         return _Explained(self, r, cols)
