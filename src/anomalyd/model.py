@@ -15,6 +15,7 @@ from sklearn.base import BaseEstimator
 from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted
+from threadpoolctl import threadpool_limits
 
 THRESHOLD_POLICIES = ("max", "quantile", "sigma")
 
@@ -136,7 +137,10 @@ class ShapeCatalog(BaseEstimator):
         km = KMeans(k, n_init=self.n_init, random_state=self.random_state)
         with warnings.catch_warnings():  # repeated windows (flat or perfectly periodic series) are fine
             warnings.simplefilter("ignore", ConvergenceWarning)
-            km.fit(flat)
+            # One OpenMP thread: K-Means' sums depend on the thread count in their last bits, so a model is the same
+            # on any machine and in any training worker; at these sizes a second thread mostly spin-waits.
+            with threadpool_limits(1, user_api="openmp"):
+                km.fit(flat)
         self.set_centers(km.cluster_centers_, w, d)
         return self
 
