@@ -154,7 +154,8 @@ def curl_floor(cfg, store: InfluxDB1Store, hi: int, n: int, root: Path,  # type:
         reads += ["-sf", "-o", "/dev/null", "-XPOST", f"{cfg.influxdb.url}/query",
                   "--data-urlencode", f"q={q}", "--data-urlencode", f"db={cfg.influxdb.database}",
                   "--data-urlencode", "epoch=ms", "--data-urlencode", "chunked=true",
-                  "--data-urlencode", "chunk_size=100000", "--data-urlencode", f"params={json.dumps(params)}"]
+                  "--data-urlencode", "chunk_size=100000", "--data-urlencode", f"params={json.dumps(params)}",
+                  "-H", f"Accept: {'application/x-msgpack' if store.read_format == 'msgpack' else 'application/json'}"]
     batch = cfg.daemon.write_batch  # the daemon writes in batches of this many points: so does the floor
     write_args: list[str] = []
     for b in range(0, len(lines), batch):
