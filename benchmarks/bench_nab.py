@@ -1,11 +1,11 @@
 """Benchmark (a): NAB v1.1 scores of the daemon's detector over all 58 files, next to the scoreboard.
 
-Every file goes through `anomalyd.stored.run_stored` -- the daemon's own path in memory (grid alignment, training
-on the probationary period only, NAB's rule min(15%, 750 rows), the `anomalyd.detector.Detector` fed through its
-streaming entry point) -- with the one default `DetectorSpec`; a row's score is the score of the window whose
-point carries its timestamp. ``benchmarks/bench_replay.py`` checks that the same files through InfluxDB and the
+Every file goes through `anomalyd.core.stored_run.run_stored` -- the daemon's own path in memory (grid alignment,
+training on the probationary period only, NAB's rule min(15%, 750 rows), the `anomalyd.core.detector.Detector` fed
+through its streaming entry point) -- with the one default `DetectorSpec`; a row's score is the score of the window
+whose point carries its timestamp. ``benchmarks/bench_replay.py`` checks that the same files through InfluxDB and the
 CLI give the same points. The NAB
-scorer is `anomalyd.evaluate` (conformance-tested against NAB's published results). Two thresholds are reported:
+scorer is `anomalyd.evaluation.run` (conformance-tested against NAB's published results). Two thresholds are reported:
 the fixed default 0.5 (the likelihood's red zone, chosen before looking at NAB) and NAB's own procedure, one
 threshold per profile optimised over the whole corpus, which is how every scoreboard entry was scored.
 
@@ -31,8 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from anomalyd.detector import DetectorSpec, TooLittleDataError
-from anomalyd.evaluate import (
+from anomalyd.core.detector import DetectorSpec, TooLittleDataError
+from anomalyd.core.stored_run import by_timestamp, run_stored
+from anomalyd.evaluation.run import (
     NAB_PROFILES,
     NabCorpus,
     best_nab_threshold,
@@ -40,7 +41,6 @@ from anomalyd.evaluate import (
     nab_probation,
     nab_score,
 )
-from anomalyd.stored import by_timestamp, run_stored
 
 log = logging.getLogger("bench_nab")
 ROOT = Path(__file__).resolve().parents[1]

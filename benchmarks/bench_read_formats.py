@@ -47,8 +47,9 @@ import numpy as np
 import requests
 
 from anomalyd.config import InfluxConfig
-from anomalyd.influx import InfluxDB1Store, Query, SeriesData
-from anomalyd.localinflux import LocalInfluxd
+from anomalyd.store.base import Query, SeriesData
+from anomalyd.store.influx1 import InfluxDB1Store
+from anomalyd.store.local import LocalInfluxd
 
 SEC = 10**9
 T0 = 1_700_000_000 * SEC

@@ -16,7 +16,7 @@ What it does, with the shipped defaults (one configuration for every file):
    time: each point carries the timestamp of its window's last sample);
 5. scores the written ``anomalous`` field (the decision Slack and the Kapacitor templates alert on) and the
    written ``score`` with the project's NAB scorer, and compares with ``anomalyd evaluate <nab> --json``;
-6. checks the points against the in-memory path (`anomalyd.stored.run_stored`) window by window.
+6. checks the points against the in-memory path (`anomalyd.core.stored_run.run_stored`) window by window.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ from pathlib import Path
 import numpy as np
 
 from anomalyd.config import load
-from anomalyd.evaluate import NAB_PROFILES, best_nab_threshold, load_nab_corpus, nab_probation, nab_score
-from anomalyd.localinflux import LocalInfluxd
-from anomalyd.stored import infer_period, run_stored
+from anomalyd.core.stored_run import infer_period, run_stored
+from anomalyd.evaluation.run import NAB_PROFILES, best_nab_threshold, load_nab_corpus, nab_probation, nab_score
+from anomalyd.store.local import LocalInfluxd
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get("ANOMALYD_SHARED_DATA") or ROOT.parent / "shared" / "data") / "nab"
@@ -95,7 +95,7 @@ def main() -> int:
         by_file_anom: dict[str, np.ndarray] = {}
         by_file_score: dict[str, np.ndarray] = {}
         mismatches = compared = 0
-        from anomalyd.catalog import Catalog, model_id_for
+        from anomalyd.service.catalog import Catalog, model_id_for
 
         catalog = Catalog(cfg.paths.models)
         for sig in cfg.signals:

@@ -1,6 +1,6 @@
 """Benchmark (b): SMD F1 on machines 1-6, 2-1, 2-7 and 3-3, next to the LSTM encoder-decoder paper.
 
-The daemon's detector (`anomalyd.detector.Detector`, through `anomalyd.evaluate.smd_run`) with the default
+The daemon's detector (`anomalyd.core.detector.Detector`, through `anomalyd.evaluation.run.smd_run`) with the default
 `DetectorSpec`: windows of 32 rows over all 38 metrics (each metric tapered), per-metric scaling from the training
 file, K-Means on the training file, every test row scored causally, the training file's end as context. Reported
 per machine, with the detector's own decision (``anomalous``; learned from training data alone):
@@ -13,7 +13,7 @@ per machine, with the detector's own decision (``anomalous``; learned from train
   for reference.
 
 With ``--attribution``, also the quality of the per-field attribution (issue 10): OmniAnomaly's HitRate@100% and
-@150% against ``interpretation_label/machine-<id>.txt`` (`anomalyd.attribution`), per segment then averaged over
+@150% against ``interpretation_label/machine-<id>.txt`` (`anomalyd.core.attribution`), per segment then averaged over
 segments, from each window's field shares (what the daemon writes into ``anomaly_attribution``):
 
 * *as stamped*: the windows ending inside the segment, each ranking the fields by its own shares (the figure of
@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from anomalyd.attribution import (
+from anomalyd.core.attribution import (
     Segment,
     field_shares,
     load_interpretation,
@@ -55,8 +55,8 @@ from anomalyd.attribution import (
     summarise,
     trailing_zscore,
 )
-from anomalyd.detector import Detector, DetectorSpec
-from anomalyd.evaluate import (
+from anomalyd.core.detector import Detector, DetectorSpec
+from anomalyd.evaluation.run import (
     best_f1_threshold,
     load_smd_machine,
     point_adjusted_metrics,
@@ -118,7 +118,7 @@ def _q99(ho: NDArray[np.float64]) -> NDArray[np.float64]:
 def window_errors(det: Detector, train: NDArray[np.float64], test: NDArray[np.float64]) -> Errors:
     """Per-field mean and max absolute difference of every test window (the training file's end as context, as
     `smd_run` scores them) and of the training hold-out's windows, against their nearest shape."""
-    from anomalyd.model import sliding_windows
+    from anomalyd.core.model import sliding_windows
 
     w = det.window_
     z_tr = (train - det.mean_) / det.scale_

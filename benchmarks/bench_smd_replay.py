@@ -23,8 +23,8 @@ What it does, per machine (one at a time), with the shipped defaults:
    its window's last sample);
 5. scores the written ``anomalous`` field with the window-level F1 of `bench_smd` (``window_metrics``, 100-row
    windows, delta 0; the decision is learned from training data alone) and the read-back shares with
-   HitRate@100%/150% (`anomalyd.attribution`, as `bench_smd --attribution` does);
-6. runs the same machine in memory (`anomalyd.evaluate.smd_run` with the signal's `DetectorSpec`) and compares
+   HitRate@100%/150% (`anomalyd.core.attribution`, as `bench_smd --attribution` does);
+6. runs the same machine in memory (`anomalyd.evaluation.run.smd_run` with the signal's `DetectorSpec`) and compares
    window by window: the written windows, ``anomalous``, ``score`` and ``max_error`` (float tolerance), the top
    field and every field's share. Any difference is printed (which windows, which columns) and the exit status
    is 1.
@@ -45,11 +45,11 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from anomalyd.attribution import explain, load_interpretation, shift_segments, summarise
 from anomalyd.config import load
-from anomalyd.detector import DetectorSpec
-from anomalyd.evaluate import load_smd_machine, smd_run, window_metrics
-from anomalyd.localinflux import LocalInfluxd
+from anomalyd.core.attribution import explain, load_interpretation, shift_segments, summarise
+from anomalyd.core.detector import DetectorSpec
+from anomalyd.evaluation.run import load_smd_machine, smd_run, window_metrics
+from anomalyd.store.local import LocalInfluxd
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get("ANOMALYD_SHARED_DATA") or ROOT.parent / "shared" / "data") / "smd"
@@ -152,7 +152,8 @@ def compare(daemon: dict[str, Any], b: Any, names: list[str], rtol: float = 1e-9
         d, o = daemon[name], np.asarray(getattr(b, name))
         same = (np.isnan(d) & np.isnan(o)) | np.isclose(d, o, rtol=rtol, atol=1e-12)
         note(name, both & ~same)
-    # The same code as the daemon's (`anomalyd.attribution.explain`): shares with 4 decimals, the out-of-range rule.
+    # The same code as the daemon's (`anomalyd.core.attribution.explain`): shares with 4 decimals, the
+    # out-of-range rule.
     off_share, _, top_off = explain(b.field_error, b.field_sign, b.field_excess)
     d_share = daemon["share"]
     same = (np.isnan(d_share) & np.isnan(off_share)) | np.isclose(d_share, off_share, rtol=1e-7, atol=1e-12)

@@ -1,6 +1,6 @@
 """Benchmark (c): in-memory scoring throughput on one core, next to a numpy matrix-multiply bound.
 
-The detector is `anomalyd.detector.Detector` with window 32 and a 150-shape catalog, fitted on 20,000 samples of
+The detector is `anomalyd.core.detector.Detector` with window 32 and a 150-shape catalog, fitted on 20,000 samples of
 the synthetic ECG. Scoring a window means: taper it, find its nearest shape (one row of ``windows @ centroids.T``
 plus an argmin), and take the errors against that shape. The matrix product is the irreducible work, so the bound
 is the time of ``windows @ centroids.T`` alone for the same shapes (float64, one BLAS thread; the faster of one
@@ -12,7 +12,7 @@ also as a ratio to the bound of the same run:
 * ``Detector.update_many`` -- the whole detector per window, as the daemon's tick at slide 1: ``n / 16`` series
   (distinct stretches of the ECG, each started with 31 samples of context) get 16 new samples each, so every
   call scores ``n`` windows (scaling, windows, ``match``, the score and the decision). The series go in slices of
-  ``anomalyd.worker._SLICE`` (2,000), as the worker does; the states carry over from call to call;
+  ``anomalyd.service.worker._SLICE`` (2,000), as the worker does; the states carry over from call to call;
 * ``update_block`` -- the score normaliser alone, from the detector's warm state, on the errors of ``match``
   (with the windows' ranges for the out-of-range rule): one row of ``n`` errors (a backfill or
   ``anomalyd evaluate``: one series in one call), and ``n / 16`` rows of 16 errors (the tick), in the same slices.
@@ -47,11 +47,11 @@ from collections.abc import Callable
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from anomalyd.detector import Detector, DetectorSpec, SeriesState
-from anomalyd.model import sliding_windows, taper
-from anomalyd.postprocess import ScoreNormaliser, update_block
-from anomalyd.synthetic import ecg
-from anomalyd.worker import _SLICE as TICK_SLICE
+from anomalyd.core.detector import Detector, DetectorSpec, SeriesState
+from anomalyd.core.model import sliding_windows, taper
+from anomalyd.core.normaliser import ScoreNormaliser, update_block
+from anomalyd.demo.synthetic import ecg
+from anomalyd.service.worker import _SLICE as TICK_SLICE
 
 NEW = 16  # new samples per series per tick (the daemon's 16 s tick at 1 Hz)
 

@@ -36,17 +36,18 @@ from pathlib import Path
 import numpy as np
 from influxdb import InfluxDBClient
 
-from anomalyd import catalog
-from anomalyd.catalog import Catalog, StoredModel
 from anomalyd.config import from_dict
-from anomalyd.detector import Detector
-from anomalyd.influx import InfluxDB1Store, SeriesPoints, line_protocol, series_lines
-from anomalyd.localinflux import LocalInfluxd
-from anomalyd.model import sliding_windows
-from anomalyd.records import SeriesKey
-from anomalyd.state import ScoreStates, Watermarks
-from anomalyd.synthetic import ecg
-from anomalyd.worker import Worker
+from anomalyd.core.detector import Detector
+from anomalyd.core.model import sliding_windows
+from anomalyd.core.records import SeriesKey
+from anomalyd.demo.synthetic import ecg
+from anomalyd.service import catalog
+from anomalyd.service.catalog import Catalog, StoredModel
+from anomalyd.service.state import ScoreStates, Watermarks
+from anomalyd.service.worker import Worker
+from anomalyd.store.base import SeriesPoints, line_protocol, series_lines
+from anomalyd.store.influx1 import InfluxDB1Store
+from anomalyd.store.local import LocalInfluxd
 
 SEC = 10**9
 INTERVAL = 16 * SEC  # the daemon's tick interval: 16 new samples per series
@@ -141,7 +142,7 @@ def floor_lines(cfg, n: int, hi: int, now: int) -> list[str]:  # type: ignore[no
 
 def curl_floor(cfg, store: InfluxDB1Store, hi: int, n: int, root: Path,  # type: ignore[no-untyped-def]
                lines: list[str]) -> float:
-    from anomalyd.sources import signal_reads
+    from anomalyd.store.sources import signal_reads
 
     sig = cfg.signals[0]
     lo, end = tick_read_range(cfg, hi)

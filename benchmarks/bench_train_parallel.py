@@ -1,6 +1,6 @@
 """Per-series training in parallel (issue 12): 1 process, 2 local processes and a 2-worker Dask LocalCluster.
 
-``--series`` series (default 1,000) of the synthetic ECG (`anomalyd.synthetic.ecg`, one seed each) are written to
+``--series`` series (default 1,000) of the synthetic ECG (`anomalyd.demo.synthetic.ecg`, one seed each) are written to
 a private influxd, ``--samples`` samples each (default 4,320: 12 hours at 10 s), one per-series signal over them
 at the daemon's defaults (window "auto", at most 150 shapes, train slide 2, hold-out 20%). Then `training.train`,
 the code behind ``anomalyd train``, runs once per mode, each in a fresh process:
@@ -45,13 +45,13 @@ from typing import Any
 
 import numpy as np
 
-from anomalyd import training
 from anomalyd.config import Config, from_dict
-from anomalyd.influx import InfluxDB1Store
-from anomalyd.localinflux import LocalInfluxd
-from anomalyd.records import SeriesKey
-from anomalyd.sources import read_signal
-from anomalyd.synthetic import ecg
+from anomalyd.core.records import SeriesKey
+from anomalyd.demo.synthetic import ecg
+from anomalyd.service import training
+from anomalyd.store.influx1 import InfluxDB1Store
+from anomalyd.store.local import LocalInfluxd
+from anomalyd.store.sources import read_signal
 
 SEC = 10**9
 PERIOD_S = 10

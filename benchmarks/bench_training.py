@@ -4,7 +4,7 @@
 32: train slide 2, at most 150 shapes, 3 K-Means restarts, hold-out 20%, subsample 50,000 -- on one gap-free
 stretch of the synthetic ECG. ``fit`` scales the data, clusters the training windows into the shape catalog,
 matches the hold-out windows (every window, slide 1) for the thresholds and warms the score normaliser up on
-their errors. The scaling rule, in `anomalyd.model.ShapeCatalog`: above ``max_train_windows`` (50,000) training
+their errors. The scaling rule, in `anomalyd.core.model.ShapeCatalog`: above ``max_train_windows`` (50,000) training
 windows, K-Means is fitted on a seeded uniform random subsample of 50,000 windows, so the clustering costs the
 same at 1M and 10M samples.
 
@@ -35,8 +35,8 @@ import time
 import tracemalloc
 from typing import Any
 
-from anomalyd.detector import Detector, DetectorSpec
-from anomalyd.synthetic import ecg
+from anomalyd.core.detector import Detector, DetectorSpec
+from anomalyd.demo.synthetic import ecg
 
 SPEC = DetectorSpec(window=32)
 

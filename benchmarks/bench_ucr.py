@@ -1,16 +1,16 @@
 """Benchmark (e): the UCR anomaly archive (KDD Cup 2021), top-1 location per series, per window scorer.
 
-Every series goes through `anomalyd.evaluate`'s UCR path -- `anomalyd.stored.run_stored`, the daemon's own path in
-memory: trained on the series' training part only, every later row scored by the one `anomalyd.detector.Detector`
--- once per scorer configuration. A series is a hit when the row with the highest value after the training part
-(the first on ties) is within 100 rows of the labelled anomaly (the archive's rule, ``../shared/data/ucr``). Two
-columns per configuration: the detector's ``score`` (the decision's input) and the raw window ``error`` (the
-score's own input).
+Every series goes through `anomalyd.evaluation.run`'s UCR path -- `anomalyd.core.stored_run.run_stored`, the daemon's
+own path in memory: trained on the series' training part only, every later row scored by the one
+`anomalyd.core.detector.Detector` -- once per scorer configuration. A series is a hit when the row with the highest
+value after the training part (the first on ties) is within 100 rows of the labelled anomaly (the archive's rule,
+``../shared/data/ucr``). Two columns per configuration: the detector's ``score`` (the decision's input) and the raw
+window ``error`` (the score's own input).
 
 Measured in the same run, as baselines:
 
 * the plain matrix-profile discord: `stumpy.stump` AB-join of the test part against the training part, window =
-  the training part's dominant period (`anomalyd.detector.dominant_period`; 100 when it has none), the location
+  the training part's dominant period (`anomalyd.core.detector.dominant_period`; 100 when it has none), the location
   is the middle of the test subsequence farthest from its nearest training neighbour;
 * the trivial baseline: the largest absolute first difference after the training part (77 of 234 in the data's
   README).
@@ -32,9 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from anomalyd.detector import DetectorSpec, TooLittleDataError, dominant_period
-from anomalyd.evaluate import _ucr_run, load_ucr_index, ucr_top1
-from anomalyd.stored import by_timestamp
+from anomalyd.core.detector import DetectorSpec, TooLittleDataError, dominant_period
+from anomalyd.core.stored_run import by_timestamp
+from anomalyd.evaluation.run import _ucr_run, load_ucr_index, ucr_top1
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get("ANOMALYD_SHARED_DATA") or ROOT.parent / "shared" / "data") / "ucr"

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from anomalyd.config import Config, from_dict
-from anomalyd.influx import InfluxDB1Store
-from anomalyd.localinflux import InfluxdMissingError, LocalInfluxd
+from anomalyd.store.influx1 import InfluxDB1Store
+from anomalyd.store.local import InfluxdMissingError, LocalInfluxd
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The reference and benchmark data (never copied into the project): ../shared/data beside the project, or the
@@ -120,12 +120,12 @@ def demo_db(influxd: LocalInfluxd, tmp_path_factory: pytest.TempPathFactory) -> 
     """A real demo run on the session's influxd: config.toml's signal fed (7 h), trained, and one live tick."""
     import time
 
-    from anomalyd import training
-    from anomalyd.catalog import Catalog
     from anomalyd.config import load
-    from anomalyd.demo import demo_config, feed
-    from anomalyd.state import Watermarks
-    from anomalyd.worker import Worker
+    from anomalyd.demo.run import demo_config, feed
+    from anomalyd.service import training
+    from anomalyd.service.catalog import Catalog
+    from anomalyd.service.state import Watermarks
+    from anomalyd.service.worker import Worker
 
     name = f"demo{os.getpid()}"
     base = load(ROOT / "config.toml", env={})

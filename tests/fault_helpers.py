@@ -25,14 +25,14 @@ from typing import Any
 import numpy as np
 import requests
 
-from anomalyd.alerts import AlertManager, Sink, Transition
-from anomalyd.catalog import Catalog
+from anomalyd.alerts.manager import AlertManager, Sink, Transition
 from anomalyd.config import Config
-from anomalyd.influx import Point, Query, SeriesData, SeriesPoints
-from anomalyd.localinflux import LocalInfluxd
-from anomalyd.state import Watermarks
-from anomalyd.synthetic import ecg
-from anomalyd.worker import Worker
+from anomalyd.demo.synthetic import ecg
+from anomalyd.service.catalog import Catalog
+from anomalyd.service.state import Watermarks
+from anomalyd.service.worker import Worker
+from anomalyd.store.base import Point, Query, SeriesData, SeriesPoints
+from anomalyd.store.local import LocalInfluxd
 from http_stubs import Recorded, Reply, SlackStub
 from test_faults import FakeStore, points_for, rows
 

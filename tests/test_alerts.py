@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anomalyd import alerts as alerts_mod
-from anomalyd.alerts import (
+from anomalyd.alerts import manager as alerts_mod
+from anomalyd.alerts.manager import (
     ANOMALOUS,
     AlertManager,
     AlertStateError,
@@ -25,8 +25,8 @@ from anomalyd.alerts import (
     render_plot,
 )
 from anomalyd.config import AlertsConfig, SlackConfig
-from anomalyd.metrics import REGISTRY
-from anomalyd.records import SeriesKey, WindowResult
+from anomalyd.core.records import SeriesKey, WindowResult
+from anomalyd.telemetry import REGISTRY
 from http_stubs import Reply, SlackStub
 
 S = 10**9
@@ -339,7 +339,7 @@ def test_the_deadline_bounds_a_hanging_slack(slack: SlackStub, tmp_path: Path) -
 
 def test_an_unreachable_slack_is_retried_within_the_deadline_then_queued(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from anomalyd.localinflux import free_port
+    from anomalyd.store.local import free_port
 
     url = f"http://127.0.0.1:{free_port()}/services/T0/B0/s3cr3t"   # nothing listens there
     cfg = config(slack=SlackConfig(timeout_s=0.5, max_retries=2, webhook_url=url), sinks=("slack",))
@@ -360,7 +360,7 @@ def test_a_malformed_message_is_dead_lettered_not_blocking(slack: SlackStub, tmp
 
 
 def test_log_sink_and_dry_run(slack: SlackStub, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="anomalyd.alerts")
+    caplog.set_level(logging.INFO, logger="anomalyd.alerts.manager")
     cfg = config(slack, sinks=("log", "slack"))
     dry = AlertManager(cfg, tmp_path, dry_run=True)
     assert [t.kind for t in dry.observe(pattern("A.."), now_ns=0)] == ["anomalous", "recovered"]
@@ -403,12 +403,12 @@ def test_without_matplotlib_messages_go_without_the_plot_and_one_line_names_the_
         slack: SlackStub, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
-    import anomalyd.alerts
+    import anomalyd.alerts.manager
 
     for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: importing it raises
-    monkeypatch.setattr(anomalyd.alerts, "_told_no_plots", False)
+    monkeypatch.setattr(anomalyd.alerts.manager, "_told_no_plots", False)
     m = AlertManager(bot_config(slack), tmp_path)
     m.observe(pattern("A..A"), now_ns=0)
     assert len(slack.recorded("/api/chat.postMessage")) == 3 and m.queued() == 0  # anomalous, recovered, anomalous
@@ -486,9 +486,9 @@ def test_plot_draws_the_quantity_the_threshold_applies_to() -> None:
     """Issue 13, item 10: on a fitted ECG model, the PNG's error curve is the tapered difference whose maximum
     is the window's max_error (what the threshold is compared with), built from what the worker hands the alert
     (the raw window and `Detector.shape` of its nearest shape); normal windows stay under the threshold."""
-    from anomalyd.alerts import ANOMALOUS, RECOVERED, Transition, plot_error, plot_figure
-    from anomalyd.detector import Detector, DetectorSpec
-    from anomalyd.synthetic import ecg
+    from anomalyd.alerts.manager import ANOMALOUS, RECOVERED, Transition, plot_error, plot_figure
+    from anomalyd.core.detector import Detector, DetectorSpec
+    from anomalyd.demo.synthetic import ecg
 
     x, _ = ecg(3000, seed=3)
     det = Detector(DetectorSpec(window=32, n_clusters=40, n_init=1)).fit([x[:2000]])

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anomalyd.alerts import (
+from anomalyd.alerts.manager import (
     ANOMALOUS,
     MAX_ATTRIBUTION,
     MAX_NAMED_FIELDS,
@@ -29,7 +29,7 @@ from anomalyd.alerts import (
     render_plot,
 )
 from anomalyd.config import AlertsConfig, SlackConfig
-from anomalyd.records import FieldShare, SeriesKey, WindowResult
+from anomalyd.core.records import FieldShare, SeriesKey, WindowResult
 from http_stubs import Reply, SlackStub
 
 S = 10**9
@@ -270,7 +270,7 @@ def test_a_single_field_message_only_gains_its_direction() -> None:
 
 
 def test_the_log_sink_line_names_the_top_fields(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="anomalyd.alerts")
+    caplog.set_level(logging.INFO, logger="anomalyd.alerts.manager")
     t = multi_transition(4, n_fields=5)
     LogSink().send(t, deadline=0.0)
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("alert: ")]

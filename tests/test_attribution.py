@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anomalyd.attribution import (
+from anomalyd.core.attribution import (
     Segment,
     field_shares,
     hit_rate,
@@ -108,8 +108,8 @@ def test_shift_segments_and_trailing_zscore() -> None:
 def test_smd_slice_attribution_beats_a_random_ranking(shared_data: Path) -> None:
     """Machine 2-7, the first 4,000 training and test rows (three labelled segments): the detector's field shares
     of the windows centred on each segment put the labelled metrics far above a random ranking's expectation."""
-    from anomalyd.detector import DetectorSpec
-    from anomalyd.evaluate import load_smd_machine, smd_run
+    from anomalyd.core.detector import DetectorSpec
+    from anomalyd.evaluation.run import load_smd_machine, smd_run
 
     root = shared_data / "smd"
     train, test, _ = load_smd_machine(root, "2-7")

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anomalyd import catalog
-from anomalyd.catalog import Catalog, CatalogError, StoredModel, model_id_for, model_mismatch
 from anomalyd.config import from_dict
-from anomalyd.detector import Detector, DetectorSpec, WindowBatch
-from anomalyd.synthetic import ecg
+from anomalyd.core.detector import Detector, DetectorSpec, WindowBatch
+from anomalyd.demo.synthetic import ecg
+from anomalyd.service import catalog
+from anomalyd.service.catalog import Catalog, CatalogError, StoredModel, model_id_for, model_mismatch
 
 TAGS = (("patient", "p1"),)
 SPEC = DetectorSpec(window=32, n_clusters=20, n_init=1, random_state=1)
@@ -289,7 +289,7 @@ def test_list_models_skips_and_logs_bad_ones(tmp_path: Path, fitted: Detector,
     good = catalog.save(tmp_path, stored(fitted, (("patient", "good"),)))
     bad = catalog.save(tmp_path, stored(fitted, (("patient", "bad"),)))
     bad.with_suffix(".npz").write_bytes(b"PK\x03\x04 not really")
-    with caplog.at_level(logging.ERROR, logger="anomalyd.catalog"):
+    with caplog.at_level(logging.ERROR, logger="anomalyd.service.catalog"):
         models = catalog.list_models(tmp_path)
     assert [m.tags for m in models] == [(("patient", "good"),)]
     assert good.exists()
@@ -331,7 +331,7 @@ def test_catalog_returns_none_for_a_corrupt_model_with_one_log_line(
     path = catalog.save(tmp_path, stored(fitted))
     text = path.read_text()
     path.write_text(text[:-40])
-    with caplog.at_level(logging.DEBUG, logger="anomalyd.catalog"):
+    with caplog.at_level(logging.DEBUG, logger="anomalyd.service.catalog"):
         for _ in range(5):
             assert cat.get(mid) is None
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]

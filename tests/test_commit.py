@@ -13,17 +13,18 @@ from typing import Any
 import numpy as np
 import pytest
 
-from anomalyd.alerts import AlertManager, Sink, Transition
-from anomalyd.catalog import Catalog, StoredModel, model_id_for, save
+from anomalyd.alerts.manager import AlertManager, Sink, Transition
 from anomalyd.config import Config
-from anomalyd.detector import Detector, DetectorSpec
-from anomalyd.influx import InfluxDB1Store, Query, SeriesData
-from anomalyd.localinflux import LocalInfluxd
-from anomalyd.metrics import REGISTRY
-from anomalyd.records import SeriesKey, legacy_tags_str, tags_str
-from anomalyd.state import Watermarks
-from anomalyd.synthetic import ecg
-from anomalyd.worker import Worker
+from anomalyd.core.detector import Detector, DetectorSpec
+from anomalyd.core.records import SeriesKey, legacy_tags_str, tags_str
+from anomalyd.demo.synthetic import ecg
+from anomalyd.service.catalog import Catalog, StoredModel, model_id_for, save
+from anomalyd.service.state import Watermarks
+from anomalyd.service.worker import Worker
+from anomalyd.store.base import Query, SeriesData
+from anomalyd.store.influx1 import InfluxDB1Store
+from anomalyd.store.local import LocalInfluxd
+from anomalyd.telemetry import REGISTRY
 from conftest import make_config
 from test_influx import raw_line
 

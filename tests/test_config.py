@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from anomalyd.config import ConfigError, from_dict, load
-from anomalyd.detector import DetectorSpec
-from anomalyd.postprocess import NormaliserParams
+from anomalyd.core.detector import DetectorSpec
+from anomalyd.core.normaliser import NormaliserParams
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "hunter2-s3cr3t-VALUE"

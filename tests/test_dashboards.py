@@ -45,7 +45,7 @@ import pytest
 import requests
 import yaml
 
-from anomalyd.catalog import model_id_for
+from anomalyd.service.catalog import model_id_for
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = tomllib.loads((ROOT / "config.toml").read_text())

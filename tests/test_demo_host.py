@@ -12,15 +12,16 @@ from typing import Any
 import numpy as np
 import pytest
 
-from anomalyd import training
-from anomalyd.catalog import Catalog
 from anomalyd.config import Config, load
-from anomalyd.demo import HOSTS, FedSeries, demo_config, feed, host_signals, report_host_findings
-from anomalyd.influx import InfluxDB1Store, Point
-from anomalyd.localinflux import LocalInfluxd
-from anomalyd.state import Watermarks
-from anomalyd.synthetic import HOST_FAULTS, HostSeries, host, inject_host
-from anomalyd.worker import Worker
+from anomalyd.demo.run import HOSTS, FedSeries, demo_config, feed, host_signals, report_host_findings
+from anomalyd.demo.synthetic import HOST_FAULTS, HostSeries, host, inject_host
+from anomalyd.service import training
+from anomalyd.service.catalog import Catalog
+from anomalyd.service.state import Watermarks
+from anomalyd.service.worker import Worker
+from anomalyd.store.base import Point
+from anomalyd.store.influx1 import InfluxDB1Store
+from anomalyd.store.local import LocalInfluxd
 
 ROOT = Path(__file__).resolve().parents[1]
 S = 10**9

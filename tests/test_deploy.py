@@ -31,9 +31,9 @@ import yaml
 
 from anomalyd.cli import _parser
 from anomalyd.config import load
-from anomalyd.localinflux import free_port
-from anomalyd.service import Health, Service, sd_notify, serve_http
-from anomalyd.worker import TickReport
+from anomalyd.service.daemon import Health, Service, sd_notify, serve_http
+from anomalyd.service.worker import TickReport
+from anomalyd.store.local import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -618,8 +618,8 @@ def test_ready_only_after_a_successful_tick_and_watchdog_from_every_tick(tmp_pat
 def test_service_notifies_ready_watchdog_and_stopping_on_sigterm(tmp_path: Path) -> None:
     """The real loop in its own process, as systemd runs it: READY=1, WATCHDOG=1 pings, STOPPING=1 on SIGTERM."""
     script = (
-        "from anomalyd.service import Service\n"
-        "from anomalyd.worker import TickReport\n"
+        "from anomalyd.service.daemon import Service\n"
+        "from anomalyd.service.worker import TickReport\n"
         "class W:\n"
         "    def tick(self):\n"
         "        return TickReport()\n"

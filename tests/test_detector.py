@@ -1,4 +1,4 @@
-"""The one detector (anomalyd.detector): spec, fit, window rule, streaming invariance, stride, missing data,
+"""The one detector (anomalyd.core.detector): spec, fit, window rule, streaming invariance, stride, missing data,
 multivariate attribution, persistence, and the quality floors (synthetic anomalies and the reference EKG)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any, cast
 import numpy as np
 import pytest
 
-from anomalyd.detector import (
+from anomalyd.core.detector import (
     Detector,
     DetectorSpec,
     SeriesState,
@@ -22,7 +22,7 @@ from anomalyd.detector import (
     choose_window,
     dominant_period,
 )
-from anomalyd.postprocess import NormaliserParams
+from anomalyd.core.normaliser import NormaliserParams
 
 PERIOD = 50
 
@@ -628,7 +628,7 @@ def test_new_spec_defaults_and_old_models_load_as_they_were_trained() -> None:
 
 
 def test_resolution_and_range_floors_bound_a_near_constant_field() -> None:
-    from anomalyd.detector import field_resolution
+    from anomalyd.core.detector import field_resolution
 
     rng = np.random.default_rng(0)
     counter = np.zeros(3000)

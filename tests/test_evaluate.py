@@ -1,4 +1,4 @@
-"""Tests of anomalyd.evaluate: hand-computed cases, NAB v1.1 conformance on the published scores, tuning."""
+"""Tests of anomalyd.evaluation.run: hand-computed cases, NAB v1.1 conformance on the published scores, tuning."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from typing import Literal
 import numpy as np
 import pytest
 
-from anomalyd import evaluate
-from anomalyd.evaluate import (
+from anomalyd.evaluation import run as evaluate
+from anomalyd.evaluation.run import (
     NAB_PROFILES,
     Metrics,
     NabCorpus,
@@ -622,7 +622,7 @@ def test_best_nab_threshold_on_published_scores(
 
 
 def test_alert_events_follow_the_alert_policy() -> None:
-    from anomalyd.evaluate import alert_events
+    from anomalyd.evaluation.run import alert_events
 
     f = np.array([0, 1, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0], bool)
     assert alert_events(f, 1, 4) == [(1, 6)]  # a gap shorter than the recovery is the same event

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anomalyd import catalog
-from anomalyd.catalog import StoredModel
 from anomalyd.cli import main
-from anomalyd.detector import Detector, DetectorSpec
-from anomalyd.evaluate import (
+from anomalyd.core.detector import Detector, DetectorSpec
+from anomalyd.core.stored_run import run_stored
+from anomalyd.demo.synthetic import ANOMALY_KINDS, ecg, inject
+from anomalyd.evaluation.run import (
     EvalSeries,
     _detector_spec,
     _load_csv_series,
@@ -27,8 +27,8 @@ from anomalyd.evaluate import (
     format_table,
     load_labelled_csv,
 )
-from anomalyd.stored import run_stored
-from anomalyd.synthetic import ANOMALY_KINDS, ecg, inject
+from anomalyd.service import catalog
+from anomalyd.service.catalog import StoredModel
 from conftest import NAB, WHERE
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -288,7 +288,7 @@ def test_parallel_nab_after_kmeans_in_the_same_process(tmp_path: Path) -> None:
     out_json = tmp_path / "nab.json"
     code = ("import numpy as np, sys\n"
             "from anomalyd.cli import main\n"
-            "from anomalyd.detector import Detector\n"
+            "from anomalyd.core.detector import Detector\n"
             "Detector().fit([np.sin(np.arange(2000) / 5.0)])\n"
             f"sys.exit(main(['evaluate', {str(tmp_path / 'nab')!r}, '--jobs', '2', '--json', {str(out_json)!r}, "
             "'--no-progress']))\n")
@@ -344,10 +344,10 @@ def _unlabelled_copy(path: Path, tmp_path: Path) -> Path:
 
 def test_alerts_are_alert_events_as_the_daemon_raises_them(labelled: tuple, tmp_path: Path) -> None:
     """"alerts" counts what the daemon's alert policy would send (at the [alerts] defaults), fed the same flags
-    through `anomalyd.alerts.AlertManager`; "flagged" counts the rows over the threshold."""
-    from anomalyd.alerts import ANOMALOUS, AlertManager
+    through `anomalyd.alerts.manager.AlertManager`; "flagged" counts the rows over the threshold."""
+    from anomalyd.alerts.manager import ANOMALOUS, AlertManager
     from anomalyd.config import AlertsConfig
-    from anomalyd.records import SeriesKey, WindowResult
+    from anomalyd.core.records import SeriesKey, WindowResult
 
     path, _, _ = labelled
     out_json = tmp_path / "r.json"

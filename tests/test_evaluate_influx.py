@@ -1,12 +1,12 @@
 """`anomalyd evaluate` over an InfluxDB range with label windows, against the session's real influxd.
 
 One module-wide database holds 3 h of the synthetic heartbeat signal (two patients, anomalies injected in the
-last hour only, as `anomalyd.demo.feed` writes it) and the models `anomalyd.training.train` fits on the two hours
-before them; the labels are the injected anomalies, each with the window's length after it (every window that
+last hour only, as `anomalyd.demo.run.feed` writes it) and the models `anomalyd.service.training.train` fits on the two
+hours before them; the labels are the injected anomalies, each with the window's length after it (every window that
 holds the anomaly).
 
 With trained models the evaluation is the daemon's detector on the daemon's grid: its per-row scores are those
-`anomalyd.stored.run_stored` computes from the same samples with the same stored `Detector`, and those the
+`anomalyd.core.stored_run.run_stored` computes from the same samples with the same stored `Detector`, and those the
 daemon's own tick writes.
 """
 
@@ -25,17 +25,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anomalyd import catalog, training
-from anomalyd.catalog import Catalog, StoredModel, model_id_for
 from anomalyd.config import load
-from anomalyd.demo import FedSeries, feed
-from anomalyd.detector import DetectorSpec
-from anomalyd.evaluate import EvalSeries, _detector_spec, _load_influx_series, add_arguments, run
-from anomalyd.influx import InfluxDB1Store
-from anomalyd.localinflux import LocalInfluxd, free_port
-from anomalyd.state import Watermarks
-from anomalyd.stored import run_stored
-from anomalyd.worker import Worker
+from anomalyd.core.detector import DetectorSpec
+from anomalyd.core.stored_run import run_stored
+from anomalyd.demo.run import FedSeries, feed
+from anomalyd.evaluation.run import EvalSeries, _detector_spec, _load_influx_series, add_arguments, run
+from anomalyd.service import catalog, training
+from anomalyd.service.catalog import Catalog, StoredModel, model_id_for
+from anomalyd.service.state import Watermarks
+from anomalyd.service.worker import Worker
+from anomalyd.store.influx1 import InfluxDB1Store
+from anomalyd.store.local import LocalInfluxd, free_port
 
 HOUR = 3600 * 10**9
 SECOND = 10**9
@@ -229,7 +229,7 @@ def test_without_trained_models_the_default_detector_is_evaluated(fed: Fed, tmp_
     labels = labels_by_series(fed, tmp_path / "labels.json")
     out_json = tmp_path / "report.json"
     start, end = fed.now - 2 * HOUR, fed.now
-    with caplog.at_level(logging.WARNING, logger="anomalyd.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="anomalyd.evaluation.run"):
         assert evaluate("--format", "influx", "-c", config, "--signal", "heartbeat", "--start", iso(start),
                         "--end", iso(end), "--labels", labels, "--train-rows", 1800, "--json", out_json,
                         "--no-progress") == 0

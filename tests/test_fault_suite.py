@@ -36,15 +36,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from anomalyd.alerts import AlertManager
-from anomalyd.catalog import Catalog
+from anomalyd.alerts.manager import AlertManager
 from anomalyd.config import Config, load
-from anomalyd.detector import Detector, DetectorSpec
-from anomalyd.influx import InfluxDB1Store
-from anomalyd.localinflux import LocalInfluxd
-from anomalyd.state import Watermarks
-from anomalyd.synthetic import ecg
-from anomalyd.worker import Worker
+from anomalyd.core.detector import Detector, DetectorSpec
+from anomalyd.demo.synthetic import ecg
+from anomalyd.service.catalog import Catalog
+from anomalyd.service.state import Watermarks
+from anomalyd.service.worker import Worker
+from anomalyd.store.influx1 import InfluxDB1Store
+from anomalyd.store.local import LocalInfluxd
 from conftest import make_config
 from fault_helpers import (
     AlertCount,
@@ -377,7 +377,7 @@ def state_fs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     goes through it) raises OSError(EROFS) or OSError(ENOSPC)."""
     import errno
 
-    import anomalyd.state as state_mod
+    import anomalyd.service.state as state_mod
 
     path = tmp_path / "state"
     if mount_allowed(tmp_path):

@@ -18,20 +18,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anomalyd import training
-from anomalyd.catalog import Catalog, StoredModel, model_id_for, save
 from anomalyd.cli import main
 from anomalyd.config import Config, TrainRange
-from anomalyd.demo import feed
-from anomalyd.detector import Detector, DetectorSpec
-from anomalyd.grid import align, align_many
-from anomalyd.influx import InfluxDB1Store, Point, Query, SeriesData, SeriesPoints, StoreError, expand, line_protocol
-from anomalyd.localinflux import LocalInfluxd, free_port
-from anomalyd.metrics import REGISTRY
-from anomalyd.service import Service
-from anomalyd.state import Watermarks
-from anomalyd.synthetic import ecg
-from anomalyd.worker import TickReport, Worker
+from anomalyd.core.detector import Detector, DetectorSpec
+from anomalyd.core.grid import align, align_many
+from anomalyd.demo.run import feed
+from anomalyd.demo.synthetic import ecg
+from anomalyd.service import training
+from anomalyd.service.catalog import Catalog, StoredModel, model_id_for, save
+from anomalyd.service.daemon import Service
+from anomalyd.service.state import Watermarks
+from anomalyd.service.worker import TickReport, Worker
+from anomalyd.store.base import Point, Query, SeriesData, SeriesPoints, StoreError, expand, line_protocol
+from anomalyd.store.influx1 import InfluxDB1Store
+from anomalyd.store.local import LocalInfluxd, free_port
+from anomalyd.telemetry import REGISTRY
 from conftest import make_config, with_signal
 
 S = 10**9
@@ -572,7 +573,7 @@ def test_duplicate_and_out_of_order_timestamps(cfg: Config, tmp_path: Path, mode
     t2 = np.concatenate([t[dup], t[order]])
     x2 = np.concatenate([x[dup] + 500.0, x[order]])
     store = FakeStore({P1: (t, x), P2: (t2, x2)})
-    with caplog.at_level(logging.INFO, logger="anomalyd.worker"):
+    with caplog.at_level(logging.INFO, logger="anomalyd.service.worker"):
         fake_worker(cfg, store, tmp_path).score_range(T0, T0 + 800 * S)
     clean, got = store.errors(P1), store.errors(P2)
     assert sorted(clean) == grid(T0, T0 + 800 * S) and got == clean
@@ -684,7 +685,7 @@ def test_a_series_that_appears_after_training_is_logged_once_counted_and_skipped
     worker = Worker(cfg, store, Catalog(cfg.paths.models), Watermarks(tmp_path / "wm.json"), alerts=None,
                     clock=lambda: now[0])
     reports = []
-    with caplog.at_level(logging.WARNING, logger="anomalyd.worker"):
+    with caplog.at_level(logging.WARNING, logger="anomalyd.service.worker"):
         for _ in range(3):
             reports.append(worker.tick())
             assert metric("anomalyd_untrained_series", signal="heartbeat") == 1
@@ -732,7 +733,7 @@ def test_a_model_that_disagrees_with_the_config_is_skipped_with_a_clear_error(
     worker = Worker(cfg, store, Catalog(cfg.paths.models), Watermarks(tmp_path / "wm.json"), alerts=None,
                     clock=lambda: now[0])
     service = Service(worker, interval_s=1.0, max_backoff_s=2.0, health_listen="")
-    with caplog.at_level(logging.WARNING, logger="anomalyd.worker"):
+    with caplog.at_level(logging.WARNING, logger="anomalyd.service.worker"):
         first = service.run_tick()
         now[0] += 4 * step
         second = service.run_tick()

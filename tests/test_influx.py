@@ -14,15 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anomalyd.catalog import Catalog, StoredModel, model_id_for, save
 from anomalyd.config import Config, InfluxConfig
-from anomalyd.detector import Detector, DetectorSpec
-from anomalyd.influx import InfluxDB1Store, Point, Query, StoreError, line_protocol
-from anomalyd.localinflux import LocalInfluxd, free_port
-from anomalyd.records import parse_tags, tags_str
-from anomalyd.state import Watermarks
-from anomalyd.synthetic import ecg
-from anomalyd.worker import Worker
+from anomalyd.core.detector import Detector, DetectorSpec
+from anomalyd.core.records import parse_tags, tags_str
+from anomalyd.demo.synthetic import ecg
+from anomalyd.service.catalog import Catalog, StoredModel, model_id_for, save
+from anomalyd.service.state import Watermarks
+from anomalyd.service.worker import Worker
+from anomalyd.store.base import Point, Query, StoreError, line_protocol
+from anomalyd.store.influx1 import InfluxDB1Store
+from anomalyd.store.local import LocalInfluxd, free_port
 from conftest import make_config
 from http_stubs import Recorded, Reply, StubServer
 
@@ -306,7 +307,8 @@ class _Influx1Stub(StubServer):
 
 
 def _retry_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "anomalyd.influx" and "retry" in r.getMessage()]
+    return [r.getMessage() for r in caplog.records
+            if r.name.startswith("anomalyd.store.") and "retry" in r.getMessage()]
 
 
 def test_reads_and_writes_are_retried_after_server_errors(caplog: pytest.LogCaptureFixture) -> None:
@@ -314,7 +316,7 @@ def test_reads_and_writes_are_retried_after_server_errors(caplog: pytest.LogCapt
         store = InfluxDB1Store(InfluxConfig(url=stub.url, database="db", timeout_s=5, retries=2))
         store.retry_base_s = 0.01
         stub.script(Reply.error(503, path="/write"), Reply.error(500, b'{"error":"timeout"}', path="/write"))
-        with caplog.at_level(logging.WARNING, logger="anomalyd.influx"):
+        with caplog.at_level(logging.WARNING, logger="anomalyd.store"):
             store.write([Point("m", (), (("v", 1.0),), T0)])
         assert [r.status for r in stub.recorded("/write")] == [503, 500, 204]
         assert stub.recorded("/write")[0].body == stub.recorded("/write")[2].body  # the same batch again
@@ -323,7 +325,7 @@ def test_reads_and_writes_are_retried_after_server_errors(caplog: pytest.LogCapt
         assert "retry 2 of 2" in lines[1] and stub.url in lines[1]
         caplog.clear()
         stub.script(Reply.error(502, path="/query"), Reply.error(503, path="/query"))
-        with caplog.at_level(logging.WARNING, logger="anomalyd.influx"):
+        with caplog.at_level(logging.WARNING, logger="anomalyd.store"):
             data = store.read(Query("m", "v", (), ("host",), S), T0, T0 + S)
         assert data[(("host", "h1"),)][1].tolist() == [1.0, 2.0]
         assert len(stub.recorded("/query")) == 3 and len(_retry_lines(caplog)) == 2
@@ -337,7 +339,7 @@ def test_client_errors_are_not_retried(caplog: pytest.LogCaptureFixture) -> None
     with _Influx1Stub() as stub:
         store = InfluxDB1Store(InfluxConfig(url=stub.url, database="db", timeout_s=5, retries=3))
         stub.script(Reply(400, {"error": "partial write: field type conflict"}, path="/write"))
-        with caplog.at_level(logging.WARNING, logger="anomalyd.influx"):
+        with caplog.at_level(logging.WARNING, logger="anomalyd.store"):
             with pytest.raises(StoreError, match=r"refused the write \(HTTP 400\).*conflict"):
                 store.write([Point("m", (), (("v", 1.0),), T0)])
         assert len(stub.recorded("/write")) == 1 and not _retry_lines(caplog)
@@ -352,7 +354,7 @@ def test_a_stopped_influxd_is_retried_and_a_restart_within_the_retries_is_ridden
         server.stop()
         store = InfluxDB1Store(InfluxConfig(url=server.url, database="r", timeout_s=2, retries=2))
         store.retry_base_s = 0.05
-        with caplog.at_level(logging.WARNING, logger="anomalyd.influx"):
+        with caplog.at_level(logging.WARNING, logger="anomalyd.store"):
             with pytest.raises(StoreError, match=r"unreachable \(ConnectionError\) after 2 retries; check "
                                                  r"influxdb.url and that influxd is running"):
                 store.read(Query("m", "v", (), ("host",), S), T0, T0 + S)
@@ -363,7 +365,7 @@ def test_a_stopped_influxd_is_retried_and_a_restart_within_the_retries_is_ridden
         caplog.clear()
         restart.start()
         try:
-            with caplog.at_level(logging.WARNING, logger="anomalyd.influx"):
+            with caplog.at_level(logging.WARNING, logger="anomalyd.store"):
                 patient.write([Point("m", (("host", "h1"),), (("v", 2.0),), T0 + S)])
         finally:
             restart.join()
@@ -391,7 +393,7 @@ from conftest import AuthInfluxd  # noqa: E402
 def decoded(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """How many documents the MessagePack reads handed to the msgpack package (not the packed-rows scan), and how
     many scans ran."""
-    from anomalyd import influx
+    from anomalyd.store import influx1 as influx
 
     counts = {"scan": 0, "msgpack": 0}
     scan, unpack = influx._scan, influx._unpack_next
@@ -476,7 +478,7 @@ def test_msgpack_reads_several_fields_with_nulls_exactly_as_json(store: InfluxDB
 
 def test_msgpack_reads_a_field_holding_strings_in_some_shards_as_json_does(
         store: InfluxDB1Store, influxd: LocalInfluxd, database: str, caplog: pytest.LogCaptureFixture) -> None:
-    from anomalyd import influx
+    from anomalyd.store import influx1 as influx
 
     week = 8 * 24 * 3600 * S  # another shard group (7 days each): there the field may have another type
     lines = [f"mixed,host=h{j} a={i}.5,s={i * 2}.0 {T0 + i * S}" for j in range(3) for i in range(10)]
@@ -484,7 +486,7 @@ def test_msgpack_reads_a_field_holding_strings_in_some_shards_as_json_does(
     influxd.write_lines(database, "\n".join(lines))
     q = Query("mixed", "", (), ("host",), S, fields=("a", "s"))
     influx._reported_strings.discard(("mixed", "s"))
-    with caplog.at_level(logging.WARNING, logger="anomalyd.influx"):
+    with caplog.at_level(logging.WARNING, logger="anomalyd.store"):
         packed, plain = _read_both(store, q, T0 + week, T0 + week + 9 * S)  # the shard where "s" holds strings
     _assert_identical(packed, plain)
     t, v = packed[(("host", "h2"),)]
@@ -578,7 +580,7 @@ def test_a_server_refusing_msgpack_is_asked_for_json_from_then_on(caplog: pytest
     with _Influx1Stub() as stub:  # InfluxDB 3 answers 400 to an Accept header it does not know
         store = InfluxDB1Store(InfluxConfig(url=stub.url, database="db", timeout_s=5, retries=0, token="tok"))
         stub.script(Reply(400, {"error": "invalid mime type: application/x-msgpack"}, path="/query"))
-        with caplog.at_level(logging.INFO, logger="anomalyd.influx"):
+        with caplog.at_level(logging.INFO, logger="anomalyd.store"):
             data = store.read(Query("m", "v", (), ("host",), S), T0, T0 + S)
         assert data[(("host", "h1"),)][1].tolist() == [1.0, 2.0] and store.read_format == "json"
         assert any("does not answer in MessagePack" in r.getMessage() for r in caplog.records)

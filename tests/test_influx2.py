@@ -18,9 +18,10 @@ import pytest
 
 from anomalyd.cli import _store
 from anomalyd.config import ConfigError, InfluxConfig, from_dict
-from anomalyd.influx import InfluxDB1Store, Point, Query, SeriesPoints, StoreError
-from anomalyd.influx2 import InfluxDB2FluxStore, build_flux, parse_annotated_csv
-from anomalyd.localinflux import free_port
+from anomalyd.store.base import Point, Query, SeriesPoints, StoreError
+from anomalyd.store.influx1 import InfluxDB1Store
+from anomalyd.store.influx2 import InfluxDB2FluxStore, build_flux, parse_annotated_csv
+from anomalyd.store.local import free_port
 from conftest import make_config
 from http_stubs import Recorded, Reply, StubServer
 
@@ -219,7 +220,7 @@ def test_writes_and_reads_are_retried_on_5xx_with_a_log_line_each(stub: Influx2S
     store = fast(InfluxDB2FluxStore(flux_cfg(stub.url, retries=2)))
     stub.script(Reply(503, {"code": "unavailable", "message": "too many requests in flight"}, path="/api/v2/write"),
                 Reply(500, {"code": "internal error", "message": "engine: cache full"}, path="/api/v2/write"))
-    with caplog.at_level(logging.WARNING, logger="anomalyd.influx"):
+    with caplog.at_level(logging.WARNING, logger="anomalyd.store.influx1"):
         store.write([Point("m", (), (("v", 1.0),), T0)])
     assert [r.status for r in stub.recorded("/api/v2/write")] == [503, 500, 204]
     retries = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
@@ -237,7 +238,7 @@ def test_an_unreachable_server_is_retried_then_a_clear_store_error(caplog: pytes
     for call in (store.ping, lambda: store.read(Query("m", "v", (), (), S), 0, S),
                  lambda: store.write([Point("m", (), (("v", 1.0),), 1)])):
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="anomalyd.influx"):
+        with caplog.at_level(logging.WARNING, logger="anomalyd.store.influx1"):
             with pytest.raises(StoreError, match=r"unreachable \(ConnectionError\) after 2 retries; check "
                                                  r"influxdb.url"):
                 call()

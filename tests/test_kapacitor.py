@@ -13,10 +13,8 @@ from typing import Any
 import pytest
 import requests
 
-from anomalyd import kapacitor
-from anomalyd.catalog import StoredModel, model_id_for
-from anomalyd.config import Config, from_dict
-from anomalyd.kapacitor import (
+from anomalyd.alerts import kapacitor
+from anomalyd.alerts.kapacitor import (
     TEMPLATE_TYPES,
     TEMPLATES,
     VAR_TYPES,
@@ -28,12 +26,14 @@ from anomalyd.kapacitor import (
     render,
     template_vars,
 )
-from anomalyd.localinflux import LocalInfluxd, free_port
-from anomalyd.records import tags_str
+from anomalyd.config import Config, from_dict
+from anomalyd.core.records import tags_str
+from anomalyd.service.catalog import StoredModel, model_id_for
+from anomalyd.store.local import LocalInfluxd, free_port
 from http_stubs import KapacitorStub, Reply
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = ROOT / "src" / "anomalyd" / "tickscripts"
+SHIPPED = ROOT / "src" / "anomalyd" / "alerts" / "tickscripts"
 S = 10**9
 
 # The output schema the worker writes (see the README's output section, and docs/multivariate.md for the
@@ -85,7 +85,7 @@ def test_the_scripts_rendered_are_the_package_files_and_vars_examples_are_curren
     nothing else in the package holds a TICKscript."""
     from importlib.resources import files
 
-    packaged = files("anomalyd").joinpath("tickscripts")
+    packaged = files("anomalyd").joinpath("alerts", "tickscripts")
     assert sorted(p.name for p in packaged.iterdir() if p.name.endswith(".tick")) == sorted(
         f"{n}.tick" for n in TEMPLATE_TYPES)
     assert not (ROOT / "tickscripts").exists()  # no second copy at the top of the repository
@@ -94,7 +94,7 @@ def test_the_scripts_rendered_are_the_package_files_and_vars_examples_are_curren
     for name in TEMPLATE_TYPES:
         assert (tmp_path / f"{name}.tick").read_bytes() == packaged.joinpath(f"{name}.tick").read_bytes()
         assert TEMPLATES[name] == (TEMPLATE_TYPES[name], packaged.joinpath(f"{name}.tick").read_text())
-    source = (ROOT / "src" / "anomalyd" / "kapacitor.py").read_text()
+    source = (ROOT / "src" / "anomalyd" / "alerts" / "kapacitor.py").read_text()
     assert "|alert()" not in source and "var measurement" not in source  # the scripts are not also strings here
     (tmp_path / f"anomaly_fixed.{models[0].model_id}.vars.json").rename(tmp_path / "anomaly_fixed.vars.json")
     for name in ("anomaly_stream", "anomaly_batch", "anomaly_fixed", "anomaly_deadman"):
@@ -934,7 +934,7 @@ def test_influxd_is_required_not_skipped() -> None:
 ])
 def test_tasks_use_the_writers_retention_policy(tmp_path: Path, influx_rp: str, output_rp_: str,
                                                 expected: str) -> None:
-    from anomalyd.influx import InfluxDB1Store
+    from anomalyd.store.influx1 import InfluxDB1Store
 
     env = {"ANOMALYD_INFLUXDB_RETENTION_POLICY": influx_rp} if influx_rp else {}
     cfg = from_dict({

@@ -1,4 +1,4 @@
-"""The shape catalog (anomalyd.model): taper, windowing, K-Means catalog matching, threshold policies.
+"""The shape catalog (anomalyd.core.model): taper, windowing, K-Means catalog matching, threshold policies.
 
 Expected values are computed by hand (or from the definition, independently of the code), never measured.
 """
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from sklearn.exceptions import NotFittedError
 
-from anomalyd.model import ShapeCatalog, TooLittleDataError, sliding_windows, taper, threshold_from_errors
-from anomalyd.synthetic import ecg
+from anomalyd.core.model import ShapeCatalog, TooLittleDataError, sliding_windows, taper, threshold_from_errors
+from anomalyd.demo.synthetic import ecg
 
 # -- taper and windows -----------------------------------------------------------------------------
 

@@ -13,14 +13,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from anomalyd import training
-from anomalyd.catalog import Catalog
 from anomalyd.config import Config, FieldSpec
-from anomalyd.influx import InfluxDB1Store, Query, SeriesData, SeriesPoints
-from anomalyd.localinflux import LocalInfluxd
-from anomalyd.sources import rate, read_signal, signal_reads
-from anomalyd.state import Watermarks
-from anomalyd.worker import Worker
+from anomalyd.service import training
+from anomalyd.service.catalog import Catalog
+from anomalyd.service.state import Watermarks
+from anomalyd.service.worker import Worker
+from anomalyd.store.base import Query, SeriesData, SeriesPoints
+from anomalyd.store.influx1 import InfluxDB1Store
+from anomalyd.store.local import LocalInfluxd
+from anomalyd.store.sources import rate, read_signal, signal_reads
 from conftest import make_config
 
 S = 10**9
@@ -187,7 +188,7 @@ def test_a_field_that_stops_leaves_the_others_scored(mcfg: Config, influxd: Loca
 def test_strings_in_a_field_are_gaps_and_check_says_so(mcfg: Config, capsys: pytest.CaptureFixture[str],
                                                        caplog: pytest.LogCaptureFixture) -> None:
     from anomalyd.cli import _check_fields
-    from anomalyd.influx import _rows_to_matrix
+    from anomalyd.store.influx1 import _rows_to_matrix
 
     store = CountingStore(mcfg.influxdb, mcfg.daemon.write_batch)
     write_hosts(store, 100)

@@ -15,9 +15,9 @@ import pytest
 from anomalyd import cli
 from anomalyd.cli import main
 from anomalyd.config import load
-from anomalyd.demo import feed
-from anomalyd.influx import InfluxDB1Store
-from anomalyd.localinflux import LocalInfluxd
+from anomalyd.demo.run import feed
+from anomalyd.store.influx1 import InfluxDB1Store
+from anomalyd.store.local import LocalInfluxd
 from conftest import cli_config
 
 ROOT = Path(__file__).resolve().parents[1]

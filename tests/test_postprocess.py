@@ -1,4 +1,4 @@
-"""The score normaliser (anomalyd.postprocess): hand-computed likelihoods, chunk invariance, state, rules."""
+"""The score normaliser (anomalyd.core.normaliser): hand-computed likelihoods, chunk invariance, state, rules."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Literal
 import numpy as np
 import pytest
 
-from anomalyd.postprocess import NormaliserParams, ScoreNormaliser, log_score, update_block
+from anomalyd.core.normaliser import NormaliserParams, ScoreNormaliser, log_score, update_block
 
 
 def upper_tail(z: float) -> float:
@@ -477,7 +477,7 @@ def test_robust_reference_keeps_a_larger_later_error_above_an_earlier_burst() ->
 
 
 def test_field_surprise_against_the_fields_own_history() -> None:
-    from anomalyd.postprocess import field_surprise
+    from anomalyd.core.normaliser import field_surprise
 
     nm = ScoreNormaliser()
     nm.fm, nm.fv = np.array([1.0, 10.0]), np.array([0.01, 1.0])
@@ -495,7 +495,7 @@ def test_field_surprise_against_the_fields_own_history() -> None:
 
 
 def test_field_surprise_gate_and_rebaseline_and_state_round_trip() -> None:
-    from anomalyd.postprocess import field_surprise
+    from anomalyd.core.normaliser import field_surprise
 
     nm = ScoreNormaliser()
     nm.fm, nm.fv = np.array([1.0]), np.array([0.01])

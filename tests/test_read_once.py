@@ -11,14 +11,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from anomalyd.catalog import Catalog, StoredModel, model_id_for, save
 from anomalyd.config import Config
-from anomalyd.detector import Detector, DetectorSpec
-from anomalyd.influx import InfluxDB1Store, Query, SeriesData
-from anomalyd.localinflux import LocalInfluxd
-from anomalyd.state import Watermarks
-from anomalyd.synthetic import ecg
-from anomalyd.worker import Worker
+from anomalyd.core.detector import Detector, DetectorSpec
+from anomalyd.demo.synthetic import ecg
+from anomalyd.service.catalog import Catalog, StoredModel, model_id_for, save
+from anomalyd.service.state import Watermarks
+from anomalyd.service.worker import Worker
+from anomalyd.store.base import Query, SeriesData
+from anomalyd.store.influx1 import InfluxDB1Store
+from anomalyd.store.local import LocalInfluxd
 from conftest import make_config
 
 S = 10**9

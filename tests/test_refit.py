@@ -10,18 +10,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anomalyd import training
-from anomalyd.catalog import Catalog, model_id_for
-from anomalyd.catalog import load as load_model
 from anomalyd.config import Config, TrainRange
-from anomalyd.demo import feed
-from anomalyd.influx import InfluxDB1Store, Point
-from anomalyd.localinflux import LocalInfluxd
-from anomalyd.metrics import REFITS
-from anomalyd.records import SeriesKey
-from anomalyd.service import Service
-from anomalyd.state import Watermarks
-from anomalyd.worker import Worker
+from anomalyd.core.records import SeriesKey
+from anomalyd.demo.run import feed
+from anomalyd.service import training
+from anomalyd.service.catalog import Catalog, model_id_for
+from anomalyd.service.catalog import load as load_model
+from anomalyd.service.daemon import Service
+from anomalyd.service.state import Watermarks
+from anomalyd.service.worker import Worker
+from anomalyd.store.base import Point
+from anomalyd.store.influx1 import InfluxDB1Store
+from anomalyd.store.local import LocalInfluxd
+from anomalyd.telemetry import REFITS
 from conftest import make_config, with_signal
 
 

@@ -1,4 +1,4 @@
-"""The window scorers (anomalyd.scorers) inside the detector: causal, chunk-invariant, persisted, and each one
+"""The window scorers (anomalyd.core.scorers) inside the detector: causal, chunk-invariant, persisted, and each one
 finds what it is for."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import io
 import numpy as np
 import pytest
 
-from anomalyd.detector import Detector, DetectorSpec
-from anomalyd.scorers import SCORERS, make_scorer, parse_scorers, spectral_residual
+from anomalyd.core.detector import Detector, DetectorSpec
+from anomalyd.core.scorers import SCORERS, make_scorer, parse_scorers, spectral_residual
 
 CONFIGS = [*SCORERS, "kmeans+discord", "fft+generalized"]
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from anomalyd.localinflux import LocalInfluxd, free_port
-from anomalyd.service import Health, Service, sd_notify, serve_http
-from anomalyd.worker import SignalReport, TickReport
+from anomalyd.service.daemon import Health, Service, sd_notify, serve_http
+from anomalyd.service.worker import SignalReport, TickReport
+from anomalyd.store.local import LocalInfluxd, free_port
 
 
 class FlakyWorker:
@@ -156,7 +156,7 @@ def test_a_second_sigterm_while_stopping_is_harmless(caplog: pytest.LogCaptureFi
 
     killer = threading.Thread(target=kill_twice)
     try:
-        with caplog.at_level(logging.INFO, logger="anomalyd.service"):
+        with caplog.at_level(logging.INFO, logger="anomalyd.service.daemon"):
             killer.start()
             svc.run_forever()  # returns once stopped; a traceback here fails the test
     finally:
@@ -206,7 +206,7 @@ def test_healthz_is_degraded_while_anything_is_not_scored(caplog: pytest.LogCapt
     port = free_port()
     server = serve_http(f"127.0.0.1:{port}", svc.health)
     try:
-        with caplog.at_level(logging.INFO, logger="anomalyd.service"):
+        with caplog.at_level(logging.INFO, logger="anomalyd.service.daemon"):
             assert svc.run_tick() is not None
             r = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
             assert r.status_code == 200

@@ -12,17 +12,18 @@ from typing import Any
 
 import pytest
 
-from anomalyd.catalog import Catalog, StoredModel, model_id_for, save
 from anomalyd.config import Config, from_dict
-from anomalyd.detector import Detector, DetectorSpec
-from anomalyd.influx import InfluxDB1Store, Point, Query, SeriesData, SeriesPoints
-from anomalyd.localinflux import LocalInfluxd
-from anomalyd.metrics import REGISTRY
-from anomalyd.records import SeriesKey
-from anomalyd.sharding import Shard, owner
-from anomalyd.state import Watermarks
-from anomalyd.synthetic import ecg
-from anomalyd.worker import Worker
+from anomalyd.core.detector import Detector, DetectorSpec
+from anomalyd.core.records import SeriesKey
+from anomalyd.demo.synthetic import ecg
+from anomalyd.service.catalog import Catalog, StoredModel, model_id_for, save
+from anomalyd.service.sharding import Shard, owner
+from anomalyd.service.state import Watermarks
+from anomalyd.service.worker import Worker
+from anomalyd.store.base import Point, Query, SeriesData, SeriesPoints
+from anomalyd.store.influx1 import InfluxDB1Store
+from anomalyd.store.local import LocalInfluxd
+from anomalyd.telemetry import REGISTRY
 from conftest import make_config
 from test_influx import raw_line
 

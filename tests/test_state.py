@@ -10,9 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anomalyd import state
-from anomalyd.postprocess import NormaliserParams, ScoreNormaliser
-from anomalyd.state import ScoreStates, StateError, Watermarks, atomic_write
+from anomalyd import files as durable_files
+from anomalyd.core.normaliser import NormaliserParams, ScoreNormaliser
+from anomalyd.files import atomic_write
+from anomalyd.service import state
+from anomalyd.service.state import ScoreStates, StateError, Watermarks
 
 
 def test_watermarks_persist_across_instances(tmp_path: Path) -> None:
@@ -80,7 +82,7 @@ def test_a_failed_write_keeps_the_old_file_and_cleans_up(tmp_path: Path, monkeyp
     def broken_replace(src: str, dst: str) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(state.os, "replace", broken_replace)
+    monkeypatch.setattr(durable_files.os, "replace", broken_replace)
     w.advance("s|", 20)
     with pytest.raises(OSError, match="No space left"):
         w.save()

@@ -14,13 +14,14 @@ from typing import Any, ClassVar
 import numpy as np
 import pytest
 
-from anomalyd import training
-from anomalyd.catalog import load as load_model
 from anomalyd.cli import main
 from anomalyd.config import Config, load
-from anomalyd.influx import InfluxDB1Store, SeriesPoints
-from anomalyd.localinflux import LocalInfluxd
-from anomalyd.synthetic import ecg
+from anomalyd.demo.synthetic import ecg
+from anomalyd.service import training
+from anomalyd.service.catalog import load as load_model
+from anomalyd.store.base import SeriesPoints
+from anomalyd.store.influx1 import InfluxDB1Store
+from anomalyd.store.local import LocalInfluxd
 
 N_SERIES = 12
 N_SAMPLES = 2000  # per series, 1 s apart: 33 minutes

@@ -11,16 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anomalyd import training
-from anomalyd.catalog import Catalog
 from anomalyd.config import Config, load
-from anomalyd.demo import feed
-from anomalyd.evaluate import nab_probation
-from anomalyd.influx import InfluxDB1Store
-from anomalyd.localinflux import LocalInfluxd
-from anomalyd.state import Watermarks
-from anomalyd.stored import infer_period, run_stored
-from anomalyd.worker import Worker
+from anomalyd.core.stored_run import infer_period, run_stored
+from anomalyd.demo.run import feed
+from anomalyd.evaluation.run import nab_probation
+from anomalyd.service import training
+from anomalyd.service.catalog import Catalog
+from anomalyd.service.state import Watermarks
+from anomalyd.service.worker import Worker
+from anomalyd.store.influx1 import InfluxDB1Store
+from anomalyd.store.local import LocalInfluxd
 from conftest import make_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -29,7 +29,7 @@ _EVALUATE_HELP = "measure detection quality on labelled data (CSV, NAB, SMD, Inf
 
 
 def _parser(evaluate_options: bool = False) -> argparse.ArgumentParser:
-    """The command line. ``evaluate``'s options come from `anomalyd.evaluate` (numpy, scikit-learn), so they are
+    """The command line. ``evaluate``'s options come from `anomalyd.evaluation.run` (numpy, scikit-learn), so they are
     added only with ``evaluate_options`` (the command line names ``evaluate``); ``anomalyd --help`` lists the
     subcommand all the same."""
     p = argparse.ArgumentParser(prog="anomalyd", description=__doc__)
@@ -76,7 +76,7 @@ def _parser(evaluate_options: bool = False) -> argparse.ArgumentParser:
                         description="measure detection quality on labelled data: F1, point-adjusted F1, window "
                                     "F1, ROC/PR-AUC, NAB scores; tune the threshold from labels")
     if evaluate_options:
-        from . import evaluate
+        from .evaluation import run as evaluate
 
         evaluate.add_arguments(ev)
     sp = cmd("kapacitor", "render the TICKscripts or define the tasks in Kapacitor")
@@ -108,10 +108,10 @@ def _positive_int(text: str) -> int:
 
 def _store(cfg: Config):  # type: ignore[no-untyped-def]
     if cfg.influxdb.api == "flux":
-        from .influx2 import InfluxDB2FluxStore
+        from .store.influx2 import InfluxDB2FluxStore
 
         return InfluxDB2FluxStore(cfg.influxdb, cfg.daemon.write_batch)
-    from .influx import InfluxDB1Store
+    from .store.influx1 import InfluxDB1Store
 
     return InfluxDB1Store(cfg.influxdb, cfg.daemon.write_batch)
 
@@ -129,7 +129,7 @@ class _DryRunStore:
         return getattr(self._inner, name)
 
     def write(self, points: Iterable[Any], retention_policy: str = "") -> None:
-        from .influx import SeriesPoints, line_protocol, series_lines
+        from .store.base import SeriesPoints, line_protocol, series_lines
 
         counts: Counter[str] = Counter()
         shown: list[str] = []
@@ -147,10 +147,10 @@ class _DryRunStore:
 
 
 def _worker(cfg: Config, dry_run: bool = False):  # type: ignore[no-untyped-def]
-    from .alerts import AlertManager
-    from .catalog import Catalog
-    from .state import ScoreStates, Watermarks
-    from .worker import Worker
+    from .alerts.manager import AlertManager
+    from .service.catalog import Catalog
+    from .service.state import ScoreStates, Watermarks
+    from .service.worker import Worker
 
     alerts = AlertManager(cfg.alerts, cfg.paths.state, dry_run=dry_run)
     if not dry_run:
@@ -178,10 +178,10 @@ def _worker(cfg: Config, dry_run: bool = False):  # type: ignore[no-untyped-def]
 
 
 def _check(cfg: Config) -> int:
-    from .catalog import CatalogError, model_id_for, model_mismatch
-    from .catalog import load as load_model
     from .config import redact_url
-    from .influx import StoreError
+    from .service.catalog import CatalogError, model_id_for, model_mismatch
+    from .service.catalog import load as load_model
+    from .store.base import StoreError
 
     problems = 0
     store = _store(cfg)
@@ -231,13 +231,14 @@ def _series_with_data(cfg: Config, store: Any, sig: Any, where: tuple[tuple[str,
                       end: int) -> int:
     """How many series of the signal (filtered by ``where``) have samples in ``[start, end]``: with several
     measurements, the fewest over its measurements (a measurement that stopped shows as 0)."""
-    from .sources import signal_reads
+    from .store.sources import signal_reads
 
     return min(_count_series(cfg, store, r.query, start, end) for r in signal_reads(sig, where))
 
 
 def _count_series(cfg: Config, store: Any, query: Any, start: int, end: int) -> int:
-    from .influx import StoreError, quote_ident
+    from .store.base import StoreError
+    from .store.influx1 import quote_ident
 
     query_raw = getattr(store, "query_raw", None)
     if query_raw is None:  # a store without InfluxQL: read the samples
@@ -285,7 +286,8 @@ def _access_problem(cfg: Config, exc: Exception) -> str:
 def _check_fields(cfg: Config, query_raw: Any) -> set[str]:
     """Every signal's measurement exists and has its field as a number (``SHOW FIELD KEYS``); one FAIL line per
     problem. Returns the names of the signals that failed, whose data need not be looked for."""
-    from .influx import StoreError, quote_ident
+    from .store.base import StoreError
+    from .store.influx1 import quote_ident
 
     db, rp = cfg.influxdb.database, cfg.influxdb.retention_policy
     failed: set[str] = set()
@@ -339,9 +341,9 @@ def _check_data(cfg: Config, store: Any, untrained: set[str]) -> int:
     signal has recent data (what the next tick scores), and an untrained signal has data in its training range.
     One line per problem, naming the value to fix."""
     from .config import redact_url
-    from .influx import StoreError
-    from .records import rfc3339
-    from .sources import describe
+    from .core.records import rfc3339
+    from .store.base import StoreError
+    from .store.sources import describe
 
     db = cfg.influxdb.database
     query_raw = getattr(store, "query_raw", None)
@@ -442,7 +444,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"anomalyd evaluate: --plots needs matplotlib, which is not installed; {EVALUATE_EXTRA}",
               file=sys.stderr)
         return 2
-    from . import evaluate
+    from .evaluation import run as evaluate
 
     return evaluate.run(args)
 
@@ -451,7 +453,7 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> int:
     if args.cmd == "check":
         return _check(cfg)
     if args.cmd == "train":
-        from .training import train
+        from .service.training import train
 
         report = train(cfg, _store(cfg), signals=args.signal, exclude_anomalous=args.exclude_anomalous,
                        jobs=args.jobs, dask=args.dask)
@@ -465,8 +467,8 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> int:
                   "(see above); those series are not scored until they are trained", file=sys.stderr)
         return 1 if report.failed else 0
     if args.cmd == "run":
-        from .service import Service
-        from .training import refit
+        from .service.daemon import Service
+        from .service.training import refit
 
         worker = _worker(cfg, dry_run=args.dry_run)
         service = Service(worker, cfg.daemon.interval_s, cfg.daemon.max_backoff_s, cfg.daemon.health_listen,
@@ -501,7 +503,7 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> int:
         return _nothing_scored(report, "score")
     if args.cmd == "feed":
         from .config import parse_duration_ns
-        from .demo import feed, feed_live
+        from .demo.run import feed, feed_live
 
         store = _store(cfg)
         fed = feed(cfg, store, parse_duration_ns(args.history) / 1e9)
@@ -513,8 +515,8 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> int:
     if args.cmd == "demo":
         return _demo(args, cfg)
     if args.cmd == "kapacitor":
-        from . import kapacitor
-        from .catalog import list_models
+        from .alerts import kapacitor
+        from .service.catalog import list_models
 
         models = list_models(cfg.paths.models)
         enable = tuple(e.strip() for e in args.enable.split(",") if e.strip())
@@ -531,7 +533,7 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> int:
 def _nothing_scored(report: Any, cmd: str) -> int:
     """Print (stderr) every signal with anything not scored and why; 1 when no signal could be scored at all
     (each failed, or has no model or no series), else 0."""
-    from .service import not_scored
+    from .service.daemon import not_scored
 
     statuses = not_scored(report)
     for st in statuses:
@@ -549,7 +551,7 @@ SHOW_ANOMALOUS = 20  # windows listed by `anomalyd score`; the rest are counted
 
 def _print_anomalous(report: Any, measurement: str, limit: int | None = None) -> None:
     """The anomalous windows of a backfill, earliest first, at most ``limit`` (`SHOW_ANOMALOUS`) of them."""
-    from .records import rfc3339
+    from .core.records import rfc3339
 
     limit = SHOW_ANOMALOUS if limit is None else limit
     rows = ((end, str(b.key), score, err, b.threshold)
@@ -571,8 +573,8 @@ def _print_anomalous(report: Any, measurement: str, limit: int | None = None) ->
 def _demo(args: argparse.Namespace, cfg: Config) -> int:
     import shutil
 
-    from .demo import demo_config, run_demo
-    from .localinflux import LocalInfluxd
+    from .demo.run import demo_config, run_demo
+    from .store.local import LocalInfluxd
 
     root = args.dir.resolve()
     for sub in ("models", "state"):

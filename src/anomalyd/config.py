@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .detector import DECISIONS, DetectorSpec
+from .core.detector import DECISIONS, DetectorSpec
 
 ENV_PREFIX = "ANOMALYD_"
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ns|us|µs|ms|s|m|h|d|w)\s*$")

@@ -134,8 +134,8 @@ def field_shares(field_error: ArrayLike) -> NDArray[np.float64]:
 
 def explain(field_error: ArrayLike, field_sign: ArrayLike, field_excess: ArrayLike | None = None) -> tuple[
         NDArray[np.float64], NDArray[np.float64], NDArray[np.intp]]:
-    """What the daemon writes as a window's attribution (`anomalyd.worker`): each field's share, direction and the
-    top field, for windows of several fields (any leading shape, fields last).
+    """What the daemon writes as a window's attribution (`anomalyd.service.worker`): each field's share, direction
+    and the top field, for windows of several fields (any leading shape, fields last).
 
     The share is the field's error over the sum of the present fields' errors, with 4 decimals (all zero: the
     present fields share equally). A window where some field left the range seen so far (``field_excess`` not 0:

@@ -27,14 +27,15 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from . import __version__, catalog
+from .. import __version__
+from ..config import Config, SignalConfig
+from ..core.detector import Detector, DetectorSpec
+from ..core.records import SeriesKey, Tags, tags_str
+from ..core.stored_run import training_stretches_fields
+from ..store.base import Query, Store
+from ..store.sources import FieldSamples, describe, read_signal
+from . import catalog
 from .catalog import StoredModel, model_id_for
-from .config import Config, SignalConfig
-from .detector import Detector, DetectorSpec
-from .influx import Query, Store
-from .records import SeriesKey, Tags, tags_str
-from .sources import FieldSamples, describe, read_signal
-from .stored import training_stretches_fields
 
 log = logging.getLogger(__name__)
 

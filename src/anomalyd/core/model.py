@@ -2,7 +2,7 @@
 
 Nothing here does I/O, logging or reads configuration. Windows are ``(window, fields)`` blocks of a regularly
 sampled series; each field is tapered with sin² and the block is flattened, so one catalog covers a single field
-or several fields scaled alike (see `anomalyd.detector`, which does the scaling).
+or several fields scaled alike (see `anomalyd.core.detector`, which does the scaling).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Window scorers besides the K-Means reconstruction: IBM's anomaly functions as per-window errors (pure numpy).
 
 Each scorer maps a window of scaled samples, ``(window, fields)``, to one error per field; the detector
-(`anomalyd.detector.Detector`) turns those errors into its score and decision exactly as it does the K-Means
+(`anomalyd.core.detector.Detector`) turns those errors into its score and decision exactly as it does the K-Means
 reconstruction error (``DetectorSpec.scorer``). Every scorer is learned on the training windows only and then
 fixed, so scoring a window uses that window alone: the scores are causal and the same however a series is
 chunked (the daemon's ticks and one `anomalyd evaluate` call agree bit for bit), and the learned state is a few

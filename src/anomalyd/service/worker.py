@@ -2,8 +2,8 @@
 
 Everything the worker touches (config, store, catalog, watermarks, alerts, clock) is passed in. Per signal, a
 tick issues one read (GROUP BY the series tags) covering every due window of every series, aligns the samples on
-the signal's grid (`anomalyd.grid`), feeds the new samples of all series that share a model to the detector in
-one call (`anomalyd.detector.Detector.update_many`, the entry point `anomalyd evaluate` also runs), and writes
+the signal's grid (`anomalyd.core.grid`), feeds the new samples of all series that share a model to the detector in
+one call (`anomalyd.core.detector.Detector.update_many`, the entry point `anomalyd evaluate` also runs), and writes
 all points in one batch.
 
 Windows sit on a fixed grid: a written point covers the windows up to a grid time that is a multiple of
@@ -26,14 +26,16 @@ from typing import Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from .attribution import explain
-from .catalog import Catalog, StoredModel, model_id_for, model_mismatch
-from .config import Config, SignalConfig
-from .detector import Detector, SeriesState, WindowBatch
-from .grid import align_fields
-from .handover import claimants, last_written, series_keys
-from .influx import Point, SeriesPoints, Store, StoreError
-from .metrics import (
+from ..config import Config, SignalConfig
+from ..core.attribution import explain
+from ..core.detector import Detector, SeriesState, WindowBatch
+from ..core.grid import align_fields
+from ..core.normaliser import ScoreNormaliser
+from ..core.records import FieldShare, SeriesKey, Tags, WindowResult, parse_tags, rfc3339, share_text, tags_str
+from ..core.stored_run import output_stamps
+from ..store.base import Point, SeriesPoints, Store, StoreError
+from ..store.sources import FieldSamples, SignalData, describe, read_signal, read_signal_batches, signal_reads
+from ..telemetry import (
     DATA_PROBLEMS,
     LAG_SECONDS,
     SHARD_CONFLICT,
@@ -42,12 +44,10 @@ from .metrics import (
     UNTRAINED_SERIES,
     WINDOWS,
 )
-from .postprocess import ScoreNormaliser
-from .records import FieldShare, SeriesKey, Tags, WindowResult, parse_tags, rfc3339, share_text, tags_str
+from .catalog import Catalog, StoredModel, model_id_for, model_mismatch
+from .handover import claimants, last_written, series_keys
 from .sharding import Shard
-from .sources import FieldSamples, SignalData, describe, read_signal, read_signal_batches, signal_reads
 from .state import ScoreStates, Watermarks
-from .stored import output_stamps
 
 log = logging.getLogger(__name__)
 _SLICE = 2000  # series scored together before their points go to the store (fewer with several fields, see below)
@@ -183,7 +183,7 @@ class _Explanations:
         self.err, self.sign = b.field_error, b.field_sign  # (n, m, fields)
         self.matrix, self.slots = matrix, slots
         self.share: NDArray[np.float64] | None = None
-        if sig.multi:  # the shares, directions and top fields, as `anomalyd.attribution.explain` defines them
+        if sig.multi:  # the shares, directions and top fields, as `anomalyd.core.attribution.explain` defines them
             self.share, self.sign, self.top = explain(self.err, self.sign, b.field_excess)
             self.err = np.round(self.err, 4)  # four decimals are all an error or a share says (shorter points)
             self.order = np.argsort(-np.nan_to_num(self.share, nan=-1.0), axis=2, kind="stable")

@@ -16,14 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
-from . import training
-from .catalog import Catalog
-from .config import Config, SignalConfig
-from .influx import InfluxDB1Store, Point
-from .records import WindowResult, describe_shares
-from .state import ScoreStates, Watermarks
+from ..config import Config, SignalConfig
+from ..core.records import WindowResult, describe_shares
+from ..service import training
+from ..service.catalog import Catalog
+from ..service.state import ScoreStates, Watermarks
+from ..service.worker import Worker
+from ..store.base import Point
+from ..store.influx1 import InfluxDB1Store
 from .synthetic import ANOMALY_KINDS, HOST_METRICS, HostSeries, Injected, ecg, host, inject, inject_host
-from .worker import Worker
 
 log = logging.getLogger(__name__)
 PATIENTS = ("p1", "p2")
@@ -232,7 +233,7 @@ def run_demo(cfg: Config, history_s: float = 7 * 3600, live_ticks: int = 3) -> s
     if report.failed:
         stop.set()
         raise RuntimeError(f"training failed: {report.failed}")
-    from .alerts import AlertManager
+    from ..alerts.manager import AlertManager
 
     alerts = AlertManager(cfg.alerts, cfg.paths.state)
     worker = Worker(cfg, store, Catalog(cfg.paths.models), Watermarks(cfg.paths.state / "watermarks.json"),

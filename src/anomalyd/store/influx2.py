@@ -1,6 +1,6 @@
 """InfluxDB 2.x through its native API: Flux reads on ``/api/v2/query``, line-protocol writes on ``/api/v2/write``.
 
-The same :class:`~anomalyd.influx.Store` protocol as :class:`~anomalyd.influx.InfluxDB1Store` (``[influxdb]
+The same :class:`~anomalyd.store.base.Store` protocol as :class:`~anomalyd.store.influx1.InfluxDB1Store` (``[influxdb]
 api = "flux"`` with ``org`` and ``bucket``). Plain ``requests``, not ``influxdb-client``: that client turns every
 row of an answer into a Python record with a ``datetime`` (microseconds: nanosecond times would be cut), and its
 write API has its own batching thread, retry policy and exceptions; here the answer's annotated CSV is parsed
@@ -25,20 +25,20 @@ import numpy as np
 import requests
 from numpy.typing import NDArray
 
-from .config import InfluxConfig
-from .influx import (
+from ..config import InfluxConfig
+from ..core.records import Tags
+from ..telemetry import INFLUX_ERRORS
+from .base import (
     RETRY_BASE_S,
     Point,
     Query,
     SeriesData,
     SeriesPoints,
     StoreError,
-    _after,
     pipelined_write,
+    retried,
     with_retries,
 )
-from .metrics import INFLUX_ERRORS
-from .records import Tags
 
 log = logging.getLogger(__name__)
 
@@ -266,11 +266,11 @@ class InfluxDB2FluxStore:
             r = with_retries(attempt, retries, op, self.cfg.url, retryable, self.retry_base_s)
         except (requests.ConnectionError, requests.Timeout) as exc:
             INFLUX_ERRORS.labels(op=op).inc()
-            raise StoreError(f"InfluxDB at {self.cfg.url} is unreachable ({type(exc).__name__}){_after(retries)}; "
+            raise StoreError(f"InfluxDB at {self.cfg.url} is unreachable ({type(exc).__name__}){retried(retries)}; "
                              "check influxdb.url and that influxd is running") from exc
         except _ServerError as exc:
             INFLUX_ERRORS.labels(op=op).inc()
-            raise StoreError(f"InfluxDB at {self.cfg.url} failed the {op}{_after(retries)} (HTTP "
+            raise StoreError(f"InfluxDB at {self.cfg.url} failed the {op}{retried(retries)} (HTTP "
                              f"{exc.response.status_code}): {_message(exc.response)}") from exc
         if r.status_code not in expected:
             INFLUX_ERRORS.labels(op=op).inc()

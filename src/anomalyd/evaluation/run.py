@@ -43,7 +43,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from .records import rfc3339
+from ..core.records import rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -1261,7 +1261,7 @@ def load_label_windows(path: Path | str, series: Sequence[str], start_ns: int, e
     ----------
     path : Path or str
         JSON: a list of ``[start, end]`` pairs applying to every series, or NAB-style
-        ``{"<series>": [[start, end], ...]}`` keyed by the series' tags as `anomalyd.records.tags_str` renders
+        ``{"<series>": [[start, end], ...]}`` keyed by the series' tags as `anomalyd.core.records.tags_str` renders
         them (``"host=h1"``; ``""`` for a signal without ``group_by``). In the keyed form every series read needs
         a key (an empty list means no anomaly). Bounds are RFC 3339 times (or ``now``, ``now-2h``), inclusive.
     series : sequence of str
@@ -1293,7 +1293,7 @@ def load_label_windows(path: Path | str, series: Sequence[str], start_ns: int, e
     """
     import time
 
-    from .config import parse_time_ns
+    from ..config import parse_time_ns
 
     path = Path(path)
     now = time.time_ns() if now_ns is None else now_ns
@@ -1362,7 +1362,7 @@ def alert_events(flags: ArrayLike, for_windows: int = 1, recover_windows: int = 
     An event opens when ``for_windows`` consecutive scored rows are flagged (at the row that completes the
     run) and closes when ``recover_windows`` consecutive scored rows are not (``last`` is the last flagged row
     before them, or the last row when the series ends first). Rows that are not ``scored`` (missing-data
-    windows) neither raise nor clear, as in `anomalyd.alerts`. The defaults are ``[alerts]``'s.
+    windows) neither raise nor clear, as in `anomalyd.alerts.manager`. The defaults are ``[alerts]``'s.
 
     Examples
     --------
@@ -1508,7 +1508,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _detector_spec(args: Any) -> Any:
     """The detector's parameters for ``evaluate``: the defaults every signal gets, with ``--window`` and
     ``--slide``."""
-    from .detector import DetectorSpec
+    from ..core.detector import DetectorSpec
 
     window: int | None
     if str(args.window).lower() == "auto":
@@ -1608,12 +1608,12 @@ def nab_probation(n: int, fraction: float = 0.15) -> int:
 def _series_from_run(name: str, times: NDArray[np.int64], values: NDArray[np.float64],
                      labels: NDArray[np.bool_] | None, n_train: int, run: Any,
                      segments: list[tuple[int, int]] | None = None, info: dict[str, Any] | None = None) -> EvalSeries:
-    """An evaluated series from a `anomalyd.stored.StoredRun`: the daemon's points, one per row by timestamp.
+    """An evaluated series from a `anomalyd.core.stored_run.StoredRun`: the daemon's points, one per row by timestamp.
 
     A row gets the score and error of the window whose point carries its timestamp (what a join on time with
     the daemon's output gives); rows without one (probation, missing-data windows) score 0.
     """
-    from .stored import by_timestamp
+    from ..core.stored_run import by_timestamp
 
     det = run.detector
     scores = np.nan_to_num(by_timestamp(run, times, run.batch.score), nan=0.0)
@@ -1649,7 +1649,7 @@ def _csv_times(stamps: list[str]) -> tuple[NDArray[np.int64], bool]:
 
 
 def _load_csv_series(args: Any, spec: Any) -> list[EvalSeries]:
-    from .stored import run_stored
+    from ..core.stored_run import run_stored
 
     stamps, values, labels = load_labelled_csv(args.input)
     n = values.shape[0]
@@ -1659,7 +1659,7 @@ def _load_csv_series(args: Any, spec: Any) -> list[EvalSeries]:
         log.warning("%s: the timestamps are not times; rows are taken as one sample per second", args.input)
     info: dict[str, Any] = {"first_timestamp": stamps[0]}
     if args.model is not None:
-        from .catalog import load as load_model
+        from ..service.catalog import load as load_model
 
         stored = load_model(args.model)
         _check_slide(args, stored)
@@ -1696,7 +1696,7 @@ def _load_nab_series(args: Any, spec: Any) -> tuple[list[EvalSeries], NabCorpus]
 
 def _nab_run(job: tuple[NabFile, Any, int]) -> tuple[NDArray[np.int64], int, Any]:
     """One NAB file through the daemon's path: trained on its probationary period, every later row scored."""
-    from .stored import run_stored
+    from ..core.stored_run import run_stored
 
     f, spec, max_gap = job
     times = np.asarray(f.timestamps).astype("datetime64[ns]").astype(np.int64)
@@ -1726,7 +1726,7 @@ def _progress_map(pool: Any, fn: Any, jobs: Sequence[Any], args: Any, desc: str)
 def smd_run(train: NDArray[np.float64], test: NDArray[np.float64], spec: Any) -> Any:
     """An SMD machine through the detector: trained on its training file, every test row scored (one sample per
     row, the training file's end as the first windows' context)."""
-    from .detector import Detector
+    from ..core.detector import Detector
 
     det = Detector(spec).fit([train], [0])
     state = det.start(len(train), train)
@@ -1794,7 +1794,7 @@ def ucr_top1(scores: ArrayLike, train_end: int, first: int, last: int, margin: i
 
 
 def _ucr_run(job: tuple[UcrSeries, NDArray[np.float64], Any, int]) -> Any:
-    from .stored import run_stored
+    from ..core.stored_run import run_stored
 
     u, values, spec, max_gap = job
     times = np.arange(values.size, dtype=np.int64) * 10**9
@@ -1827,8 +1827,8 @@ def _load_ucr_series(args: Any, spec: Any) -> list[EvalSeries]:
 
 
 def by_timestamp_error(run: Any, times: NDArray[np.int64]) -> NDArray[np.float64]:
-    """The score's input (``WindowBatch.error``) per row, as `anomalyd.stored.by_timestamp` lines it up."""
-    from .stored import by_timestamp
+    """The score's input (``WindowBatch.error``) per row, as `anomalyd.core.stored_run.by_timestamp` lines it up."""
+    from ..core.stored_run import by_timestamp
 
     return by_timestamp(run, times, run.batch.error)
 
@@ -1861,14 +1861,14 @@ def _load_influx_series(args: Any, spec: Any) -> tuple[list[EvalSeries], str, bo
     """
     import time
 
-    from .catalog import Catalog, StoredModel, model_id_for, model_mismatch
-    from .catalog import load as load_model
-    from .config import ConfigError, parse_time_ns
-    from .config import load as load_config
-    from .influx import InfluxDB1Store
-    from .records import SeriesKey, Tags, tags_str
-    from .sources import describe, read_signal
-    from .stored import run_stored
+    from ..config import ConfigError, parse_time_ns
+    from ..config import load as load_config
+    from ..core.records import SeriesKey, Tags, tags_str
+    from ..core.stored_run import run_stored
+    from ..service.catalog import Catalog, StoredModel, model_id_for, model_mismatch
+    from ..service.catalog import load as load_model
+    from ..store.influx1 import InfluxDB1Store
+    from ..store.sources import describe, read_signal
 
     config_path = args.config if args.config is not None else Path("config.toml")
     try:
@@ -2034,7 +2034,7 @@ def _alert_counts(s: EvalSeries, rows: slice) -> dict[str, Any]:
     """``flagged``: rows over the threshold; ``alerts``: the alert events the daemon's alert policy would raise on
     them (runs of flagged windows, see `alert_events`), with that policy's ``for_windows`` and ``recover_windows``
     (the ``[alerts]`` defaults, or the config's with ``--format influx``)."""
-    from .config import AlertsConfig
+    from ..config import AlertsConfig
 
     flags = s.scores[rows] > s.threshold
     errors = s.errors[rows]
@@ -2406,7 +2406,7 @@ def _run(args: argparse.Namespace) -> int:
             plots.append(str(plot_event(by_name[event.series], event, path)))
         print(f"wrote {len(plots)} plots to {args.plots}{_no_plots_reason(series) if not plots else ''}")
     if args.write_threshold:
-        from .catalog import set_threshold
+        from ..service.catalog import set_threshold
 
         if len({s.threshold for s in series}) != 1:
             raise ValueError(f"--write-threshold: the {len(series)} series got different tuned thresholds; tune "

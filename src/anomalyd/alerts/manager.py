@@ -61,10 +61,10 @@ from slack_sdk.http_retry.response import HttpResponse
 from slack_sdk.http_retry.state import RetryState
 from slack_sdk.webhook import WebhookClient
 
-from .config import AlertsConfig, SlackConfig
-from .metrics import ALERTS, ALERTS_QUEUED
-from .records import FieldShare, SeriesKey, Tags, WindowResult, tags_str
-from .state import atomic_write, fsync_dir
+from ..config import AlertsConfig, SlackConfig
+from ..core.records import FieldShare, SeriesKey, Tags, WindowResult, tags_str
+from ..files import atomic_write, fsync_dir
+from ..telemetry import ALERTS, ALERTS_QUEUED
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ KINDS = (ANOMALOUS, RECOVERED, REMINDER, MISSING, RESUMED, DEADMAN)
 STATE_VERSION = 1
 _SINK_NAME_RE = re.compile(r"^[a-z0-9_]+$")
 #: A window's attribution as a transition keeps it: ``(field, share, direction +1/-1, value or None)``, largest
-#: share first (see :class:`anomalyd.records.FieldShare`).
+#: share first (see :class:`anomalyd.core.records.FieldShare`).
 Attribution = tuple[tuple[str, float, int, float | None], ...]
 #: At most this many fields of a window's attribution go into a transition (and its outbox item).
 MAX_ATTRIBUTION = 5
@@ -501,7 +501,7 @@ def plot_error(t: Transition) -> list[float] | None:
     series' units.
 
     ``values`` are the raw samples ``x`` and ``reconstruction`` the shape un-tapered, ``u = c / taper + mean``
-    (`anomalyd.detector.Detector.shape`), so the difference is ``taper * |x - u|``: the mean cancels. It is NaN
+    (`anomalyd.core.detector.Detector.shape`), so the difference is ``taper * |x - u|``: the mean cancels. It is NaN
     where ``u`` is (the ends, where the taper is ~0 and contributes next to nothing) and where a sample is
     missing. None when the transition carries no samples, or several fields (each field's error is scaled by
     the detector, see :func:`plot_figure`).
@@ -515,7 +515,7 @@ def plot_error(t: Transition) -> list[float] | None:
     """
     if t.fields or t.values is None or t.reconstruction is None or len(t.values) != len(t.reconstruction):
         return None
-    from .model import taper
+    from ..core.model import taper
 
     tap = taper(len(t.values)).tolist()
     return [w * abs(a - b) for w, a, b in zip(tap, t.values, t.reconstruction, strict=True)]
@@ -673,7 +673,7 @@ class Sink:
 
 
 class LogSink(Sink):
-    """Writes each alert's text to the ``anomalyd.alerts`` logger (WARNING when raised, INFO otherwise)."""
+    """Writes each alert's text to the ``anomalyd.alerts.manager`` logger (WARNING when raised, INFO otherwise)."""
 
     name = "log"
 
@@ -711,7 +711,7 @@ class _RedactSecrets(logging.Filter):
 
 # slack-sdk logs request URLs (an incoming-webhook URL is a secret) at DEBUG/INFO whenever its logger's own
 # level is NOTSET; hand it a logger of ours that stays at WARNING and masks secrets in what remains.
-_SDK_LOG = logging.getLogger("anomalyd.alerts.slack_sdk")
+_SDK_LOG = logging.getLogger("anomalyd.alerts.manager.slack_sdk")
 _SDK_LOG.setLevel(logging.WARNING)
 _REDACT = _RedactSecrets()
 _SDK_LOG.addFilter(_REDACT)

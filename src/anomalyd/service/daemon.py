@@ -16,9 +16,9 @@ from typing import Any, NamedTuple
 from apscheduler.schedulers.background import BackgroundScheduler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .config import redact_url
-from .influx import StoreError
-from .metrics import LAST_SUCCESS, REFITS, REGISTRY, TICK_SECONDS, TICKS
+from ..config import redact_url
+from ..store.base import StoreError
+from ..telemetry import LAST_SUCCESS, REFITS, REGISTRY, TICK_SECONDS, TICKS
 from .worker import TickReport, Worker
 
 log = logging.getLogger(__name__)

@@ -6,8 +6,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
-import tempfile
 import time
 import zipfile
 import zlib
@@ -18,42 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from .postprocess import NormaliserParams, ScoreNormaliser
+from ..core.normaliser import NormaliserParams, ScoreNormaliser
+from ..files import atomic_write
 
 log = logging.getLogger(__name__)
 
 
 class StateError(ValueError):
     """The state file exists but cannot be used."""
-
-
-def fsync_dir(path: Path) -> None:
-    """Make renames and creations inside directory ``path`` durable."""
-    dir_fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def atomic_write(path: Path, data: bytes, sync_dir: bool = True) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old or the new file, never a mix.
-
-    With ``sync_dir=False`` the caller syncs the directory itself (once for many files, see :func:`fsync_dir`).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    if sync_dir:
-        fsync_dir(path.parent)
 
 
 class Watermarks:
@@ -104,7 +74,7 @@ class Watermarks:
 
 
 class ScoreStates:
-    """Per-series `ScoreNormaliser` state (see `anomalyd.postprocess`), kept in memory between ticks.
+    """Per-series `ScoreNormaliser` state (see `anomalyd.core.normaliser`), kept in memory between ticks.
 
     It is soft state: the recent error history of each series, which the ``score`` field is computed from. It is
     saved at most every ``save_every_s`` seconds and on `close`, not on every tick, as one ``.npz`` of plain

@@ -11,8 +11,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from .influx import StoreError, quote_ident
-from .records import Tags, parse_tags
+from ..core.records import Tags, parse_tags
+from ..store.base import StoreError
+from ..store.influx1 import quote_ident
 
 _KEY_SPLIT = re.compile(r"(?<!\\),")
 

@@ -3,7 +3,7 @@
 A single-field signal is one query, as it always was. A signal over several fields issues one query per
 measurement (and per extra ``where``), selecting all of that measurement's fields at once; the answers are joined
 per series on the signal's ``group_by`` tags. Each field keeps its own timestamps: the worker aligns every field on
-the signal's grid (`anomalyd.grid`), so fields written by different Telegraf inputs at slightly different times
+the signal's grid (`anomalyd.core.grid`), so fields written by different Telegraf inputs at slightly different times
 line up.
 """
 
@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from .config import SignalConfig
-from .influx import Query, SeriesData, Store
-from .records import Tags
+from ..config import SignalConfig
+from ..core.records import Tags
+from .base import Query, SeriesData, Store
 
 #: One field's samples: epoch-ns times and float values (NaN where a row lacked it).
 FieldSamples = tuple[NDArray[np.int64], NDArray[np.float64]]

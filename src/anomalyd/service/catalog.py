@@ -1,6 +1,6 @@
 """The persisted models: ``<model_id>.npz`` arrays plus ``<model_id>.json`` metadata, written atomically.
 
-A model is the whole `anomalyd.detector.Detector`: its spec, the learned arrays (scaling, catalog shapes, field
+A model is the whole `anomalyd.core.detector.Detector`: its spec, the learned arrays (scaling, catalog shapes, field
 references) and the warm score state, so a series starts scoring exactly where training left it.
 
 Never pickle: ``np.load(allow_pickle=False)`` reads plain arrays only, and the JSON carries a SHA-256 of the
@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 import sklearn
 
-from . import __version__
-from .detector import Detector
-from .records import Tags, legacy_tags_str, tags_str
-from .state import atomic_write
+from .. import __version__
+from ..core.detector import Detector
+from ..core.records import Tags, legacy_tags_str, tags_str
+from ..files import atomic_write
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 2

@@ -42,8 +42,8 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import requests
 
-from .config import Config, parse_duration_ns
-from .records import Tags, tags_str
+from ..config import Config, parse_duration_ns
+from ..core.records import Tags, tags_str
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """A stored series through the daemon's path, in memory: align, train on the first part, stream the rest (pure).
 
 This is what `anomalyd evaluate` and the benchmarks run for a file. It does exactly what `anomalyd train` and
-`anomalyd score` do with the same samples in InfluxDB -- the same grid alignment (`anomalyd.grid`), the same
-split of the training range into gap-free stretches, the same `anomalyd.detector.Detector` fed through its one
+`anomalyd score` do with the same samples in InfluxDB -- the same grid alignment (`anomalyd.core.grid`), the same
+split of the training range into gap-free stretches, the same `anomalyd.core.detector.Detector` fed through its one
 streaming entry point -- so its figures are the daemon's (``benchmarks/bench_replay.py`` checks it through a real
 InfluxDB).
 """
@@ -59,7 +59,7 @@ def training_stretches(times: NDArray[np.int64], values: NDArray[np.float64], pe
     """Align a training range on its grid and split it at the gaps longer than ``max_gap``.
 
     Returns the gap-free stretches, the grid index (time / period) of each one's first sample, and the data
-    problems found (`anomalyd.grid.align`).
+    problems found (`anomalyd.core.grid.align`).
     """
     t = np.asarray(times, dtype=np.int64)
     if t.size == 0:
@@ -126,7 +126,7 @@ def run_stored(times: NDArray[np.int64], values: NDArray[np.float64] | None, tra
         An already fitted detector (a stored model) instead of training one.
     fields : list of (times, values), optional
         A signal of several fields, each with its own timestamps (``times``/``values`` are then ignored): aligned
-        and scored as the daemon does (`anomalyd.grid.align_fields`); ``values`` becomes ``(rows, fields)``.
+        and scored as the daemon does (`anomalyd.core.grid.align_fields`); ``values`` becomes ``(rows, fields)``.
     """
     per = fields if fields is not None else [(np.asarray(times, dtype=np.int64), np.asarray(values, dtype=np.float64))]
     per = [(np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.float64)) for a, b in per]

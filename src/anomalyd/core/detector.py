@@ -4,7 +4,7 @@
 implementation. It has one streaming entry point, `Detector.update_many` (`Detector.update` for one series):
 feed newly aligned samples, get a result for every completed window. The daemon calls it tick by tick with a few
 samples per series; an evaluation calls it once over a stored series. Both give the same results bit for bit
-(`anomalyd.postprocess` is chunk-invariant).
+(`anomalyd.core.normaliser` is chunk-invariant).
 
 Following scikit-learn, the constructor only stores the `DetectorSpec`; `fit` sets the learned attributes
 (ending in ``_``). Following river, learning is kept apart from scoring: the per-series running state (the last
@@ -17,14 +17,14 @@ What it does, with the defaults of `DetectorSpec`:
 2. **Window**: `choose_window` -- half the dominant period of the training data (autocorrelation), clipped to
    ``[min_window, max_window]``; ``default_window`` (32, the reference) when there is no clear period or when a
    window spans several fields. A fixed ``window`` overrides it. Chosen at training time and persisted.
-3. **Catalog**: `anomalyd.model.ShapeCatalog` (K-Means over sin²-tapered windows) on the first ``1 - holdout`` of
+3. **Catalog**: `anomalyd.core.model.ShapeCatalog` (K-Means over sin²-tapered windows) on the first ``1 - holdout`` of
    every gap-free training stretch. The number of shapes adapts to the data: ``min(n_clusters, max(2,
    training windows // clusters_per_window))``.
 4. **Errors** of a window against its nearest shape, per field: the mean absolute difference (the score's input;
    divided by that field's 99th percentile on the hold-out when there are several fields, so one noisy field
    does not drown the others; the window's error is the largest), the max absolute difference (``max_error``,
    in the series' units for one field), and the direction (the signed mean: above or below the shape).
-5. **Score**: `anomalyd.postprocess` -- the anomaly likelihood of the error against the series' own recent
+5. **Score**: `anomalyd.core.normaliser` -- the anomaly likelihood of the error against the series' own recent
    history, on NAB's log scale, plus the out-of-range rule; warmed up on the hold-out and the training range.
 6. **Decision**: ``anomalous = score >= score_threshold`` (0.5: a tail probability of 1e-5). ``threshold_``, a
    level on ``max_error`` learned from the hold-out (``threshold_policy``), is reported beside it for operators
@@ -44,7 +44,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from .model import ShapeCatalog, TooLittleDataError, sliding_windows, taper, threshold_from_errors
-from .postprocess import NormaliserParams, ScoreNormaliser, field_surprise, range_excess, update_block
+from .normaliser import NormaliserParams, ScoreNormaliser, field_surprise, range_excess, update_block
 from .scorers import WindowScorer, make_scorer, parse_scorers
 
 __all__ = [
@@ -209,7 +209,7 @@ class DetectorSpec:
     aggregate : {"max", "mean"}
         How the fields' errors make the window's error.
     threshold_policy, margin, quantile, sigma_k
-        How the hold-out's max errors become ``threshold_`` (`anomalyd.model.threshold_from_errors`).
+        How the hold-out's max errors become ``threshold_`` (`anomalyd.core.model.threshold_from_errors`).
     normaliser : NormaliserParams
         Error-to-score mapping.
     score_threshold : float
@@ -220,7 +220,7 @@ class DetectorSpec:
         What the out-of-range rule checks: the window's smallest and largest value, or its newest sample only
         (each sample once, so a glitch widens the seen range once, by at most ``normaliser.range_growth``).
     scorer : str
-        The window error fed to the score (`anomalyd.scorers`): ``kmeans`` (the shape catalog's reconstruction
+        The window error fed to the score (`anomalyd.core.scorers`): ``kmeans`` (the shape catalog's reconstruction
         error), ``fft``, ``saliency``, ``generalized``, ``discord`` or ``nodata``, or several joined by ``+``
         (each divided by its hold-out 99th percentile, the largest wins). ``max_error``, ``threshold_``, the
         nearest shape and the reconstruction are always the catalog's.
@@ -236,7 +236,7 @@ class DetectorSpec:
     field_surprise : int
         With several fields: each field's error is replaced by its *surprise*, the error against that field's
         own recent errors (an exponentially weighted mean and variance over about this many windows;
-        `anomalyd.postprocess.field_surprise`), clipped at 0, before the fields are aggregated; the threshold
+        `anomalyd.core.normaliser.field_surprise`), clipped at 0, before the fields are aggregated; the threshold
         and the score's warm-up are learned on the hold-out's surprises, and ``field_error`` (the attribution)
         is the surprise. 500 (default): a field that is always a little off (its shape fits the catalog less
         well) does not dominate every window and its attribution; 0: off. One field: no effect.

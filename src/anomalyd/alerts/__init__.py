@@ -1,0 +1,1 @@
+"""Alerts: policy, outbox, Slack, and the Kapacitor TICKscripts."""

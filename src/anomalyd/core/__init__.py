@@ -1,0 +1,1 @@
+"""Pure: windows, scaling, the shape catalog, window scorers, the score normaliser, attribution."""

@@ -1,0 +1,1 @@
+"""The demo: synthetic signals fed to a local InfluxDB."""

@@ -1,0 +1,1 @@
+"""Offline evaluation: metrics, NAB, datasets, the `anomalyd evaluate` command."""

@@ -1,0 +1,1 @@
+"""The daemon: one tick (worker), scheduler and HTTP endpoints, state, sharding, model files, training."""

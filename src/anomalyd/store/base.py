@@ -1,0 +1,283 @@
+"""The store interface every adapter implements, and what they share (pure: no client library).
+
+The worker, training and evaluation see only the :class:`Store` protocol and these types (`Query`, `Point`,
+`SeriesPoints`, `SeriesData`, `StoreError`), so the InfluxDB 1.x adapter (`anomalyd.store.influx1`) and the 2.x
+Flux adapter (`anomalyd.store.influx2`) stand side by side without importing each other. Also here: line
+protocol (both versions accept it), the pipelined writer and the retry loop with backoff.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+import numpy as np
+from numpy.typing import NDArray
+
+from ..core.records import Tags
+
+log = logging.getLogger(__name__)
+
+SeriesData = dict[Tags, tuple[NDArray[np.int64], NDArray[np.float64]]]
+
+
+class StoreError(ConnectionError):
+    """The store could not be reached or refused a request; the message says which and why."""
+
+
+T = TypeVar("T")
+
+#: The first pause before a retry; each further retry waits twice as long, at most `RETRY_MAX_S`.
+RETRY_BASE_S = 0.25
+RETRY_MAX_S = 4.0
+
+
+def with_retries(call: Callable[[], T], retries: int, what: str, url: str,
+                 retryable: Callable[[Exception], str | None], base_s: float = RETRY_BASE_S) -> T:
+    """``call()``, tried again up to ``retries`` times after a failure ``retryable`` names (it returns the reason
+    to log, or None for a failure that must not be retried), with a short exponential backoff and one log line
+    per retry. The last failure is raised as it is.
+    """
+    attempt = 0
+    while True:
+        try:
+            return call()
+        except Exception as exc:
+            reason = retryable(exc)
+            if reason is None or attempt >= retries:
+                raise
+            attempt += 1
+            delay = min(RETRY_MAX_S, base_s * 2 ** (attempt - 1))
+            log.warning("InfluxDB at %s: the %s failed (%s); retry %d of %d in %.2gs", url, what, reason, attempt,
+                        retries, delay)
+            time.sleep(delay)
+
+
+def retried(retries: int) -> str:
+    return f" after {retries} {'retry' if retries == 1 else 'retries'}" if retries else ""
+
+
+@dataclass(frozen=True, slots=True)
+class Point:
+    """One point to write: measurement, tags, fields and an epoch-ns timestamp."""
+
+    measurement: str
+    tags: Tags
+    fields: tuple[tuple[str, float | int | bool | str], ...]
+    time_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesPoints:
+    """Many points of one series (one measurement and tag set, the same fields), column by column.
+
+    Formatting them is much cheaper than one `Point` each: the measurement and tags are escaped once, and each
+    column is converted in one pass. ``columns[i][j]`` is field ``names[i]`` of the point at ``times[j]``; a
+    column that is a single value (not a list or tuple) holds that value for every point.
+    """
+
+    measurement: str
+    tags: Tags
+    names: tuple[str, ...]
+    columns: tuple[Sequence[float | int | bool | str] | float | int | bool | str, ...]
+    times: Sequence[int]
+
+    def only(self, times: set[int]) -> SeriesPoints | None:
+        """The points of this block at ``times`` (None if there are none)."""
+        idx = [j for j, t in enumerate(self.times) if t in times]
+        if not idx:
+            return None
+        cols = tuple([c[j] for j in idx] if isinstance(c, list | tuple) else c for c in self.columns)
+        return SeriesPoints(self.measurement, self.tags, self.names, cols, [self.times[j] for j in idx])
+
+    def points(self) -> list[Point]:
+        """The same points one by one."""
+        n = len(self.times)
+        cols = [c if isinstance(c, list | tuple) else [c] * n for c in self.columns]
+        return [Point(self.measurement, self.tags, tuple(zip(self.names, row, strict=True)), int(t))
+                for row, t in zip(zip(*cols, strict=True), self.times, strict=True)]
+
+
+def expand(items: Sequence[Point | SeriesPoints]) -> list[Point]:
+    """Every point of ``items`` as a `Point` (for stores that keep points one by one)."""
+    out: list[Point] = []
+    for it in items:
+        if isinstance(it, SeriesPoints):
+            out.extend(it.points())
+        else:
+            out.append(it)
+    return out
+
+
+def _column_text(col: Sequence[float | int | bool | str]) -> list[str]:
+    """Line-protocol field values of one column, converted in one pass (floats checked finite)."""
+    if not len(col):
+        return []
+    first = col[0]
+    if isinstance(first, bool):
+        return ["true" if v else "false" for v in col]
+    if isinstance(first, int):
+        return [f"{v}i" for v in col]
+    if isinstance(first, float):
+        if not math.isfinite(math.fsum(col)):  # type: ignore[arg-type]
+            bad = [v for v in col if not math.isfinite(v)]  # type: ignore[arg-type]
+            raise ValueError(f"field value {bad[0] if bad else 'sum'} is not finite; InfluxDB cannot store it")
+        return list(map(repr, col))
+    return [_field_value(v) for v in col]
+
+
+def series_lines(sp: SeriesPoints) -> list[str]:
+    """Line protocol for a `SeriesPoints` block (single-value columns are formatted once).
+
+    Examples
+    --------
+    >>> series_lines(SeriesPoints("m", (("h", "a"),), ("x", "ok", "n"), ((1.5, 2.0), (True, False), 3), (10, 20)))
+    ['m,h=a x=1.5,ok=true,n=3i 10', 'm,h=a x=2.0,ok=false,n=3i 20']
+    """
+    n = len(sp.times)
+    if n == 0:
+        return []
+    fmt = [f"{_escape_measurement(sp.measurement)}{_tag_string(sp.tags)} ".replace("%", "%%")]
+    varying: list[Sequence[str | float]] = []
+    for i, (k, col) in enumerate(zip(sp.names, sp.columns, strict=True)):
+        key = ("," if i else "") + f"{_escape_key(k)}=".replace("%", "%%")
+        if isinstance(col, list | tuple) and len(col) and type(col[0]) is float:
+            if not math.isfinite(math.fsum(col)):
+                _column_text(col)  # raises, naming the value
+            fmt.append(key + "%r")  # repr: the shortest text that reads back as the same float
+            varying.append(col)
+        elif isinstance(col, list | tuple):
+            fmt.append(key + "%s")
+            varying.append(_column_text(col))
+        else:
+            fmt.append(key + _column_text([col])[0].replace("%", "%%"))  # type: ignore[list-item]
+    fmt.append(" %d")
+    template = "".join(fmt)
+    return [template % row for row in zip(*varying, sp.times, strict=True)]
+
+
+@dataclass(frozen=True)
+class Query:
+    """What to read: one field of one measurement, filtered by tag equalities, split by ``group_by`` tags."""
+
+    measurement: str
+    field: str
+    where: Tags
+    group_by: tuple[str, ...]
+    #: The series' sample period; when it is a whole number of milliseconds, times are fetched in ms.
+    period_ns: int = 1
+    #: Retention policy to read from ("" = ``influxdb.retention_policy``, else the database's default).
+    retention_policy: str = ""
+    #: Only these series (their ``group_by`` tag values; "" matches a series without the tag); () reads all.
+    series: tuple[Tags, ...] = ()
+    #: Several fields of the measurement in one read (``field`` is then ignored): each series' values are then
+    #: shaped ``(rows, len(fields))``, NaN where a row lacks a field or holds a string there.
+    fields: tuple[str, ...] = ()
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The fields read, in the order of the values' columns."""
+        return self.fields or (self.field,)
+
+
+def pipelined_write(points: Iterable[Point | SeriesPoints], batch: int, sender: ThreadPoolExecutor,
+                    post: Callable[[bytes], None]) -> None:
+    """Format ``points`` as line protocol and ``post`` them in bodies of ``batch`` lines on the ``sender`` thread,
+    one body in flight at a time and in order, the next formatted while the previous is sent. The first failure is
+    raised once the body in flight is done (the points come from a generator the caller may still be filling)."""
+    pending: Future[None] | None = None
+    buf: list[str] = []
+    try:
+        for p in points:
+            if isinstance(p, SeriesPoints):
+                buf += series_lines(p)
+            else:
+                buf.append(line_protocol(p))
+            while len(buf) >= batch:
+                body = "\n".join(buf[:batch]).encode()
+                del buf[:batch]
+                if pending is not None:
+                    pending.result()
+                pending = sender.submit(post, body)
+        if buf:
+            if pending is not None:
+                pending.result()
+            pending = sender.submit(post, "\n".join(buf).encode())
+    finally:
+        if pending is not None:
+            pending.result()
+
+
+class Store(Protocol):
+    """What the worker needs from a time-series store."""
+
+    def ping(self) -> str:
+        """Check connectivity; return the server version."""
+        ...
+
+    def read(self, query: Query, start_ns: int, end_ns: int) -> SeriesData:
+        """Every series of ``query`` with samples in ``[start_ns, end_ns]``: tags → (times ns, values)."""
+        ...
+
+    def write(self, points: Iterable[Point | SeriesPoints], retention_policy: str = "") -> None:
+        """Write the points (`Point` or `SeriesPoints` blocks, in batches if needed); overwrites points with the
+        same series and time."""
+        ...
+
+
+def _check_representable(s: str) -> None:
+    # InfluxDB 1.x unescapes only "\,", "\=" and "\ " and keeps every other backslash as it is, so backslashes
+    # must not be doubled; a trailing backslash would escape the delimiter after it, and a newline ends the line.
+    if s.endswith("\\") or "\n" in s:
+        raise ValueError(f"{s!r} cannot be written in InfluxDB 1.x line protocol (trailing backslash or newline)")
+
+
+@functools.lru_cache(maxsize=65536)
+def _escape_key(s: str) -> str:
+    _check_representable(s)
+    return s.replace(",", "\\,").replace("=", "\\=").replace(" ", "\\ ")
+
+
+@functools.lru_cache(maxsize=65536)
+def _tag_string(tags: Tags) -> str:
+    return "".join(f",{_escape_key(k)}={_escape_key(v)}" for k, v in sorted(tags) if v != "")
+
+
+def _escape_measurement(s: str) -> str:
+    _check_representable(s)
+    if s.startswith("#"):
+        raise ValueError(f"measurement {s!r} starts with '#': InfluxDB would read the line as a comment and drop it")
+    return s.replace(",", "\\,").replace(" ", "\\ ")
+
+
+def _field_value(v: float | int | bool | str) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return f"{v}i"
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            raise ValueError(f"field value {v} is not finite; InfluxDB cannot store it")
+        return repr(v)
+    return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def line_protocol(p: Point) -> str:
+    """Render a point as InfluxDB line protocol, escaping every part.
+
+    Examples
+    --------
+    >>> line_protocol(Point("m", (("host", "a b"),), (("x", 1.5), ("ok", True)), 10))
+    'm,host=a\\\\ b x=1.5,ok=true 10'
+    """
+    tags = _tag_string(p.tags)
+    fields = ",".join(f"{_escape_key(k)}={_field_value(v)}" for k, v in p.fields)
+    return f"{_escape_measurement(p.measurement)}{tags} {fields} {p.time_ns}"
+
+
