@@ -93,7 +93,10 @@ def test_discord_distance_is_stumpys_ab_join() -> None:
     sc.fit([np.lib.stride_tricks.sliding_window_view(train, w)[:, :, None]], 10_000, 0)
     wins = np.lib.stride_tricks.sliding_window_view(test, w)[:, :, None]
     ours = sc.errors(wins)[:, 0] * np.sqrt(w)
-    ref = np.asarray(stumpy.stump(test, w, T_B=train, ignore_trivial=False)[:, 0], dtype=np.float64)
+    # stumpy's AB-join (`stumpy.stump(test, w, T_B=train, ignore_trivial=False)[:, 0]`) is, per test window, the
+    # minimum of its MASS distance profile against the training series; `mass` gives the same figures and compiles
+    # in a fraction of stump's time (the test took 35 s of the suite with stump).
+    ref = np.array([stumpy.mass(test[i:i + w], train).min() for i in range(len(test) - w + 1)])
     assert np.allclose(ours, ref, atol=1e-6)
 
 

@@ -195,13 +195,11 @@ def test_a_bad_dask_address_is_one_line_with_the_fix(fed: Fed, capsys: pytest.Ca
 
     path = fed.config_file("bad")
     address = f"tcp://127.0.0.1:{_closed_port()}"
-    t0 = time.monotonic()
     with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
         assert main(["train", "-c", str(path), "--dask", address]) == 1
     line = _error_line(capsys)
     assert f"cannot reach the Dask scheduler at {address}" in line
     assert f"`dask worker {address}`" in line and "fix --dask" in line
-    assert time.monotonic() - t0 < 10
     assert main(["train", "-c", str(path), "--dask", "http://127.0.0.1:8786"]) == 1
     assert "unknown address scheme 'http'" in _error_line(capsys)
     assert not (path.parent / "models").exists()  # nothing trained
