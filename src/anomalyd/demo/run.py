@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -150,75 +151,83 @@ def _fmt(ns: int) -> str:
     return datetime.fromtimestamp(ns / 1e9, UTC).strftime("%H:%M:%S")
 
 
-def report_findings(results: list[WindowResult], fed: list[FedSeries], period_ns: int) -> str:
-    """Which windows the detector flagged (score, and max_error against its threshold), and which injected anomaly
-    they hit."""
-    lines = ["", "anomalous windows found:"]
-    flagged = [r for r in results if r.anomalous]
-    hit: set[tuple[str, int]] = set()
-    for r in sorted(flagged, key=lambda r: (str(r.key), r.end_ns)):
-        series = dict(r.key.tags)
-        what = "no injected anomaly (false alarm)"
-        for s in fed:
-            if s.tag not in series.values():
-                continue
+def _injected_in(r: WindowResult, fed: list[FedSeries]) -> Iterator[tuple[FedSeries, Injected]]:
+    """The injected anomalies of the window's series that overlap the window."""
+    tags = set(dict(r.key.tags).values())
+    for s in fed:
+        if s.tag in tags:
             for a in s.anomalies:
-                a0, a1 = s.origin_ns + a.start * period_ns, s.origin_ns + (a.end - 1) * period_ns
-                if a0 <= r.end_ns and a1 >= r.start_ns:
-                    what = f"injected {a.kind}"
-                    hit.add((s.tag, a.start))
+                first, last = s.origin_ns + a.start * s.period_ns, s.origin_ns + (a.end - 1) * s.period_ns
+                if first <= r.end_ns and last >= r.start_ns:
+                    yield s, a
+
+
+def _report(results: list[WindowResult], fed: list[FedSeries], title: str, describe: Callable[[WindowResult, str], str],
+            judge: Callable[[WindowResult, FedSeries, Injected], tuple[str, bool]], kinds: str,
+            summary: Callable[[list[tuple[str, Injected]], dict[tuple[str, int], bool]], str]) -> str:
+    """The flagged windows, one line each (``describe``), with what they hit (``judge``: the text and whether the
+    window names the injected anomaly), then a line on the injected anomalies due by the end of the scored range,
+    and the counts of windows."""
+    lines = ["", title]
+    flagged = [r for r in results if r.anomalous]
+    hit: dict[tuple[str, int], bool] = {}
+    for r in sorted(flagged, key=lambda r: (str(r.key), r.end_ns)):
+        what = f"no injected {kinds} (false alarm)"
+        for s, a in _injected_in(r, fed):
+            what, right = judge(r, s, a)
+            hit[(s.tag, a.start)] = hit.get((s.tag, a.start), False) or right
         score = f"{r.score:.2f}" if r.score is not None else "-"
-        lines.append(f"  {r.key!s:28} {_fmt(r.start_ns)}-{_fmt(r.end_ns)} UTC  score {score}  max_error "
-                     f"{r.max_error:8.2f} (threshold {r.threshold:7.2f}, x{r.ratio:.2f})  {what}")
+        lines.append(f"  {describe(r, score)}  {what}")
     if not flagged:
         lines.append("  (none)")
     scored_until = max((r.end_ns for r in results), default=0)
-    due = [(s.tag, a) for s in fed for a in s.anomalies if s.origin_ns + a.end * period_ns <= scored_until]
-    missed = [f"{t}:{a.kind}" for t, a in due if (t, a.start) not in hit]
-    lines.append(f"injected anomalies in the scored range: {len(due)}, caught: {len(due) - len(missed)}"
-                 + (f", missed: {', '.join(missed)}" if missed else ""))
-    windows = sum(1 for r in results if not r.missing)
+    due = [(s.tag, a) for s in fed for a in s.anomalies if s.origin_ns + a.end * s.period_ns <= scored_until]
+    lines.append(summary(due, hit))
     false = sum(1 for line in lines if line.endswith("(false alarm)"))
-    lines.append(f"windows scored: {windows}, anomalous: {len(flagged)} ({false} false alarms), missing-data: "
-                 f"{sum(1 for r in results if r.missing)}")
+    lines.append(f"windows scored: {sum(1 for r in results if not r.missing)}, anomalous: {len(flagged)} ({false} "
+                 f"false alarms), missing-data: {sum(1 for r in results if r.missing)}")
     return "\n".join(lines)
+
+
+def _missed(due: list[tuple[str, Injected]], hit: dict[tuple[str, int], bool]) -> str:
+    missed = [f"{t}:{a.kind}" for t, a in due if (t, a.start) not in hit]
+    return f", missed: {', '.join(missed)}" if missed else ""
+
+
+def report_findings(results: list[WindowResult], fed: list[FedSeries]) -> str:
+    """Which windows the detector flagged (score, and max_error against its threshold), and which injected anomaly
+    they hit."""
+    def describe(r: WindowResult, score: str) -> str:
+        return (f"{r.key!s:28} {_fmt(r.start_ns)}-{_fmt(r.end_ns)} UTC  score {score}  max_error "
+                f"{r.max_error:8.2f} (threshold {r.threshold:7.2f}, x{r.ratio:.2f})")
+
+    def summary(due: list[tuple[str, Injected]], hit: dict[tuple[str, int], bool]) -> str:
+        caught = sum(1 for t, a in due if (t, a.start) in hit)
+        return f"injected anomalies in the scored range: {len(due)}, caught: {caught}" + _missed(due, hit)
+
+    return _report(results, fed, "anomalous windows found:", describe,
+                   lambda r, s, a: (f"injected {a.kind}", True), "anomaly", summary)
 
 
 def report_host_findings(results: list[WindowResult], fed: list[FedSeries], signal: str) -> str:
     """A multi-field signal's flagged windows: score, the fields that explain each (top_fields: name, direction,
     share), and which injected fault they hit, with whether the top field is the faulty metric."""
-    lines = ["", f"anomalous windows of the multi-field signal {signal!r} (top fields: direction, share of the error):"]
-    flagged = [r for r in results if r.anomalous]
-    hit: dict[tuple[str, int], bool] = {}
-    for r in sorted(flagged, key=lambda r: (str(r.key), r.end_ns)):
-        series = dict(r.key.tags)
-        what = "no injected fault (false alarm)"
-        top = r.attribution[0].field if r.attribution else ""
-        for s in fed:
-            if s.tag not in series.values():
-                continue
-            for a in s.anomalies:
-                a0, a1 = s.origin_ns + a.start * s.period_ns, s.origin_ns + (a.end - 1) * s.period_ns
-                if a0 <= r.end_ns and a1 >= r.start_ns:
-                    right = top == a.field
-                    what = f"injected {a.kind} ({a.field}" + (")" if right else "; not the top field)")
-                    hit[(s.tag, a.start)] = hit.get((s.tag, a.start), False) or right
-        score = f"{r.score:.2f}" if r.score is not None else "-"
-        lines.append(f"  {r.key!s:18} {_fmt(r.start_ns)}-{_fmt(r.end_ns)} UTC  score {score}  "
-                     f"{describe_shares(r.attribution) or '-'}  {what}")
-    if not flagged:
-        lines.append("  (none)")
-    scored_until = max((r.end_ns for r in results), default=0)
-    due = [(s.tag, a) for s in fed for a in s.anomalies if s.origin_ns + a.end * s.period_ns <= scored_until]
-    caught = [(t, a) for t, a in due if (t, a.start) in hit]
-    named = [(t, a) for t, a in caught if hit[(t, a.start)]]
-    missed = [f"{t}:{a.kind}" for t, a in due if (t, a.start) not in hit]
-    lines.append(f"injected faults in the scored range: {len(due)}, caught: {len(caught)}, named by a flagged "
-                 f"window's top field: {len(named)}" + (f", missed: {', '.join(missed)}" if missed else ""))
-    false = sum(1 for line in lines if line.endswith("(false alarm)"))
-    lines.append(f"windows scored: {sum(1 for r in results if not r.missing)}, anomalous: {len(flagged)} ({false} "
-                 f"false alarms), missing-data: {sum(1 for r in results if r.missing)}")
-    return "\n".join(lines)
+    def describe(r: WindowResult, score: str) -> str:
+        return (f"{r.key!s:18} {_fmt(r.start_ns)}-{_fmt(r.end_ns)} UTC  score {score}  "
+                f"{describe_shares(r.attribution) or '-'}")
+
+    def judge(r: WindowResult, s: FedSeries, a: Injected) -> tuple[str, bool]:
+        right = (r.attribution[0].field if r.attribution else "") == a.field
+        return f"injected {a.kind} ({a.field}" + (")" if right else "; not the top field)"), right
+
+    def summary(due: list[tuple[str, Injected]], hit: dict[tuple[str, int], bool]) -> str:
+        caught = [(t, a) for t, a in due if (t, a.start) in hit]
+        named = [(t, a) for t, a in caught if hit[(t, a.start)]]
+        return (f"injected faults in the scored range: {len(due)}, caught: {len(caught)}, named by a flagged "
+                f"window's top field: {len(named)}" + _missed(due, hit))
+
+    return _report(results, fed, f"anomalous windows of the multi-field signal {signal!r} (top fields: direction, "
+                   "share of the error):", describe, judge, "fault", summary)
 
 
 def run_demo(cfg: Config, history_s: float = 7 * 3600, live_ticks: int = 3) -> str:
@@ -257,7 +266,7 @@ def run_demo(cfg: Config, history_s: float = 7 * 3600, live_ticks: int = 3) -> s
         mine = [r for r in results if r.key.signal == name]
         series = [s for s in fed if s.signal == name]
         if series[0].host is None:
-            parts.append(report_findings(mine, series, series[0].period_ns))
+            parts.append(report_findings(mine, series))
         else:
             parts.append(report_host_findings(mine, series, name))
     return "\n".join(parts)
