@@ -10,7 +10,14 @@ from typing import Literal
 import numpy as np
 import pytest
 
-from anomalyd.core.normaliser import NormaliserParams, ScoreNormaliser, log_score, update_block
+from anomalyd.core.normaliser import (
+    HISTORY_DTYPE,
+    HistoryPool,
+    NormaliserParams,
+    ScoreNormaliser,
+    log_score,
+    update_block,
+)
 
 
 def upper_tail(z: float) -> float:
@@ -315,7 +322,7 @@ def test_state_roundtrips_through_json_and_continues_identically() -> None:
     norm.update(errors[:300], lo[:300], hi[:300])
     state = norm.to_dict()
     text = json.dumps(state, allow_nan=False)  # strict JSON: no NaN or Infinity tokens
-    assert len(state["hist"]) == 50 and len(state["tail"]) == 3 and state["version"] == 2
+    assert len(state["hist"]) == 50 and len(state["tail"]) == 3 and state["version"] == 3
     assert state["seen"] == int(np.isfinite(errors[:300]).sum())
     assert state["lo"][1] is None and state["hi"][1] is None
     again = ScoreNormaliser.from_dict(json.loads(text))
@@ -353,9 +360,112 @@ def test_refs_and_restore_undo_an_update() -> None:
     assert np.array_equal(norm.update(errors[150:], lo[150:], hi[150:]), first, equal_nan=True)
 
 
+def test_refs_and_restore_undo_updates_that_wrap_the_ring_and_nested_refs() -> None:
+    """The history is a ring updated in place: `restore` undoes the writes since `refs` from an undo log, also when
+    an update wraps around the ring or pushes more than a whole history at once, and refs taken one after the other
+    are undone newest first (as the worker does)."""
+    L = 16
+    p = NormaliserParams(long_window=L, short_window=3, learning=2)
+    errors, lo, hi = _stream(9, 200, d=1)
+    norm = ScoreNormaliser(p)
+    norm.update(errors[:23], lo[:23], hi[:23])  # full, head not at 0
+    start = norm.to_dict()
+    r1 = norm.refs()
+    norm.update(errors[23:30], lo[23:30], hi[23:30])  # wraps
+    mid = norm.to_dict()
+    r2 = norm.refs()
+    norm.update(errors[30:70], lo[30:70], hi[30:70])  # more than a whole history
+    norm.restore(r2)
+    assert norm.to_dict() == mid
+    norm.update(errors[30:70], lo[30:70], hi[30:70])
+    norm.restore(r2)
+    norm.restore(r1)
+    assert norm.to_dict() == start
+    again = norm.update(errors[23:], lo[23:], hi[23:])
+    fresh = ScoreNormaliser(p)
+    fresh.update(errors[:23], lo[:23], hi[:23])
+    assert np.array_equal(again, fresh.update(errors[23:], lo[23:], hi[23:]), equal_nan=True)
+    # After `release` the log is gone: what the next refs undoes starts there.
+    norm.refs()
+    norm.update(errors[:5])
+    norm.release()
+    assert norm._undo is None
+
+
+def test_the_undo_log_holds_only_what_an_update_overwrote() -> None:
+    """The rollback of a tick costs the values a tick overwrote, not a copy of the history."""
+    p = NormaliserParams()
+    norm = ScoreNormaliser(p)
+    norm.update(1.0 + 0.01 * np.arange(2500.0) % 1.0)
+    norm.refs()
+    norm.update(np.ones(16))
+    assert norm._undo is not None
+    logged = sum(pos.nbytes + old.nbytes for pos, old in norm._undo)
+    assert logged <= 16 * (np.dtype(np.intp).itemsize + HISTORY_DTYPE.itemsize)
+
+
+def test_histories_are_rows_of_shared_blocks_with_a_bounded_size_per_series() -> None:
+    """The memory claim of issue 12, as structure: each series' history is a row (a view) of a block shared by the
+    normalisers of that long_window, `HISTORY_DTYPE` values, at most long_window of them per series, and updates
+    write into that row (no new array per series per update)."""
+    p = NormaliserParams(long_window=300, short_window=4)
+    norms = [ScoreNormaliser(p) for _ in range(50)]
+    rng = np.random.default_rng(1)
+    rings = [nm._ring for nm in norms]
+    for _ in range(30):  # 30 ticks of 16 windows: more than a whole history
+        update_block(norms, 1.0 + 0.1 * rng.standard_normal((50, 16)))
+    pool = HistoryPool.of(300)
+    blocks = {id(b) for b in pool.blocks}
+    assert pool.dtype == HISTORY_DTYPE and HISTORY_DTYPE.itemsize <= 4
+    for nm, ring in zip(norms, rings, strict=True):
+        assert nm._ring is ring and ring.base is not None and id(ring.base) in blocks
+        assert nm.history_bytes == p.long_window * HISTORY_DTYPE.itemsize  # 8,000 bytes at the default 2,000
+        assert nm.history_length == len(nm.hist) == 300
+    assert len({id(nm._ring.base) for nm in norms}) <= 2  # 50 series: one block (two if they straddle)
+    # A normaliser that goes away gives its row back for the next one.
+    row = norms[-1]._row
+    del norms[-1], rings[-1], nm, ring
+    assert ScoreNormaliser(p)._row == row
+
+
+def test_the_history_is_stored_rounded_and_the_sums_follow_the_stored_values() -> None:
+    p = NormaliserParams(long_window=40, short_window=3, learning=5)
+    norm = ScoreNormaliser(p)
+    e = 1.0 + 0.1 * np.random.default_rng(5).standard_normal(97)
+    norm.update(e)
+    h = norm.hist
+    assert h.dtype == np.float64 and np.array_equal(h, h.astype(HISTORY_DTYPE).astype(np.float64))
+    assert norm.s1 == pytest.approx(math.fsum(h), rel=1e-12)
+    # An average beyond the storage type's range is stored as its largest value, not as inf.
+    norm.update([1e60] * 3)
+    assert np.isfinite(norm.hist).all() and np.isfinite(norm.s2)
+
+
+def test_pickled_normalisers_carry_their_state_not_the_pool() -> None:
+    import pickle
+
+    norm = _warm(NormaliserParams(long_window=30, short_window=2))
+    blob = pickle.dumps(norm)
+    assert len(blob) < 4000
+    again = pickle.loads(blob)
+    assert again.to_dict() == norm.to_dict() and again._row != norm._row
+
+
+def test_a_version_2_state_loads_with_its_history_rounded() -> None:
+    """States saved before the float32 history (version 2, float64) are continued."""
+    from pathlib import Path
+
+    old = json.loads((Path(__file__).parent / "data" / "scores_v2.json").read_text())["dict_v2"]
+    assert old["version"] == 2
+    norm = ScoreNormaliser.from_dict(old)
+    assert norm.seen == old["seen"] and norm.s1 == old["s1"] and norm.s2 == old["s2"]
+    assert norm.hist.tolist() == np.asarray(old["hist"], dtype=HISTORY_DTYPE).astype(np.float64).tolist()
+    assert norm.to_dict()["version"] == 3
+
+
 def test_other_versions_and_malformed_states_are_refused() -> None:
     state = _warm(NormaliserParams()).to_dict()
-    with pytest.raises(ValueError, match="version 1 is not 2"):
+    with pytest.raises(ValueError, match="version 1 is not 3"):
         ScoreNormaliser.from_dict({**state, "version": 1})
     with pytest.raises(ValueError, match="version None"):
         ScoreNormaliser.from_dict({k: v for k, v in state.items() if k != "version"})

@@ -280,3 +280,46 @@ def test_score_states_forget_series_not_scored_for_a_long_time(tmp_path: Path) -
     again.save()  # "b" was last seen at load time (60 s), more than 100 s ago
     kept = ScoreStates(path, clock=lambda: now[0])
     assert kept.get("a", "m", initial).seen == 1 and kept.get("b", "m", initial).seen == 0
+
+
+def test_a_version_2_score_state_file_is_continued(tmp_path: Path) -> None:
+    """A file saved by the previous version (``tests/data/scores_v2.npz``: version 2, float64 histories, made with
+    the code of commit cb65d8a) loads; the history is rounded to float32, so the continued scores match the old
+    code's (``scores_v2.json``) up to that rounding, with the same anomalies."""
+    data = Path(__file__).parent / "data"
+    path = tmp_path / "scores.npz"
+    path.write_bytes((data / "scores_v2.npz").read_bytes())
+    want = np.array(json.loads((data / "scores_v2.json").read_text())["scores_after"])
+    rng = np.random.default_rng(12)
+    e = np.abs(rng.normal(1.0, 0.1, 400))
+    e[330] = 6.0
+    lo, hi = rng.uniform(-0.95, -0.5, (400, 2)), rng.uniform(0.5, 0.95, (400, 2))
+    states = ScoreStates(path)
+    p = NormaliserParams(long_window=100, short_window=4, learning=10)
+    a = states.get("cpu|host=a", "m1", ScoreNormaliser(p))
+    assert a.seen == 250 and states.get("cpu|host=b", "m1", ScoreNormaliser(p)).seen == 37
+    got = a.update(e[250:], lo[250:], hi[250:])
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    assert np.flatnonzero(got >= 0.5).tolist() == np.flatnonzero(want >= 0.5).tolist()
+    states.touch()
+    states.close()  # saved again as version 3
+    with np.load(path) as z:
+        assert int(z["version"]) == 3 and z["hist"].dtype == np.float32
+    assert ScoreStates(path).get("cpu|host=a", "m1", ScoreNormaliser(p)).to_dict() == a.to_dict()
+
+
+def test_saving_many_series_gathers_the_histories_in_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file is written member by member and the histories a chunk of series at a time (no copy of every
+    history at once); normalisers and their snapshots pack the same."""
+    monkeypatch.setattr(state, "_CHUNK", 3)
+    norms = {f"s{i}|": warm_initial() for i in range(8)}
+    for i, nm in enumerate(norms.values()):
+        nm.update(_errors(i, 10 * i))
+    live = state._pack_states({k: ("m", nm) for k, nm in norms.items()})
+    snaps = state._pack_states({k: ("m", nm.snapshot()) for k, nm in norms.items()})
+    back = state._unpack_states(live)
+    assert list(back) == list(norms)
+    for k, nm in norms.items():
+        assert ScoreNormaliser.from_dict(back[k][1]).to_dict() == nm.to_dict()
+    assert {k: ScoreNormaliser.from_dict(v[1]).to_dict() for k, v in state._unpack_states(snaps).items()} == {
+        k: nm.to_dict() for k, nm in norms.items()}

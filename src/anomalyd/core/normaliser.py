@@ -25,22 +25,30 @@ reference mean), ``learning=32``, ``red=1e-5``, ``yellow=1e-3``, ``range_toleran
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy.special import ndtr
 
-__all__ = ["TRANSFORMS", "NormaliserParams", "ScoreNormaliser", "field_surprise", "log_score", "update_block"]
+__all__ = ["HISTORY_DTYPE", "TRANSFORMS", "HistoryPool", "NormaliserParams", "ScoreNormaliser", "field_surprise",
+           "log_score", "update_block"]
 
 #: Transforms applied to the errors before the likelihood.
 TRANSFORMS = ("none", "log")
 #: Reference of the history: mean and standard deviation, or median and interquartile range.
 REFERENCES = ("gaussian", "robust")
 _LOG_EPS = 1e-10
-_STATE_VERSION = 2
+#: Version 3: the history is stored as float32 (`HISTORY_DTYPE`); version 2 states (float64) load, rounded.
+_STATE_VERSION = 3
+_OLD_STATE_VERSIONS = (2,)
+#: Storage of the score history (the short-window averages); the running sums and every computation stay float64.
+#: Each average is rounded to this type when it enters the history, in every chunking, so the scores stay
+#: chunk-invariant.
+HISTORY_DTYPE = np.dtype(np.float32)
 #: Errors above this are taken as this (a glitch of 1e308 would overflow the running sums of squares).
 _ERROR_CAP = 1e100
 
@@ -129,6 +137,77 @@ class NormaliserParams:
             raise ValueError(f"transform={self.transform!r} is not one of {', '.join(TRANSFORMS)}")
 
 
+class HistoryPool:
+    """Preallocated storage of the score histories of many normalisers: rows of ``long_window`` values in a few
+    2-D blocks (``block_bytes`` each, pages touched only when written), one row per normaliser, used as a ring.
+
+    A normaliser takes a row when it is created and gives it back when it is garbage collected, so the histories of
+    100,000 series are a few dozen arrays rather than 100,000, and an update writes its new averages in place (the
+    ring) instead of building a new array per series. One pool per ``(long_window, dtype)`` (`HistoryPool.of`).
+
+    Examples
+    --------
+    >>> pool = HistoryPool(4, np.float32, block_bytes=64)
+    >>> pool.rows_per_block, pool.take(), pool.take()
+    (4, 0, 1)
+    >>> pool.row(1).base is pool.blocks[0]
+    True
+    """
+
+    _pools: ClassVar[dict[tuple[int, str], HistoryPool]] = {}
+    _pools_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, long_window: int, dtype: Any = HISTORY_DTYPE, block_bytes: int = 16 << 20) -> None:
+        self.long_window = int(long_window)
+        self.dtype = np.dtype(dtype)
+        self.rows_per_block = max(1, block_bytes // (self.long_window * self.dtype.itemsize))
+        self.blocks: list[NDArray[Any]] = []
+        self._free: list[int] = []  # list.pop/append are atomic: a row given back by a finaliser needs no lock
+        self._grow_lock = threading.Lock()
+
+    @classmethod
+    def of(cls, long_window: int, dtype: Any = HISTORY_DTYPE) -> HistoryPool:
+        """The shared pool of histories of ``long_window`` values of ``dtype``."""
+        key = (int(long_window), np.dtype(dtype).str)
+        pool = cls._pools.get(key)
+        if pool is None:
+            with cls._pools_lock:
+                pool = cls._pools.setdefault(key, cls(long_window, dtype))
+        return pool
+
+    def take(self) -> int:
+        """A free row (its values are arbitrary)."""
+        try:
+            return self._free.pop()
+        except IndexError:
+            pass
+        with self._grow_lock:
+            try:
+                return self._free.pop()
+            except IndexError:
+                pass
+            start = len(self.blocks) * self.rows_per_block
+            self.blocks.append(np.empty((self.rows_per_block, self.long_window), dtype=self.dtype))
+            self._free.extend(range(start + self.rows_per_block - 1, start, -1))  # handed out in ascending order
+            return start
+
+    def give_back(self, row: int) -> None:
+        self._free.append(row)
+
+    def row(self, row: int) -> NDArray[Any]:
+        """The row as a view into its block."""
+        b, r = divmod(row, self.rows_per_block)
+        return self.blocks[b][r]
+
+    @property
+    def rows_in_use(self) -> int:
+        return len(self.blocks) * self.rows_per_block - len(self._free)
+
+
+def _from_snapshot(state: Mapping[str, Any]) -> ScoreNormaliser:
+    return ScoreNormaliser.from_dict(state)
+
+
 class ScoreNormaliser:
     """The state of one series' score: recent averages, running sums, red-zone and range memory.
 
@@ -146,11 +225,22 @@ class ScoreNormaliser:
     True
     """
 
-    __slots__ = ("fm", "fn", "fv", "hi", "hist", "lo", "params", "s1", "s2", "seen", "since_red", "tail")
+    __slots__ = ("_count", "_head", "_pool", "_ring", "_row", "_undo", "fm", "fn", "fv", "hi", "lo", "params", "s1",
+                 "s2", "seen", "since_red", "tail")
+
+    #: The version `snapshot` and `to_dict` write.
+    state_version = _STATE_VERSION
 
     def __init__(self, params: NormaliserParams | None = None) -> None:
         self.params = params or NormaliserParams()
-        self.hist: NDArray[np.float64] = np.empty(0)  # last long_window short-window averages, oldest first
+        # The last long_window short-window averages: a ring in a row of the shared pool (`hist` gives them in
+        # order); _head is the oldest's position, _count how many there are.
+        self._pool = HistoryPool.of(self.params.long_window)
+        self._row = self._pool.take()
+        self._ring = self._pool.row(self._row)
+        self._head = 0
+        self._count = 0
+        self._undo: list[tuple[NDArray[np.intp], NDArray[Any]]] | None = None  # ring writes since `refs`
         self.s1 = 0.0  # sum and sum of squares of hist, updated step by step
         self.s2 = 0.0
         self.tail: NDArray[np.float64] = np.empty(0)  # last short_window - 1 transformed errors, oldest first
@@ -164,16 +254,80 @@ class ScoreNormaliser:
         self.fv: NDArray[np.float64] | None = None
         self.fn: NDArray[np.float64] | None = None
 
+    def __del__(self) -> None:
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.give_back(self._row)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled as its snapshot, not with the pool
+        return (_from_snapshot, (self.snapshot(),))
+
+    # -- the history ring ----------------------------------------------------------------------------
+    @property
+    def hist(self) -> NDArray[np.float64]:
+        """The history, oldest first (a float64 copy)."""
+        return self._oldest(self._count)
+
+    @hist.setter
+    def hist(self, values: ArrayLike) -> None:
+        v = np.asarray(values, dtype=np.float64).reshape(-1)[-self.params.long_window :]
+        self._ring[: len(v)] = _to_storage(v)
+        self._head, self._count = 0, len(v)
+
+    def _oldest(self, m: int) -> NDArray[np.float64]:
+        """The ``m`` oldest averages of the history (float64)."""
+        L, h = self.params.long_window, self._head
+        if h + m <= L:
+            return self._ring[h : h + m].astype(np.float64)
+        return np.concatenate((self._ring[h:], self._ring[: h + m - L])).astype(np.float64)
+
+    def _push(self, values: NDArray[np.float64]) -> None:
+        """Append averages to the history in place (the oldest ones go), noting what is overwritten when `refs`
+        asked for it."""
+        L = self.params.long_window
+        v = len(values)
+        keep = values[-L:]
+        pos = (self._head + self._count + (v - len(keep)) + np.arange(len(keep))) % L
+        if self._undo is not None:
+            self._undo.append((pos, self._ring[pos]))
+        self._ring[pos] = keep
+        count = min(L, self._count + v)
+        self._head = (self._head + self._count + v - count) % L
+        self._count = count
+
+    @property
+    def history_length(self) -> int:
+        """Averages in the history (``len(hist)``, without building it)."""
+        return self._count
+
+    @property
+    def history_bytes(self) -> int:
+        """Bytes of history storage this normaliser holds (one row of its pool)."""
+        return int(self._ring.nbytes)
+
     def refs(self) -> tuple[Any, ...]:
-        """The state as references, without copying: `update_block` replaces the arrays rather than changing them,
-        so `restore` can put the state back as it was (e.g. when a tick's writes failed)."""
-        return (self.hist, self.s1, self.s2, self.tail, self.seen, self.since_red, self.lo, self.hi, self.fm,
-                self.fv, self.fn)
+        """The state as it is now, cheaply: the scalars and the small arrays (which `update_block` replaces rather
+        than changes) as references, and a mark in an undo log of the history's in-place writes, so that `restore`
+        can put the state back as it was (e.g. when a tick's writes failed). `release` ends the log."""
+        if self._undo is None:
+            self._undo = []
+        return ((self._head, self._count, len(self._undo)), self.s1, self.s2, self.tail, self.seen, self.since_red,
+                self.lo, self.hi, self.fm, self.fv, self.fn)
 
     def restore(self, refs: tuple[Any, ...]) -> None:
-        """Put back a state taken with `refs`."""
-        (self.hist, self.s1, self.s2, self.tail, self.seen, self.since_red, self.lo, self.hi, self.fm, self.fv,
-         self.fn) = refs
+        """Put back a state taken with `refs` (the history writes since then are undone, newest first)."""
+        ((self._head, self._count, mark), self.s1, self.s2, self.tail, self.seen, self.since_red, self.lo, self.hi,
+         self.fm, self.fv, self.fn) = refs
+        log = self._undo if self._undo is not None else []
+        while len(log) > mark:
+            pos, old = log.pop()
+            self._ring[pos] = old
+        if not mark:
+            self._undo = None
+
+    def release(self) -> None:
+        """Forget the undo log of `refs` (the updates since then are final)."""
+        self._undo = None
 
     def copy(self) -> ScoreNormaliser:
         """An independent copy (the arrays are copied)."""
@@ -192,7 +346,7 @@ class ScoreNormaliser:
 
     def snapshot(self) -> dict[str, Any]:
         """The state with arrays (not JSON-able; `to_dict` is); `from_dict` takes either."""
-        return {"version": _STATE_VERSION, "params": self.params, "hist": self.hist.copy(), "s1": self.s1,
+        return {"version": _STATE_VERSION, "params": self.params, "hist": self.hist, "s1": self.s1,
                 "s2": self.s2, "tail": self.tail.copy(), "seen": self.seen, "since_red": self.since_red,
                 "lo": None if self.lo is None else self.lo.copy(), "hi": None if self.hi is None else self.hi.copy(),
                 **{k: None if getattr(self, k) is None else getattr(self, k).copy() for k in ("fm", "fv", "fn")}}
@@ -215,9 +369,10 @@ class ScoreNormaliser:
             When ``state`` is from another version or malformed; delete the saved state (or retrain) so it is
             learned again.
         """
-        if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"normaliser state version {state.get('version')!r} is not {_STATE_VERSION}; "
-                             "delete the saved score state (or retrain the model) so it is learned again")
+        if state.get("version") != _STATE_VERSION and state.get("version") not in _OLD_STATE_VERSIONS:
+            raise ValueError(f"normaliser state version {state.get('version')!r} is not {_STATE_VERSION} (or "
+                             f"{', '.join(map(str, _OLD_STATE_VERSIONS))}); delete the saved score state (or retrain "
+                             "the model) so it is learned again")
         try:
             raw = state["params"]
             if isinstance(raw, NormaliserParams):
@@ -226,7 +381,10 @@ class ScoreNormaliser:
                 names = {f.name for f in fields(NormaliserParams)}
                 params = NormaliserParams(**{k: v for k, v in dict(raw).items() if k in names})
             norm = cls(params)
-            norm.hist = np.array(state["hist"], dtype=np.float64).reshape(-1)
+            hist = np.array(state["hist"], dtype=np.float64).reshape(-1)
+            if len(hist) > params.long_window:
+                raise ValueError(f"a history of {len(hist)} averages is longer than long_window")
+            norm.hist = hist  # a version 2 state's float64 averages are rounded to HISTORY_DTYPE
             norm.tail = np.array(state["tail"], dtype=np.float64).reshape(-1)
             norm.s1 = float(state["s1"])
             norm.s2 = float(state["s2"])
@@ -362,7 +520,7 @@ def _robust_reference(norms: Sequence[ScoreNormaliser], avg: NDArray[np.float64]
         fi = int(f[i])
         if fi == 0:
             continue
-        c0 = len(nm.hist)
+        c0 = nm._count
         series = np.concatenate((nm.hist, avg[i, : fi - 1]))  # push j sees series[c0 + j - L : c0 + j]
         j = np.arange(fi)
         full = c0 + j >= L
@@ -459,6 +617,12 @@ def _capped_range(lo0: NDArray[np.float64], hi0: NDArray[np.float64], lo: NDArra
     return run_lo, run_hi, flags
 
 
+def _to_storage(v: NDArray[np.float64]) -> NDArray[Any]:
+    """Averages as `HISTORY_DTYPE`, clipped to its finite range."""
+    big = float(np.finfo(HISTORY_DTYPE).max)
+    return np.clip(v, -big, big).astype(HISTORY_DTYPE)
+
+
 def _json_float(v: float) -> float | None:
     return float(v) if math.isfinite(v) else None
 
@@ -515,8 +679,11 @@ def update_block(norms: Sequence[ScoreNormaliser], errors: NDArray[np.float64],
         acc = acc + np.where(ok, v, 0.0)
         cnt = cnt + ok
     avg = acc / np.maximum(cnt, 1.0)
+    # What enters the history (and its sums) is the average rounded to the storage type, in any chunking (beyond
+    # the type's range, its largest finite value).
+    q = avg if HISTORY_DTYPE == np.float64 else _to_storage(avg).astype(np.float64)
     # Reference statistics before each push: running sums with evictions, in a fixed order.
-    c0 = np.fromiter((len(nm.hist) for nm in norms), dtype=np.int64, count=n)
+    c0 = np.fromiter((nm._count for nm in norms), dtype=np.int64, count=n)
     old = np.zeros((n, k))
     evict = np.zeros((n, k), dtype=bool)
     kk = min(k, L)
@@ -524,13 +691,13 @@ def update_block(norms: Sequence[ScoreNormaliser], errors: NDArray[np.float64],
         first = L - int(c0[i])  # push index whose eviction takes hist[0]
         if first < kk:
             m = kk - first
-            old[i, first:kk] = nm.hist[:m]
+            old[i, first:kk] = nm._oldest(m)
             evict[i, first:kk] = True
     if k > L:  # pushes beyond one long window evict this block's own averages
-        old[:, L:] = avg[:, : k - L]
+        old[:, L:] = q[:, : k - L]
         evict[:, L:] = True
-    d1 = np.where(evict, avg - old, avg)
-    d2 = np.where(evict, avg * avg - old * old, avg * avg)
+    d1 = np.where(evict, q - old, q)
+    d2 = np.where(evict, q * q - old * old, q * q)
     s1_0 = np.fromiter((nm.s1 for nm in norms), dtype=np.float64, count=n)
     s2_0 = np.fromiter((nm.s2 for nm in norms), dtype=np.float64, count=n)
     s1 = np.cumsum(np.concatenate((s1_0[:, None], d1), axis=1), axis=1)  # s1[:, j]: before push j
@@ -542,11 +709,11 @@ def update_block(norms: Sequence[ScoreNormaliser], errors: NDArray[np.float64],
     for i in range(n):
         first = (-(int(seen0[i]) + 1)) % L  # first push after which seen is a multiple of L
         points = [j for j in range(first, int(f[i]), L) if min(L, c0[i] + j + 1) == L]
-        for q, j in enumerate(points):
-            window = np.concatenate((norms[i].hist, avg[i, : j + 1]))[-L:]
+        for pi, j in enumerate(points):
+            window = np.concatenate((norms[i].hist, q[i, : j + 1]))[-L:]
             s1[i, j + 1] = np.sum(window)
             s2[i, j + 1] = np.sum(window * window)
-            end = points[q + 1] if q + 1 < len(points) else k
+            end = points[pi + 1] if pi + 1 < len(points) else k
             s1[i, j + 2 : end + 1] = np.cumsum(np.concatenate(([s1[i, j + 1]], d1[i, j + 1 : end])))[1:]
             s2[i, j + 2 : end + 1] = np.cumsum(np.concatenate(([s2[i, j + 1]], d2[i, j + 1 : end])))[1:]
     cnt_before = np.minimum(c0[:, None] + np.arange(k)[None, :], L).astype(np.float64)
@@ -555,7 +722,7 @@ def update_block(norms: Sequence[ScoreNormaliser], errors: NDArray[np.float64],
         var = s2[:, :k] / cnt_before - mean * mean
     std = np.sqrt(np.maximum(np.nan_to_num(var), 0.0))
     if p.reference == "robust":
-        mean, std = _robust_reference(norms, avg, f, L)
+        mean, std = _robust_reference(norms, q, f, L)
     floor = np.full_like(mean, max(p.min_std, 1e-12)) if p.transform == "log" else np.maximum(
         p.min_std * np.abs(np.nan_to_num(mean)), 1e-12)
     std = np.maximum(std, floor)
@@ -615,7 +782,7 @@ def update_block(norms: Sequence[ScoreNormaliser], errors: NDArray[np.float64],
         if fi == 0:
             continue
         out[i, order[i, :fi]] = scores[i, :fi]
-        nm.hist = np.concatenate((nm.hist, avg[i, :fi]))[-L:]
+        nm._push(q[i, :fi])
         nm.s1 = float(s1[i, fi])
         nm.s2 = float(s2[i, fi])
         nm.tail = np.concatenate((nm.tail, t[i, :fi]))[-(S - 1):] if S > 1 else np.empty(0)

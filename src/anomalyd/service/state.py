@@ -6,18 +6,20 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import tempfile
 import time
 import zipfile
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
-from ..core.normaliser import NormaliserParams, ScoreNormaliser
-from ..files import atomic_write
+from ..core.normaliser import HISTORY_DTYPE, NormaliserParams, ScoreNormaliser
+from ..files import atomic_write, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +80,8 @@ class ScoreStates:
 
     It is soft state: the recent error history of each series, which the ``score`` field is computed from. It is
     saved at most every ``save_every_s`` seconds and on `close`, not on every tick, as one ``.npz`` of plain
-    arrays (no pickle; about 8 bytes per remembered error, 40 MB for 10,000 series of 500 windows). After a
+    arrays (no pickle; 4 bytes per remembered average, 80 MB for 10,000 series of full histories of 2,000,
+    written a few thousand series at a time, so a save holds no copy of all the histories). After a
     crash the windows scored since the last save are missing from the history, which only shortens it. A
     normaliser is started afresh from the model's warm-up state when its model is retrained (the errors change
     scale), and when the file is corrupt (with a warning: the scores then need ``learning`` windows to settle).
@@ -158,10 +161,9 @@ class ScoreStates:
         if stale:
             log.info("forgot the score history of %d series not scored for %.0f days", len(stale),
                      self.forget_after_s / 86400)
-        entries = dict(self._saved)
-        entries.update({k: (m, n.snapshot()) for k, (m, n) in self._norms.items()})
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.path, _pack_states(entries))
+        entries: dict[str, tuple[str, Mapping[str, Any] | ScoreNormaliser]] = dict(self._saved)
+        entries.update(self._norms)
+        _atomic_write_states(self.path, entries)
         self._dirty = False
         self._last_save = self.clock()
 
@@ -169,56 +171,111 @@ class ScoreStates:
 
 
 _LISTS = ("hist", "tail", "lo", "hi", "fm", "fv", "fn")  # fm/fv/fn: per-field surprise state (several fields)
-_VERSION = 2
+#: 3: ``hist`` is stored as `HISTORY_DTYPE` (float32); files of version 2 (float64 histories) still load.
+_VERSION = 3
+_READABLE = (2, 3)
+_CHUNK = 4096  # series whose histories are gathered at a time when saving
 
 
 def _params_json(params: Any) -> str:
     return json.dumps(asdict(params) if isinstance(params, NormaliserParams) else dict(params), sort_keys=True)
 
 
-def _pack_states(entries: Mapping[str, tuple[str, Mapping[str, Any]]]) -> bytes:
-    """``{series: (model tag, ScoreNormaliser.snapshot() or .to_dict())}`` as an ``.npz`` of plain arrays (one
-    row per series; ragged arrays padded with NaN beside their lengths)."""
+def _atomic_write_states(path: Path, entries: Mapping[str, tuple[str, Mapping[str, Any] | ScoreNormaliser]]) -> None:
+    """`_write_states` to ``path`` so that a crash leaves the old file or the new one (as `atomic_write`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            _write_states(f, entries)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def _pack_states(entries: Mapping[str, tuple[str, Mapping[str, Any] | ScoreNormaliser]]) -> bytes:
+    """`_write_states` as bytes."""
+    buf = io.BytesIO()
+    _write_states(buf, entries)
+    return buf.getvalue()
+
+
+def _field(st: Mapping[str, Any] | ScoreNormaliser, name: str) -> Any:
+    return getattr(st, name) if isinstance(st, ScoreNormaliser) else st[name]
+
+
+def _write_states(f: IO[bytes], entries: Mapping[str, tuple[str, Mapping[str, Any] | ScoreNormaliser]]) -> None:
+    """``{series: (model tag, ScoreNormaliser, or its .snapshot() or .to_dict())}`` as an ``.npz`` of plain arrays
+    (one row per series; ragged arrays padded with NaN beside their lengths), written member by member: the
+    histories (the bulk) are gathered `_CHUNK` series at a time, never all at once."""
     ids = list(entries)
     states = [entries[k][1] for k in ids]
     texts: dict[int, str] = {}  # params objects are shared by the series of a model: serialise each once
     keys = []
     for st in states:
-        p = st["params"]
+        p = _field(st, "params")
         if id(p) not in texts:
             texts[id(p)] = _params_json(p)
         keys.append(texts[id(p)])
     params = sorted(set(keys))
     index = {p: i for i, p in enumerate(params)}
+
+    def version(st: Mapping[str, Any] | ScoreNormaliser) -> int:
+        return ScoreNormaliser.state_version if isinstance(st, ScoreNormaliser) else int(st["version"])
+
     arrays: dict[str, Any] = {
         "version": np.array(_VERSION),
         "ids": np.array(ids, dtype=str), "models": np.array([entries[k][0] for k in ids], dtype=str),
         "params": np.array(params, dtype=str),
         "param_idx": np.array([index[k] for k in keys], dtype=np.int64),
-        "state_version": np.array([st["version"] for st in states], dtype=np.int64),
-        "seen": np.array([st["seen"] for st in states], dtype=np.int64),
-        "since_red": np.array([st["since_red"] for st in states], dtype=np.int64),
-        "s1": np.array([st["s1"] for st in states], dtype=np.float64),
-        "s2": np.array([st["s2"] for st in states], dtype=np.float64),
+        "state_version": np.array([version(st) for st in states], dtype=np.int64),
+        "seen": np.array([_field(st, "seen") for st in states], dtype=np.int64),
+        "since_red": np.array([_field(st, "since_red") for st in states], dtype=np.int64),
+        "s1": np.array([_field(st, "s1") for st in states], dtype=np.float64),
+        "s2": np.array([_field(st, "s2") for st in states], dtype=np.float64),
     }
-    for name in _LISTS:
-        rows = [np.empty(0) if st[name] is None else np.asarray(st[name], dtype=np.float64) for st in states]
-        lengths = np.array([len(r) for r in rows], dtype=np.int64)
-        block = np.full((len(states), int(lengths.max(initial=0))), np.nan)
-        for r, row in enumerate(rows):
-            block[r, : lengths[r]] = row
-        arrays[name], arrays[f"{name}_len"] = block, lengths
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
+    with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        def put(name: str, a: Any) -> None:
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as out:
+                np.lib.format.write_array(out, np.asanyarray(a), allow_pickle=False)
+
+        for name, a in arrays.items():
+            put(name, a)
+        for name in _LISTS:
+            dtype = HISTORY_DTYPE if name == "hist" else np.dtype(np.float64)
+            lengths = np.array([_length(st, name) for st in states], dtype=np.int64)
+            width = int(lengths.max(initial=0))
+            put(f"{name}_len", lengths)
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as out:
+                np.lib.format.write_array_header_1_0(out, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                           "fortran_order": False, "shape": (len(states), width)})
+                for c in range(0, len(states), _CHUNK):
+                    part = states[c : c + _CHUNK]
+                    block = np.full((len(part), width), np.nan, dtype=dtype)
+                    for r, st in enumerate(part):
+                        v = _field(st, name)
+                        if v is not None and len(v):
+                            block[r, : len(v)] = v
+                    out.write(block.tobytes())
+
+
+def _length(st: Mapping[str, Any] | ScoreNormaliser, name: str) -> int:
+    if isinstance(st, ScoreNormaliser) and name == "hist":
+        return st.history_length
+    v = _field(st, name)
+    return 0 if v is None else len(v)
 
 
 def _unpack_states(blob: bytes) -> dict[str, tuple[str, dict[str, Any]]]:
     """The inverse of `_pack_states` (rows become ``ScoreNormaliser.snapshot()``-like dicts)."""
     with np.load(io.BytesIO(blob), allow_pickle=False) as z:
         a = {name: z[name] for name in z.files}
-    if int(a["version"]) != _VERSION:
-        raise ValueError(f"score state version {int(a['version'])} is not {_VERSION}")
+    if int(a["version"]) not in _READABLE:
+        raise ValueError(f"score state version {int(a['version'])} is not {_VERSION} (or 2)")
     params = [json.loads(str(p)) for p in a["params"]]
     out: dict[str, tuple[str, dict[str, Any]]] = {}
     for r, (sid, model) in enumerate(zip(a["ids"].tolist(), a["models"].tolist(), strict=True)):

@@ -604,10 +604,13 @@ class Worker:
                 self.alerts.observe([r for b in results for r in b.results()], now, deliver=False)
         except BaseException:
             # Nothing of this signal's windows counts as seen: the score histories go back to where they were, so
-            # the retry (from the same watermarks) scores the same windows the same way.
-            for norm, refs in before:
+            # the retry (from the same watermarks) scores the same windows the same way (newest refs first: each
+            # undoes the history writes made since it was taken).
+            for norm, refs in reversed(before):
                 norm.restore(refs)
             raise
+        for norm, _ in before:  # committed: the undo logs of the histories are no longer needed
+            norm.release()
         UNTRAINED_SERIES.labels(signal=sig.name).set(rep.untrained)
         if not found[0] and self.shard is not None and lo is None and not self._owned_series(sig):
             rep.problem = (f"signal {sig.name}: shard {self.shard} owns none of its series (the other replicas score "
