@@ -25,7 +25,9 @@ from typing import Any
 import numpy as np
 import requests
 
-from anomalyd.alerts.manager import AlertManager, Sink, Transition
+from anomalyd.alerts.manager import AlertManager
+from anomalyd.alerts.policy import Transition
+from anomalyd.alerts.sinks import Sink
 from anomalyd.config import Config
 from anomalyd.demo.synthetic import ecg
 from anomalyd.service.catalog import Catalog

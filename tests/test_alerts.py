@@ -4,26 +4,21 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from anomalyd.alerts import manager as alerts_mod
-from anomalyd.alerts.manager import (
-    ANOMALOUS,
-    AlertManager,
-    AlertStateError,
-    LogSink,
-    SlackWebhookSink,
-    Transition,
-    format_message,
-    iso_utc,
-    render_plot,
-)
+from anomalyd.alerts import policy
+from anomalyd.alerts.manager import AlertManager, AlertStateError
+from anomalyd.alerts.messages import format_message, iso_utc
+from anomalyd.alerts.plots import render_plot
+from anomalyd.alerts.policy import ANOMALOUS, Transition
+from anomalyd.alerts.sinks import LogSink, Sink
+from anomalyd.alerts.slack import SlackWebhookSink
 from anomalyd.config import AlertsConfig, SlackConfig
 from anomalyd.core.records import SeriesKey, WindowResult
 from anomalyd.telemetry import REGISTRY
@@ -90,6 +85,25 @@ def summary(messages: Sequence[dict]) -> list[tuple[str, str]]:
 
 def end(i: int) -> str:
     return iso_utc(win(i).end_ns)
+
+
+class FakeClock:
+    """The alert manager's clock in a test: it moves only when told (``advance``) or slept on (``sleep``, which
+    records each wait), so that deadlines and pauses are checked as logic, whatever the machine's speed."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 def sent_count(sink: str, outcome: str) -> float:
@@ -251,10 +265,11 @@ def test_outage_loses_nothing_and_duplicates_nothing_across_restarts(slack: Slac
     n_500 = len([r for r in slack.requests if r.status == 500])
     assert n_500 == 1 + cfg.slack.max_retries                   # retried max_retries times, then gave up
     slack.outage = Reply.hang(5.0)                              # Slack now hangs
-    t0 = time.monotonic()
-    m2 = AlertManager(cfg, tmp_path)                            # restart in the middle of the outage
+    clock, asked = FakeClock(), len(slack.requests)
+    m2 = AlertManager(cfg, tmp_path, clock=clock, sleep=clock.sleep)  # restart in the middle of the outage
     m2.observe(pattern("A", first=4), now_ns=0)
-    assert time.monotonic() - t0 < m2.default_flush_s() + 1.0
+    # one attempt (bounded by its timeout, not retried), then the sink rests: 3 queued alerts do not each wait
+    assert len(slack.requests) == asked + 1 and clock.slept == [] and m2.queued() == 3
     # after a crash the worker re-scores and re-observes windows: nothing is queued twice
     m3 = AlertManager(cfg, tmp_path)
     assert m3.observe(pattern("A.A", first=2), now_ns=0) == []
@@ -311,30 +326,74 @@ def test_retry_after_is_honoured(slack: SlackStub, tmp_path: Path) -> None:
 
 def test_retry_after_beyond_the_deadline_keeps_the_alert_queued(slack: SlackStub, tmp_path: Path) -> None:
     slack.script(Reply.rate_limited(30, path=slack.WEBHOOK_PATH))
-    m = AlertManager(config(slack), tmp_path)
-    t0 = time.monotonic()
+    clock = FakeClock()
+    m = AlertManager(config(slack), tmp_path, clock=clock, sleep=clock.sleep)
     m.observe(pattern("A"), now_ns=0)
-    assert time.monotonic() - t0 < 2.0                          # did not sleep 30 s inside a tick
+    assert clock.slept == []                                    # did not sleep 30 s inside a tick
     assert m.queued() == 1 and len(slack.requests) == 1
     assert m.flush() == 0 and len(slack.requests) == 1          # and does not knock again before 30 s
-    m._not_before.clear()                                       # ... 30 s later
+    clock.advance(29.0)
+    assert m.flush() == 0 and len(slack.requests) == 1          # ... not even 29 s later
+    clock.advance(1.0)                                          # ... but 30 s later
     assert m.flush() == 1 and summary(slack.delivered()) == [("ANOMALY", end(0))]
+    assert clock.slept == []
 
 
-def test_the_deadline_bounds_a_hanging_slack(slack: SlackStub, tmp_path: Path) -> None:
+def test_the_deadline_bounds_a_hanging_slack(slack: SlackStub, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """An attempt's HTTP timeout is alerts.slack.timeout, or what is left of the flush when that is less; with
+    (nearly) nothing left no attempt is made; and a hanging sink gets one attempt per flush."""
+    import anomalyd.alerts.slack as slack_mod
+
+    timeouts: list[float] = []
+
+    class RecordingWebhookClient(slack_mod.WebhookClient):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            timeouts.append(kwargs["timeout"])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(slack_mod, "WebhookClient", RecordingWebhookClient)
     slack.outage = Reply.hang(10.0)
-    cfg = config(slack, recover_windows=1)
-    m = AlertManager(cfg, tmp_path)
-    t0 = time.monotonic()
+    clock = FakeClock()
+    m = AlertManager(config(slack, recover_windows=1), tmp_path, clock=clock, sleep=clock.sleep)
     m.observe(pattern("A.A.A."), now_ns=0)                      # 6 alerts queued, Slack hangs
+    assert timeouts == [0.5]                                    # alerts.slack.timeout, within the 5 s flush
     m.flush(deadline_s=1.2)
-    elapsed = time.monotonic() - t0
-    assert elapsed < m.default_flush_s() + 1.2 + 1.0
-    assert m.queued() == 6
+    assert timeouts == [0.5, 0.5] and m.queued() == 6
     # one attempt per flush: a hanging sink stops the flush instead of timing out on every alert
-    assert len(slack.requests) == 2
-    t0 = time.monotonic()
-    assert m.flush(deadline_s=0.3) == 0 and time.monotonic() - t0 < 0.9
+    assert len(slack.requests) == 2 and clock.slept == []
+    assert m.flush(deadline_s=0.3) == 0
+    assert timeouts == pytest.approx([0.5, 0.5, 0.3]) and len(slack.requests) == 3  # no more than what is left
+    assert m.flush(deadline_s=0.04) == 0
+    assert len(timeouts) == 3 and len(slack.requests) == 3     # no time left: no attempt
+    assert m.queued() == 6
+
+
+class SlowSink(Sink):
+    """Delivers, taking ``took`` seconds of the fake clock per alert; records the deadline of each send."""
+
+    name = "slow"
+
+    def __init__(self, clock: FakeClock, took: float) -> None:
+        self.clock, self.took = clock, took
+        self.deadlines: list[float] = []
+
+    def send(self, t: Transition, deadline: float) -> None:
+        self.deadlines.append(deadline)
+        self.clock.advance(self.took)
+
+
+def test_a_flush_stops_at_its_deadline(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    sink = SlowSink(clock, took=0.5)
+    m = AlertManager(config(recover_windows=1), tmp_path, sinks=[sink], clock=clock)
+    m.observe(pattern("A.A.A."), now_ns=0, deliver=False)      # 6 alerts queued
+    start = clock()
+    assert m.flush(deadline_s=1.2) == 3                         # sent at +0, +0.5, +1.0; at +1.5 it is over
+    assert sink.deadlines == [start + 1.2] * 3 and m.queued() == 3
+    assert "alert flush reached its 1.2s deadline; the rest stays queued" in caplog.text
+    assert m.flush() == 3 and m.queued() == 0                   # the default flush: 5 s
+    assert sink.deadlines[3:] == [start + 1.5 + m.default_flush_s()] * 3
 
 
 def test_an_unreachable_slack_is_retried_within_the_deadline_then_queued(
@@ -343,11 +402,15 @@ def test_an_unreachable_slack_is_retried_within_the_deadline_then_queued(
 
     url = f"http://127.0.0.1:{free_port()}/services/T0/B0/s3cr3t"   # nothing listens there
     cfg = config(slack=SlackConfig(timeout_s=0.5, max_retries=2, webhook_url=url), sinks=("slack",))
-    m = AlertManager(cfg, tmp_path)
-    t0 = time.monotonic()
+    clock = FakeClock()
+    m = AlertManager(cfg, tmp_path, clock=clock, sleep=clock.sleep)
     m.observe(pattern("A"), now_ns=0)
-    assert time.monotonic() - t0 < m.default_flush_s() + 0.5
+    # max_retries retries, after a backoff of 0.25 s then 0.5 s, each plus up to 100 % of jitter
+    assert len(clock.slept) == 2 and 0.25 <= clock.slept[0] <= 0.5 and 0.5 <= clock.slept[1] <= 1.0
     assert m.queued() == 1
+    # a retry only when its backoff and another attempt fit in what is left of the flush (0.25 s + 0.5 s > 0.7 s)
+    clock.slept.clear()
+    assert m.flush(deadline_s=0.7) == 0 and clock.slept == [] and m.queued() == 1
     assert "Slack webhook request failed (URLError" in caplog.text and "s3cr3t" not in caplog.text
 
 
@@ -403,12 +466,12 @@ def test_without_matplotlib_messages_go_without_the_plot_and_one_line_names_the_
         slack: SlackStub, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
-    import anomalyd.alerts.manager
+    import anomalyd.alerts.plots
 
     for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: importing it raises
-    monkeypatch.setattr(anomalyd.alerts.manager, "_told_no_plots", False)
+    monkeypatch.setattr(anomalyd.alerts.plots, "_told_no_plots", False)
     m = AlertManager(bot_config(slack), tmp_path)
     m.observe(pattern("A..A"), now_ns=0)
     assert len(slack.recorded("/api/chat.postMessage")) == 3 and m.queued() == 0  # anomalous, recovered, anomalous
@@ -479,14 +542,15 @@ def test_transition_roundtrips_through_json() -> None:
     assert replace(back, values=None) == replace(t, values=None)
     with pytest.raises(ValueError, match="unknown transition kind"):
         Transition.from_dict({**t.to_dict(), "kind": "weird"})
-    assert alerts_mod.KINDS == ("anomalous", "recovered", "reminder", "missing", "resumed", "deadman")
+    assert policy.KINDS == ("anomalous", "recovered", "reminder", "missing", "resumed", "deadman")
 
 
 def test_plot_draws_the_quantity_the_threshold_applies_to() -> None:
     """Issue 13, item 10: on a fitted ECG model, the PNG's error curve is the tapered difference whose maximum
     is the window's max_error (what the threshold is compared with), built from what the worker hands the alert
     (the raw window and `Detector.shape` of its nearest shape); normal windows stay under the threshold."""
-    from anomalyd.alerts.manager import ANOMALOUS, RECOVERED, Transition, plot_error, plot_figure
+    from anomalyd.alerts.plots import plot_error, plot_figure
+    from anomalyd.alerts.policy import RECOVERED
     from anomalyd.core.detector import Detector, DetectorSpec
     from anomalyd.demo.synthetic import ecg
 

@@ -13,21 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anomalyd.alerts.manager import (
-    ANOMALOUS,
-    MAX_ATTRIBUTION,
-    MAX_NAMED_FIELDS,
-    MAX_PLOTTED_FIELDS,
-    RECOVERED,
-    REMINDER,
-    AlertManager,
-    LogSink,
-    Transition,
-    format_message,
-    plot_error,
-    plot_figure,
-    render_plot,
-)
+from anomalyd.alerts.manager import AlertManager
+from anomalyd.alerts.messages import MAX_NAMED_FIELDS, format_message
+from anomalyd.alerts.plots import plot_error, plot_figure, render_plot
+from anomalyd.alerts.policy import ANOMALOUS, MAX_ATTRIBUTION, MAX_PLOTTED_FIELDS, RECOVERED, REMINDER, Transition
+from anomalyd.alerts.sinks import LogSink
 from anomalyd.config import AlertsConfig, SlackConfig
 from anomalyd.core.records import FieldShare, SeriesKey, WindowResult
 from http_stubs import Reply, SlackStub
@@ -270,7 +260,7 @@ def test_a_single_field_message_only_gains_its_direction() -> None:
 
 
 def test_the_log_sink_line_names_the_top_fields(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="anomalyd.alerts.manager")
+    caplog.set_level(logging.INFO, logger="anomalyd.alerts.sinks")
     t = multi_transition(4, n_fields=5)
     LogSink().send(t, deadline=0.0)
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("alert: ")]

@@ -13,7 +13,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from anomalyd.alerts.manager import AlertManager, Sink, Transition
+from anomalyd.alerts.manager import AlertManager
+from anomalyd.alerts.policy import Transition
+from anomalyd.alerts.sinks import Sink
 from anomalyd.config import Config
 from anomalyd.core.detector import Detector, DetectorSpec
 from anomalyd.core.records import SeriesKey, legacy_tags_str, tags_str
