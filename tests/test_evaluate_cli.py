@@ -345,7 +345,8 @@ def _unlabelled_copy(path: Path, tmp_path: Path) -> Path:
 def test_alerts_are_alert_events_as_the_daemon_raises_them(labelled: tuple, tmp_path: Path) -> None:
     """"alerts" counts what the daemon's alert policy would send (at the [alerts] defaults), fed the same flags
     through `anomalyd.alerts.manager.AlertManager`; "flagged" counts the rows over the threshold."""
-    from anomalyd.alerts.manager import ANOMALOUS, AlertManager
+    from anomalyd.alerts.manager import AlertManager
+    from anomalyd.alerts.policy import ANOMALOUS
     from anomalyd.config import AlertsConfig
     from anomalyd.core.records import SeriesKey, WindowResult
 
