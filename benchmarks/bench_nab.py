@@ -5,7 +5,7 @@ training on the probationary period only, NAB's rule min(15%, 750 rows), the `an
 through its streaming entry point) -- with the one default `DetectorSpec`; a row's score is the score of the window
 whose point carries its timestamp. ``benchmarks/bench_replay.py`` checks that the same files through InfluxDB and the
 CLI give the same points. The NAB
-scorer is `anomalyd.evaluation.run` (conformance-tested against NAB's published results). Two thresholds are reported:
+scorer is `anomalyd.evaluation.nab` (conformance-tested against NAB's published results). Two thresholds are reported:
 the fixed default 0.5 (the likelihood's red zone, chosen before looking at NAB) and NAB's own procedure, one
 threshold per profile optimised over the whole corpus, which is how every scoreboard entry was scored.
 
@@ -33,14 +33,8 @@ import numpy as np
 
 from anomalyd.core.detector import DetectorSpec, TooLittleDataError
 from anomalyd.core.stored_run import by_timestamp, run_stored
-from anomalyd.evaluation.run import (
-    NAB_PROFILES,
-    NabCorpus,
-    best_nab_threshold,
-    load_nab_corpus,
-    nab_probation,
-    nab_score,
-)
+from anomalyd.evaluation.datasets import load_nab_corpus
+from anomalyd.evaluation.nab import NAB_PROFILES, NabCorpus, best_nab_threshold, nab_probation, nab_score
 
 log = logging.getLogger("bench_nab")
 ROOT = Path(__file__).resolve().parents[1]

@@ -35,7 +35,8 @@ import numpy as np
 
 from anomalyd.config import load
 from anomalyd.core.stored_run import infer_period, run_stored
-from anomalyd.evaluation.run import NAB_PROFILES, best_nab_threshold, load_nab_corpus, nab_probation, nab_score
+from anomalyd.evaluation.datasets import load_nab_corpus
+from anomalyd.evaluation.nab import NAB_PROFILES, best_nab_threshold, nab_probation, nab_score
 from anomalyd.store.local import LocalInfluxd
 
 ROOT = Path(__file__).resolve().parents[1]

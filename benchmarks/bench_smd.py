@@ -1,6 +1,6 @@
 """Benchmark (b): SMD F1 on machines 1-6, 2-1, 2-7 and 3-3, next to the LSTM encoder-decoder paper.
 
-The daemon's detector (`anomalyd.core.detector.Detector`, through `anomalyd.evaluation.run.smd_run`) with the default
+The daemon's detector (`anomalyd.core.detector.Detector`, through `anomalyd.evaluation.series.smd_run`) with the default
 `DetectorSpec`: windows of 32 rows over all 38 metrics (each metric tapered), per-metric scaling from the training
 file, K-Means on the training file, every test row scored causally, the training file's end as context. Reported
 per machine, with the detector's own decision (``anomalous``; learned from training data alone):
@@ -56,15 +56,15 @@ from anomalyd.core.attribution import (
     trailing_zscore,
 )
 from anomalyd.core.detector import Detector, DetectorSpec
-from anomalyd.evaluation.run import (
+from anomalyd.evaluation.datasets import load_smd_machine
+from anomalyd.evaluation.metrics import (
     best_f1_threshold,
-    load_smd_machine,
     point_adjusted_metrics,
     point_metrics,
     roc_auc,
-    smd_run,
     window_metrics,
 )
+from anomalyd.evaluation.series import smd_run
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get("ANOMALYD_SHARED_DATA") or ROOT.parent / "shared" / "data") / "smd"

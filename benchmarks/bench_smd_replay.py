@@ -24,7 +24,7 @@ What it does, per machine (one at a time), with the shipped defaults:
 5. scores the written ``anomalous`` field with the window-level F1 of `bench_smd` (``window_metrics``, 100-row
    windows, delta 0; the decision is learned from training data alone) and the read-back shares with
    HitRate@100%/150% (`anomalyd.core.attribution`, as `bench_smd --attribution` does);
-6. runs the same machine in memory (`anomalyd.evaluation.run.smd_run` with the signal's `DetectorSpec`) and compares
+6. runs the same machine in memory (`anomalyd.evaluation.series.smd_run` with the signal's `DetectorSpec`) and compares
    window by window: the written windows, ``anomalous``, ``score`` and ``max_error`` (float tolerance), the top
    field and every field's share. Any difference is printed (which windows, which columns) and the exit status
    is 1.
@@ -48,7 +48,9 @@ from numpy.typing import NDArray
 from anomalyd.config import load
 from anomalyd.core.attribution import explain, load_interpretation, shift_segments, summarise
 from anomalyd.core.detector import DetectorSpec
-from anomalyd.evaluation.run import load_smd_machine, smd_run, window_metrics
+from anomalyd.evaluation.datasets import load_smd_machine
+from anomalyd.evaluation.metrics import window_metrics
+from anomalyd.evaluation.series import smd_run
 from anomalyd.store.local import LocalInfluxd
 
 ROOT = Path(__file__).resolve().parents[1]

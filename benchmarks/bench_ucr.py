@@ -1,6 +1,6 @@
 """Benchmark (e): the UCR anomaly archive (KDD Cup 2021), top-1 location per series, per window scorer.
 
-Every series goes through `anomalyd.evaluation.run`'s UCR path -- `anomalyd.core.stored_run.run_stored`, the daemon's
+Every series goes through `anomalyd.evaluation.series`'s UCR path -- `anomalyd.core.stored_run.run_stored`, the daemon's
 own path in memory: trained on the series' training part only, every later row scored by the one
 `anomalyd.core.detector.Detector` -- once per scorer configuration. A series is a hit when the row with the highest
 value after the training part (the first on ties) is within 100 rows of the labelled anomaly (the archive's rule,
@@ -34,7 +34,9 @@ import numpy as np
 
 from anomalyd.core.detector import DetectorSpec, TooLittleDataError, dominant_period
 from anomalyd.core.stored_run import by_timestamp
-from anomalyd.evaluation.run import _ucr_run, load_ucr_index, ucr_top1
+from anomalyd.evaluation.datasets import load_ucr_index
+from anomalyd.evaluation.metrics import ucr_top1
+from anomalyd.evaluation.series import ucr_run
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get("ANOMALYD_SHARED_DATA") or ROOT.parent / "shared" / "data") / "ucr"
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                 spec = DetectorSpec().with_overrides(**CONFIGS[c])
                 t0 = time.perf_counter()
                 try:
-                    run = _ucr_run((u, x, spec, args.max_gap))
+                    run = ucr_run((u, x, spec, args.max_gap))
                 except TooLittleDataError:
                     hits[c]["failed"] += 1
                     continue

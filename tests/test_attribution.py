@@ -109,7 +109,8 @@ def test_smd_slice_attribution_beats_a_random_ranking(shared_data: Path) -> None
     """Machine 2-7, the first 4,000 training and test rows (three labelled segments): the detector's field shares
     of the windows centred on each segment put the labelled metrics far above a random ranking's expectation."""
     from anomalyd.core.detector import DetectorSpec
-    from anomalyd.evaluation.run import load_smd_machine, smd_run
+    from anomalyd.evaluation.datasets import load_smd_machine
+    from anomalyd.evaluation.series import smd_run
 
     root = shared_data / "smd"
     train, test, _ = load_smd_machine(root, "2-7")

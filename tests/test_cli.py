@@ -226,7 +226,7 @@ def test_check_against_influxdb_2x_flux_and_influxql_with_a_token(tmp_path: Path
 
 #: What `anomalyd --version` and `--help` must not load: the numeric stack, the plotting and InfluxDB clients, the
 #: evaluation back end, and the config (it loads the detector, hence scikit-learn).
-HEAVY = ("numpy", "sklearn", "scipy", "matplotlib", "pandas", "influxdb", "requests", "anomalyd.evaluation.run",
+HEAVY = ("numpy", "sklearn", "scipy", "matplotlib", "pandas", "influxdb", "requests", "anomalyd.evaluation",
          "anomalyd.config", "anomalyd.core.detector")
 
 

@@ -1,4 +1,4 @@
-"""Tests of `anomalyd evaluate` (cli -> evaluate.add_arguments / evaluate.run) on small inputs."""
+"""Tests of `anomalyd evaluate` (cli -> evaluation.command.add_arguments / .run) on small inputs."""
 
 from __future__ import annotations
 
@@ -18,15 +18,10 @@ from anomalyd.cli import main
 from anomalyd.core.detector import Detector, DetectorSpec
 from anomalyd.core.stored_run import run_stored
 from anomalyd.demo.synthetic import ANOMALY_KINDS, ecg, inject
-from anomalyd.evaluation.run import (
-    EvalSeries,
-    _detector_spec,
-    _load_csv_series,
-    add_arguments,
-    find_plot_events,
-    format_table,
-    load_labelled_csv,
-)
+from anomalyd.evaluation.command import _detector_spec, add_arguments
+from anomalyd.evaluation.datasets import load_labelled_csv
+from anomalyd.evaluation.report import find_plot_events, format_table
+from anomalyd.evaluation.series import EvalSeries, load_csv_series
 from anomalyd.service import catalog
 from anomalyd.service.catalog import StoredModel
 from conftest import NAB, WHERE
@@ -57,7 +52,7 @@ def csv_series(*argv: str | Path | float) -> EvalSeries:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args([str(a) for a in argv])
-    (series,) = _load_csv_series(args, _detector_spec(args))
+    (series,) = load_csv_series(args, _detector_spec(args))
     return series
 
 
@@ -275,7 +270,7 @@ def test_nab_layout_on_two_real_files(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 def test_parallel_nab_after_kmeans_in_the_same_process(tmp_path: Path) -> None:
-    """``evaluate.run`` with ``--jobs 2`` from a process that already fitted a detector (scikit-learn's K-Means
+    """``anomalyd evaluate`` with ``--jobs 2`` from a process that already fitted a detector (scikit-learn's K-Means
     starts an OpenMP thread pool) must finish: a forked worker inherits a dead OpenMP pool and waits for ever."""
     if not (NAB / "data").is_dir():
         pytest.fail(f"NAB data not found at {NAB}; {WHERE}")

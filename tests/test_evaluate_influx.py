@@ -29,7 +29,8 @@ from anomalyd.config import load
 from anomalyd.core.detector import DetectorSpec
 from anomalyd.core.stored_run import run_stored
 from anomalyd.demo.run import FedSeries, feed
-from anomalyd.evaluation.run import EvalSeries, _detector_spec, _load_influx_series, add_arguments, run
+from anomalyd.evaluation.command import _detector_spec, add_arguments, run
+from anomalyd.evaluation.series import EvalSeries, load_influx_series
 from anomalyd.service import catalog, training
 from anomalyd.service.catalog import Catalog, StoredModel, model_id_for
 from anomalyd.service.state import Watermarks
@@ -54,7 +55,7 @@ def evaluate(*argv: str | Path | float) -> int:
 def influx_series(*argv: str | Path | float) -> list[EvalSeries]:
     """The series `anomalyd evaluate -c ...` scores (one row per grid time, before thresholds and metrics)."""
     args = parse(*argv, "--no-progress")
-    series, _, _ = _load_influx_series(args, _detector_spec(args))
+    series, _, _ = load_influx_series(args, _detector_spec(args))
     return series
 
 
@@ -229,7 +230,7 @@ def test_without_trained_models_the_default_detector_is_evaluated(fed: Fed, tmp_
     labels = labels_by_series(fed, tmp_path / "labels.json")
     out_json = tmp_path / "report.json"
     start, end = fed.now - 2 * HOUR, fed.now
-    with caplog.at_level(logging.WARNING, logger="anomalyd.evaluation.run"):
+    with caplog.at_level(logging.WARNING, logger="anomalyd.evaluation.series"):
         assert evaluate("--format", "influx", "-c", config, "--signal", "heartbeat", "--start", iso(start),
                         "--end", iso(end), "--labels", labels, "--train-rows", 1800, "--json", out_json,
                         "--no-progress") == 0

@@ -14,7 +14,7 @@ import pytest
 from anomalyd.config import Config, load
 from anomalyd.core.stored_run import infer_period, run_stored
 from anomalyd.demo.run import feed
-from anomalyd.evaluation.run import nab_probation
+from anomalyd.evaluation.nab import nab_probation
 from anomalyd.service import training
 from anomalyd.service.catalog import Catalog
 from anomalyd.service.state import Watermarks

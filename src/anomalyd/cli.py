@@ -29,8 +29,8 @@ _EVALUATE_HELP = "measure detection quality on labelled data (CSV, NAB, SMD, Inf
 
 
 def _parser(evaluate_options: bool = False) -> argparse.ArgumentParser:
-    """The command line. ``evaluate``'s options come from `anomalyd.evaluation.run` (numpy, scikit-learn), so they are
-    added only with ``evaluate_options`` (the command line names ``evaluate``); ``anomalyd --help`` lists the
+    """The command line. ``evaluate``'s options come from `anomalyd.evaluation.command` (numpy, scikit-learn), so they
+    are added only with ``evaluate_options`` (the command line names ``evaluate``); ``anomalyd --help`` lists the
     subcommand all the same."""
     p = argparse.ArgumentParser(prog="anomalyd", description=__doc__)
     p.add_argument("--version", action="version", version=f"anomalyd {__version__}")
@@ -76,7 +76,7 @@ def _parser(evaluate_options: bool = False) -> argparse.ArgumentParser:
                         description="measure detection quality on labelled data: F1, point-adjusted F1, window "
                                     "F1, ROC/PR-AUC, NAB scores; tune the threshold from labels")
     if evaluate_options:
-        from .evaluation import run as evaluate
+        from .evaluation import command as evaluate
 
         evaluate.add_arguments(ev)
     sp = cmd("kapacitor", "render the TICKscripts or define the tasks in Kapacitor")
@@ -444,7 +444,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"anomalyd evaluate: --plots needs matplotlib, which is not installed; {EVALUATE_EXTRA}",
               file=sys.stderr)
         return 2
-    from .evaluation import run as evaluate
+    from .evaluation import command as evaluate
 
     return evaluate.run(args)
 
