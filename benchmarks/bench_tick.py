@@ -19,7 +19,8 @@ points per series. Reported, all measured in the same run:
 - baseline: the blog's loop, one client and one query per series per window and one write per point
   (measured on min(N, --baseline-max) series and scaled linearly to N when fewer);
 - peak memory: tracemalloc peak of a further tick run (Python + numpy allocations).
-Tick and floor are each the best of three runs.
+Tick and floor are each the best of ``--repeat`` runs (three by default); the slowest run of each is printed
+beside it (the spread on a shared machine).
 """
 
 from __future__ import annotations
@@ -72,7 +73,9 @@ def bench_config(url: str, n: int, root: Path, n_fields: int):  # type: ignore[n
     else:
         signal["fields"] = [{"measurement": m, "field": f} for m, f in layout]
     return from_dict({
-        "influxdb": {"url": url, "database": f"bench{n}x{n_fields}"},
+        # A long timeout: at 100,000 series on a loaded machine influxd can take more than the default 10 s to
+        # start answering, which would fail the tick rather than measure it.
+        "influxdb": {"url": url, "database": f"bench{n}x{n_fields}", "timeout": "600s"},
         "paths": {"models": str(root / "models"), "state": str(root / f"state{n}x{n_fields}")},
         "daemon": {"lateness": "0s", "health_listen": ""},
         "signals": [signal],
@@ -206,6 +209,9 @@ def fresh_worker(cfg, store: InfluxDB1Store, n: int, hi: int, now: int,  # type:
     return w
 
 
+SPREAD: dict[int, tuple[list[float], list[float]]] = {}  # series -> (every tick, every floor)
+
+
 def measure(server: LocalInfluxd, n: int, root: Path, baseline_max: int,
             n_fields: int = 1, repeat: int = 3, trace: bool = True) -> tuple[float, float, float, int, int]:
     now = time.time_ns() // INTERVAL * INTERVAL  # the tick is due exactly one interval after the watermarks
@@ -213,7 +219,8 @@ def measure(server: LocalInfluxd, n: int, root: Path, baseline_max: int,
     store = InfluxDB1Store(cfg.influxdb)  # type: ignore[attr-defined]
     hi = now // INTERVAL * INTERVAL
     lines = floor_lines(cfg, n, hi, now)
-    floor = min(curl_floor(cfg, store, hi, n, root, lines) for _ in range(repeat))
+    floors = [curl_floor(cfg, store, hi, n, root, lines) for _ in range(repeat)]
+    floor = min(floors)
     ticks = []
     scores = ScoreStates(None)
     for _ in range(repeat):  # best of three, like the floor
@@ -229,6 +236,7 @@ def measure(server: LocalInfluxd, n: int, root: Path, baseline_max: int,
         w.tick(now)
         cold.append(time.perf_counter() - t0)
     COLD[n] = min(cold)
+    SPREAD[n] = (ticks, floors)
     peak = 0
     if trace:
         w = fresh_worker(cfg, store, n, hi, now, scores)
@@ -286,6 +294,10 @@ def main() -> None:
                                                       not args.no_tracemalloc)
                 rss = peak_rss(server, n, root, args.fields) if args.rss else 0
                 rows.append((n, tick, floor, base, nb, peak, rss))
+                ticks, floors = SPREAD[n]
+                print(f"N={n}: every tick {', '.join(f'{t:.2f}' for t in ticks)} s; every floor "
+                      f"{', '.join(f'{f:.2f}' for f in floors)} s; slowest tick / slowest floor "
+                      f"{max(ticks) / max(floors):.2f}", flush=True)
                 print(f"N={n}: tick {tick:.2f}s, floor {floor:.2f}s ({tick / floor:.2f}x), first tick after a "
                       f"restart {COLD[n]:.2f}s, blog loop {base:.1f}s"
                       f"{' (scaled from ' + str(nb) + ')' if nb < n else ''} ({base / tick:.0f}x slower), "
