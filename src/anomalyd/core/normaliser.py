@@ -785,7 +785,7 @@ def update_block(norms: Sequence[ScoreNormaliser], errors: NDArray[np.float64],
         nm._push(q[i, :fi])
         nm.s1 = float(s1[i, fi])
         nm.s2 = float(s2[i, fi])
-        nm.tail = np.concatenate((nm.tail, t[i, :fi]))[-(S - 1):] if S > 1 else np.empty(0)
+        nm.tail = np.concatenate((nm.tail, t[i, :fi]))[-(S - 1):].copy() if S > 1 else np.empty(0)  # not a view
         nm.seen += fi
         nm.since_red = int(min(since_after[i], 1 << 30))
         if new_lo is not None and new_hi is not None:
