@@ -323,3 +323,12 @@ def test_saving_many_series_gathers_the_histories_in_chunks(tmp_path: Path, monk
         assert ScoreNormaliser.from_dict(back[k][1]).to_dict() == nm.to_dict()
     assert {k: ScoreNormaliser.from_dict(v[1]).to_dict() for k, v in state._unpack_states(snaps).items()} == {
         k: nm.to_dict() for k, nm in norms.items()}
+    # A restart reads the file back the same way: each saved series is a normaliser at once (its history in a ring
+    # row, no dict holding a second copy), handed out as it is.
+    path = tmp_path / "scores.npz"
+    path.write_bytes(live)
+    again = ScoreStates(path)
+    assert all(isinstance(v[1], ScoreNormaliser) and v[1]._ring.base is not None for v in again._saved.values())
+    for k, nm in norms.items():
+        got = again.get(k, "m", warm_initial())
+        assert got.to_dict() == nm.to_dict()

@@ -104,13 +104,14 @@ class ScoreStates:
         self.forget_after_s = forget_after_s
         self.clock = clock
         self._norms: dict[str, tuple[str, ScoreNormaliser]] = {}
-        self._saved: dict[str, tuple[str, dict[str, Any]]] = {}
+        self._saved: dict[str, tuple[str, dict[str, Any] | ScoreNormaliser]] = {}  # loaded, not yet asked for
         self._used: dict[str, float] = {}  # when each series was last scored (or loaded)
         self._dirty = False
         self._last_save = clock()
         if path is not None and path.exists():
             try:
-                self._saved = _unpack_states(path.read_bytes())
+                with path.open("rb") as f:
+                    self._saved = _read_states(f)
                 self._used = dict.fromkeys(self._saved, self._last_save)
             except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, zlib.error) as exc:
                 log.warning("score state %s is unreadable (%s); starting the score history afresh (moved aside "
@@ -128,7 +129,8 @@ class ScoreStates:
         saved = self._saved.pop(series_id, None)
         if saved is not None and saved[0] == model_tag:
             try:
-                norm = ScoreNormaliser.from_dict(saved[1])
+                st = saved[1]
+                norm = st if isinstance(st, ScoreNormaliser) else ScoreNormaliser.from_dict(st)
                 if norm.params != initial.params:
                     norm = None
             except ValueError as exc:
@@ -272,24 +274,64 @@ def _length(st: Mapping[str, Any] | ScoreNormaliser, name: str) -> int:
 
 def _unpack_states(blob: bytes) -> dict[str, tuple[str, dict[str, Any]]]:
     """The inverse of `_pack_states` (rows become ``ScoreNormaliser.snapshot()``-like dicts)."""
-    with np.load(io.BytesIO(blob), allow_pickle=False) as z:
-        a = {name: z[name] for name in z.files}
-    if int(a["version"]) not in _READABLE:
-        raise ValueError(f"score state version {int(a['version'])} is not {_VERSION} (or 2)")
-    params = [json.loads(str(p)) for p in a["params"]]
-    out: dict[str, tuple[str, dict[str, Any]]] = {}
-    for r, (sid, model) in enumerate(zip(a["ids"].tolist(), a["models"].tolist(), strict=True)):
-        state: dict[str, Any] = {
-            "version": int(a["state_version"][r]), "params": params[int(a["param_idx"][r])],
-            "seen": int(a["seen"][r]), "since_red": int(a["since_red"][r]), "s1": float(a["s1"][r]),
-            "s2": float(a["s2"][r])}
-        for name in _LISTS:
-            if name not in a:  # saved before the per-field state existed
-                state[name] = None
-                continue
-            state[name] = a[name][r, : int(a[f"{name}_len"][r])]  # from_dict copies
-        for name in ("lo", "hi", "fm", "fv", "fn"):
-            if state[name] is not None and len(state[name]) == 0:
-                state[name] = None
-        out[str(sid)] = (str(model), state)
+    out = _read_states(io.BytesIO(blob), normalisers=False)
+    return {k: (m, st) for k, (m, st) in out.items() if isinstance(st, dict)}
+
+
+def _read_states(f: IO[bytes], normalisers: bool = True) -> dict[str, tuple[str, dict[str, Any] | ScoreNormaliser]]:
+    """Read a file of `_write_states` (or of version 2), member by member and the histories `_CHUNK` series at a
+    time: with ``normalisers``, each row becomes a `ScoreNormaliser` at once (its history copied into its ring; a
+    row that cannot stays a dict, for `ScoreStates.get` to report), so a restart holds no second copy of every
+    history; without, ``snapshot()``-like dicts."""
+    with zipfile.ZipFile(f) as zf:
+        names = {n.removesuffix(".npy") for n in zf.namelist()}
+
+        def get(name: str) -> Any:
+            with zf.open(f"{name}.npy") as fh:
+                return np.lib.format.read_array(fh, allow_pickle=False)
+
+        version = int(get("version"))
+        if version not in _READABLE:
+            raise ValueError(f"score state version {version} is not {_VERSION} (or 2)")
+        a = {name: get(name) for name in names if name != "hist"}
+        params = [json.loads(str(p)) for p in a["params"]]
+        ids, models = a["ids"].tolist(), a["models"].tolist()
+        n = len(ids)
+        if len(models) != n:
+            raise ValueError(f"{n} series but {len(models)} models")
+        out: dict[str, tuple[str, dict[str, Any] | ScoreNormaliser]] = {}
+        with zf.open("hist.npy") as fh:
+            major, _ = np.lib.format.read_magic(fh)
+            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(fh)
+            if len(shape) != 2 or shape[0] != n:
+                raise ValueError(f"histories of shape {shape} for {n} series")
+            width = int(shape[1])
+            for c in range(0, n, _CHUNK):
+                rows = min(_CHUNK, n - c)
+                hist = np.frombuffer(fh.read(rows * width * dtype.itemsize), dtype=dtype).reshape(rows, width)
+                for r in range(c, c + rows):
+                    state: dict[str, Any] = {
+                        "version": int(a["state_version"][r]), "params": params[int(a["param_idx"][r])],
+                        "seen": int(a["seen"][r]), "since_red": int(a["since_red"][r]), "s1": float(a["s1"][r]),
+                        "s2": float(a["s2"][r])}
+                    for name in _LISTS:
+                        if name == "hist":
+                            state[name] = hist[r - c, : int(a["hist_len"][r])]
+                        elif name not in a:  # saved before the per-field state existed
+                            state[name] = None
+                        else:
+                            state[name] = a[name][r, : int(a[f"{name}_len"][r])]
+                    for name in ("lo", "hi", "fm", "fv", "fn"):
+                        if state[name] is not None and len(state[name]) == 0:
+                            state[name] = None
+                    entry: dict[str, Any] | ScoreNormaliser = state
+                    if normalisers:
+                        try:
+                            entry = ScoreNormaliser.from_dict(state)
+                        except ValueError:
+                            state["hist"] = state["hist"].copy()  # not a view of the whole chunk
+                    else:
+                        state["hist"] = state["hist"].copy()
+                    out[str(ids[r])] = (str(models[r]), entry)
     return out
