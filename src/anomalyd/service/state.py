@@ -176,7 +176,7 @@ _LISTS = ("hist", "tail", "lo", "hi", "fm", "fv", "fn")  # fm/fv/fn: per-field s
 #: 3: ``hist`` is stored as `HISTORY_DTYPE` (float32); files of version 2 (float64 histories) still load.
 _VERSION = 3
 _READABLE = (2, 3)
-_CHUNK = 4096  # series whose histories are gathered at a time when saving
+_CHUNK = 1024  # series whose histories are gathered (saving) or read (loading) at a time
 
 
 def _params_json(params: Any) -> str:
