@@ -373,11 +373,11 @@ def test_slack_rate_limit_errors_and_hangs_across_restarts_deliver_every_alert_o
 @pytest.fixture
 def state_fs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """The state dir on a 256 KiB tmpfs that can be made read-only and full for real. Without the right to mount,
-    a stand-in: `tempfile.mkstemp` in the state module (every atomic write of watermarks, alert state and outbox
+    a stand-in: `tempfile.mkstemp` in `anomalyd.files` (every atomic write of watermarks, alert state and outbox
     goes through it) raises OSError(EROFS) or OSError(ENOSPC)."""
     import errno
 
-    import anomalyd.service.state as state_mod
+    import anomalyd.files as files_mod
 
     path = tmp_path / "state"
     if mount_allowed(tmp_path):
@@ -393,14 +393,14 @@ def state_fs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
         error: int | None = None
 
         def __init__(self) -> None:
-            real = state_mod.tempfile
+            real = files_mod.tempfile
 
             def mkstemp(*args: Any, **kwargs: Any) -> Any:
                 if self.error is not None:
                     raise OSError(self.error, os.strerror(self.error))
                 return real.mkstemp(*args, **kwargs)
 
-            monkeypatch.setattr(state_mod, "tempfile", types.SimpleNamespace(mkstemp=mkstemp))
+            monkeypatch.setattr(files_mod, "tempfile", types.SimpleNamespace(mkstemp=mkstemp))
 
         def read_only(self) -> None:
             self.error = errno.EROFS
