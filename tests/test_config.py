@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
+from dataclasses import FrozenInstanceError, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
-from anomalyd.config import ConfigError, from_dict, load
+from anomalyd.config import AlertsConfig, ConfigError, DaemonConfig, FieldSpec, from_dict, load
 from anomalyd.core.detector import DetectorSpec
 from anomalyd.core.normaliser import NormaliserParams
 
@@ -460,3 +461,47 @@ def test_deadman_and_rescore_horizon() -> None:
 def test_a_shipped_config_uses_no_bare_number_for_a_duration() -> None:
     for path in (ROOT / "config.toml", *sorted((ROOT / "examples").glob("*/config.toml"))):
         load(path, env={})  # a bare number would be refused
+
+
+# -- the declared sections (pydantic dataclasses) ---------------------------------------------------------------
+
+
+def test_several_fields_are_named_and_their_problems_name_the_field() -> None:
+    raw = minimal()
+    sig = raw["signals"][0]
+    del sig["field"]
+    sig["fields"] = ["a", {"field": "b", "where": {"cpu": "x"}, "transform": "non_negative_derivative"},
+                     {"field": "c", "name": "cc"}]
+    got = from_dict(raw, env={}).signal("cpu")
+    assert got.field_names == ("a", "b", "cc") and got.multi and (got.measurement, got.field) == ("m", "a")
+    assert got.fields[1] == FieldSpec("b", "m", "b", (("cpu", "x"),), "non_negative_derivative")
+    del sig["measurement"]
+    sig["fields"] = [{"measurement": "cpu", "field": "u"}, {"measurement": "net", "field": "r"}]
+    assert from_dict(raw, env={}).signal("cpu").field_names == ("cpu.u", "net.r")  # several measurements
+    sig["fields"] = ["a", {"measurement": "n"}, 5, {"field": "b", "measurement": "n", "transform": "rate"}]
+    by_key = {p.split(": ", 1)[0]: p for p in problems_of(raw)}
+    assert set(by_key) == {f"signals[0].fields[{j}]{k}" for j, k in
+                           ((0, ".measurement"), (1, ".field"), (2, ""), (3, ".transform"))}
+    assert "here or as the signal's measurement" in by_key["signals[0].fields[0].measurement"]
+    assert "must be a field name or a table" in by_key["signals[0].fields[2]"]
+    sig["fields"] = [{"measurement": "m", "field": "a"}, {"measurement": "m", "field": "a"}]
+    assert problems_of(raw) == ["signals[0].fields[1]: name 'a' is used twice; give one of them a name = \"...\""]
+
+
+def test_a_file_uses_keys_and_python_uses_attributes() -> None:
+    # The file's key is `interval`, the attribute `interval_s`: a file cannot use the attribute's name.
+    (msg,) = problems_of(set_path(minimal(), "daemon.interval_s", "5s"))
+    assert msg.startswith("daemon.interval_s: unknown setting; accepted: ") and " interval," in msg
+    # Python builds a section by attribute, in the attribute's unit; `dataclasses.replace` checks the value too.
+    daemon = DaemonConfig(interval_s=5, lateness_ns=10**9)
+    assert (daemon.interval_s, daemon.lateness_ns, daemon.health_listen) == (5.0, 10**9, "127.0.0.1:9108")
+    assert replace(daemon, max_backlog_windows=7).max_backlog_windows == 7
+    with pytest.raises(ValidationError, match="must be greater than 0"):
+        replace(daemon, max_backlog_windows=0)
+    with pytest.raises(FrozenInstanceError):
+        daemon.interval_s = 1.0  # type: ignore[misc]
+    # The class attributes are the defaults (evaluate reads AlertsConfig's).
+    assert (AlertsConfig.for_windows, AlertsConfig.recover_windows, DaemonConfig.interval_s) == (1, 32, 16.0)
+    # A single-field signal's one field follows `replace(sig, field=...)`.
+    sig = replace(from_dict(minimal(), env={}).signal("cpu"), field="g")
+    assert sig.fields == (FieldSpec("g", "m", "g"),)
