@@ -583,3 +583,14 @@ def test_plot_draws_the_quantity_the_threshold_applies_to() -> None:
     assert bottom.lines[1].get_ydata()[0] == pytest.approx(det.threshold_)
     assert "score 0.12" in top.get_title() and "normal" in top.get_title()
     assert "anomalous" in plot_figure(replace(t, score=0.9)).axes[0].get_title()
+
+
+def test_a_window_flagged_by_its_score_below_the_error_threshold_says_so() -> None:
+    """The out-of-range rule (or the likelihood) can flag a window whose max error is under the error threshold:
+    the message must not read "ANOMALY ... max error vs threshold (ratio 0.43)" as if the ratio had decided."""
+    by_score = Transition(ANOMALOUS, "host|host=a", "host", (("host", "a"),), "m", 0, 10**9, 1.287, score=1.0,
+                          max_error=0.5521, ratio=0.4289, windows=1)
+    text = format_message(by_score)[0]
+    assert "score 1.00 flags it (the max error 0.5521 is under its threshold 1.287, ratio 0.4289)" in text
+    by_error = replace(by_score, score=0.7, max_error=3.0, ratio=2.33)
+    assert "score 0.70; max error 3 vs threshold 1.287 (ratio 2.33)" in format_message(by_error)[0]

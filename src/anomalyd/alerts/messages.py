@@ -145,8 +145,14 @@ def format_message(t: Transition, dashboard_template: str = "") -> tuple[str, li
                 else f"scored again from window {window}")
     else:
         score = "" if t.score is None else f"score {t.score:.2f}; "
-        what = (f"{score}max error {num(t.max_error)} vs threshold {num(t.threshold)} (ratio {num(t.ratio)}) "
-                f"in window {window}")
+        if t.kind in (ANOMALOUS, REMINDER) and t.score is not None and t.ratio is not None and t.ratio < 1.0:
+            # flagged by the score (its likelihood or the out-of-range rule), not by the error's threshold:
+            # say so, rather than "max error vs threshold" with a ratio below 1 under an ANOMALY title
+            what = (f"score {t.score:.2f} flags it (the max error {num(t.max_error)} is under its threshold "
+                    f"{num(t.threshold)}, ratio {num(t.ratio)}) in window {window}")
+        else:
+            what = (f"{score}max error {num(t.max_error)} vs threshold {num(t.threshold)} (ratio {num(t.ratio)}) "
+                    f"in window {window}")
         if t.kind == RECOVERED and t.since_ns is not None:
             what += (f"; anomalous since {iso_utc(t.since_ns)} ({_windows(t.windows)}, "
                      f"peak error {num(t.peak_error)}, ratio {num(t.peak_ratio)})")
