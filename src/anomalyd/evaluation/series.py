@@ -52,7 +52,8 @@ class UsageError(ValueError):
 
 @dataclass
 class EvalSeries:
-    """One evaluated series (a CSV, a NAB file or an SMD machine); arrays have one entry per row.
+    """One evaluated series (a CSV, a NAB file, an SMD machine, a UCR series or a series of an InfluxDB range);
+    arrays have one entry per row.
 
     ``scores`` are what the threshold applies to (``score > threshold`` flags a row); rows before ``n_train``
     are not evaluated. ``segments`` are the labelled stretches as ``(first, last)`` rows (NAB windows, or runs
