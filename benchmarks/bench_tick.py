@@ -264,6 +264,49 @@ def child_rss(url: str, n: int, root: str, n_fields: int, now: int) -> None:
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
+def child_state(phase: str, n: int, root: str) -> None:
+    """In a fresh process: save (``phase="save"``) or load the score states of N series with full histories
+    (long_window 2000, then one tick of 16 windows each), as `ScoreStates` does every ``save_every_s`` and at a
+    restart; print the resident memory before and the peak after, in MiB."""
+    import resource
+
+    from anomalyd.core.normaliser import NormaliserParams, ScoreNormaliser, update_block
+
+    def vm_rss() -> float:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+    def peak() -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    init = ScoreNormaliser(NormaliserParams())
+    init.update(1.0 + 0.1 * np.random.default_rng(0).standard_normal(2100))
+    base = peak()
+    states = ScoreStates(Path(root) / "scores.npz", save_every_s=0)
+    norms = [states.get(f"bench|host=h{i:06d}", "m", init) for i in range(n)]
+    if phase == "save":
+        rng = np.random.default_rng(1)
+        for a in range(0, n, 2000):
+            update_block(norms[a : a + 2000], 1.0 + 0.1 * rng.standard_normal((len(norms[a : a + 2000]), 16)))
+        states.touch()
+        before = vm_rss()
+        t0 = time.perf_counter()
+        states.save()
+        print(f"save: resident {before:.0f} MiB before, peak {peak():.0f} MiB, {time.perf_counter() - t0:.1f} s, "
+              f"file {(Path(root) / 'scores.npz').stat().st_size / 2**20:.0f} MiB")
+    else:
+        assert all(nm.seen == init.seen + 16 for nm in norms)
+        print(f"load: resident {vm_rss():.0f} MiB after, peak {peak():.0f} MiB (imports {base:.0f} MiB)")
+
+
+def state_io(n: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        for phase in ("save", "load"):
+            out = subprocess.run([sys.executable, __file__, "--child-state", phase, str(n), tmp], check=True,
+                                 capture_output=True, text=True).stdout
+            print(f"N={n} score states, full histories: {out.strip()}", flush=True)
+
+
 def peak_rss(server: LocalInfluxd, n: int, root: Path, n_fields: int) -> int:
     now = time.time_ns() // INTERVAL * INTERVAL
     out = subprocess.run([sys.executable, __file__, "--child-rss", server.url, str(n), str(root), str(n_fields),
@@ -276,6 +319,9 @@ def main() -> None:
         url, n, root, n_fields, now = sys.argv[2:7]
         child_rss(url, int(n), root, int(n_fields), int(now))
         return
+    if len(sys.argv) > 1 and sys.argv[1] == "--child-state":
+        child_state(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+        return
     ap = argparse.ArgumentParser()
     ap.add_argument("--series", type=int, nargs="+", default=[1000, 10000])
     ap.add_argument("--baseline-max", type=int, default=2000)
@@ -283,7 +329,13 @@ def main() -> None:
     ap.add_argument("--rss", action="store_true", help="also the peak RSS of a daemon process at each N")
     ap.add_argument("--repeat", type=int, default=3, help="runs of the floor and the ticks (the best is kept)")
     ap.add_argument("--no-tracemalloc", action="store_true", help="skip the tracemalloc tick (slow at 100,000)")
+    ap.add_argument("--state-io", action="store_true", help="only the peak RSS of saving and of loading the score "
+                    "states of each N (full histories; no influxd)")
     args = ap.parse_args()
+    if args.state_io:
+        for n in args.series:
+            state_io(n)
+        return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
