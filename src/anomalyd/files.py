@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 
 def fsync_dir(path: Path) -> None:
@@ -16,16 +18,21 @@ def fsync_dir(path: Path) -> None:
         os.close(dir_fd)
 
 
-def atomic_write(path: Path, data: bytes, sync_dir: bool = True) -> None:
+def atomic_write(path: Path, data: bytes | Callable[[IO[bytes]], object], sync_dir: bool = True) -> None:
     """Write ``data`` to ``path`` so that a crash leaves either the old or the new file, never a mix.
 
-    With ``sync_dir=False`` the caller syncs the directory itself (once for many files, see :func:`fsync_dir`).
+    ``data`` is the bytes, or a function that writes them to the open file (a large file streamed without
+    holding it in memory). With ``sync_dir=False`` the caller syncs the directory itself (once for many files,
+    see :func:`fsync_dir`).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

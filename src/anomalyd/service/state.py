@@ -6,8 +6,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
-import tempfile
 import time
 import zipfile
 import zlib
@@ -19,7 +17,7 @@ from typing import IO, Any
 import numpy as np
 
 from ..core.normaliser import HISTORY_DTYPE, NormaliserParams, ScoreNormaliser
-from ..files import atomic_write, fsync_dir
+from ..files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -184,19 +182,8 @@ def _params_json(params: Any) -> str:
 
 
 def _atomic_write_states(path: Path, entries: Mapping[str, tuple[str, Mapping[str, Any] | ScoreNormaliser]]) -> None:
-    """`_write_states` to ``path`` so that a crash leaves the old file or the new one (as `atomic_write`)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            _write_states(f, entries)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    """`_write_states` to ``path``, streamed, so that a crash leaves the old file or the new one."""
+    atomic_write(path, lambda f: _write_states(f, entries))
 
 
 def _pack_states(entries: Mapping[str, tuple[str, Mapping[str, Any] | ScoreNormaliser]]) -> bytes:
