@@ -46,8 +46,10 @@ def test_sliding_windows_of_several_fields_keep_rows_and_fields_apart() -> None:
                 assert w[i, r, f] == 3 * (2 * i + r) + f
     assert np.shares_memory(w, x)  # a view, no copy of a long series
     assert sliding_windows(x[:4], 5).shape == (0, 5, 3)
-    with pytest.raises(ValueError, match=r"shape \(2, 2, 2\)"):
-        sliding_windows(np.zeros((2, 2, 2)), 2)
+    many = sliding_windows(np.stack([x, x + 100]), 5, 2)  # several series of the same length (the detector's tick)
+    assert many.shape == (2, 2, 5, 3) and np.array_equal(many[1], w + 100)
+    with pytest.raises(ValueError, match=r"shape \(\)"):
+        sliding_windows(np.float64(1.0), 2)
 
 
 # -- threshold policies ----------------------------------------------------------------------------

@@ -633,7 +633,7 @@ class Detector:
                                n_missing=e.astype(np.int64), last_present=e.astype(bool))
         z = (x - self.mean_) / self.scale_
         ext = np.concatenate((np.stack([st.tail for st in states]) if n else np.empty((0, w - 1, d)), z), axis=1)
-        wins = np.swapaxes(np.lib.stride_tricks.sliding_window_view(ext, w, axis=1), 2, 3)  # (n, m, w, d)
+        wins = sliding_windows(ext, w)  # (n, m, w, d)
         pos = np.fromiter((st.position for st in states), dtype=np.int64, count=n)[:, None] + np.arange(m)
         scored = (pos % s.stride) == 0
         n_missing = np.isnan(wins).sum(axis=(2, 3))

@@ -36,24 +36,26 @@ def taper(window: int) -> NDArray[np.float64]:
 
 
 def sliding_windows(x: ArrayLike, window: int, slide: int = 1) -> NDArray[np.float64]:
-    """Windows of ``window`` rows every ``slide`` rows, shape ``(n_windows, window, fields)`` (a view).
+    """Windows of ``window`` rows every ``slide`` rows, shape ``(..., n_windows, window, fields)`` (a view).
 
-    A 1-d series is one field.
+    A 1-d series is one field; leading axes (several series of the same length) are kept.
 
     Examples
     --------
     >>> sliding_windows(np.arange(6.0), 4, 2)[:, :, 0].tolist()
     [[0.0, 1.0, 2.0, 3.0], [2.0, 3.0, 4.0, 5.0]]
+    >>> sliding_windows(np.zeros((3, 10, 2)), 4).shape  # 3 series of 10 rows x 2 fields
+    (3, 7, 4, 2)
     """
     arr = np.asarray(x, dtype=np.float64)
     if arr.ndim == 1:
         arr = arr[:, None]
-    if arr.ndim != 2:
+    if arr.ndim < 2:
         raise ValueError(f"expected rows or rows x fields, got shape {arr.shape}")
-    if arr.shape[0] < window:
-        return np.empty((0, window, arr.shape[1]))
-    v = np.lib.stride_tricks.sliding_window_view(arr, window, axis=0)  # (n - w + 1, d, w)
-    return np.swapaxes(v, 1, 2)[::slide]
+    if arr.shape[-2] < window:
+        return np.empty((*arr.shape[:-2], 0, window, arr.shape[-1]))
+    v = np.lib.stride_tricks.sliding_window_view(arr, window, axis=-2)  # (..., n - w + 1, d, w)
+    return np.swapaxes(v, -1, -2)[..., ::slide, :, :]
 
 
 def threshold_from_errors(errors: NDArray[np.float64], policy: str, margin: float, quantile: float,
