@@ -640,7 +640,7 @@ class Detector:
         complete = n_missing == 0
         partial = np.zeros_like(complete)
         if d > 1 and s.scorer == "kmeans":  # several fields, some complete: scored on those (see _match_partial)
-            field_ok = ~np.isnan(wins).any(axis=2)
+            field_ok: NDArray[np.bool_] = np.asarray(~np.isnan(wins).any(axis=2))
             partial = scored & ~complete & field_ok.any(axis=2)
         sel = scored & complete
         picked = wins[sel]
