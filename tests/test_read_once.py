@@ -110,3 +110,29 @@ def test_a_steady_tick_reads_only_new_samples_and_scores_the_same(influxd: Local
         for a, b in zip(got[key], want[key], strict=True):
             assert a == pytest.approx(b, rel=1e-12, abs=1e-12) if all(isinstance(v, float) for v in a) else a == b
     assert _points(influxd, database, "out_once_recon") == _points(influxd, database, "out_full_recon")
+
+
+def test_the_kept_samples_are_a_few_shared_arrays_with_a_bounded_size_per_series(influxd: LocalInfluxd,
+                                                                                database: str,
+                                                                                tmp_path: Path) -> None:
+    """The memory side of reading each sample once (issue 12): the samples kept between ticks are, per scored group
+    of series, one pair of arrays per field (a series holds its group's block and its index, its samples are views
+    into the block), at most the window before the watermark plus the gap margin per series and field."""
+    hosts = ["a", "b", "c", "d"]
+    _write(influxd, database, hosts, 0, 400)
+    cfg = _config(influxd, database, tmp_path, "out")
+    w = Worker(cfg, InfluxDB1Store(cfg.influxdb), Catalog(cfg.paths.models), Watermarks(cfg.paths.state / "wm.json"),
+               clock=lambda: 0)
+    for t in (200, 230):
+        w.tick(T0 + t * S)
+        for sig in cfg.signals:
+            kept = w._kept[sig.name]
+            assert len(kept) == len(hosts)
+            blocks = {id(b): b for _, b, _ in kept.values()}
+            assert len(blocks) < len(hosts)  # shared by the series of a group, not one per series
+            back = (W - 1) * 2  # the reconstruction is written: one more window back
+            per_field = (back + sig.max_gap + 3) * 16 + 16  # times and values of each sample, and its offsets
+            assert sum(b.nbytes for b in blocks.values()) <= len(hosts) * len(sig.fields) * per_field
+            for _, b, i in kept.values():
+                for (t_, v_), bt, bv in zip(b.fields(i), b.times, b.values, strict=True):
+                    assert t_.base is bt and v_.base is bv and len(t_) > back

@@ -240,7 +240,7 @@ class ScoreNormaliser:
         self._ring = self._pool.row(self._row)
         self._head = 0
         self._count = 0
-        self._undo: list[tuple[NDArray[np.intp], NDArray[Any]]] | None = None  # ring writes since `refs`
+        self._undo: list[tuple[int, NDArray[Any]]] | None = None  # ring writes since `refs`: (first position, values)
         self.s1 = 0.0  # sum and sum of squares of hist, updated step by step
         self.s2 = 0.0
         self.tail: NDArray[np.float64] = np.empty(0)  # last short_window - 1 transformed errors, oldest first
@@ -287,9 +287,10 @@ class ScoreNormaliser:
         L = self.params.long_window
         v = len(values)
         keep = values[-L:]
-        pos = (self._head + self._count + (v - len(keep)) + np.arange(len(keep))) % L
-        if self._undo is not None:
-            self._undo.append((pos, self._ring[pos]))
+        start = (self._head + self._count + (v - len(keep))) % L
+        pos = (start + np.arange(len(keep))) % L
+        if self._undo is not None:  # where the overwritten run starts (an int, not a position array) and its values
+            self._undo.append((start, self._ring[pos]))
         self._ring[pos] = keep
         count = min(L, self._count + v)
         self._head = (self._head + self._count + v - count) % L
@@ -319,9 +320,10 @@ class ScoreNormaliser:
         ((self._head, self._count, mark), self.s1, self.s2, self.tail, self.seen, self.since_red, self.lo, self.hi,
          self.fm, self.fv, self.fn) = refs
         log = self._undo if self._undo is not None else []
+        L = self.params.long_window
         while len(log) > mark:
-            pos, old = log.pop()
-            self._ring[pos] = old
+            start, old = log.pop()
+            self._ring[(start + np.arange(len(old))) % L] = old
         if not mark:
             self._undo = None
 

@@ -82,7 +82,7 @@ class SignalReport:
     unscored: dict[str, str] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(slots=True)
 class _SeriesResults:
     """The window results of one series in one tick, column by column; `WindowResult` objects are made only when
     someone asks for them (the alert policy, a report), not for every window of every tick."""
@@ -240,15 +240,43 @@ class _Explained:
         return tuple(out)
 
 
-def _keep(fields: list[FieldSamples], wm: int, period: int, back: int, margin: int) -> list[FieldSamples]:
-    """The samples of a series that the tick after this one needs but need not read again: those of its context
-    before the watermark ``wm`` (what a full read from ``wm`` would start with), up to half a period after it."""
+class _Kept:
+    """The kept samples (see `_keep`) of the series of one scored group, one pair of arrays per field for all of
+    them: a series holds this object and its index rather than arrays of its own, so a tick leaves a few large
+    allocations per group behind, not four small ones per series (which pinned the allocator's memory)."""
+
+    __slots__ = ("starts", "times", "values")
+
+    def __init__(self, per_series: Sequence[list[FieldSamples]], wms: Sequence[int], period: int, back: int,
+                 margin: int) -> None:
+        d = len(per_series[0]) if per_series else 0
+        self.times: list[NDArray[np.int64]] = []
+        self.values: list[NDArray[np.float64]] = []
+        self.starts = np.zeros((d, len(per_series) + 1), dtype=np.int64)
+        for j in range(d):
+            ts, vs = [], []
+            for i, (fields, wm) in enumerate(zip(per_series, wms, strict=True)):
+                t, v = fields[j]
+                a, b = _keep_bounds(t, wm, period, back, margin)
+                ts.append(t[a:b])
+                vs.append(v[a:b])
+                self.starts[j, i + 1] = self.starts[j, i] + (b - a)
+            self.times.append(np.concatenate(ts) if ts else np.empty(0, dtype=np.int64))
+            self.values.append(np.concatenate(vs) if vs else np.empty(0))
+
+    def fields(self, i: int) -> list[FieldSamples]:
+        """Series ``i``'s kept samples (views)."""
+        return [(t[a:b], v[a:b]) for t, v, a, b in zip(self.times, self.values, self.starts[:, i].tolist(),
+                                                       self.starts[:, i + 1].tolist(), strict=True)]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.starts.nbytes + sum(a.nbytes for a in (*self.times, *self.values)))
+
+
+def _keep_bounds(t: NDArray[np.int64], wm: int, period: int, back: int, margin: int) -> tuple[int, int]:
     lo, hi = wm + period - back * period - margin - period // 2, wm + period // 2
-    out = []
-    for t, v in fields:
-        a, b = np.searchsorted(t, lo, side="left"), np.searchsorted(t, hi, side="right")
-        out.append((t[a:b].copy(), v[a:b].copy()))
-    return out
+    return int(np.searchsorted(t, lo, side="left")), int(np.searchsorted(t, hi, side="right"))
 
 
 def _joined(kept: list[FieldSamples], new: list[FieldSamples], after: int) -> list[FieldSamples]:
@@ -307,9 +335,10 @@ class Worker:
         self._use_durable = self.shard is not None
         self._handover_ns = int(2 * cfg.daemon.interval_s * 1e9)
         self._owned: dict[str, tuple[float, list[Tags]]] = {}
-        #: signal -> series id -> (its watermark, its raw samples of the window before it): what the next tick
-        #: does not read again. Only the series scored in the last committed tick; empty after a restart.
-        self._kept: dict[str, dict[str, tuple[int, list[FieldSamples]]]] = {}
+        #: signal -> series id -> (its watermark, the `_Kept` of its group, its index there): its raw samples of
+        #: the window before the watermark, which the next tick does not read again. Only the series scored in the
+        #: last committed tick; empty after a restart.
+        self._kept: dict[str, dict[str, tuple[int, _Kept, int]]] = {}
         self._conflict: set[str] = set()
 
     # -- public entry points ---------------------------------------------------------------------------
@@ -496,7 +525,7 @@ class Worker:
         recon_points: list[Point] = []
         results: list[_SeriesResults] = []
         done: dict[str, int] = {}
-        keep: dict[str, tuple[int, list[FieldSamples]]] = {}  # the samples the next tick need not read again
+        keep: dict[str, tuple[int, _Kept, int]] = {}  # the samples the next tick need not read again
         gaps: dict[str, list[int]] = {}  # windows left unwritten inside the scored range (their last sample late)
         states = self.scores if live else self._backfill_scores
         before: list[tuple[ScoreNormaliser, tuple[object, ...]]] = []
@@ -529,9 +558,11 @@ class Worker:
                 for m, end in zip(members, settled, strict=True):
                     if end > s_lo:
                         done[m.key.id] = end
-                    if lo is None:
-                        wm = max(end, s_lo)
-                        keep[m.key.id] = (wm, _keep(m.fields, wm, period, back, margin))
+                if lo is None:
+                    wms = [max(end, s_lo) for end in settled]
+                    kept = _Kept([m.fields for m in members], wms, period, back, margin)
+                    for i, (m, wm) in enumerate(zip(members, wms, strict=True)):
+                        keep[m.key.id] = (wm, kept, i)
                 yield from points
                 points.clear()
 
@@ -588,7 +619,7 @@ class Worker:
                         if kept is None or kept[0] != s_lo:
                             late.setdefault((stored.model_id, s_lo), (stored, []))[1].append(_Member(key, per_field))
                             continue
-                        per_field = _joined(kept[1], per_field, s_lo + half)
+                        per_field = _joined(kept[1].fields(kept[2]), per_field, s_lo + half)
                     target = late if s_lo < q_lo else groups
                     target.setdefault((stored.model_id, s_lo), (stored, []))[1].append(_Member(key, per_field))
                 yield from score(groups)
