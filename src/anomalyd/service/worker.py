@@ -93,9 +93,12 @@ class _SeriesResults:
     span_ns: int
     ends: list[int]
     worst_ends: list[int]
-    max_error: list[float]
+    #: A steady series' ``max_error`` and ``score`` are rows (views) of its slice's arrays, and its ``missing`` and
+    #: ``n_missing`` lists are shared by the slice: a tick's results hold a few objects per series, not a Python
+    #: float per window (they are kept until the tick ends, amid the state that outlives it).
+    max_error: list[float] | NDArray[np.float64]
     anomalous: list[bool]
-    score: list[float]
+    score: list[float] | NDArray[np.float64]
     missing: list[bool]
     n_missing: list[int]
     plots: dict[int, tuple[NDArray[np.float64], NDArray[np.float64]]]
@@ -108,6 +111,7 @@ class _SeriesResults:
 
     def results(self) -> list[WindowResult]:
         out = []
+        max_error, score = list(map(float, self.max_error)), list(map(float, self.score))
         for g, end in enumerate(self.ends):
             if self.missing[g]:
                 out.append(WindowResult(self.key, self.model_id, end - self.span_ns, end, self.threshold,
@@ -115,7 +119,7 @@ class _SeriesResults:
                 continue
             values, recon = self.plots.get(g, (None, None))
             out.append(WindowResult(self.key, self.model_id, self.worst_ends[g] - self.span_ns, end, self.threshold,
-                                    max_error=self.max_error[g], anomalous=self.anomalous[g], score=self.score[g],
+                                    max_error=max_error[g], anomalous=self.anomalous[g], score=score[g],
                                     n_missing=self.n_missing[g], values=values, reconstruction=recon,
                                     attribution=self.attribution.get(g, ()), fields=self.fields))
         return out
@@ -891,10 +895,11 @@ class Worker:
         if fast.any():
             lists = (batch.max_error.tolist(), batch.anomalous.tolist(), batch.score.tolist())
             grid_ends = (t0 + slots * period).tolist()
+            shared = ([False] * n_new, [0] * n_new)  # every steady series' missing and n_missing
         for r, m in enumerate(members):
             if fast[r] and r not in stamps:
                 self._emit_steady(sig, stored, m.key, [col[r] for col in lists], grid_ends, batch, r, matrix[r],
-                                  slots, rep, results, points, ex)
+                                  slots, rep, results, points, ex, shared)
             else:
                 ends = output_stamps(stamps.get(r), t0, period, slots)
                 n_blocks = len(results)
@@ -909,13 +914,12 @@ class Worker:
     def _emit_steady(self, sig: SignalConfig, stored: StoredModel, key: SeriesKey, cols: list[list],
                      ends: list[int], b: WindowBatch, r: int, row: NDArray[np.float64], slots: NDArray[np.int64],
                      rep: SignalReport, results: list[_SeriesResults], points: list[SeriesPoints],
-                     ex: _Explanations) -> None:
+                     ex: _Explanations, shared: tuple[list[bool], list[int]]) -> None:
         """`_emit` for a series whose new windows are all complete, each written as its own point."""
         max_error, anomalous, score = cols
         det = stored.model
         thr = float(det.threshold_)
         n = len(ends)
-        zeros = [0] * n
         tags = _out_tags(sig, stored, key)
         why = ex.row(r, np.arange(n))
         points.append(SeriesPoints(self.cfg.output.measurement, tags,
@@ -933,7 +937,7 @@ class Worker:
                 plots[g] = _plot(det, row, int(slots[g]), int(b.nearest[r, g]))
                 shares[g] = why.shares(g)
         results.append(_SeriesResults(key, stored.model_id, thr, (det.window_ - 1) * sig.period_ns, ends, ends,
-                                      max_error, anomalous, score, [False] * n, zeros, plots, None, shares,
+                                      b.max_error[r], anomalous, b.score[r], *shared, plots, None, shares,
                                       sig.field_names if sig.multi else ()))
 
     def _emit(self, sig: SignalConfig, stored: StoredModel, key: SeriesKey, b: WindowBatch, r: int,
