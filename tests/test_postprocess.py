@@ -345,8 +345,8 @@ def test_snapshot_and_copy_are_independent() -> None:
 
 
 def test_refs_and_restore_undo_an_update() -> None:
-    """The daemon takes `refs` before a tick and `restore`s them when the tick's writes fail: update_block must
-    replace the state's arrays, never change them in place."""
+    """The daemon takes `refs` before a tick and `restore`s them when the tick's writes fail: whatever update_block
+    changes in place (the history ring, the small arrays) comes back as it was."""
     p = NormaliserParams(long_window=20, short_window=3, learning=2)
     errors, lo, hi = _stream(8, 200, d=2)
     norm = ScoreNormaliser(p)
@@ -358,6 +358,29 @@ def test_refs_and_restore_undo_an_update() -> None:
     norm.restore(refs)
     assert norm.to_dict() == before
     assert np.array_equal(norm.update(errors[150:], lo[150:], hi[150:]), first, equal_nan=True)
+
+
+def test_the_small_arrays_are_made_once_and_written_in_place_and_refs_copies_them() -> None:
+    """Issue 12: a series' tail and seen range are arrays of its own, made at its first update and written in place
+    at every later one (no new arrays per series per tick amid the tick's temporaries), each of the size the
+    settings give (short_window - 1 values, one per field); `refs` holds copies, so a rollback still restores."""
+    p = NormaliserParams(long_window=20, short_window=3, learning=2)
+    errors, lo, hi = _stream(8, 200, d=2)
+    norm = ScoreNormaliser(p)
+    norm.update(errors[:100], lo[:100], hi[:100])
+    tail, n_lo, n_hi = norm.tail, norm.lo, norm.hi
+    assert n_lo is not None and n_hi is not None
+    assert tail.nbytes == (p.short_window - 1) * 8 and n_lo.nbytes == n_hi.nbytes == 2 * 8
+    assert all(a.base is None for a in (tail, n_lo, n_hi))  # arrays of their own, not views of a block
+    saved = [a.copy() for a in (tail, n_lo, n_hi)]
+    refs = norm.refs()
+    assert refs[3] is not tail and refs[6] is not n_lo and refs[7] is not n_hi  # copies
+    norm.update(errors[100:150], lo[100:150] - 50, hi[100:150] + 50)
+    assert norm.tail is tail and norm.lo is n_lo and norm.hi is n_hi
+    assert not np.array_equal(n_lo, saved[1])
+    norm.restore(refs)
+    for a, b in zip((norm.tail, norm.lo, norm.hi), saved, strict=True):
+        assert np.array_equal(a, b)
 
 
 def test_refs_and_restore_undo_updates_that_wrap_the_ring_and_nested_refs() -> None:

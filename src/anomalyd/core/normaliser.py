@@ -204,6 +204,10 @@ class HistoryPool:
         return len(self.blocks) * self.rows_per_block - len(self._free)
 
 
+def _copy(a: NDArray[np.float64] | None) -> NDArray[np.float64] | None:
+    return None if a is None else a.copy()
+
+
 def _from_snapshot(state: Mapping[str, Any]) -> ScoreNormaliser:
     return ScoreNormaliser.from_dict(state)
 
@@ -307,13 +311,14 @@ class ScoreNormaliser:
         return int(self._ring.nbytes)
 
     def refs(self) -> tuple[Any, ...]:
-        """The state as it is now, cheaply: the scalars and the small arrays (which `update_block` replaces rather
-        than changes) as references, and a mark in an undo log of the history's in-place writes, so that `restore`
-        can put the state back as it was (e.g. when a tick's writes failed). `release` ends the log."""
+        """The state as it is now, cheaply: the scalars, copies of ``tail``, ``lo`` and ``hi`` (which `update_block`
+        writes in place), the per-field surprise arrays (which `field_surprise` replaces) as references, and a mark
+        in an undo log of the history's in-place writes, so that `restore` can put the state back as it was (e.g.
+        when a tick's writes failed). `release` ends the log."""
         if self._undo is None:
             self._undo = []
-        return ((self._head, self._count, len(self._undo)), self.s1, self.s2, self.tail, self.seen, self.since_red,
-                self.lo, self.hi, self.fm, self.fv, self.fn)
+        return ((self._head, self._count, len(self._undo)), self.s1, self.s2, self.tail.copy(), self.seen,
+                self.since_red, _copy(self.lo), _copy(self.hi), self.fm, self.fv, self.fn)
 
     def restore(self, refs: tuple[Any, ...]) -> None:
         """Put back a state taken with `refs` (the history writes since then are undone, newest first)."""
@@ -787,9 +792,20 @@ def update_block(norms: Sequence[ScoreNormaliser], errors: NDArray[np.float64],
         nm._push(q[i, :fi])
         nm.s1 = float(s1[i, fi])
         nm.s2 = float(s2[i, fi])
-        nm.tail = np.concatenate((nm.tail, t[i, :fi]))[-(S - 1):].copy() if S > 1 else np.empty(0)  # not a view
+        nm.tail = _in_place(nm.tail, np.concatenate((nm.tail, t[i, :fi]))[-(S - 1):] if S > 1 else np.empty(0))
         nm.seen += fi
         nm.since_red = int(min(since_after[i], 1 << 30))
         if new_lo is not None and new_hi is not None:
-            nm.lo, nm.hi = new_lo[i].copy(), new_hi[i].copy()
+            nm.lo, nm.hi = _in_place(nm.lo, new_lo[i]), _in_place(nm.hi, new_hi[i])
     return out
+
+
+def _in_place(old: NDArray[np.float64] | None, new: NDArray[np.float64]) -> NDArray[np.float64]:
+    """``new`` written into ``old`` when ``old`` is an array of its own of the same shape, else a copy of ``new``
+    (never a view of a block): a series' small arrays are made once, not again at every update, so they stay put
+    in memory while a tick's temporaries come and go around them. (`ScoreNormaliser.refs` copies them.)"""
+    if old is not None and old.base is None and old.shape == new.shape and old.dtype == new.dtype \
+            and old.flags.writeable:
+        old[...] = new
+        return old
+    return new.copy()
