@@ -252,24 +252,31 @@ def measure(server: LocalInfluxd, n: int, root: Path, baseline_max: int,
     return min(ticks), floor, base, nb, peak
 
 
+def peak_rss_self() -> int:
+    """This process's own peak resident memory in bytes: ``VmHWM``, the high-water mark of its address space.
+
+    Not ``getrusage(RUSAGE_SELF).ru_maxrss``: a process started by `subprocess` (vfork, then exec) inherits in it the
+    peak of the parent that started it, so a child of this benchmark's parent (which has run ticks over N series
+    itself) reported the parent's peak whenever it was the larger (the figures of this file before 2026-11-30's
+    second pass)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024
+
+
 def child_rss(url: str, n: int, root: str, n_fields: int, now: int) -> None:
     """In a fresh process: a worker in its steady state over N series (two ticks: whole windows after the start,
-    then a steady tick, score histories and kept samples in memory); print its peak RSS in bytes."""
-    import resource
-
+    then a steady tick, score histories and kept samples in memory); print its own peak RSS in bytes."""
     cfg = bench_config(url, n, Path(root), n_fields)
     store = InfluxDB1Store(cfg.influxdb)  # type: ignore[attr-defined]
     w = fresh_worker(cfg, store, n, now, now, ScoreStates(None))
     w.tick(now)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    print(peak_rss_self())
 
 
 def child_state(phase: str, n: int, root: str) -> None:
     """In a fresh process: save (``phase="save"``) or load the score states of N series with full histories
     (long_window 2000, then one tick of 16 windows each), as `ScoreStates` does every ``save_every_s`` and at a
     restart; print the resident memory before and the peak after, in MiB."""
-    import resource
-
     from anomalyd.core.normaliser import NormaliserParams, ScoreNormaliser, update_block
 
     def vm_rss() -> float:
@@ -277,7 +284,7 @@ def child_state(phase: str, n: int, root: str) -> None:
             return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
     def peak() -> float:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return peak_rss_self() / 2**20
 
     init = ScoreNormaliser(NormaliserParams())
     init.update(1.0 + 0.1 * np.random.default_rng(0).standard_normal(2100))
