@@ -82,7 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-gap", type=int, default=8, help="signals.max_gap (default 8)")
     p.add_argument("--no-baselines", action="store_true", help="skip the stumpy and first-difference baselines")
     p.add_argument("--json", type=Path, help="write per-series results to this JSON file")
+    p.add_argument("--spec", help="JSON of `DetectorSpec.with_overrides` arguments, measured as configuration "
+                   "'spec' (e.g. '{\"normaliser_unsaturated\": true}'); with --configs, add 'spec' to run it")
     args = p.parse_args(argv)
+    if args.spec is not None:
+        CONFIGS["spec"] = json.loads(args.spec)
+        if "spec" not in args.configs:
+            args.configs = [*args.configs, "spec"] if "--configs" in (argv or sys.argv) else ["spec"]
     if not (args.data / "series.npz").is_file():
         print(f"UCR data not found at {args.data}; pass --data", file=sys.stderr)
         return 2

@@ -641,6 +641,128 @@ def test_field_surprise_gate_and_rebaseline_and_state_round_trip() -> None:
     state = json.loads(json.dumps(nm.to_dict()))
     again = ScoreNormaliser.from_dict(state)
     assert again.fm is not None and again.fm.tolist() == nm.fm.tolist()
-    assert again.refs()[8:] == (again.fm, again.fv, again.fn)
+    assert again.refs()[8:11] == (again.fm, again.fv, again.fn)
     old = {k: v for k, v in state.items() if k not in ("fm", "fv", "fn")}  # a state saved before the option
     assert ScoreNormaliser.from_dict(old).fm is None
+
+
+# -- ranking options (issue 11 item 3): unsaturated top, record rule, history gate ------------------------------
+
+RANKING_OPTIONS = [{"unsaturated": True}, {"record_factor": 1.0}, {"record_factor": 1.5, "unsaturated": True},
+                   {"history_gate": 4}, {"history_gate": 2, "range_growth": 1.0, "unsaturated": True,
+                                          "record_factor": 1.0}]
+
+
+def _ranking_stream(seed: int, k: int = 700) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    err = np.abs(1.0 + 0.2 * rng.standard_normal(k))
+    err[[50, 51, 200, 330, 331]] = [9.0, 12.0, 30.0, np.nan, 50.0]
+    err[400:460] += 4.0  # a lasting burst: longer than any gate
+    lo = rng.uniform(-1.0, -0.5, k)
+    hi = rng.uniform(0.5, 1.0, k) + np.where(np.arange(k) % 97 == 5, 3.0 + np.arange(k) / 50, 0.0)
+    return err, lo, hi
+
+
+@pytest.mark.parametrize("options", RANKING_OPTIONS)
+@pytest.mark.parametrize("chunk", [1, 37, 97])
+def test_ranking_options_are_chunk_invariant(options: dict, chunk: int) -> None:
+    p = NormaliserParams(long_window=60, short_window=3, learning=5, **options)
+    err, lo, hi = _ranking_stream(11)
+    one = ScoreNormaliser(p)
+    whole = one.update(err, lo, hi)
+    assert np.nanmin(whole) >= 0.0 and np.nanmax(whole) <= 1.0
+    many = ScoreNormaliser(p)
+    parts = []
+    for i, a in enumerate(range(0, len(err), chunk)):
+        if i % 3 == 0:  # persisted and restored between ticks, through JSON, as the daemon does
+            many = ScoreNormaliser.from_dict(json.loads(json.dumps(many.to_dict())))
+        parts.append(many.update(err[a : a + chunk], lo[a : a + chunk], hi[a : a + chunk]))
+    assert np.array_equal(whole, np.concatenate(parts), equal_nan=True)
+    assert one.to_dict() == many.to_dict()
+
+
+@pytest.mark.parametrize("options", RANKING_OPTIONS)
+def test_ranking_options_over_many_series_equal_one_by_one_and_undo(options: dict) -> None:
+    p = NormaliserParams(long_window=50, short_window=3, learning=10, **options)
+    rng = np.random.default_rng(4)
+    n = 12
+    a = [ScoreNormaliser(p) for _ in range(n)]
+    b = [ScoreNormaliser(p) for _ in range(n)]
+    for step in range(30):
+        k = int(rng.integers(1, 6))
+        errors = rng.gamma(2.0, 1.0, (n, k))
+        errors[step % n] = 40.0 + step
+        errors[(step * 7) % n, 0] = np.nan
+        lo = rng.standard_normal((n, k, 1)) - 1
+        hi = lo + 2.0
+        hi[(step * 3) % n, -1, 0] = 50.0
+        one = np.stack([nm.update(errors[i], lo[i], hi[i]) for i, nm in enumerate(a)])
+        refs = [nm.refs() for nm in b]
+        update_block(b, errors * 3.0, lo, hi)  # a tick whose writes failed: undone
+        for nm, r in zip(b, refs, strict=True):
+            nm.restore(r)
+        many = update_block(b, errors, lo, hi)
+        assert np.array_equal(one, many, equal_nan=True)
+    for x, y in zip(a, b, strict=True):
+        assert x.to_dict() == y.to_dict()
+
+
+def test_unsaturated_keeps_decisions_and_scores_up_to_the_soft_top_and_orders_the_rest() -> None:
+    err, lo, hi = _ranking_stream(2)
+    base = ScoreNormaliser(NormaliserParams(long_window=60, short_window=3, learning=5)).update(err, lo, hi)
+    soft = ScoreNormaliser(NormaliserParams(long_window=60, short_window=3, learning=5,
+                                            unsaturated=True)).update(err, lo, hi)
+    ok = ~np.isnan(base)
+    assert np.array_equal(base[ok] >= 0.5, soft[ok] >= 0.5)
+    low = ok & (base <= 0.9)
+    assert np.array_equal(base[low], soft[low])
+    assert (base == 1.0).sum() > 2 and (soft[ok] < 1.0).all()
+    top = soft[ok & (base == 1.0)]
+    assert len(np.unique(top)) == len(top)  # the former ties at 1 are ordered
+
+
+def test_unsaturated_orders_out_of_range_windows_by_how_far_they_leave() -> None:
+    p = NormaliserParams(long_window=50, short_window=1, learning=0, red=0.0, unsaturated=True)
+    norm = ScoreNormaliser(p)
+    norm.update(np.ones(20), np.zeros(20), np.ones(20))
+    s = norm.update([1.0, 1.0], [0.0, 0.0], [1.5, 3.0])  # 0.48 and (after the first widened it) 0.98 widths out
+    assert 0.95 < s[0] < s[1] < 1.0
+
+
+def test_record_rule_lifts_a_clearly_larger_error_above_an_earlier_burst() -> None:
+    # The earlier burst widens the Gaussian reference, so the later, larger rise scores lower; the record rule
+    # (with the unsaturated top, so that nothing ties at 1) puts it above everything before it.
+    rng = np.random.default_rng(3)
+    err = 1.0 + 0.05 * rng.standard_normal(1400)
+    err[1000:1100] = 4.0
+    err[1300] = 6.0
+    kw = {"long_window": 500, "short_window": 1, "learning": 0, "range_tolerance": None}
+    plain = ScoreNormaliser(NormaliserParams(**kw)).update(err)
+    assert plain[1300] < plain[1000]
+    rec = ScoreNormaliser(NormaliserParams(**kw, record_factor=1.0, unsaturated=True)).update(err)
+    assert rec[1300] > np.max(rec[:1300])
+    assert np.array_equal(rec[:1000], ScoreNormaliser(NormaliserParams(**kw, unsaturated=True)).update(err[:1000]))
+
+
+def test_history_gate_keeps_a_short_burst_out_of_the_reference_but_learns_a_lasting_shift() -> None:
+    rng = np.random.default_rng(5)
+    err = 1.0 + 0.05 * rng.standard_normal(3000)
+    err[1000:1004] = 4.0  # a burst of 4 red windows
+    err[2000:] += 3.0  # a lasting shift
+    kw = {"long_window": 500, "short_window": 1, "learning": 0, "range_tolerance": None}
+    plain = ScoreNormaliser(NormaliserParams(**kw))
+    plain.update(err[:1100])
+    gated = ScoreNormaliser(NormaliserParams(**kw, history_gate=8))
+    gated.update(err[:1100])
+    assert plain.hist.max() > 3.9 and gated.hist.max() < 2.0  # the burst stayed out
+    s = gated.update(err[1100:])
+    assert gated.hist[-100:].min() > 3.5  # the shift entered after 8 red windows in a row
+    assert (s[-500:] < 0.5).all()
+
+
+@pytest.mark.parametrize("changes, message", [({"record_factor": 0.0}, "record_factor"),
+                                              ({"record_factor": math.inf}, "record_factor"),
+                                              ({"history_gate": -1}, "history_gate")])
+def test_bad_ranking_options_name_the_value(changes: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        NormaliserParams(**changes)

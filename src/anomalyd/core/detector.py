@@ -813,6 +813,9 @@ class Detector:
         for k in ("fm", "fv", "fn"):  # the per-field surprise's warm state (JSON: the model file's arrays are fixed)
             if getattr(norm, k) is not None:
                 meta["normaliser"][k] = [float(v) for v in getattr(norm, k)]
+        if norm.params.record_factor is not None or norm.params.history_gate > 0:  # only with those options
+            meta["normaliser"].update(rec_err=_finite_or_none(norm.rec_err), top_score=_finite_or_none(norm.top_score),
+                                      red_run=norm.red_run)
         return arrays, meta
 
     @classmethod
@@ -850,7 +853,7 @@ class Detector:
             "version": 2, "params": det.spec.normaliser, "hist": arrays["norm_hist"], "tail": arrays["norm_tail"],
             "s1": nm["s1"], "s2": nm["s2"], "seen": nm["seen"], "since_red": nm["since_red"],
             "lo": None if np.isnan(lo).all() else lo, "hi": None if np.isnan(hi).all() else hi,
-            **{k: nm.get(k) for k in ("fm", "fv", "fn")}})
+            **{k: nm.get(k) for k in ("fm", "fv", "fn", "rec_err", "top_score", "red_run")}})
         return det
 
 

@@ -32,7 +32,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from scipy.special import ndtr
+from scipy.special import log_ndtr, ndtr
 
 __all__ = ["HISTORY_DTYPE", "TRANSFORMS", "HistoryPool", "NormaliserParams", "ScoreNormaliser", "field_surprise",
            "log_score", "update_block"]
@@ -99,6 +99,20 @@ class NormaliserParams:
     range_growth : float or None
         An out-of-range window widens the seen range by at most this share of its width (per side); None: by
         as much as it leaves it (the seen range is then the plain running minimum and maximum).
+    unsaturated : bool
+        Scores above `_SOFT_TOP` (0.9) keep their order instead of tying at 1: the tail probability is taken in
+        log space (``log_ndtr``, no underflow), an out-of-range window's surprise is ``1 + excess`` (how far, in
+        widths of the seen range beyond the tolerance, it leaves the range; at least its likelihood's), and the
+        surprise ``u`` (``log(tail) / log(1e-10)``) maps to ``u`` up to 0.9 and to ``1 - 0.1 / (1 + (u - 0.9) /
+        0.1)`` above (C1, below 1 for any finite ``u``). Scores up to 0.9 -- every decision at 0.5 -- are unchanged.
+    record_factor : float or None
+        The record rule: a window whose error is above ``record_factor`` times the largest error seen so far
+        (training hold-out included) scores at least just above (``R + 0.01 (1 - R)``) the highest score ``R``
+        seen so far, red-zone filter or not. None: off.
+    history_gate : int
+        When > 0, a red window's average (tail ``<= red`` or out of range, before the red-zone filter) stays out
+        of the history (a burst does not widen the reference), for at most ``history_gate`` windows in a row; a
+        longer red run enters again (a lasting change is learned as before). 0: off.
     """
 
     long_window: int = 2000
@@ -112,6 +126,9 @@ class NormaliserParams:
     refractory: int = 1
     range_growth: float | None = None
     reference: Literal["gaussian", "robust"] = "gaussian"
+    unsaturated: bool = False
+    record_factor: float | None = None
+    history_gate: int = 0
 
     def __post_init__(self) -> None:
         if self.long_window < 2:
@@ -135,6 +152,10 @@ class NormaliserParams:
             raise ValueError(f"reference={self.reference!r} is not one of {', '.join(REFERENCES)}")
         if self.transform not in TRANSFORMS:
             raise ValueError(f"transform={self.transform!r} is not one of {', '.join(TRANSFORMS)}")
+        if self.record_factor is not None and not (math.isfinite(self.record_factor) and self.record_factor > 0):
+            raise ValueError(f"record_factor={self.record_factor} must be a finite number > 0, or None (off)")
+        if self.history_gate < 0:
+            raise ValueError(f"history_gate={self.history_gate} must be >= 0 (0: off)")
 
 
 class HistoryPool:
@@ -229,8 +250,8 @@ class ScoreNormaliser:
     True
     """
 
-    __slots__ = ("_count", "_head", "_pool", "_ring", "_row", "_undo", "fm", "fn", "fv", "hi", "lo", "params", "s1",
-                 "s2", "seen", "since_red", "tail")
+    __slots__ = ("_count", "_head", "_pool", "_ring", "_row", "_undo", "fm", "fn", "fv", "hi", "lo", "params",
+                 "rec_err", "red_run", "s1", "s2", "seen", "since_red", "tail", "top_score")
 
     #: The version `snapshot` and `to_dict` write.
     state_version = _STATE_VERSION
@@ -257,6 +278,11 @@ class ScoreNormaliser:
         self.fm: NDArray[np.float64] | None = None
         self.fv: NDArray[np.float64] | None = None
         self.fn: NDArray[np.float64] | None = None
+        # Record rule (``record_factor``): the largest error and the highest score seen; history gate
+        # (``history_gate``): red windows in a row kept out of the history.
+        self.rec_err = -math.inf
+        self.top_score = -math.inf
+        self.red_run = 0
 
     def __del__(self) -> None:
         pool = getattr(self, "_pool", None)
@@ -318,12 +344,13 @@ class ScoreNormaliser:
         if self._undo is None:
             self._undo = []
         return ((self._head, self._count, len(self._undo)), self.s1, self.s2, self.tail.copy(), self.seen,
-                self.since_red, _copy(self.lo), _copy(self.hi), self.fm, self.fv, self.fn)
+                self.since_red, _copy(self.lo), _copy(self.hi), self.fm, self.fv, self.fn, self.rec_err,
+                self.top_score, self.red_run)
 
     def restore(self, refs: tuple[Any, ...]) -> None:
         """Put back a state taken with `refs` (the history writes since then are undone, newest first)."""
         ((self._head, self._count, mark), self.s1, self.s2, self.tail, self.seen, self.since_red, self.lo, self.hi,
-         self.fm, self.fv, self.fn) = refs
+         self.fm, self.fv, self.fn, self.rec_err, self.top_score, self.red_run) = refs
         log = self._undo if self._undo is not None else []
         L = self.params.long_window
         while len(log) > mark:
@@ -356,7 +383,8 @@ class ScoreNormaliser:
         return {"version": _STATE_VERSION, "params": self.params, "hist": self.hist, "s1": self.s1,
                 "s2": self.s2, "tail": self.tail.copy(), "seen": self.seen, "since_red": self.since_red,
                 "lo": None if self.lo is None else self.lo.copy(), "hi": None if self.hi is None else self.hi.copy(),
-                **{k: None if getattr(self, k) is None else getattr(self, k).copy() for k in ("fm", "fv", "fn")}}
+                **{k: None if getattr(self, k) is None else getattr(self, k).copy() for k in ("fm", "fv", "fn")},
+                "rec_err": self.rec_err, "top_score": self.top_score, "red_run": self.red_run}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able state, parameters included; floats round-trip exactly through JSON."""
@@ -364,7 +392,8 @@ class ScoreNormaliser:
         return {**s, "params": asdict(self.params), "hist": s["hist"].tolist(), "tail": s["tail"].tolist(),
                 "lo": None if s["lo"] is None else [_json_float(v) for v in s["lo"]],
                 "hi": None if s["hi"] is None else [_json_float(v) for v in s["hi"]],
-                **{k: None if s[k] is None else [_json_float(v) for v in s[k]] for k in ("fm", "fv", "fn")}}
+                **{k: None if s[k] is None else [_json_float(v) for v in s[k]] for k in ("fm", "fv", "fn")},
+                "rec_err": _json_float(self.rec_err), "top_score": _json_float(self.top_score)}
 
     @classmethod
     def from_dict(cls, state: Mapping[str, Any]) -> ScoreNormaliser:
@@ -402,6 +431,10 @@ class ScoreNormaliser:
             for k in ("fm", "fv", "fn"):  # absent from states saved before the per-field surprise: None
                 v = state.get(k)
                 setattr(norm, k, None if v is None else np.array(v, dtype=np.float64).reshape(-1))
+            for k in ("rec_err", "top_score"):  # absent from older states, None when -inf: none seen yet
+                v = state.get(k)
+                setattr(norm, k, -math.inf if v is None else float(v))
+            norm.red_run = int(state.get("red_run") or 0)
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"normaliser state is malformed ({exc!r}); delete the saved score state (or retrain) "
                              "so it is learned again") from exc
@@ -634,6 +667,21 @@ def _json_float(v: float) -> float | None:
     return float(v) if math.isfinite(v) else None
 
 
+#: With ``unsaturated``, scores up to this are the plain log score; above, the surprise is compressed below 1.
+_SOFT_TOP = 0.9
+#: With ``history_gate``, the longest stretch scored in one trial before the first gated window is looked for.
+_GATE_CHUNK = 1024
+
+
+def _soft_top(u: NDArray[np.float64]) -> NDArray[np.float64]:
+    """``u`` up to `_SOFT_TOP`, then ``1 - (1 - a) / (1 + (u - a) / (1 - a))``: continuous with slope 1 at ``a``,
+    increasing, below 1 for any finite ``u``."""
+    a = _SOFT_TOP
+    with np.errstate(invalid="ignore", over="ignore"):
+        top = 1.0 - (1.0 - a) / (1.0 + (u - a) / (1.0 - a))
+    return np.where(u <= a, np.clip(u, 0.0, 1.0), top)
+
+
 def update_block(norms: Sequence[ScoreNormaliser], errors: NDArray[np.float64],
                  lo: NDArray[np.float64] | None = None, hi: NDArray[np.float64] | None = None) -> NDArray[np.float64]:
     """Score ``errors[i]`` with ``norms[i]`` for many series at once, each row in time order.
@@ -652,11 +700,76 @@ def update_block(norms: Sequence[ScoreNormaliser], errors: NDArray[np.float64],
     ndarray, shape (n, k)
         The scores, the same bit for bit as feeding each row's errors in any number of calls.
     """
+    if norms and norms[0].params.history_gate > 0:
+        return _update_gated(norms, errors, lo, hi)
+    return _update_core(norms, errors, lo, hi)[0]
+
+
+def _update_gated(norms: Sequence[ScoreNormaliser], errors: NDArray[np.float64], lo: NDArray[np.float64] | None,
+                  hi: NDArray[np.float64] | None) -> NDArray[np.float64]:
+    """`update_block` with ``history_gate``: each row is scored in stretches up to its next gated window (a red
+    one within ``history_gate`` reds in a row), which is scored without entering the history. The stretches are
+    plain `_update_core` calls (chunk-invariant), and where a gated window falls depends only on the scores, so
+    the whole is chunk-invariant too."""
+    e_all = np.asarray(errors, dtype=np.float64)
+    n, k = e_all.shape
+    out = np.full((n, k), np.nan)
+    gate = norms[0].params.history_gate if norms else 0
+
+    def part(a: NDArray[np.float64] | None, i: int, j0: int, j1: int) -> NDArray[np.float64] | None:
+        return None if a is None else np.asarray(a, dtype=np.float64)[i : i + 1, j0:j1]
+
+    for i, nm in enumerate(norms):
+        pos = 0
+        while pos < k:
+            end = min(k, pos + _GATE_CHUNK)
+            outer = nm._undo
+            mark = nm.refs()
+            sc, red = _update_core([nm], e_all[i : i + 1, pos:end], part(lo, i, pos, end), part(hi, i, pos, end))
+            run = int(mark[-1])
+            g = -1
+            fin = np.isfinite(e_all[i, pos:end])
+            for j in np.flatnonzero(fin).tolist():
+                if red[0, j]:
+                    if run < gate:
+                        g = j
+                        break
+                    run += 1
+                else:
+                    run = 0
+            if g < 0:  # nothing gated: the trial stands
+                if outer is None:
+                    nm.release()
+                nm.red_run = run
+                out[i, pos:end] = sc[0]
+                pos = end
+                continue
+            nm.restore(mark)
+            nm._undo = outer
+            if g > 0:
+                _update_core([nm], e_all[i : i + 1, pos : pos + g], part(lo, i, pos, pos + g),
+                             part(hi, i, pos, pos + g))
+            out[i, pos : pos + g] = sc[0, :g]
+            sg, _ = _update_core([nm], e_all[i : i + 1, pos + g : pos + g + 1], part(lo, i, pos + g, pos + g + 1),
+                                 part(hi, i, pos + g, pos + g + 1), push=False)
+            out[i, pos + g] = sg[0, 0]
+            nm.red_run = run + 1
+            pos += g + 1
+    return out
+
+
+def _update_core(norms: Sequence[ScoreNormaliser], errors: NDArray[np.float64], lo: NDArray[np.float64] | None = None,
+                 hi: NDArray[np.float64] | None = None, push: bool = True) -> tuple[
+                     NDArray[np.float64], NDArray[np.bool_]]:
+    """`update_block`'s work: the scores and, per window, whether it was red before the red-zone filter (its
+    tail ``<= red`` or out of range). ``push=False``: the averages do not enter the history (the rest of the state
+    advances)."""
     e_in = np.asarray(errors, dtype=np.float64)
     n, k = e_in.shape
     out = np.full((n, k), np.nan)
+    red_out = np.zeros((n, k), dtype=bool)
     if n == 0 or k == 0:
-        return out
+        return out, red_out
     p = norms[0].params
     if any(nm.params != p for nm in norms):
         raise ValueError("update_block needs normalisers with the same parameters; group them first")
@@ -664,7 +777,7 @@ def update_block(norms: Sequence[ScoreNormaliser], errors: NDArray[np.float64],
     fin = np.isfinite(e_in)
     f = fin.sum(axis=1)
     if not f.any():
-        return out
+        return out, red_out
     # Compress each row's finite errors to the left: column j is the row's j-th remembered error.
     order = np.argsort(~fin, axis=1, kind="stable")
     rows = np.arange(n)[:, None]
@@ -736,10 +849,12 @@ def update_block(norms: Sequence[ScoreNormaliser], errors: NDArray[np.float64],
     with np.errstate(invalid="ignore"):
         z = (avg - mean) / std
     tail = ndtr(-np.nan_to_num(z, nan=0.0))
+    log_tail = log_ndtr(-np.nan_to_num(z, nan=0.0)) if p.unsaturated else None
     neutral = ((seen0[:, None] + np.arange(k)[None, :]) < p.learning) | (cnt_before < 2)
     tail = np.where(neutral, 0.5, tail)
     # Out-of-range rule, per field, against the range seen before each window.
     flags = np.zeros((n, k), dtype=bool)
+    excess = np.zeros((n, k))
     new_lo: NDArray[np.float64] | None = None
     new_hi: NDArray[np.float64] | None = None
     if lo is not None and hi is not None:
@@ -764,9 +879,18 @@ def update_block(norms: Sequence[ScoreNormaliser], errors: NDArray[np.float64],
                 for r in np.flatnonzero(binds.any(axis=1)).tolist():
                     run_lo[r], run_hi[r], flags[r] = _capped_range(lo0[r], hi0[r], lo_c[r], hi_c[r],
                                                                     p.range_tolerance, p.range_growth)
+            if p.unsaturated:  # how far each window leaves the range before it, in its widths beyond the tolerance
+                half = _half_width(run_lo[:, :k], run_hi[:, :k])
+                with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+                    width = np.where(half > 0, 2.0 * half, np.nan)
+                    beyond = np.fmax((hi_c - run_hi[:, :k]) / width, (run_lo[:, :k] - lo_c) / width)
+                    excess = np.nan_to_num(np.fmax.reduce(beyond - p.range_tolerance, axis=2), nan=0.0,
+                                           posinf=1e300, neginf=0.0)
+                excess = np.maximum(excess, 0.0)
         new_lo = run_lo[rows[:, 0], f]
         new_hi = run_hi[rows[:, 0], f]
     flags &= valid
+    red_pre = ((tail <= p.red) | flags) & valid
     # Red-zone filter: a red right after another red (within `refractory` pushes) is demoted.
     since0 = np.fromiter((nm.since_red for nm in norms), dtype=np.int64, count=n)
     since_after = since0.copy()
@@ -781,23 +905,39 @@ def update_block(norms: Sequence[ScoreNormaliser], errors: NDArray[np.float64],
         flags &= ~demote
         last_f = last[rows[:, 0], np.maximum(f - 1, 0)]
         since_after = np.where(f == 0, since0, np.where(last_f >= 0, f - last_f, since0 + f))
-    scores = log_score(tail)
-    scores[flags] = 1.0
+    if p.unsaturated and log_tail is not None:
+        # The surprise u = log(tail) / log(1e-10) without underflow; out of range: at least 1 + excess.
+        u = np.log(np.maximum(tail, 1e-300)) / math.log(_LOG_EPS)
+        deep = (tail < 1e-290) & ~neutral
+        u = np.where(deep, log_tail / math.log(_LOG_EPS), u)
+        u = np.where(flags, np.maximum(u, 1.0 + excess), u)
+        scores = _soft_top(u)
+    else:
+        scores = log_score(tail)
+        scores[flags] = 1.0
+    rec_after: NDArray[np.float64] | None = None
+    top_after: NDArray[np.float64] | None = None
+    if p.record_factor is not None:
+        rec_after, top_after = _record_rule(norms, scores, e, f, p.record_factor)
     # Write the state back and scatter the scores to the original positions.
     for i, nm in enumerate(norms):
         fi = int(f[i])
         if fi == 0:
             continue
         out[i, order[i, :fi]] = scores[i, :fi]
-        nm._push(q[i, :fi])
-        nm.s1 = float(s1[i, fi])
-        nm.s2 = float(s2[i, fi])
+        red_out[i, order[i, :fi]] = red_pre[i, :fi]
+        if push:
+            nm._push(q[i, :fi])
+            nm.s1 = float(s1[i, fi])
+            nm.s2 = float(s2[i, fi])
+        if rec_after is not None and top_after is not None:
+            nm.rec_err, nm.top_score = float(rec_after[i]), float(top_after[i])
         nm.tail = _in_place(nm.tail, np.concatenate((nm.tail, t[i, :fi]))[-(S - 1):] if S > 1 else np.empty(0))
         nm.seen += fi
         nm.since_red = int(min(since_after[i], 1 << 30))
         if new_lo is not None and new_hi is not None:
             nm.lo, nm.hi = _in_place(nm.lo, new_lo[i]), _in_place(nm.hi, new_hi[i])
-    return out
+    return out, red_out
 
 
 def _in_place(old: NDArray[np.float64] | None, new: NDArray[np.float64]) -> NDArray[np.float64]:
@@ -809,3 +949,36 @@ def _in_place(old: NDArray[np.float64] | None, new: NDArray[np.float64]) -> NDAr
         old[...] = new
         return old
     return new.copy()
+
+
+def _record_rule(norms: Sequence[ScoreNormaliser], scores: NDArray[np.float64], e: NDArray[np.float64],
+                 f: NDArray[np.int64], factor: float) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """The record rule, in place on ``scores`` (compressed rows, ``f[i]`` valid each): a window whose error is above
+    ``factor`` times the largest error before it scores at least ``R + 0.01 (1 - R)``, ``R`` the highest score
+    before it. Returns each row's largest error and highest score after the block."""
+    n = len(norms)
+    rec_after = np.empty(n)
+    top_after = np.empty(n)
+    for i, nm in enumerate(norms):
+        fi = int(f[i])
+        rec, top = nm.rec_err, nm.top_score
+        if fi == 0:
+            rec_after[i], top_after[i] = rec, top
+            continue
+        ei = e[i, :fi]
+        before = np.maximum.accumulate(np.concatenate(([rec], ei[:-1])))  # largest error before each window
+        cand = np.flatnonzero(ei > factor * before) if math.isfinite(rec) else np.flatnonzero(
+            ei[1:] > factor * before[1:]) + 1
+        last = 0
+        for j in cand.tolist():
+            if j > last:
+                top = max(top, float(np.max(scores[i, last:j])))
+            lift = top + 0.01 * (1.0 - top) if math.isfinite(top) else -math.inf
+            if scores[i, j] < lift:
+                scores[i, j] = lift
+            last = j
+        if last < fi:
+            top = max(top, float(np.max(scores[i, last:fi])))
+        rec_after[i] = max(rec, float(np.max(ei)))
+        top_after[i] = top
+    return rec_after, top_after

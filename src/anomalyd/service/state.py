@@ -226,6 +226,10 @@ def _write_states(f: IO[bytes], entries: Mapping[str, tuple[str, Mapping[str, An
         "since_red": np.array([_field(st, "since_red") for st in states], dtype=np.int64),
         "s1": np.array([_field(st, "s1") for st in states], dtype=np.float64),
         "s2": np.array([_field(st, "s2") for st in states], dtype=np.float64),
+        # the ranking options' scalars (record rule, history gate); -inf / 0 when unused or saved before them
+        "rec_err": np.array([_scalar(st, "rec_err", -np.inf) for st in states], dtype=np.float64),
+        "top_score": np.array([_scalar(st, "top_score", -np.inf) for st in states], dtype=np.float64),
+        "red_run": np.array([_scalar(st, "red_run", 0) for st in states], dtype=np.int64),
     }
     with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         def put(name: str, a: Any) -> None:
@@ -250,6 +254,11 @@ def _write_states(f: IO[bytes], entries: Mapping[str, tuple[str, Mapping[str, An
                         if v is not None and len(v):
                             block[r, : len(v)] = v
                     out.write(block.tobytes())
+
+
+def _scalar(st: Mapping[str, Any] | ScoreNormaliser, name: str, default: float) -> float:
+    v = getattr(st, name) if isinstance(st, ScoreNormaliser) else st.get(name)
+    return default if v is None else v
 
 
 def _length(st: Mapping[str, Any] | ScoreNormaliser, name: str) -> int:
@@ -302,6 +311,9 @@ def _read_states(f: IO[bytes], normalisers: bool = True) -> dict[str, tuple[str,
                         "version": int(a["state_version"][r]), "params": params[int(a["param_idx"][r])],
                         "seen": int(a["seen"][r]), "since_red": int(a["since_red"][r]), "s1": float(a["s1"][r]),
                         "s2": float(a["s2"][r])}
+                    if "rec_err" in a:  # saved before the ranking options: their defaults
+                        state.update(rec_err=float(a["rec_err"][r]), top_score=float(a["top_score"][r]),
+                                     red_run=int(a["red_run"][r]))
                     for name in _LISTS:
                         if name == "hist":
                             state[name] = hist[r - c, : int(a["hist_len"][r])]
