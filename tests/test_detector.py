@@ -438,10 +438,14 @@ def test_a_deviation_in_one_field_is_attributed_to_it(seed: int, sign: float) ->
 # -- persistence and display ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("n_fields", [1, 2])
-def test_to_state_from_state_scores_identically(tmp_path: Path, sine_data: np.ndarray, n_fields: int) -> None:
+@pytest.mark.parametrize("n_fields, ranking", [(1, {}), (2, {}),
+                                               (1, {"normaliser_unsaturated": True, "normaliser_record_factor": 1.0,
+                                                    "normaliser_history_gate": 8})])
+def test_to_state_from_state_scores_identically(tmp_path: Path, sine_data: np.ndarray, n_fields: int,
+                                                ranking: dict) -> None:
     x = sine_data if n_fields == 1 else np.column_stack([sine_data, 3.0 * np.roll(sine_data, 7) + 10.0])
-    det = Detector(DetectorSpec(n_clusters=30, n_init=1, stride=2)).fit([x[:2000], x[2000:3000]], starts=[0, 2000])
+    det = Detector(DetectorSpec(n_clusters=30, n_init=1, stride=2).with_overrides(**ranking)).fit(
+        [x[:2000], x[2000:3000]], starts=[0, 2000])
     arrays, meta = det.to_state()
     np.savez(tmp_path / "m.npz", **cast(dict[str, Any], arrays))
     (tmp_path / "m.json").write_text(json.dumps(meta, allow_nan=False))

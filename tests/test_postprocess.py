@@ -649,6 +649,8 @@ def test_field_surprise_gate_and_rebaseline_and_state_round_trip() -> None:
 # -- ranking options (issue 11 item 3): unsaturated top, record rule, history gate ------------------------------
 
 RANKING_OPTIONS = [{"unsaturated": True}, {"record_factor": 1.0}, {"record_factor": 1.5, "unsaturated": True},
+                   {"record_factor": 1.0, "record_scope": "flagged", "unsaturated": True},
+                   {"record_factor": 1.0, "record_scope": "red", "history_gate": 3},
                    {"history_gate": 4}, {"history_gate": 2, "range_growth": 1.0, "unsaturated": True,
                                           "record_factor": 1.0}]
 
@@ -766,3 +768,24 @@ def test_history_gate_keeps_a_short_burst_out_of_the_reference_but_learns_a_last
 def test_bad_ranking_options_name_the_value(changes: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         NormaliserParams(**changes)
+
+
+def test_record_rule_on_flagged_windows_only_keeps_every_decision() -> None:
+    err, lo, hi = _ranking_stream(6, 1500)
+    err[900:960] += np.linspace(0.0, 6.0, 60)  # a ramp: a record on every window
+    kw = {"long_window": 60, "short_window": 3, "learning": 5, "unsaturated": True}
+    soft = ScoreNormaliser(NormaliserParams(**kw)).update(err, lo, hi)
+    every = ScoreNormaliser(NormaliserParams(**kw, record_factor=1.0)).update(err, lo, hi)
+    flagged = ScoreNormaliser(NormaliserParams(**kw, record_factor=1.0, record_scope="flagged")).update(err, lo, hi)
+    ok = ~np.isnan(soft)
+    assert np.array_equal(soft[ok] >= 0.5, flagged[ok] >= 0.5)
+    assert (every[ok] >= 0.5).sum() > (soft[ok] >= 0.5).sum()  # lifting every record flags more
+    rng = np.random.default_rng(3)  # the burst case: the later, larger error is flagged and now ranks first
+    err = 1.0 + 0.05 * rng.standard_normal(1400)
+    err[1000:1100] = 4.0
+    err[1300] = 10.0
+    kw = {"long_window": 500, "short_window": 1, "learning": 0, "range_tolerance": None, "unsaturated": True}
+    soft = ScoreNormaliser(NormaliserParams(**kw)).update(err)
+    flagged = ScoreNormaliser(NormaliserParams(**kw, record_factor=1.0, record_scope="flagged")).update(err)
+    assert 0.5 <= soft[1300] < soft[:1300].max() < flagged[1300]
+    assert np.array_equal(soft >= 0.5, flagged >= 0.5)

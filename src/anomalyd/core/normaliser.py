@@ -41,6 +41,8 @@ __all__ = ["HISTORY_DTYPE", "TRANSFORMS", "HistoryPool", "NormaliserParams", "Sc
 TRANSFORMS = ("none", "log")
 #: Reference of the history: mean and standard deviation, or median and interquartile range.
 REFERENCES = ("gaussian", "robust")
+#: Windows the record rule may lift (`NormaliserParams.record_scope`).
+RECORD_SCOPES = ("all", "flagged", "red")
 _LOG_EPS = 1e-10
 #: Version 3: the history is stored as float32 (`HISTORY_DTYPE`); version 2 states (float64) load, rounded.
 _STATE_VERSION = 3
@@ -109,6 +111,10 @@ class NormaliserParams:
         The record rule: a window whose error is above ``record_factor`` times the largest error seen so far
         (training hold-out included) scores at least just above (``R + 0.01 (1 - R)``) the highest score ``R``
         seen so far, red-zone filter or not. None: off.
+    record_scope : {"all", "flagged", "red"}
+        Which record windows the rule lifts: any; only those already red after the red-zone filter (score at
+        least ``log_score(red)``, 0.5: the decisions do not change, only the order among flagged windows); or
+        those red before the filter (demoted ones come back).
     history_gate : int
         When > 0, a red window's average (tail ``<= red`` or out of range, before the red-zone filter) stays out
         of the history (a burst does not widen the reference), for at most ``history_gate`` windows in a row; a
@@ -128,6 +134,7 @@ class NormaliserParams:
     reference: Literal["gaussian", "robust"] = "gaussian"
     unsaturated: bool = False
     record_factor: float | None = None
+    record_scope: Literal["all", "flagged", "red"] = "all"
     history_gate: int = 0
 
     def __post_init__(self) -> None:
@@ -154,6 +161,8 @@ class NormaliserParams:
             raise ValueError(f"transform={self.transform!r} is not one of {', '.join(TRANSFORMS)}")
         if self.record_factor is not None and not (math.isfinite(self.record_factor) and self.record_factor > 0):
             raise ValueError(f"record_factor={self.record_factor} must be a finite number > 0, or None (off)")
+        if self.record_scope not in RECORD_SCOPES:
+            raise ValueError(f"record_scope={self.record_scope!r} is not one of {', '.join(RECORD_SCOPES)}")
         if self.history_gate < 0:
             raise ValueError(f"history_gate={self.history_gate} must be >= 0 (0: off)")
 
@@ -918,7 +927,9 @@ def _update_core(norms: Sequence[ScoreNormaliser], errors: NDArray[np.float64], 
     rec_after: NDArray[np.float64] | None = None
     top_after: NDArray[np.float64] | None = None
     if p.record_factor is not None:
-        rec_after, top_after = _record_rule(norms, scores, e, f, p.record_factor)
+        eligible = (np.ones((n, k), dtype=bool) if p.record_scope == "all" else red_pre if p.record_scope == "red"
+                    else scores >= float(log_score([p.red])[0]))
+        rec_after, top_after = _record_rule(norms, scores, e, f, p.record_factor, eligible)
     # Write the state back and scatter the scores to the original positions.
     for i, nm in enumerate(norms):
         fi = int(f[i])
@@ -952,10 +963,11 @@ def _in_place(old: NDArray[np.float64] | None, new: NDArray[np.float64]) -> NDAr
 
 
 def _record_rule(norms: Sequence[ScoreNormaliser], scores: NDArray[np.float64], e: NDArray[np.float64],
-                 f: NDArray[np.int64], factor: float) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+                 f: NDArray[np.int64], factor: float, eligible: NDArray[np.bool_]) -> tuple[
+                     NDArray[np.float64], NDArray[np.float64]]:
     """The record rule, in place on ``scores`` (compressed rows, ``f[i]`` valid each): a window whose error is above
     ``factor`` times the largest error before it scores at least ``R + 0.01 (1 - R)``, ``R`` the highest score
-    before it. Returns each row's largest error and highest score after the block."""
+    before it (only where ``eligible``). Returns each row's largest error and highest score after the block."""
     n = len(norms)
     rec_after = np.empty(n)
     top_after = np.empty(n)
@@ -974,7 +986,7 @@ def _record_rule(norms: Sequence[ScoreNormaliser], scores: NDArray[np.float64], 
             if j > last:
                 top = max(top, float(np.max(scores[i, last:j])))
             lift = top + 0.01 * (1.0 - top) if math.isfinite(top) else -math.inf
-            if scores[i, j] < lift:
+            if eligible[i, j] and scores[i, j] < lift:
                 scores[i, j] = lift
             last = j
         if last < fi:
