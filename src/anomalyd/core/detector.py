@@ -44,7 +44,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from .model import ShapeCatalog, TooLittleDataError, sliding_windows, taper, threshold_from_errors
-from .normaliser import NormaliserParams, ScoreNormaliser, field_surprise, range_excess, update_block
+from .normaliser import NormaliserParams, ScoreNormaliser, field_surprise, params_from_dict, range_excess, update_block
 from .scorers import WindowScorer, make_scorer, parse_scorers
 
 __all__ = [
@@ -331,7 +331,7 @@ class DetectorSpec:
             raise ValueError(f"unknown detector parameters {unknown}")
         kw = {**_BEFORE_KEYS, **d}  # a model saved before a parameter existed was trained without it
         if isinstance(kw.get("normaliser"), dict):
-            kw["normaliser"] = NormaliserParams(**kw["normaliser"])
+            kw["normaliser"] = params_from_dict(kw["normaliser"])  # an older model's normaliser scores as it did
         return cls(**kw)
 
     def with_overrides(self, **changes: Any) -> DetectorSpec:

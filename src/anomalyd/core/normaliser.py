@@ -19,7 +19,10 @@ windows per tick, writes exactly what an evaluation over the stored series compu
 updates many series at once (one row each), which is the daemon's tick.
 
 Defaults (`NormaliserParams`): ``long_window=2000``, ``short_window=8``, ``min_std=0.05`` (relative to the
-reference mean), ``learning=32``, ``red=1e-5``, ``yellow=1e-3``, ``range_tolerance=0.02``, no transform.
+reference mean), ``learning=32``, ``red=1e-5``, ``yellow=1e-3``, ``range_tolerance=0.02``, no transform. The
+ranking options (``unsaturated``, the record rule) are off; ``unsaturated`` with ``record_factor=1`` and
+``record_scope="flagged"`` keeps the order of flagged windows without changing any decision at 0.5
+(benchmarks/RESULTS.md, issue 11).
 """
 
 from __future__ import annotations
@@ -242,6 +245,23 @@ def _from_snapshot(state: Mapping[str, Any]) -> ScoreNormaliser:
     return ScoreNormaliser.from_dict(state)
 
 
+#: Parameters added after models and score states were first saved, with the values that reproduce the behaviour
+#: they were saved with: parameters read from an older file keep scoring as they did.
+PARAMS_BEFORE: dict[str, Any] = {"unsaturated": False, "record_factor": None}
+
+
+def params_from_dict(raw: Mapping[str, Any]) -> NormaliserParams:
+    """`NormaliserParams` from a saved dict; keys it does not know are ignored, missing ones are `PARAMS_BEFORE`'s.
+
+    Examples
+    --------
+    >>> params_from_dict({"long_window": 100}).unsaturated  # saved before the option existed
+    False
+    """
+    names = {f.name for f in fields(NormaliserParams)}
+    return NormaliserParams(**{**PARAMS_BEFORE, **{k: v for k, v in dict(raw).items() if k in names}})
+
+
 class ScoreNormaliser:
     """The state of one series' score: recent averages, running sums, red-zone and range memory.
 
@@ -423,8 +443,7 @@ class ScoreNormaliser:
             if isinstance(raw, NormaliserParams):
                 params = raw
             else:
-                names = {f.name for f in fields(NormaliserParams)}
-                params = NormaliserParams(**{k: v for k, v in dict(raw).items() if k in names})
+                params = params_from_dict(raw)
             norm = cls(params)
             hist = np.array(state["hist"], dtype=np.float64).reshape(-1)
             if len(hist) > params.long_window:
