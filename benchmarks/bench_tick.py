@@ -54,6 +54,7 @@ SEC = 10**9
 INTERVAL = 16 * SEC  # the daemon's tick interval: 16 new samples per series
 N_SAMPLES = 112  # per series: a warm-up tick and a tick (2 x 16 new + 31 context + the gap margins) and more
 COLD: dict[int, float] = {}  # series -> the first tick after a restart (whole windows read)
+NOW: dict[int, int] = {}  # series -> the time their samples were written up to (the ticks' and the RSS child's now)
 
 
 def field_layout(n_fields: int) -> list[tuple[str, str]]:
@@ -215,6 +216,7 @@ SPREAD: dict[int, tuple[list[float], list[float]]] = {}  # series -> (every tick
 def measure(server: LocalInfluxd, n: int, root: Path, baseline_max: int,
             n_fields: int = 1, repeat: int = 3, trace: bool = True) -> tuple[float, float, float, int, int]:
     now = time.time_ns() // INTERVAL * INTERVAL  # the tick is due exactly one interval after the watermarks
+    NOW[n] = now
     cfg, _ = setup(server, n, root, now, n_fields)
     store = InfluxDB1Store(cfg.influxdb)  # type: ignore[attr-defined]
     hi = now // INTERVAL * INTERVAL
@@ -269,7 +271,8 @@ def child_rss(url: str, n: int, root: str, n_fields: int, now: int) -> None:
     cfg = bench_config(url, n, Path(root), n_fields)
     store = InfluxDB1Store(cfg.influxdb)  # type: ignore[attr-defined]
     w = fresh_worker(cfg, store, n, now, now, ScoreStates(None))
-    w.tick(now)
+    rep = w.tick(now)
+    assert rep.windows == 16 * n, (rep.windows, n)  # it scored what the daemon would
     print(peak_rss_self())
 
 
@@ -314,8 +317,9 @@ def state_io(n: int) -> None:
             print(f"N={n} score states, full histories: {out.strip()}", flush=True)
 
 
-def peak_rss(server: LocalInfluxd, n: int, root: Path, n_fields: int) -> int:
-    now = time.time_ns() // INTERVAL * INTERVAL
+def peak_rss(server: LocalInfluxd, n: int, root: Path, n_fields: int, now: int) -> int:
+    """The RSS child's peak, its ticks at ``now`` of the samples `setup` wrote (a later clock would find no samples
+    in its windows once the measurements took more than a minute, and score nothing)."""
     out = subprocess.run([sys.executable, __file__, "--child-rss", server.url, str(n), str(root), str(n_fields),
                           str(now)], check=True, capture_output=True, text=True).stdout
     return int(out.split()[-1])
@@ -351,7 +355,7 @@ def main() -> None:
             for n in args.series:
                 tick, floor, base, nb, peak = measure(server, n, root, args.baseline_max, args.fields, args.repeat,
                                                       not args.no_tracemalloc)
-                rss = peak_rss(server, n, root, args.fields) if args.rss else 0
+                rss = peak_rss(server, n, root, args.fields, NOW[n]) if args.rss else 0
                 rows.append((n, tick, floor, base, nb, peak, rss))
                 ticks, floors = SPREAD[n]
                 print(f"N={n}: every tick {', '.join(f'{t:.2f}' for t in ticks)} s; every floor "
