@@ -19,8 +19,9 @@ points per series. Reported, all measured in the same run:
 - baseline: the blog's loop, one client and one query per series per window and one write per point
   (measured on min(N, --baseline-max) series and scaled linearly to N when fewer);
 - peak memory: tracemalloc peak of a further tick run (Python + numpy allocations).
-Tick and floor are each the best of ``--repeat`` runs (three by default); the slowest run of each is printed
-beside it (the spread on a shared machine).
+Tick and floor are each the best of ``--repeat`` runs (three by default), run in turn (floor, tick, floor, ...);
+every run is printed beside them, with the median over the runs of each tick against the floor measured just
+before it (on a shared machine the load moves between runs; a pair measured together moves with it).
 """
 
 from __future__ import annotations
@@ -221,16 +222,16 @@ def measure(server: LocalInfluxd, n: int, root: Path, baseline_max: int,
     store = InfluxDB1Store(cfg.influxdb)  # type: ignore[attr-defined]
     hi = now // INTERVAL * INTERVAL
     lines = floor_lines(cfg, n, hi, now)
-    floors = [curl_floor(cfg, store, hi, n, root, lines) for _ in range(repeat)]
-    floor = min(floors)
-    ticks = []
+    floors, ticks = [], []
     scores = ScoreStates(None)
-    for _ in range(repeat):  # best of three, like the floor
+    for _ in range(repeat):  # floor and tick in turn, so that a change in the machine's load hits both alike
+        floors.append(curl_floor(cfg, store, hi, n, root, lines))
         w = fresh_worker(cfg, store, n, hi, now, scores)
         t0 = time.perf_counter()
         rep = w.tick(now)
         ticks.append(time.perf_counter() - t0)
         assert rep.windows == 16 * n, (rep.windows, n)
+    floor = min(floors)
     cold = []
     for _ in range(repeat):  # the first tick after a restart reads whole windows
         w = fresh_worker(cfg, store, n, hi, now, scores, warm=False)
@@ -358,9 +359,11 @@ def main() -> None:
                 rss = peak_rss(server, n, root, args.fields, NOW[n]) if args.rss else 0
                 rows.append((n, tick, floor, base, nb, peak, rss))
                 ticks, floors = SPREAD[n]
+                pairs = sorted(t / f for t, f in zip(ticks, floors, strict=True))
                 print(f"N={n}: every tick {', '.join(f'{t:.2f}' for t in ticks)} s; every floor "
-                      f"{', '.join(f'{f:.2f}' for f in floors)} s; slowest tick / slowest floor "
-                      f"{max(ticks) / max(floors):.2f}", flush=True)
+                      f"{', '.join(f'{f:.2f}' for f in floors)} s (measured in turn); slowest tick / slowest floor "
+                      f"{max(ticks) / max(floors):.2f}; median of tick / the floor just before it "
+                      f"{pairs[len(pairs) // 2]:.2f}", flush=True)
                 print(f"N={n}: tick {tick:.2f}s, floor {floor:.2f}s ({tick / floor:.2f}x), first tick after a "
                       f"restart {COLD[n]:.2f}s, blog loop {base:.1f}s"
                       f"{' (scaled from ' + str(nb) + ')' if nb < n else ''} ({base / tick:.0f}x slower), "

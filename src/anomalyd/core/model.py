@@ -8,6 +8,7 @@ or several fields scaled alike (see `anomalyd.core.detector`, which does the sca
 from __future__ import annotations
 
 import warnings
+from contextlib import AbstractContextManager
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -15,9 +16,20 @@ from sklearn.base import BaseEstimator
 from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController, threadpool_limits
 
 THRESHOLD_POLICIES = ("max", "quantile", "sigma")
+
+_BLAS: list[ThreadpoolController] = []  # made at the first match, once numpy's and scipy's BLAS are loaded
+
+
+def _one_blas_thread() -> AbstractContextManager[object]:
+    """A context that runs BLAS on one thread. The products of `ShapeCatalog.match` (a few thousand windows by
+    ~150 shapes of 32 values) are too small to split: with OpenBLAS' default of one thread per core, each waits
+    for the others and they took 3-6x as long as on one thread (`benchmarks/bench_throughput.py`)."""
+    if not _BLAS:
+        _BLAS.append(ThreadpoolController())
+    return _BLAS[0].limit(limits=1, user_api="blas")
 
 
 class TooLittleDataError(ValueError):
@@ -155,6 +167,7 @@ class ShapeCatalog(BaseEstimator):
         self.window_ = window
         self.n_fields_ = fields
         self._center_sq = (c * c).sum(axis=1)
+        self._centers_t = np.ascontiguousarray(c.T)  # the product's right operand, laid out as BLAS reads it
 
     def match(self, windows: NDArray[np.float64], chunk: int = 4096,
               fields: NDArray[np.bool_] | None = None) -> tuple[
@@ -173,12 +186,13 @@ class ShapeCatalog(BaseEstimator):
         """
         check_is_fitted(self, "cluster_centers_")
         w, d = self.window_, self.n_fields_
-        centers, center_sq = self.cluster_centers_, self._center_sq
+        centers, center_sq, centers_t = self.cluster_centers_, self._center_sq, self._centers_t
         if fields is not None and not np.all(fields):
             sub = self.cluster_centers_.reshape(-1, w, d)[:, :, fields]
             d = int(np.count_nonzero(fields))
             centers = np.ascontiguousarray(sub.reshape(len(sub), w * d))
             center_sq = (centers * centers).sum(axis=1)
+            centers_t = np.ascontiguousarray(centers.T)
         win = np.asarray(windows, dtype=np.float64)
         n = len(win)
         if n == 0:
@@ -188,16 +202,19 @@ class ShapeCatalog(BaseEstimator):
         tap = taper(w)[None, :, None]
         near = np.empty(n, dtype=np.intp)
         mean_abs, max_abs, signed = np.empty((n, d)), np.empty((n, d)), np.empty((n, d))
-        for lo in range(0, n, chunk):
-            t = (win[lo : lo + chunk] * tap).reshape(-1, w * d)
-            dist = t @ centers.T
-            dist *= -2.0
-            dist += center_sq
-            nn = dist.argmin(axis=1)
-            near[lo : lo + len(t)] = nn
-            diff = (t - centers[nn]).reshape(-1, w, d)
-            signed[lo : lo + len(t)] = diff.mean(axis=1)
-            np.abs(diff, out=diff)
-            mean_abs[lo : lo + len(t)] = diff.mean(axis=1)
-            max_abs[lo : lo + len(t)] = diff.max(axis=1)
+        with _one_blas_thread():
+            for lo in range(0, n, chunk):
+                t = (win[lo : lo + chunk] * tap).reshape(-1, w * d)
+                dist = t @ centers_t
+                dist *= -2.0
+                dist += center_sq
+                nn = dist.argmin(axis=1)
+                near[lo : lo + len(t)] = nn
+                diff = (t - centers[nn]).reshape(-1, w, d)
+                signed[lo : lo + len(t)] = diff.mean(axis=1)
+                np.abs(diff, out=diff)
+                mean_abs[lo : lo + len(t)] = diff.mean(axis=1)
+                # One field: the max along the contiguous last axis, which numpy runs several times faster than
+                # over the middle axis of (n, window, 1) (the same values: a max does not depend on the order).
+                max_abs[lo : lo + len(t)] = diff.reshape(-1, w).max(axis=1)[:, None] if d == 1 else diff.max(axis=1)
         return near, mean_abs, max_abs, signed

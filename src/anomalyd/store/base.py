@@ -116,7 +116,6 @@ def expand(items: Sequence[Point | SeriesPoints]) -> list[Point]:
 
 
 def _column_text(col: Sequence[float | int | bool | str]) -> list[str]:
-    """Line-protocol field values of one column, converted in one pass (floats checked finite)."""
     if not len(col):
         return []
     first = col[0]
@@ -125,11 +124,23 @@ def _column_text(col: Sequence[float | int | bool | str]) -> list[str]:
     if isinstance(first, int):
         return [f"{v}i" for v in col]
     if isinstance(first, float):
-        if not math.isfinite(math.fsum(col)):  # type: ignore[arg-type]
-            bad = [v for v in col if not math.isfinite(v)]  # type: ignore[arg-type]
-            raise ValueError(f"field value {bad[0] if bad else 'sum'} is not finite; InfluxDB cannot store it")
+        if not all(map(math.isfinite, col)):  # type: ignore[arg-type]
+            bad = next(v for v in col if not math.isfinite(v))  # type: ignore[arg-type]
+            raise ValueError(f"field value {bad} is not finite; InfluxDB cannot store it")
         return list(map(repr, col))
+    if type(first) is str:  # a text column holds a few distinct values (a direction, a field name): each once
+        distinct = set(col)
+        if all(type(v) is str for v in distinct):
+            text = {v: _field_value(v) for v in distinct}
+            return [text[v] for v in col]
     return [_field_value(v) for v in col]
+
+
+@functools.lru_cache(maxsize=256)  # a block's single values repeat across series (flags, a shared threshold)
+def _value_text(kind: type, v: float | int | bool | str) -> str:
+    """One field value as line protocol, ``%`` doubled (``kind``, its type, keeps ``1``, ``1.0`` and ``True``
+    apart in the cache)."""
+    return _column_text([v])[0].replace("%", "%%")
 
 
 def series_lines(sp: SeriesPoints) -> list[str]:
@@ -140,26 +151,25 @@ def series_lines(sp: SeriesPoints) -> list[str]:
     >>> series_lines(SeriesPoints("m", (("h", "a"),), ("x", "ok", "n"), ((1.5, 2.0), (True, False), 3), (10, 20)))
     ['m,h=a x=1.5,ok=true,n=3i 10', 'm,h=a x=2.0,ok=false,n=3i 20']
     """
-    n = len(sp.times)
-    if n == 0:
+    if not len(sp.times):
         return []
     fmt = [f"{_escape_measurement(sp.measurement)}{_tag_string(sp.tags)} ".replace("%", "%%")]
     varying: list[Sequence[str | float]] = []
     for i, (k, col) in enumerate(zip(sp.names, sp.columns, strict=True)):
-        key = ("," if i else "") + f"{_escape_key(k)}=".replace("%", "%%")
-        if isinstance(col, list | tuple) and len(col) and type(col[0]) is float:
-            if not math.isfinite(math.fsum(col)):
-                _column_text(col)  # raises, naming the value
-            fmt.append(key + "%r")  # repr: the shortest text that reads back as the same float
-            varying.append(col)
-        elif isinstance(col, list | tuple):
-            fmt.append(key + "%s")
-            varying.append(_column_text(col))
+        key = _field_key(k, bool(i))
+        if isinstance(col, list | tuple):
+            if len(col) and type(col[0]) is float:
+                if not all(map(math.isfinite, col)):
+                    _column_text(col)  # raises, naming the value
+                fmt.append(key + "%r")  # repr: the shortest text that reads back as the same float
+                varying.append(col)
+            else:
+                fmt.append(key + "%s")
+                varying.append(_column_text(col))
         else:
-            fmt.append(key + _column_text([col])[0].replace("%", "%%"))  # type: ignore[list-item]
+            fmt.append(key + _value_text(type(col), col))  # type: ignore[arg-type]
     fmt.append(" %d")
-    template = "".join(fmt)
-    return [template % row for row in zip(*varying, sp.times, strict=True)]
+    return list(map("".join(fmt).__mod__, zip(*varying, sp.times, strict=True)))
 
 
 @dataclass(frozen=True)
@@ -238,14 +248,22 @@ def _check_representable(s: str) -> None:
         raise ValueError(f"{s!r} cannot be written in InfluxDB 1.x line protocol (trailing backslash or newline)")
 
 
-@functools.lru_cache(maxsize=65536)
 def _escape_key(s: str) -> str:
     _check_representable(s)
-    return s.replace(",", "\\,").replace("=", "\\=").replace(" ", "\\ ")
+    if "," in s or "=" in s or " " in s:
+        return s.replace(",", "\\,").replace("=", "\\=").replace(" ", "\\ ")
+    return s
 
 
-@functools.lru_cache(maxsize=65536)
+@functools.lru_cache(maxsize=1024)  # field names: a few per signal
+def _field_key(name: str, after: bool) -> str:
+    """A field's ``name=`` (``,name=`` after another field), escaped for the line and for ``%`` formatting."""
+    return ("," if after else "") + f"{_escape_key(name)}=".replace("%", "%%")
+
+
 def _tag_string(tags: Tags) -> str:
+    # Not cached: 100,000 series would cycle through any cache every tick (each lookup missing and keeping a key
+    # alive), and escaping a few short strings costs about what hashing the tags for a lookup does.
     return "".join(f",{_escape_key(k)}={_escape_key(v)}" for k, v in sorted(tags) if v != "")
 
 
