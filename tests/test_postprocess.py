@@ -360,27 +360,34 @@ def test_refs_and_restore_undo_an_update() -> None:
     assert np.array_equal(norm.update(errors[150:], lo[150:], hi[150:]), first, equal_nan=True)
 
 
-def test_the_small_arrays_are_made_once_and_written_in_place_and_refs_copies_them() -> None:
-    """Issue 12: a series' tail and seen range are arrays of its own, made at its first update and written in place
-    at every later one (no new arrays per series per tick amid the tick's temporaries), each of the size the
-    settings give (short_window - 1 values, one per field); `refs` holds copies, so a rollback still restores."""
+def test_the_small_arrays_are_rows_of_the_pool_written_in_place_and_refs_snapshots_them() -> None:
+    """Issue 12: a series' scalars, tail and seen range live in its row of the pool's state blocks (no Python object
+    per series per update), of the size the settings give (short_window - 1 values, one per field); the
+    attributes give copies; `refs` snapshots them into the pool's journal, so a rollback still restores."""
     p = NormaliserParams(long_window=20, short_window=3, learning=2)
     errors, lo, hi = _stream(8, 200, d=2)
     norm = ScoreNormaliser(p)
     norm.update(errors[:100], lo[:100], hi[:100])
+    pool = norm._pool
+    state = pool.state(norm._row)
+    assert state.base is not None and any(state.base is blk for blk in pool.states)
+    assert pool.tail_width == p.short_window - 1
     tail, n_lo, n_hi = norm.tail, norm.lo, norm.hi
     assert n_lo is not None and n_hi is not None
     assert tail.nbytes == (p.short_window - 1) * 8 and n_lo.nbytes == n_hi.nbytes == 2 * 8
-    assert all(a.base is None for a in (tail, n_lo, n_hi))  # arrays of their own, not views of a block
+    assert np.array_equal(state[-len(tail) :], tail)
+    assert np.array_equal(pool.range_row(norm._row, 2), np.stack([n_lo, n_hi]))
     saved = [a.copy() for a in (tail, n_lo, n_hi)]
+    scalars = (norm.s1, norm.s2, norm.seen, norm.since_red)
     refs = norm.refs()
-    assert refs[3] is not tail and refs[6] is not n_lo and refs[7] is not n_hi  # copies
+    assert len(refs) == 1 and isinstance(refs[0], int)  # a mark in the journal, not copies
     norm.update(errors[100:150], lo[100:150] - 50, hi[100:150] + 50)
-    assert norm.tail is tail and norm.lo is n_lo and norm.hi is n_hi
-    assert not np.array_equal(n_lo, saved[1])
+    assert pool.state(norm._row).base is state.base  # written in place
+    assert norm.lo is not None and not np.array_equal(norm.lo, saved[1])
     norm.restore(refs)
     for a, b in zip((norm.tail, norm.lo, norm.hi), saved, strict=True):
-        assert np.array_equal(a, b)
+        assert a is not None and np.array_equal(a, b)
+    assert (norm.s1, norm.s2, norm.seen, norm.since_red) == scalars
 
 
 def test_refs_and_restore_undo_updates_that_wrap_the_ring_and_nested_refs() -> None:
@@ -412,20 +419,27 @@ def test_refs_and_restore_undo_updates_that_wrap_the_ring_and_nested_refs() -> N
     norm.refs()
     norm.update(errors[:5])
     norm.release()
-    assert norm._undo is None
+    assert norm._journal_head == -1
+    assert norm._pool._logging == 0 and norm._pool._jn == 0  # no chain open: the journal is emptied
 
 
 def test_the_undo_log_holds_only_what_an_update_overwrote() -> None:
-    """The rollback of a tick costs the values a tick overwrote, not a copy of the history."""
-    p = NormaliserParams()
-    norm = ScoreNormaliser(p)
-    norm.update(1.0 + 0.01 * np.arange(2500.0) % 1.0)
-    norm.refs()
-    norm.update(np.ones(16))
-    assert norm._undo is not None
-    assert all(isinstance(start, int) for start, _ in norm._undo)  # where each overwritten run starts
-    logged = sum(old.nbytes for _, old in norm._undo)
-    assert logged <= 16 * HISTORY_DTYPE.itemsize
+    """The rollback of a tick costs the values a tick overwrote, not a copy of the history: nothing for a history
+    that is not full yet (the update only wrote past its end), 16 values for a full one."""
+    from anomalyd.core.normaliser import _J_KIND, _J_LEN
+
+    for n_before, logged in ((1000, 0), (2500, 16)):
+        p = NormaliserParams()
+        norm = ScoreNormaliser(p)
+        norm.update(1.0 + 0.01 * np.arange(float(n_before)) % 1.0)
+        (mark,) = norm.refs()
+        norm.update(np.ones(16))
+        pool = norm._pool
+        head = norm._journal_head
+        recs = pool._jrec[mark + 1 : head + 1] if head > mark else pool._jrec[:0]
+        assert all(int(r[_J_KIND]) >= 0 for r in recs)  # where each overwritten run starts
+        assert sum(int(r[_J_LEN]) for r in recs) == logged
+        norm.release()
 
 
 def test_histories_are_rows_of_shared_blocks_with_a_bounded_size_per_series() -> None:
@@ -438,11 +452,11 @@ def test_histories_are_rows_of_shared_blocks_with_a_bounded_size_per_series() ->
     rings = [nm._ring for nm in norms]
     for _ in range(30):  # 30 ticks of 16 windows: more than a whole history
         update_block(norms, 1.0 + 0.1 * rng.standard_normal((50, 16)))
-    pool = HistoryPool.of(300)
+    pool = HistoryPool.of(300, HISTORY_DTYPE, p.short_window)
     blocks = {id(b) for b in pool.blocks}
     assert pool.dtype == HISTORY_DTYPE and HISTORY_DTYPE.itemsize <= 4
     for nm, ring in zip(norms, rings, strict=True):
-        assert nm._ring is ring and ring.base is not None and id(ring.base) in blocks
+        assert np.shares_memory(nm._ring, ring) and ring.base is not None and id(ring.base) in blocks
         assert nm.history_bytes == p.long_window * HISTORY_DTYPE.itemsize  # 8,000 bytes at the default 2,000
         assert nm.history_length == len(nm.hist) == 300
     assert len({id(nm._ring.base) for nm in norms}) <= 2  # 50 series: one block (two if they straddle)
@@ -641,7 +655,11 @@ def test_field_surprise_gate_and_rebaseline_and_state_round_trip() -> None:
     state = json.loads(json.dumps(nm.to_dict()))
     again = ScoreNormaliser.from_dict(state)
     assert again.fm is not None and again.fm.tolist() == nm.fm.tolist()
-    assert again.refs()[8:11] == (again.fm, again.fv, again.fn)
+    fm = again.fm
+    mark = again.refs()
+    again.fm = None
+    again.restore(mark)
+    assert again.fm is fm  # refs keeps the per-field arrays (field_surprise replaces them)
     old = {k: v for k, v in state.items() if k not in ("fm", "fv", "fn")}  # a state saved before the option
     assert ScoreNormaliser.from_dict(old).fm is None
 

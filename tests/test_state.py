@@ -203,7 +203,10 @@ def test_pack_and_unpack_round_trip_every_field_exactly() -> None:
     c = ScoreNormaliser(PARAMS)  # nothing seen at all
     d = warm_initial()
     d.observe_range(np.array([[np.nan, 5.0]]))
-    d.lo[0] = np.nan  # a bound that is NaN (a field never seen finite) stays NaN
+    d_lo = d.lo  # a copy of the row's range: set back below
+    assert d_lo is not None
+    d_lo[0] = np.nan  # a bound that is NaN (a field never seen finite) stays NaN
+    d.lo = d_lo
     entries = {"a|x=1": ("m1", a.snapshot()), "b|ünï=\"y\"": ("m2", b.snapshot()), "c|": ("m1", c.snapshot()),
                "d|": ("m3", d.snapshot())}
     back = state._unpack_states(state._pack_states(entries))

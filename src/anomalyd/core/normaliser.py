@@ -170,13 +170,32 @@ class NormaliserParams:
             raise ValueError(f"history_gate={self.history_gate} must be >= 0 (0: off)")
 
 
-class HistoryPool:
-    """Preallocated storage of the score histories of many normalisers: rows of ``long_window`` values in a few
-    2-D blocks (``block_bytes`` each, pages touched only when written), one row per normaliser, used as a ring.
+# Columns of a normaliser's scalars in its pool's state blocks (float64: the integers are exact up to 2**53).
+(_C_HEAD, _C_COUNT, _C_S1, _C_S2, _C_SEEN, _C_SINCE, _C_REC, _C_TOP, _C_RUN, _C_TLEN, _C_LOD, _C_HID,
+ _C_JHEAD) = range(13)
+_N_SCALARS = 13
+#: ``since_red`` of a series with no red error yet (and the largest it is kept at).
+_SINCE_NONE = 1 << 30
+_SCALAR_DEFAULTS = np.array([0, 0, 0.0, 0.0, 0, _SINCE_NONE, -math.inf, -math.inf, 0, 0, 0, 0, -1], dtype=np.float64)
+#: Undo journal: records of ``(prev, row, kind, length, chunk, offset)``; kind -1 is a state snapshot (`refs`), a
+#: kind >= 0 is a run of ring values overwritten from that position on; the values are in payload chunks.
+_J_PREV, _J_ROW, _J_KIND, _J_LEN, _J_CHUNK, _J_POS = range(6)
+_JOURNAL_CHUNK = 1 << 18  # payload values per chunk (2 MiB)
 
-    A normaliser takes a row when it is created and gives it back when it is garbage collected, so the histories of
-    100,000 series are a few dozen arrays rather than 100,000, and an update writes its new averages in place (the
-    ring) instead of building a new array per series. One pool per ``(long_window, dtype)`` (`HistoryPool.of`).
+
+class HistoryPool:
+    """Preallocated storage of the score states of many normalisers: one row per normaliser in a few blocks.
+
+    Per row: the history, ``long_window`` values in a 2-D block (``block_bytes`` each, pages touched only when
+    written) used as a ring; the scalars (running sums, counters, ring head and length) and the tail of the last
+    ``short_window - 1`` errors in a float64 state block beside it; the seen range per field in a block per number
+    of fields. A normaliser takes a row when it is created and gives it back when it is garbage collected, so the
+    states of 100,000 series are a few dozen arrays rather than a million small objects, and an update reads and
+    writes them with array indexing instead of building Python objects per series. One pool per ``(long_window,
+    dtype, short_window)`` (`HistoryPool.of`).
+
+    The pool also keeps the undo journal of `ScoreNormaliser.refs`/`restore`: state snapshots and the history
+    values an update overwrote, in a few shared arrays, emptied once no normaliser of the pool logs any more.
 
     Examples
     --------
@@ -187,58 +206,209 @@ class HistoryPool:
     True
     """
 
-    _pools: ClassVar[dict[tuple[int, str], HistoryPool]] = {}
+    _pools: ClassVar[dict[tuple[int, str, int], HistoryPool]] = {}
     _pools_lock: ClassVar[threading.Lock] = threading.Lock()
 
-    def __init__(self, long_window: int, dtype: Any = HISTORY_DTYPE, block_bytes: int = 16 << 20) -> None:
+    def __init__(self, long_window: int, dtype: Any = HISTORY_DTYPE, block_bytes: int = 16 << 20,
+                 short_window: int = 1) -> None:
         self.long_window = int(long_window)
         self.dtype = np.dtype(dtype)
+        self.tail_width = max(0, int(short_window) - 1)
         self.rows_per_block = max(1, block_bytes // (self.long_window * self.dtype.itemsize))
         self.blocks: list[NDArray[Any]] = []
+        self.states: list[NDArray[np.float64]] = []  # per block: (rows, scalars + tail), float64
+        self.ranges: dict[int, list[NDArray[np.float64] | None]] = {}  # fields -> per block: (rows, 2, fields)
         self._free: list[int] = []  # list.pop/append are atomic: a row given back by a finaliser needs no lock
         self._grow_lock = threading.Lock()
+        # The undo journal (see `ScoreNormaliser.refs`).
+        self._jlock = threading.Lock()
+        self._jrec = np.empty((0, 6), dtype=np.int64)
+        self._jn = 0
+        self._jpay: list[NDArray[np.float64]] = []
+        self._jused = 0  # values used in the last payload chunk
+        self._jobj: dict[int, tuple[Any, Any, Any]] = {}  # snapshot record -> (fm, fv, fn) when any is set
+        self._logging = 0  # rows whose journal chain is open
 
     @classmethod
-    def of(cls, long_window: int, dtype: Any = HISTORY_DTYPE) -> HistoryPool:
-        """The shared pool of histories of ``long_window`` values of ``dtype``."""
-        key = (int(long_window), np.dtype(dtype).str)
+    def of(cls, long_window: int, dtype: Any = HISTORY_DTYPE, short_window: int = 1) -> HistoryPool:
+        """The shared pool of histories of ``long_window`` values of ``dtype`` (and tails of ``short_window - 1``)."""
+        key = (int(long_window), np.dtype(dtype).str, max(1, int(short_window)))
         pool = cls._pools.get(key)
         if pool is None:
             with cls._pools_lock:
-                pool = cls._pools.setdefault(key, cls(long_window, dtype))
+                pool = cls._pools.setdefault(key, cls(long_window, dtype, short_window=key[2]))
         return pool
 
     def take(self) -> int:
-        """A free row (its values are arbitrary)."""
+        """A free row, its state reset (its history values are arbitrary)."""
         try:
-            return self._free.pop()
+            row = self._free.pop()
         except IndexError:
-            pass
-        with self._grow_lock:
-            try:
-                return self._free.pop()
-            except IndexError:
-                pass
-            start = len(self.blocks) * self.rows_per_block
-            self.blocks.append(np.empty((self.rows_per_block, self.long_window), dtype=self.dtype))
-            self._free.extend(range(start + self.rows_per_block - 1, start, -1))  # handed out in ascending order
-            return start
+            with self._grow_lock:
+                try:
+                    row = self._free.pop()
+                except IndexError:
+                    start = len(self.blocks) * self.rows_per_block
+                    st = np.full((self.rows_per_block, _N_SCALARS + self.tail_width), np.nan)
+                    st[:, _C_JHEAD] = -1
+                    self.states.append(st)
+                    self.blocks.append(np.empty((self.rows_per_block, self.long_window), dtype=self.dtype))
+                    self._free.extend(range(start + self.rows_per_block - 1, start, -1))  # handed out ascending
+                    row = start
+        b, r = divmod(row, self.rows_per_block)
+        st = self.states[b]
+        if st[r, _C_JHEAD] >= 0:
+            # given back while its journal chain was open (a normaliser dropped between refs and release)
+            with self._jlock:
+                if st[r, _C_JHEAD] >= 0:
+                    st[r, _C_JHEAD] = -1
+                    self._chain_closed()
+        st[r, :_N_SCALARS] = _SCALAR_DEFAULTS
+        st[r, _N_SCALARS:] = np.nan
+        return row
 
     def give_back(self, row: int) -> None:
         self._free.append(row)
 
     def row(self, row: int) -> NDArray[Any]:
-        """The row as a view into its block."""
+        """The history row as a view into its block."""
         b, r = divmod(row, self.rows_per_block)
         return self.blocks[b][r]
+
+    def state(self, row: int) -> NDArray[np.float64]:
+        """The scalars and tail of a row as a view into its state block."""
+        b, r = divmod(row, self.rows_per_block)
+        return self.states[b][r]
+
+    def range_row(self, row: int, d: int) -> NDArray[np.float64]:
+        """The seen range (``[lo, hi]`` x ``d`` fields) of a row as a view, its block made when first needed."""
+        b, r = divmod(row, self.rows_per_block)
+        return self.range_block(b, d)[r]
+
+    def range_block(self, b: int, d: int) -> NDArray[np.float64]:
+        """Block ``b``'s seen ranges of ``d`` fields, ``(rows, 2, d)``."""
+        blocks = self.ranges.setdefault(d, [])
+        while len(blocks) <= b:
+            blocks.append(None)
+        blk = blocks[b]
+        if blk is None:
+            with self._grow_lock:
+                blk = blocks[b]
+                if blk is None:
+                    blk = blocks[b] = np.full((self.rows_per_block, 2, d), np.nan)
+        return blk
 
     @property
     def rows_in_use(self) -> int:
         return len(self.blocks) * self.rows_per_block - len(self._free)
 
+    # -- many rows at once (update_block) --------------------------------------------------------------
+    def groups(self, rows: NDArray[np.int64]) -> list[tuple[int, NDArray[np.intp], NDArray[np.int64]]]:
+        """``rows`` by block: (block, positions in ``rows``, rows within the block)."""
+        b = rows // self.rows_per_block
+        r = rows % self.rows_per_block
+        if len(b) and b[0] == b[-1] and (b == b[0]).all():
+            return [(int(b[0]), np.arange(len(rows)), r)]
+        out = []
+        for blk in np.unique(b).tolist():
+            sel = np.flatnonzero(b == blk)
+            out.append((blk, sel, r[sel]))
+        return out
 
-def _copy(a: NDArray[np.float64] | None) -> NDArray[np.float64] | None:
-    return None if a is None else a.copy()
+    def gather_states(self, groups: list[tuple[int, NDArray[np.intp], NDArray[np.int64]]],
+                      n: int) -> NDArray[np.float64]:
+        out = np.empty((n, _N_SCALARS + self.tail_width))
+        for b, sel, r in groups:
+            out[sel] = self.states[b][r]
+        return out
+
+    def gather_ring(self, groups: list[tuple[int, NDArray[np.intp], NDArray[np.int64]]],
+                    pos: NDArray[np.int64]) -> NDArray[Any]:
+        """Ring values at ``pos`` (``(n, m)`` positions, one row per ``rows``)."""
+        out = np.empty(pos.shape, dtype=self.dtype)
+        for b, sel, r in groups:
+            out[sel] = self.blocks[b][r[:, None], pos[sel]]
+        return out
+
+    def gather_ranges(self, groups: list[tuple[int, NDArray[np.intp], NDArray[np.int64]]], widths: NDArray[Any],
+                      d: int, side: int) -> NDArray[np.float64]:
+        """The ``lo`` (``side`` 0) or ``hi`` (1) of each row, NaN where it is not of ``d`` fields."""
+        out = np.full((len(widths), d), np.nan)
+        blocks = self.ranges.get(d, [])
+        for b, sel, r in groups:
+            blk = blocks[b] if b < len(blocks) else None
+            if blk is None:
+                continue
+            ok = widths[sel] == d
+            out[sel[ok]] = blk[r[ok], side]
+        return out
+
+    # -- the undo journal ------------------------------------------------------------------------------
+    def _chain_closed(self) -> None:
+        self._logging -= 1
+        if self._logging <= 0:  # nothing can be undone any more: empty the journal
+            self._logging = 0
+            self._jn = 0
+            self._jpay = []
+            self._jused = 0
+            self._jobj.clear()
+            if len(self._jrec) > 4096:
+                self._jrec = np.empty((0, 6), dtype=np.int64)
+
+    def _append(self, recs: NDArray[np.int64], payload: NDArray[np.float64]) -> int:
+        """Append records (their ``_J_CHUNK``/``_J_POS`` filled here, payloads back to back in ``payload``); returns
+        the index of the first. Call with ``_jlock`` held."""
+        m = len(recs)
+        if self._jn + m > len(self._jrec):
+            grown = np.empty((max(1024, 2 * len(self._jrec), self._jn + m), 6), dtype=np.int64)
+            grown[: self._jn] = self._jrec[: self._jn]
+            self._jrec = grown
+        size = len(payload)
+        if not self._jpay or self._jused + size > len(self._jpay[-1]):
+            self._jpay.append(np.empty(max(_JOURNAL_CHUNK, size)))
+            self._jused = 0
+        chunk = self._jpay[-1]
+        chunk[self._jused : self._jused + size] = payload
+        recs[:, _J_CHUNK] = len(self._jpay) - 1
+        recs[:, _J_POS] = self._jused + np.cumsum(recs[:, _J_LEN]) - recs[:, _J_LEN]
+        self._jused += size
+        first = self._jn
+        self._jrec[first : first + m] = recs
+        self._jn += m
+        return first
+
+    def _snapshot(self, row: int, st: NDArray[np.float64], lo: NDArray[np.float64] | None,
+                  hi: NDArray[np.float64] | None) -> int:
+        """Append a snapshot record of a row (its state ``st`` and range) to its journal chain; returns its index.
+        Call with ``_jlock`` held."""
+        size = len(st) + (0 if lo is None else len(lo)) + (0 if hi is None else len(hi))
+        g = self._jn
+        if g >= len(self._jrec):
+            grown = np.empty((max(1024, 2 * len(self._jrec)), 6), dtype=np.int64)
+            grown[:g] = self._jrec[:g]
+            self._jrec = grown
+        if not self._jpay or self._jused + size > len(self._jpay[-1]):
+            self._jpay.append(np.empty(max(_JOURNAL_CHUNK, size)))
+            self._jused = 0
+        chunk, at = self._jpay[-1], self._jused
+        chunk[at : at + len(st)] = st
+        end = at + len(st)
+        for a in (lo, hi):
+            if a is not None:
+                chunk[end : end + len(a)] = a
+                end += len(a)
+        prev = int(st[_C_JHEAD])
+        self._jrec[g] = (prev, row, -1, size, len(self._jpay) - 1, at)
+        self._jused = end
+        self._jn = g + 1
+        if prev < 0:
+            self._logging += 1
+        st[_C_JHEAD] = g
+        return g
+
+    def _payload(self, g: int) -> NDArray[np.float64]:
+        rec = self._jrec[g]
+        return self._jpay[int(rec[_J_CHUNK])][int(rec[_J_POS]) : int(rec[_J_POS] + rec[_J_LEN])]
 
 
 def _from_snapshot(state: Mapping[str, Any]) -> ScoreNormaliser:
@@ -265,6 +435,10 @@ def params_from_dict(raw: Mapping[str, Any]) -> NormaliserParams:
 class ScoreNormaliser:
     """The state of one series' score: recent averages, running sums, red-zone and range memory.
 
+    The state lives in a row of a shared `HistoryPool` (the history ring, the scalars, the tail and the seen
+    range), so a normaliser object is a handle (its pool and row, and the per-field surprise arrays when used);
+    the attributes read and write that row.
+
     Examples
     --------
     >>> norm = ScoreNormaliser(NormaliserParams(long_window=50, short_window=2, learning=10))
@@ -279,8 +453,7 @@ class ScoreNormaliser:
     True
     """
 
-    __slots__ = ("_count", "_head", "_pool", "_ring", "_row", "_undo", "fm", "fn", "fv", "hi", "lo", "params",
-                 "rec_err", "red_run", "s1", "s2", "seen", "since_red", "tail", "top_score")
+    __slots__ = ("_pool", "_row", "fm", "fn", "fv", "params")
 
     #: The version `snapshot` and `to_dict` write.
     state_version = _STATE_VERSION
@@ -288,30 +461,14 @@ class ScoreNormaliser:
     def __init__(self, params: NormaliserParams | None = None) -> None:
         self.params = params or NormaliserParams()
         # The last long_window short-window averages: a ring in a row of the shared pool (`hist` gives them in
-        # order); _head is the oldest's position, _count how many there are.
-        self._pool = HistoryPool.of(self.params.long_window)
+        # order; the head is the oldest's position), beside the row's scalars and tail (see `HistoryPool`).
+        self._pool = HistoryPool.of(self.params.long_window, HISTORY_DTYPE, self.params.short_window)
         self._row = self._pool.take()
-        self._ring = self._pool.row(self._row)
-        self._head = 0
-        self._count = 0
-        self._undo: list[tuple[int, NDArray[Any]]] | None = None  # ring writes since `refs`: (first position, values)
-        self.s1 = 0.0  # sum and sum of squares of hist, updated step by step
-        self.s2 = 0.0
-        self.tail: NDArray[np.float64] = np.empty(0)  # last short_window - 1 transformed errors, oldest first
-        self.seen = 0  # finite errors seen
-        self.since_red = 1 << 30  # errors since the last red one (huge: none yet)
-        self.lo: NDArray[np.float64] | None = None  # per-field range seen so far
-        self.hi: NDArray[np.float64] | None = None
         # Per-field surprise (`field_surprise`, ``DetectorSpec.field_surprise``): each field's exponentially
         # weighted error mean and variance, and its run of consecutive gated windows; None when unused.
         self.fm: NDArray[np.float64] | None = None
         self.fv: NDArray[np.float64] | None = None
         self.fn: NDArray[np.float64] | None = None
-        # Record rule (``record_factor``): the largest error and the highest score seen; history gate
-        # (``history_gate``): red windows in a row kept out of the history.
-        self.rec_err = -math.inf
-        self.top_score = -math.inf
-        self.red_run = 0
 
     def __del__(self) -> None:
         pool = getattr(self, "_pool", None)
@@ -321,76 +478,234 @@ class ScoreNormaliser:
     def __reduce__(self) -> tuple[Any, ...]:  # pickled as its snapshot, not with the pool
         return (_from_snapshot, (self.snapshot(),))
 
+    # -- the row's scalars -----------------------------------------------------------------------------
+    def _get(self, c: int) -> float:
+        b, r = divmod(self._row, self._pool.rows_per_block)
+        return float(self._pool.states[b][r, c])
+
+    def _set(self, c: int, v: float) -> None:
+        b, r = divmod(self._row, self._pool.rows_per_block)
+        self._pool.states[b][r, c] = v
+
+    @property
+    def s1(self) -> float:
+        """Running sum of the history."""
+        return self._get(_C_S1)
+
+    @s1.setter
+    def s1(self, v: float) -> None:
+        self._set(_C_S1, v)
+
+    @property
+    def s2(self) -> float:
+        """Running sum of the squares of the history."""
+        return self._get(_C_S2)
+
+    @s2.setter
+    def s2(self, v: float) -> None:
+        self._set(_C_S2, v)
+
+    @property
+    def seen(self) -> int:
+        """Finite errors seen."""
+        return int(self._get(_C_SEEN))
+
+    @seen.setter
+    def seen(self, v: int) -> None:
+        self._set(_C_SEEN, int(v))
+
+    @property
+    def since_red(self) -> int:
+        """Errors since the last red one (huge: none yet)."""
+        return int(self._get(_C_SINCE))
+
+    @since_red.setter
+    def since_red(self, v: int) -> None:
+        self._set(_C_SINCE, int(v))
+
+    @property
+    def rec_err(self) -> float:
+        """Record rule (``record_factor``): the largest error seen."""
+        return self._get(_C_REC)
+
+    @rec_err.setter
+    def rec_err(self, v: float) -> None:
+        self._set(_C_REC, v)
+
+    @property
+    def top_score(self) -> float:
+        """Record rule: the highest score seen."""
+        return self._get(_C_TOP)
+
+    @top_score.setter
+    def top_score(self, v: float) -> None:
+        self._set(_C_TOP, v)
+
+    @property
+    def red_run(self) -> int:
+        """History gate (``history_gate``): red windows in a row kept out of the history."""
+        return int(self._get(_C_RUN))
+
+    @red_run.setter
+    def red_run(self, v: int) -> None:
+        self._set(_C_RUN, int(v))
+
+    @property
+    def tail(self) -> NDArray[np.float64]:
+        """The last ``short_window - 1`` transformed errors, oldest first (a copy)."""
+        st = self._pool.state(self._row)
+        n = int(st[_C_TLEN])
+        return st[_N_SCALARS + self._pool.tail_width - n : _N_SCALARS + self._pool.tail_width].copy()
+
+    @tail.setter
+    def tail(self, values: ArrayLike) -> None:
+        v = np.asarray(values, dtype=np.float64).reshape(-1)
+        w = self._pool.tail_width
+        if len(v) > w:
+            raise ValueError(f"a tail of {len(v)} errors is longer than short_window - 1 = {w}")
+        st = self._pool.state(self._row)
+        st[_N_SCALARS : _N_SCALARS + w - len(v)] = np.nan
+        st[_N_SCALARS + w - len(v) : _N_SCALARS + w] = v
+        st[_C_TLEN] = len(v)
+
+    def _range(self, side: int) -> NDArray[np.float64] | None:
+        d = int(self._get(_C_LOD + side))
+        return None if d == 0 else self._pool.range_row(self._row, d)[side].copy()
+
+    def _set_range(self, side: int, values: ArrayLike | None) -> None:
+        if values is None:
+            self._set(_C_LOD + side, 0)
+            return
+        v = np.asarray(values, dtype=np.float64).reshape(-1)
+        if len(v) == 0:
+            self._set(_C_LOD + side, 0)
+            return
+        self._pool.range_row(self._row, len(v))[side] = v
+        self._set(_C_LOD + side, len(v))
+
+    @property
+    def lo(self) -> NDArray[np.float64] | None:
+        """Per field, the smallest value seen so far (a copy; None: none yet)."""
+        return self._range(0)
+
+    @lo.setter
+    def lo(self, v: ArrayLike | None) -> None:
+        self._set_range(0, v)
+
+    @property
+    def hi(self) -> NDArray[np.float64] | None:
+        """Per field, the largest value seen so far (a copy; None: none yet)."""
+        return self._range(1)
+
+    @hi.setter
+    def hi(self, v: ArrayLike | None) -> None:
+        self._set_range(1, v)
+
     # -- the history ring ----------------------------------------------------------------------------
+    @property
+    def _ring(self) -> NDArray[Any]:
+        return self._pool.row(self._row)
+
     @property
     def hist(self) -> NDArray[np.float64]:
         """The history, oldest first (a float64 copy)."""
-        return self._oldest(self._count)
+        return self._oldest(self.history_length)
 
     @hist.setter
     def hist(self, values: ArrayLike) -> None:
         v = np.asarray(values, dtype=np.float64).reshape(-1)[-self.params.long_window :]
         self._ring[: len(v)] = _to_storage(v)
-        self._head, self._count = 0, len(v)
+        self._set(_C_HEAD, 0)
+        self._set(_C_COUNT, len(v))
 
     def _oldest(self, m: int) -> NDArray[np.float64]:
         """The ``m`` oldest averages of the history (float64)."""
-        L, h = self.params.long_window, self._head
+        L, h = self.params.long_window, int(self._get(_C_HEAD))
+        ring = self._ring
         if h + m <= L:
-            return self._ring[h : h + m].astype(np.float64)
-        return np.concatenate((self._ring[h:], self._ring[: h + m - L])).astype(np.float64)
-
-    def _push(self, values: NDArray[np.float64]) -> None:
-        """Append averages to the history in place (the oldest ones go), noting what is overwritten when `refs`
-        asked for it."""
-        L = self.params.long_window
-        v = len(values)
-        keep = values[-L:]
-        start = (self._head + self._count + (v - len(keep))) % L
-        pos = (start + np.arange(len(keep))) % L
-        if self._undo is not None:  # where the overwritten run starts (an int, not a position array) and its values
-            self._undo.append((start, self._ring[pos]))
-        self._ring[pos] = keep
-        count = min(L, self._count + v)
-        self._head = (self._head + self._count + v - count) % L
-        self._count = count
+            return ring[h : h + m].astype(np.float64)
+        return np.concatenate((ring[h:], ring[: h + m - L])).astype(np.float64)
 
     @property
     def history_length(self) -> int:
         """Averages in the history (``len(hist)``, without building it)."""
-        return self._count
+        return int(self._get(_C_COUNT))
 
     @property
     def history_bytes(self) -> int:
         """Bytes of history storage this normaliser holds (one row of its pool)."""
-        return int(self._ring.nbytes)
+        return int(self.params.long_window * self._pool.dtype.itemsize)
 
-    def refs(self) -> tuple[Any, ...]:
-        """The state as it is now, cheaply: the scalars, copies of ``tail``, ``lo`` and ``hi`` (which `update_block`
-        writes in place), the per-field surprise arrays (which `field_surprise` replaces) as references, and a mark
-        in an undo log of the history's in-place writes, so that `restore` can put the state back as it was (e.g.
-        when a tick's writes failed). `release` ends the log."""
-        if self._undo is None:
-            self._undo = []
-        return ((self._head, self._count, len(self._undo)), self.s1, self.s2, self.tail.copy(), self.seen,
-                self.since_red, _copy(self.lo), _copy(self.hi), self.fm, self.fv, self.fn, self.rec_err,
-                self.top_score, self.red_run)
+    # -- rollback ----------------------------------------------------------------------------------------
+    @property
+    def _journal_head(self) -> int:
+        """The newest record of this row's undo chain in its pool's journal; -1: not logging."""
+        return int(self._get(_C_JHEAD))
 
-    def restore(self, refs: tuple[Any, ...]) -> None:
-        """Put back a state taken with `refs` (the history writes since then are undone, newest first)."""
-        ((self._head, self._count, mark), self.s1, self.s2, self.tail, self.seen, self.since_red, self.lo, self.hi,
-         self.fm, self.fv, self.fn, self.rec_err, self.top_score, self.red_run) = refs
-        log = self._undo if self._undo is not None else []
+    def refs(self) -> tuple[int]:
+        """Mark the state as it is now, cheaply, so that `restore` can put it back (e.g. when a tick's writes
+        failed): a snapshot of the row's scalars, tail and range into the pool's undo journal, after which updates
+        log the history values they overwrite there too (no copy of any history, no Python object per series but
+        the returned mark). Marks taken one after the other are restored newest first; `release` ends the log."""
+        pool = self._pool
+        b, r = divmod(self._row, pool.rows_per_block)
+        st = pool.states[b][r]
+        d_lo, d_hi = int(st[_C_LOD]), int(st[_C_HID])
+        with pool._jlock:
+            g = pool._snapshot(self._row, st, pool.range_row(self._row, d_lo)[0] if d_lo else None,
+                               pool.range_row(self._row, d_hi)[1] if d_hi else None)
+            if self.fm is not None or self.fv is not None or self.fn is not None:
+                pool._jobj[g] = (self.fm, self.fv, self.fn)
+        return (g,)
+
+    def restore(self, refs: tuple[object, ...]) -> None:
+        """Put back a state marked with `refs` (the history writes since then are undone, newest first)."""
+        mark = refs[0]
+        if len(refs) != 1 or not isinstance(mark, int):
+            raise ValueError("not a mark of refs()")
+        pool = self._pool
+        b, r = divmod(self._row, pool.rows_per_block)
+        st = pool.states[b][r]
         L = self.params.long_window
-        while len(log) > mark:
-            start, old = log.pop()
-            self._ring[(start + np.arange(len(old))) % L] = old
-        if not mark:
-            self._undo = None
+        with pool._jlock:
+            g = int(st[_C_JHEAD])
+            while g > mark:
+                rec = pool._jrec[g]
+                if rec[_J_ROW] != self._row:
+                    raise ValueError("refs of another normaliser, or released")
+                if rec[_J_KIND] >= 0:  # history values overwritten from that position on
+                    old = pool._payload(g)
+                    pool.blocks[b][r, (int(rec[_J_KIND]) + np.arange(len(old))) % L] = old
+                g = int(rec[_J_PREV])
+            if g != mark or pool._jrec[mark, _J_ROW] != self._row or pool._jrec[mark, _J_KIND] != -1:
+                raise ValueError("refs of another normaliser, or released: nothing to restore")
+            payload = pool._payload(mark)
+            prev = int(pool._jrec[mark, _J_PREV])
+            st[:] = payload[: len(st)]
+            at = len(st)
+            for side in (0, 1):
+                d = int(st[_C_LOD + side])
+                if d:
+                    pool.range_row(self._row, d)[side] = payload[at : at + d]
+                    at += d
+            self.fm, self.fv, self.fn = pool._jobj.get(mark, (None, None, None))
+            if prev < 0:  # the first mark of the chain: the log ends (as after `release`)
+                st[_C_JHEAD] = -1
+                pool._chain_closed()
+            else:  # the mark stays in the chain: it can be restored again, and older marks after it
+                st[_C_JHEAD] = mark
 
     def release(self) -> None:
         """Forget the undo log of `refs` (the updates since then are final)."""
-        self._undo = None
+        pool = self._pool
+        b, r = divmod(self._row, pool.rows_per_block)
+        st = pool.states[b][r]
+        if st[_C_JHEAD] < 0:
+            return
+        with pool._jlock:
+            if st[_C_JHEAD] >= 0:
+                st[_C_JHEAD] = -1
+                pool._chain_closed()
 
     def copy(self) -> ScoreNormaliser:
         """An independent copy (the arrays are copied)."""
@@ -404,14 +719,15 @@ class ScoreNormaliser:
         with np.errstate(invalid="ignore"):
             lo = np.fmin.reduce(np.where(np.isfinite(v), v, np.nan), axis=0)
             hi = np.fmax.reduce(np.where(np.isfinite(v), v, np.nan), axis=0)
-        self.lo = lo if self.lo is None else np.fmin(self.lo, lo)
-        self.hi = hi if self.hi is None else np.fmax(self.hi, hi)
+        old_lo, old_hi = self.lo, self.hi
+        self.lo = lo if old_lo is None else np.fmin(old_lo, lo)
+        self.hi = hi if old_hi is None else np.fmax(old_hi, hi)
 
     def snapshot(self) -> dict[str, Any]:
         """The state with arrays (not JSON-able; `to_dict` is); `from_dict` takes either."""
         return {"version": _STATE_VERSION, "params": self.params, "hist": self.hist, "s1": self.s1,
-                "s2": self.s2, "tail": self.tail.copy(), "seen": self.seen, "since_red": self.since_red,
-                "lo": None if self.lo is None else self.lo.copy(), "hi": None if self.hi is None else self.hi.copy(),
+                "s2": self.s2, "tail": self.tail, "seen": self.seen, "since_red": self.since_red,
+                "lo": self.lo, "hi": self.hi,
                 **{k: None if getattr(self, k) is None else getattr(self, k).copy() for k in ("fm", "fv", "fn")},
                 "rec_err": self.rec_err, "top_score": self.top_score, "red_run": self.red_run}
 
@@ -588,7 +904,7 @@ def _robust_reference(norms: Sequence[ScoreNormaliser], avg: NDArray[np.float64]
         fi = int(f[i])
         if fi == 0:
             continue
-        c0 = nm._count
+        c0 = nm.history_length
         series = np.concatenate((nm.hist, avg[i, : fi - 1]))  # push j sees series[c0 + j - L : c0 + j]
         j = np.arange(fi)
         full = c0 + j >= L
@@ -751,10 +1067,10 @@ def _update_gated(norms: Sequence[ScoreNormaliser], errors: NDArray[np.float64],
         pos = 0
         while pos < k:
             end = min(k, pos + _GATE_CHUNK)
-            outer = nm._undo
+            outer = nm._journal_head
+            run = nm.red_run
             mark = nm.refs()
             sc, red = _update_core([nm], e_all[i : i + 1, pos:end], part(lo, i, pos, end), part(hi, i, pos, end))
-            run = int(mark[-1])
             g = -1
             fin = np.isfinite(e_all[i, pos:end])
             for j in np.flatnonzero(fin).tolist():
@@ -766,14 +1082,13 @@ def _update_gated(norms: Sequence[ScoreNormaliser], errors: NDArray[np.float64],
                 else:
                     run = 0
             if g < 0:  # nothing gated: the trial stands
-                if outer is None:
+                if outer < 0:
                     nm.release()
                 nm.red_run = run
                 out[i, pos:end] = sc[0]
                 pos = end
                 continue
-            nm.restore(mark)
-            nm._undo = outer
+            nm.restore(mark)  # back to the outer log, if any
             if g > 0:
                 _update_core([nm], e_all[i : i + 1, pos : pos + g], part(lo, i, pos, pos + g),
                              part(hi, i, pos, pos + g))
@@ -791,7 +1106,7 @@ def _update_core(norms: Sequence[ScoreNormaliser], errors: NDArray[np.float64], 
                      NDArray[np.float64], NDArray[np.bool_]]:
     """`update_block`'s work: the scores and, per window, whether it was red before the red-zone filter (its
     tail ``<= red`` or out of range). ``push=False``: the averages do not enter the history (the rest of the state
-    advances)."""
+    advances). The state is read from and written to the normalisers' pool rows with array indexing."""
     e_in = np.asarray(errors, dtype=np.float64)
     n, k = e_in.shape
     out = np.full((n, k), np.nan)
@@ -799,13 +1114,21 @@ def _update_core(norms: Sequence[ScoreNormaliser], errors: NDArray[np.float64], 
     if n == 0 or k == 0:
         return out, red_out
     p = norms[0].params
-    if any(nm.params != p for nm in norms):
+    pool = norms[0]._pool
+    if any(nm.params is not p and nm.params != p for nm in norms):
         raise ValueError("update_block needs normalisers with the same parameters; group them first")
+    if any(nm._pool is not pool for nm in norms):
+        raise ValueError("update_block needs normalisers of one pool")
     L, S = p.long_window, p.short_window
     fin = np.isfinite(e_in)
     f = fin.sum(axis=1)
     if not f.any():
         return out, red_out
+    row_ids = np.fromiter((nm._row for nm in norms), dtype=np.int64, count=n)
+    if len(np.unique(row_ids)) != n:
+        raise ValueError("update_block needs distinct normalisers")
+    groups = pool.groups(row_ids)
+    state0 = pool.gather_states(groups, n)
     # Compress each row's finite errors to the left: column j is the row's j-th remembered error.
     order = np.argsort(~fin, axis=1, kind="stable")
     rows = np.arange(n)[:, None]
@@ -813,11 +1136,10 @@ def _update_core(norms: Sequence[ScoreNormaliser], errors: NDArray[np.float64], 
     valid = np.arange(k)[None, :] < f[:, None]
     e = np.where(valid, np.minimum(e, _ERROR_CAP), 0.0)  # capped: squares of the running sums stay finite
     t = np.log(np.maximum(e, 0.0) + _LOG_EPS) if p.transform == "log" else e
-    # Short-window averages: the last S transformed errors (state tail first), added oldest first.
-    ext = np.full((n, S - 1 + k), np.nan)
-    for i, nm in enumerate(norms):
-        if len(nm.tail):
-            ext[i, S - 1 - len(nm.tail) : S - 1] = nm.tail
+    # Short-window averages: the last S transformed errors (state tail first, stored right-aligned after NaNs),
+    # added oldest first.
+    ext = np.empty((n, S - 1 + k))
+    ext[:, : S - 1] = state0[:, _N_SCALARS:]
     ext[:, S - 1 :] = np.where(valid, t, np.nan)
     acc = np.zeros((n, k))
     cnt = np.zeros((n, k))
@@ -831,34 +1153,37 @@ def _update_core(norms: Sequence[ScoreNormaliser], errors: NDArray[np.float64], 
     # the type's range, its largest finite value).
     q = avg if HISTORY_DTYPE == np.float64 else _to_storage(avg).astype(np.float64)
     # Reference statistics before each push: running sums with evictions, in a fixed order.
-    c0 = np.fromiter((nm._count for nm in norms), dtype=np.int64, count=n)
-    old = np.zeros((n, k))
-    evict = np.zeros((n, k), dtype=bool)
+    c0 = state0[:, _C_COUNT].astype(np.int64)
+    head0 = state0[:, _C_HEAD].astype(np.int64)
     kk = min(k, L)
-    for i, nm in enumerate(norms):
-        first = L - int(c0[i])  # push index whose eviction takes hist[0]
-        if first < kk:
-            m = kk - first
-            old[i, first:kk] = nm._oldest(m)
-            evict[i, first:kk] = True
+    first = L - c0  # push index whose eviction takes hist[0]
+    jj = np.arange(kk)[None, :]
+    evict = np.zeros((n, k), dtype=bool)
+    evict[:, :kk] = jj >= first[:, None]
+    old = np.zeros((n, k))
+    if evict.any():
+        pos = (head0[:, None] + jj - first[:, None]) % L
+        old[:, :kk] = np.where(evict[:, :kk], pool.gather_ring(groups, pos), 0.0)
     if k > L:  # pushes beyond one long window evict this block's own averages
         old[:, L:] = q[:, : k - L]
         evict[:, L:] = True
     d1 = np.where(evict, q - old, q)
     d2 = np.where(evict, q * q - old * old, q * q)
-    s1_0 = np.fromiter((nm.s1 for nm in norms), dtype=np.float64, count=n)
-    s2_0 = np.fromiter((nm.s2 for nm in norms), dtype=np.float64, count=n)
+    s1_0 = state0[:, _C_S1]
+    s2_0 = state0[:, _C_S2]
     s1 = np.cumsum(np.concatenate((s1_0[:, None], d1), axis=1), axis=1)  # s1[:, j]: before push j
     s2 = np.cumsum(np.concatenate((s2_0[:, None], d2), axis=1), axis=1)
-    seen0 = np.fromiter((nm.seen for nm in norms), dtype=np.int64, count=n)
+    seen0 = state0[:, _C_SEEN].astype(np.int64)
     # Every long_window pushes (when the history is full), the sums are recomputed from the history itself (pairwise
     # summation of the same values in the same order, whatever the chunking), so they never drift; the running
-    # sums go on from there, each segment once (linear in the row's length).
-    for i in range(n):
-        first = (-(int(seen0[i]) + 1)) % L  # first push after which seen is a multiple of L
-        points = [j for j in range(first, int(f[i]), L) if min(L, c0[i] + j + 1) == L]
+    # sums go on from there, each segment once (linear in the row's length). Rows with no such point skip this.
+    first_pt = (-(seen0 + 1)) % L  # first push after which seen is a multiple of L
+    has_pt = (first_pt < f) & ((c0 + first_pt + 1 >= L) | (first_pt + L < f))
+    for i in np.flatnonzero(has_pt).tolist():
+        points = [j for j in range(int(first_pt[i]), int(f[i]), L) if min(L, c0[i] + j + 1) == L]
+        hist_i = norms[i].hist
         for pi, j in enumerate(points):
-            window = np.concatenate((norms[i].hist, q[i, : j + 1]))[-L:]
+            window = np.concatenate((hist_i, q[i, : j + 1]))[-L:]
             s1[i, j + 1] = np.sum(window)
             s2[i, j + 1] = np.sum(window * window)
             end = points[pi + 1] if pi + 1 < len(points) else k
@@ -885,6 +1210,7 @@ def _update_core(norms: Sequence[ScoreNormaliser], errors: NDArray[np.float64], 
     excess = np.zeros((n, k))
     new_lo: NDArray[np.float64] | None = None
     new_hi: NDArray[np.float64] | None = None
+    d = 0
     if lo is not None and hi is not None:
         with np.errstate(invalid="ignore"):
             lo_c = np.asarray(lo, dtype=np.float64)[rows, order]  # (n, k, d)
@@ -893,8 +1219,8 @@ def _update_core(norms: Sequence[ScoreNormaliser], errors: NDArray[np.float64], 
         lo_c = np.where(valid[:, :, None] & np.isfinite(lo_c), lo_c, np.nan)
         hi_c = np.where(valid[:, :, None] & np.isfinite(hi_c), hi_c, np.nan)
         d = lo_c.shape[2]
-        lo0 = np.stack([np.full(d, np.nan) if nm.lo is None or len(nm.lo) != d else nm.lo for nm in norms])
-        hi0 = np.stack([np.full(d, np.nan) if nm.hi is None or len(nm.hi) != d else nm.hi for nm in norms])
+        lo0 = pool.gather_ranges(groups, state0[:, _C_LOD], d, 0)
+        hi0 = pool.gather_ranges(groups, state0[:, _C_HID], d, 1)
         run_lo = np.fmin.accumulate(np.concatenate((lo0[:, None, :], lo_c), axis=1), axis=1)
         run_hi = np.fmax.accumulate(np.concatenate((hi0[:, None, :], hi_c), axis=1), axis=1)
         if p.range_tolerance is not None:
@@ -920,7 +1246,7 @@ def _update_core(norms: Sequence[ScoreNormaliser], errors: NDArray[np.float64], 
     flags &= valid
     red_pre = ((tail <= p.red) | flags) & valid
     # Red-zone filter: a red right after another red (within `refractory` pushes) is demoted.
-    since0 = np.fromiter((nm.since_red for nm in norms), dtype=np.int64, count=n)
+    since0 = state0[:, _C_SINCE].astype(np.int64)
     since_after = since0.copy()
     if p.red > 0:
         red = ((tail <= p.red) | flags) & valid
@@ -948,51 +1274,104 @@ def _update_core(norms: Sequence[ScoreNormaliser], errors: NDArray[np.float64], 
     if p.record_factor is not None:
         eligible = (np.ones((n, k), dtype=bool) if p.record_scope == "all" else red_pre if p.record_scope == "red"
                     else scores >= float(log_score([p.red])[0]))
-        rec_after, top_after = _record_rule(norms, scores, e, f, p.record_factor, eligible)
-    # Write the state back and scatter the scores to the original positions.
-    for i, nm in enumerate(norms):
-        fi = int(f[i])
-        if fi == 0:
-            continue
-        out[i, order[i, :fi]] = scores[i, :fi]
-        red_out[i, order[i, :fi]] = red_pre[i, :fi]
-        if push:
-            nm._push(q[i, :fi])
-            nm.s1 = float(s1[i, fi])
-            nm.s2 = float(s2[i, fi])
-        if rec_after is not None and top_after is not None:
-            nm.rec_err, nm.top_score = float(rec_after[i]), float(top_after[i])
-        nm.tail = _in_place(nm.tail, np.concatenate((nm.tail, t[i, :fi]))[-(S - 1):] if S > 1 else np.empty(0))
-        nm.seen += fi
-        nm.since_red = int(min(since_after[i], 1 << 30))
-        if new_lo is not None and new_hi is not None:
-            nm.lo, nm.hi = _in_place(nm.lo, new_lo[i]), _in_place(nm.hi, new_hi[i])
+        rec_after, top_after = _record_rule(state0[:, _C_REC], state0[:, _C_TOP], scores, e, f, p.record_factor,
+                                            eligible)
+    # Scatter the scores to the original positions.
+    out[rows, order] = np.where(valid, scores, np.nan)
+    red_out[rows, order] = red_pre & valid
+    # Write the state back (the rows with at least one error; the others are unchanged).
+    w = f > 0
+    if not w.all():
+        sel = np.flatnonzero(w)
+        groups = pool.groups(row_ids[sel])
+        state0, f, c0, head0, q, ext, since_after = (state0[sel], f[sel], c0[sel], head0[sel], q[sel], ext[sel],
+                                                     since_after[sel])
+        s1, s2 = s1[sel], s2[sel]
+        new_lo = None if new_lo is None else new_lo[sel]
+        new_hi = None if new_hi is None else new_hi[sel]
+        rec_after = None if rec_after is None else rec_after[sel]
+        top_after = None if top_after is None else top_after[sel]
+    m = len(f)
+    rr = np.arange(m)
+    state1 = state0
+    if push:
+        _push_many(pool, groups, state0, f, c0, head0, q, L)
+        state1[:, _C_S1] = s1[rr, f]
+        state1[:, _C_S2] = s2[rr, f]
+    if rec_after is not None and top_after is not None:
+        state1[:, _C_REC], state1[:, _C_TOP] = rec_after, top_after
+    if S > 1:
+        state1[:, _N_SCALARS:] = ext[rr[:, None], f[:, None] + np.arange(S - 1)[None, :]]
+        state1[:, _C_TLEN] = np.minimum(state0[:, _C_TLEN] + f, S - 1)
+    state1[:, _C_SEEN] += f
+    state1[:, _C_SINCE] = np.minimum(since_after, _SINCE_NONE)
+    if new_lo is not None and new_hi is not None:
+        state1[:, _C_LOD] = d
+        state1[:, _C_HID] = d
+        for gb, gsel, gr in groups:
+            blk = pool.range_block(gb, d)
+            blk[gr, 0] = new_lo[gsel]
+            blk[gr, 1] = new_hi[gsel]
+    for gb, gsel, gr in groups:
+        pool.states[gb][gr] = state1[gsel]
     return out, red_out
 
 
-def _in_place(old: NDArray[np.float64] | None, new: NDArray[np.float64]) -> NDArray[np.float64]:
-    """``new`` written into ``old`` when ``old`` is an array of its own of the same shape, else a copy of ``new``
-    (never a view of a block): a series' small arrays are made once, not again at every update, so they stay put
-    in memory while a tick's temporaries come and go around them. (`ScoreNormaliser.refs` copies them.)"""
-    if old is not None and old.base is None and old.shape == new.shape and old.dtype == new.dtype \
-            and old.flags.writeable:
-        old[...] = new
-        return old
-    return new.copy()
+def _push_many(pool: HistoryPool, groups: list[tuple[int, NDArray[np.intp], NDArray[np.int64]]],
+               state: NDArray[np.float64], f: NDArray[np.int64], c0: NDArray[np.int64], head0: NDArray[np.int64],
+               q: NDArray[np.float64], L: int) -> None:
+    """Append each row's ``f[i]`` averages (``q[i, :f[i]]``) to its history ring in place (the oldest ones go),
+    and set the ring's head and length in ``state``. Rows whose journal chain is open (`ScoreNormaliser.refs`) log
+    the history values they overwrite first (only values that were in the history: a ring that is not full yet
+    logs nothing)."""
+    m, k = q.shape
+    keep = np.minimum(f, L)
+    jj = np.arange(k)[None, :]
+    write = (jj < f[:, None]) & (jj >= (f - keep)[:, None])
+    pos = (head0[:, None] + c0[:, None] + jj) % L
+    logging = state[:, _C_JHEAD] >= 0
+    if logging.any():
+        # Overwritten history values: pushes j with c0 + j >= L (a push of more than L logs all it keeps).
+        lj0 = np.where(f <= L, np.maximum(0, L - c0), f - keep)
+        logged = write & (jj >= lj0[:, None]) & logging[:, None]
+        lens = logged.sum(axis=1)
+        li = np.flatnonzero(lens)
+        if li.size:
+            old = pool.gather_ring(groups, pos)
+            recs = np.zeros((li.size, 6), dtype=np.int64)
+            recs[:, _J_PREV] = state[li, _C_JHEAD]
+            row_ids = np.empty(m, dtype=np.int64)
+            for b, sel, r in groups:
+                row_ids[sel] = b * pool.rows_per_block + r
+            recs[:, _J_ROW] = row_ids[li]
+            recs[:, _J_KIND] = (head0[li] + c0[li] + lj0[li]) % L
+            recs[:, _J_LEN] = lens[li]
+            payload = old[logged].astype(np.float64)  # row by row, each in push order
+            with pool._jlock:
+                g0 = pool._append(recs, payload)
+            state[li, _C_JHEAD] = g0 + np.arange(li.size)  # written back with the rest of the row
+    vals = q.astype(pool.dtype)  # q holds values of the storage type already
+    for b, sel, r in groups:
+        wr = write[sel]
+        ri = np.broadcast_to(r[:, None], wr.shape)[wr]
+        pool.blocks[b][ri, pos[sel][wr]] = vals[sel][wr]
+    count = np.minimum(L, c0 + f)
+    state[:, _C_HEAD] = (head0 + c0 + f - count) % L
+    state[:, _C_COUNT] = count
 
 
-def _record_rule(norms: Sequence[ScoreNormaliser], scores: NDArray[np.float64], e: NDArray[np.float64],
-                 f: NDArray[np.int64], factor: float, eligible: NDArray[np.bool_]) -> tuple[
+def _record_rule(rec0: NDArray[np.float64], top0: NDArray[np.float64], scores: NDArray[np.float64],
+                 e: NDArray[np.float64], f: NDArray[np.int64], factor: float, eligible: NDArray[np.bool_]) -> tuple[
                      NDArray[np.float64], NDArray[np.float64]]:
     """The record rule, in place on ``scores`` (compressed rows, ``f[i]`` valid each): a window whose error is above
     ``factor`` times the largest error before it scores at least ``R + 0.01 (1 - R)``, ``R`` the highest score
     before it (only where ``eligible``). Returns each row's largest error and highest score after the block."""
-    n = len(norms)
+    n = len(rec0)
     rec_after = np.empty(n)
     top_after = np.empty(n)
-    for i, nm in enumerate(norms):
+    for i in range(n):
         fi = int(f[i])
-        rec, top = nm.rec_err, nm.top_score
+        rec, top = float(rec0[i]), float(top0[i])
         if fi == 0:
             rec_after[i], top_after[i] = rec, top
             continue
