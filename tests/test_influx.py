@@ -21,7 +21,7 @@ from anomalyd.demo.synthetic import ecg
 from anomalyd.service.catalog import Catalog, StoredModel, model_id_for, save
 from anomalyd.service.state import Watermarks
 from anomalyd.service.worker import Worker
-from anomalyd.store.base import Point, Query, StoreError, line_protocol
+from anomalyd.store.base import Point, Query, SeriesPoints, StoreError, line_protocol, series_lines
 from anomalyd.store.influx1 import InfluxDB1Store
 from anomalyd.store.local import LocalInfluxd, free_port
 from conftest import make_config
@@ -187,6 +187,25 @@ def test_line_protocol_round_trips_through_the_server(store: InfluxDB1Store, inf
     (row,) = _rows(influxd, database, 'SELECT * FROM "m m,x=y"')
     assert row == {"time": T0 + 7, "k=1": "v 1,2", "f": 1.5, "i": -3, "b": True, "nb": False,
                    "s": 'say "hi", x=1', "big": 1e300}
+
+
+@pytest.mark.parametrize("columns", [
+    ((1.5, 2.0, -0.0), (True, False, True), 3, "up"),  # varying floats and flags, single int and text
+    (7.25, False, -3, 'say "hi", x=1 %s {x} %%'),  # every column a single value: no varying column at all
+    ([1e308, 1e308, 1.0], ["a\\", "b", "a\\"], [1, 2, 3], [True, True, False]),  # two values near 1e308 overflow a sum
+    ([0.1, 1e-300, 5e-324], ['{t}', "%r", '"q"'], 2.5, [0, -1, 2**62]),
+])
+def test_a_block_is_written_as_its_points_one_by_one(columns: tuple[object, ...]) -> None:
+    """`series_lines` (formatted column by column, with a compiled formatter per layout) writes exactly what
+    `line_protocol` writes for each point alone, whatever the layout, text and escapes."""
+    sp = SeriesPoints("m m,{x}%", (("h", "a b{c}%"), ("k=1", "v,1")), ("f", "f b", "n%", "t"), columns,
+                      [T0, T0 + 1, T0 + 2])
+    assert series_lines(sp) == [line_protocol(p) for p in sp.points()]
+
+
+def test_a_block_with_a_non_finite_value_is_refused_naming_it() -> None:
+    with pytest.raises(ValueError, match="field value inf is not finite"):
+        series_lines(SeriesPoints("m", (), ("v",), ([1.0, float("inf")],), [1, 2]))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
