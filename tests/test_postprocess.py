@@ -444,25 +444,38 @@ def test_the_undo_log_holds_only_what_an_update_overwrote() -> None:
 
 def test_histories_are_rows_of_shared_blocks_with_a_bounded_size_per_series() -> None:
     """The memory claim of issue 12, as structure: each series' history is a row (a view) of a block shared by the
-    normalisers of that long_window, `HISTORY_DTYPE` values, at most long_window of them per series, and updates
-    write into that row (no new array per series per update)."""
-    p = NormaliserParams(long_window=300, short_window=4)
+    normalisers of that long_window, `HISTORY_DTYPE` values, sized to what it holds (steps of `_RING_STEP` values)
+    until it holds long_window of them, and updates write into that row (no new array per series per update)."""
+    from anomalyd.core.normaliser import _RING_STEP
+
+    L = 3 * _RING_STEP + 44
+    p = NormaliserParams(long_window=L, short_window=4)
     norms = [ScoreNormaliser(p) for _ in range(50)]
-    rng = np.random.default_rng(1)
-    rings = [nm._ring for nm in norms]
-    for _ in range(30):  # 30 ticks of 16 windows: more than a whole history
-        update_block(norms, 1.0 + 0.1 * rng.standard_normal((50, 16)))
-    pool = HistoryPool.of(300, HISTORY_DTYPE, p.short_window)
-    blocks = {id(b) for b in pool.blocks}
+    pool = HistoryPool.of(L, HISTORY_DTYPE, p.short_window)
     assert pool.dtype == HISTORY_DTYPE and HISTORY_DTYPE.itemsize <= 4
-    for nm, ring in zip(norms, rings, strict=True):
-        assert np.shares_memory(nm._ring, ring) and ring.base is not None and id(ring.base) in blocks
-        assert nm.history_bytes == p.long_window * HISTORY_DTYPE.itemsize  # 8,000 bytes at the default 2,000
-        assert nm.history_length == len(nm.hist) == 300
-    assert len({id(nm._ring.base) for nm in norms}) <= 2  # 50 series: one block (two if they straddle)
+    assert all(nm.history_bytes == 0 for nm in norms)  # nothing held yet, no row
+    rng = np.random.default_rng(1)
+    sizes = set()
+    for _ in range(40):  # 40 ticks of 16 windows: more than a whole history
+        rings = [nm._ring for nm in norms]
+        update_block(norms, 1.0 + 0.1 * rng.standard_normal((50, 16)))
+        for nm, ring in zip(norms, rings, strict=True):
+            held = nm.history_length
+            cap = nm.history_bytes // HISTORY_DTYPE.itemsize
+            assert held <= cap == min(L, -(-held // _RING_STEP) * _RING_STEP)  # the smallest step that holds it
+            blocks = {id(b) for b in pool.rings[pool.class_for(np.array([held]))[0]].blocks if b is not None}
+            assert nm._ring.base is not None and id(nm._ring.base) in blocks
+            if len(ring) == cap:  # it did not move: written in place
+                assert np.shares_memory(nm._ring, ring)
+            sizes.add(cap)
+        assert len({id(nm._ring.base) for nm in norms}) <= 2  # 50 series: one block (two if they straddle)
+    assert sizes == {_RING_STEP, 2 * _RING_STEP, 3 * _RING_STEP, L}
+    assert all(nm.history_length == len(nm.hist) == L for nm in norms)
+    # The smaller rows are free again, and their blocks let go.
+    assert all(all(b is None for b in rings.blocks) for rings in pool.rings[:-1])
     # A normaliser that goes away gives its row back for the next one.
     row = norms[-1]._row
-    del norms[-1], rings[-1], nm, ring
+    del norms[-1], rings, nm, ring
     assert ScoreNormaliser(p)._row == row
 
 

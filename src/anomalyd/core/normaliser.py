@@ -172,11 +172,54 @@ class NormaliserParams:
 
 # Columns of a normaliser's scalars in its pool's state blocks (float64: the integers are exact up to 2**53).
 (_C_HEAD, _C_COUNT, _C_S1, _C_S2, _C_SEEN, _C_SINCE, _C_REC, _C_TOP, _C_RUN, _C_TLEN, _C_LOD, _C_HID,
- _C_JHEAD) = range(13)
-_N_SCALARS = 13
+ _C_JHEAD, _C_CLS, _C_SLOT) = range(15)
+_N_SCALARS = 15
 #: ``since_red`` of a series with no red error yet (and the largest it is kept at).
 _SINCE_NONE = 1 << 30
-_SCALAR_DEFAULTS = np.array([0, 0, 0.0, 0.0, 0, _SINCE_NONE, -math.inf, -math.inf, 0, 0, 0, 0, -1], dtype=np.float64)
+_SCALAR_DEFAULTS = np.array([0, 0, 0.0, 0.0, 0, _SINCE_NONE, -math.inf, -math.inf, 0, 0, 0, 0, -1, -1, -1],
+                            dtype=np.float64)
+#: History rings are sized to what they hold, in steps of this many values, until they are full (long_window).
+_RING_STEP = 128
+
+
+class _Rings:
+    """Rows of ``cap`` history values in blocks of ``block_bytes``; a block whose rows are all free is let go."""
+
+    def __init__(self, cap: int, dtype: np.dtype[Any], block_bytes: int) -> None:
+        self.cap = cap
+        self.dtype = dtype
+        self.rows_per_block = max(1, block_bytes // (cap * dtype.itemsize))
+        self.blocks: list[NDArray[Any] | None] = []
+        self.used: list[int] = []
+        self._free: list[int] = []
+
+    def take(self) -> int:
+        """A free row (its values are arbitrary). Call with the pool's ring lock held."""
+        if not self._free:
+            start = len(self.blocks) * self.rows_per_block
+            self.blocks.append(None)
+            self.used.append(0)
+            self._free.extend(range(start + self.rows_per_block - 1, start - 1, -1))  # handed out ascending
+        slot = self._free.pop()
+        b = slot // self.rows_per_block
+        self.used[b] += 1
+        if self.blocks[b] is None:  # pages are touched only when written
+            self.blocks[b] = np.empty((self.rows_per_block, self.cap), dtype=self.dtype)
+        return slot
+
+    def give_back(self, slot: int) -> None:
+        """Call with the pool's ring lock held."""
+        b = slot // self.rows_per_block
+        self.used[b] -= 1
+        self._free.append(slot)
+        if self.used[b] == 0:
+            self.blocks[b] = None  # its memory goes back; its rows stay in the free list
+
+    def row(self, slot: int) -> NDArray[Any]:
+        b, r = divmod(slot, self.rows_per_block)
+        blk = self.blocks[b]
+        assert blk is not None
+        return blk[r]
 #: Undo journal: records of ``(prev, row, kind, length, chunk, offset)``; kind -1 is a state snapshot (`refs`), a
 #: kind >= 0 is a run of ring values overwritten from that position on; the values are in payload chunks.
 _J_PREV, _J_ROW, _J_KIND, _J_LEN, _J_CHUNK, _J_POS = range(6)
@@ -186,10 +229,12 @@ _JOURNAL_CHUNK = 1 << 18  # payload values per chunk (2 MiB)
 class HistoryPool:
     """Preallocated storage of the score states of many normalisers: one row per normaliser in a few blocks.
 
-    Per row: the history, ``long_window`` values in a 2-D block (``block_bytes`` each, pages touched only when
-    written) used as a ring; the scalars (running sums, counters, ring head and length) and the tail of the last
-    ``short_window - 1`` errors in a float64 state block beside it; the seen range per field in a block per number
-    of fields. A normaliser takes a row when it is created and gives it back when it is garbage collected, so the
+    Per row: the history, in a row of a 2-D block (``block_bytes`` each, pages touched only when written) of the
+    smallest capacity that holds it (steps of `_RING_STEP` values: a history that outgrows its row moves to a
+    larger one; once it holds ``long_window`` values it is a ring in a row of that size; a block whose rows are
+    all free is let go); the scalars (running sums, counters, ring head and length) and the tail of the last
+    ``short_window - 1`` errors in a float64 state block; the seen range per field in a block per number of
+    fields. A normaliser takes a row when it is created and gives it back when it is garbage collected, so the
     states of 100,000 series are a few dozen arrays rather than a million small objects, and an update reads and
     writes them with array indexing instead of building Python objects per series. One pool per ``(long_window,
     dtype, short_window)`` (`HistoryPool.of`).
@@ -200,9 +245,10 @@ class HistoryPool:
     Examples
     --------
     >>> pool = HistoryPool(4, np.float32, block_bytes=64)
-    >>> pool.rows_per_block, pool.take(), pool.take()
-    (4, 0, 1)
-    >>> pool.row(1).base is pool.blocks[0]
+    >>> pool.take(), pool.take()
+    (0, 1)
+    >>> pool.ensure_capacity(1, 3)
+    >>> pool.row(1).base is pool.rings[-1].blocks[0]
     True
     """
 
@@ -214,8 +260,12 @@ class HistoryPool:
         self.long_window = int(long_window)
         self.dtype = np.dtype(dtype)
         self.tail_width = max(0, int(short_window) - 1)
-        self.rows_per_block = max(1, block_bytes // (self.long_window * self.dtype.itemsize))
-        self.blocks: list[NDArray[Any]] = []
+        self.rows_per_block = 4096  # of the state blocks
+        step = min(_RING_STEP, self.long_window)
+        caps = sorted({min(self.long_window, c) for c in range(step, self.long_window + step, step)})
+        self.rings = [_Rings(c, self.dtype, block_bytes) for c in caps]  # by capacity, the last long_window
+        self._caps = np.array(caps, dtype=np.int64)
+        self._ring_lock = threading.Lock()
         self.states: list[NDArray[np.float64]] = []  # per block: (rows, scalars + tail), float64
         self.ranges: dict[int, list[NDArray[np.float64] | None]] = {}  # fields -> per block: (rows, 2, fields)
         self._free: list[int] = []  # list.pop/append are atomic: a row given back by a finaliser needs no lock
@@ -248,11 +298,11 @@ class HistoryPool:
                 try:
                     row = self._free.pop()
                 except IndexError:
-                    start = len(self.blocks) * self.rows_per_block
+                    start = len(self.states) * self.rows_per_block
                     st = np.full((self.rows_per_block, _N_SCALARS + self.tail_width), np.nan)
                     st[:, _C_JHEAD] = -1
+                    st[:, _C_CLS] = -1
                     self.states.append(st)
-                    self.blocks.append(np.empty((self.rows_per_block, self.long_window), dtype=self.dtype))
                     self._free.extend(range(start + self.rows_per_block - 1, start, -1))  # handed out ascending
                     row = start
         b, r = divmod(row, self.rows_per_block)
@@ -263,6 +313,9 @@ class HistoryPool:
                 if st[r, _C_JHEAD] >= 0:
                     st[r, _C_JHEAD] = -1
                     self._chain_closed()
+        if st[r, _C_CLS] >= 0:  # the history row of the normaliser that had this row before
+            with self._ring_lock:
+                self.rings[int(st[r, _C_CLS])].give_back(int(st[r, _C_SLOT]))
         st[r, :_N_SCALARS] = _SCALAR_DEFAULTS
         st[r, _N_SCALARS:] = np.nan
         return row
@@ -271,9 +324,61 @@ class HistoryPool:
         self._free.append(row)
 
     def row(self, row: int) -> NDArray[Any]:
-        """The history row as a view into its block."""
+        """The history row (of its capacity) as a view into its block; empty when it has none yet."""
         b, r = divmod(row, self.rows_per_block)
-        return self.blocks[b][r]
+        cls = int(self.states[b][r, _C_CLS])
+        if cls < 0:
+            return np.empty(0, dtype=self.dtype)
+        return self.rings[cls].row(int(self.states[b][r, _C_SLOT]))
+
+    def class_for(self, n: NDArray[np.int64]) -> NDArray[np.int64]:
+        """The capacity class holding ``n`` values (-1 for none)."""
+        return np.where(n > 0, np.searchsorted(self._caps, np.minimum(n, self.long_window)), -1)
+
+    def ensure_capacity(self, row: int, n: int) -> None:
+        """Move a row's history to a row that holds ``n`` values if its own does not (its values kept)."""
+        self.grow(self.state(row)[None, :], np.array([n]))  # a view: grow writes the row
+
+    def grow(self, state: NDArray[np.float64], need: NDArray[np.int64]) -> None:
+        """Move the histories of the rows (``state``: their state rows, updated in place) whose history row holds
+        fewer than ``need`` values to rows that do; a history that is not full yet starts at position 0, so its
+        values keep their positions."""
+        cls = state[:, _C_CLS].astype(np.int64)
+        cap = np.where(cls >= 0, self._caps[np.maximum(cls, 0)], 0)
+        movers = np.flatnonzero(need > cap)
+        if not movers.size:
+            return
+        new_cls = self.class_for(need[movers])
+        with self._ring_lock:
+            for i, c in zip(movers.tolist(), new_cls.tolist(), strict=True):
+                slot = self.rings[c].take()
+                old_c = int(cls[i])
+                if old_c >= 0:
+                    old_slot = int(state[i, _C_SLOT])
+                    count = int(state[i, _C_COUNT])
+                    if count:
+                        self.rings[c].row(slot)[:count] = self.rings[old_c].row(old_slot)[:count]
+                    self.rings[old_c].give_back(old_slot)
+                state[i, _C_CLS] = c
+                state[i, _C_SLOT] = slot
+
+    def ring_groups(self, state: NDArray[np.float64]) -> list[tuple[NDArray[Any], NDArray[np.intp], NDArray[np.int64]]]:
+        """The rows (``state``: their state rows, all with a history row) by history block: (block, positions in
+        ``state``, rows within the block)."""
+        cls = state[:, _C_CLS].astype(np.int64)
+        slot = state[:, _C_SLOT].astype(np.int64)
+        out = []
+        for c in np.unique(cls[cls >= 0]).tolist():
+            rings = self.rings[c]
+            in_c = np.flatnonzero(cls == c)
+            b = slot[in_c] // rings.rows_per_block
+            r = slot[in_c] % rings.rows_per_block
+            for blk in np.unique(b).tolist():
+                sel = b == blk
+                block = rings.blocks[blk]
+                assert block is not None
+                out.append((block, in_c[sel], r[sel]))
+        return out
 
     def state(self, row: int) -> NDArray[np.float64]:
         """The scalars and tail of a row as a view into its state block."""
@@ -300,7 +405,7 @@ class HistoryPool:
 
     @property
     def rows_in_use(self) -> int:
-        return len(self.blocks) * self.rows_per_block - len(self._free)
+        return len(self.states) * self.rows_per_block - len(self._free)
 
     # -- many rows at once (update_block) --------------------------------------------------------------
     def groups(self, rows: NDArray[np.int64]) -> list[tuple[int, NDArray[np.intp], NDArray[np.int64]]]:
@@ -322,12 +427,12 @@ class HistoryPool:
             out[sel] = self.states[b][r]
         return out
 
-    def gather_ring(self, groups: list[tuple[int, NDArray[np.intp], NDArray[np.int64]]],
+    def gather_ring(self, groups: list[tuple[NDArray[Any], NDArray[np.intp], NDArray[np.int64]]],
                     pos: NDArray[np.int64]) -> NDArray[Any]:
-        """Ring values at ``pos`` (``(n, m)`` positions, one row per ``rows``)."""
-        out = np.empty(pos.shape, dtype=self.dtype)
-        for b, sel, r in groups:
-            out[sel] = self.blocks[b][r[:, None], pos[sel]]
+        """History values at ``pos`` (``(n, m)`` positions; ``groups`` from `ring_groups`)."""
+        out = np.zeros(pos.shape, dtype=self.dtype)
+        for block, sel, r in groups:
+            out[sel] = block[r[:, None], np.minimum(pos[sel], block.shape[1] - 1)]
         return out
 
     def gather_ranges(self, groups: list[tuple[int, NDArray[np.intp], NDArray[np.int64]]], widths: NDArray[Any],
@@ -614,6 +719,7 @@ class ScoreNormaliser:
     @hist.setter
     def hist(self, values: ArrayLike) -> None:
         v = np.asarray(values, dtype=np.float64).reshape(-1)[-self.params.long_window :]
+        self._pool.ensure_capacity(self._row, len(v))
         self._ring[: len(v)] = _to_storage(v)
         self._set(_C_HEAD, 0)
         self._set(_C_COUNT, len(v))
@@ -633,8 +739,8 @@ class ScoreNormaliser:
 
     @property
     def history_bytes(self) -> int:
-        """Bytes of history storage this normaliser holds (one row of its pool)."""
-        return int(self.params.long_window * self._pool.dtype.itemsize)
+        """Bytes of history storage this normaliser holds (one row of its pool, at most ``long_window`` values)."""
+        return int(self._ring.nbytes)
 
     # -- rollback ----------------------------------------------------------------------------------------
     @property
@@ -675,13 +781,15 @@ class ScoreNormaliser:
                     raise ValueError("refs of another normaliser, or released")
                 if rec[_J_KIND] >= 0:  # history values overwritten from that position on
                     old = pool._payload(g)
-                    pool.blocks[b][r, (int(rec[_J_KIND]) + np.arange(len(old))) % L] = old
+                    pool.row(self._row)[(int(rec[_J_KIND]) + np.arange(len(old))) % L] = old
                 g = int(rec[_J_PREV])
             if g != mark or pool._jrec[mark, _J_ROW] != self._row or pool._jrec[mark, _J_KIND] != -1:
                 raise ValueError("refs of another normaliser, or released: nothing to restore")
             payload = pool._payload(mark)
             prev = int(pool._jrec[mark, _J_PREV])
+            where = st[_C_CLS : _C_SLOT + 1].copy()  # the history stays where it is now (it may have grown)
             st[:] = payload[: len(st)]
+            st[_C_CLS : _C_SLOT + 1] = where
             at = len(st)
             for side in (0, 1):
                 d = int(st[_C_LOD + side])
@@ -1161,9 +1269,10 @@ def _update_core(norms: Sequence[ScoreNormaliser], errors: NDArray[np.float64], 
     evict = np.zeros((n, k), dtype=bool)
     evict[:, :kk] = jj >= first[:, None]
     old = np.zeros((n, k))
-    if evict.any():
-        pos = (head0[:, None] + jj - first[:, None]) % L
-        old[:, :kk] = np.where(evict[:, :kk], pool.gather_ring(groups, pos), 0.0)
+    ev = np.flatnonzero(evict[:, :kk].any(axis=1))  # rows with a full history
+    if ev.size:
+        pos = (head0[ev, None] + jj - first[ev, None]) % L
+        old[ev, :kk] = np.where(evict[ev, :kk], pool.gather_ring(pool.ring_groups(state0[ev]), pos), 0.0)
     if k > L:  # pushes beyond one long window evict this block's own averages
         old[:, L:] = q[:, : k - L]
         evict[:, L:] = True
@@ -1283,7 +1392,8 @@ def _update_core(norms: Sequence[ScoreNormaliser], errors: NDArray[np.float64], 
     w = f > 0
     if not w.all():
         sel = np.flatnonzero(w)
-        groups = pool.groups(row_ids[sel])
+        row_ids = row_ids[sel]
+        groups = pool.groups(row_ids)
         state0, f, c0, head0, q, ext, since_after = (state0[sel], f[sel], c0[sel], head0[sel], q[sel], ext[sel],
                                                      since_after[sel])
         s1, s2 = s1[sel], s2[sel]
@@ -1295,7 +1405,7 @@ def _update_core(norms: Sequence[ScoreNormaliser], errors: NDArray[np.float64], 
     rr = np.arange(m)
     state1 = state0
     if push:
-        _push_many(pool, groups, state0, f, c0, head0, q, L)
+        _push_many(pool, row_ids, state0, f, c0, head0, q, L)
         state1[:, _C_S1] = s1[rr, f]
         state1[:, _C_S2] = s2[rr, f]
     if rec_after is not None and top_after is not None:
@@ -1317,14 +1427,15 @@ def _update_core(norms: Sequence[ScoreNormaliser], errors: NDArray[np.float64], 
     return out, red_out
 
 
-def _push_many(pool: HistoryPool, groups: list[tuple[int, NDArray[np.intp], NDArray[np.int64]]],
-               state: NDArray[np.float64], f: NDArray[np.int64], c0: NDArray[np.int64], head0: NDArray[np.int64],
-               q: NDArray[np.float64], L: int) -> None:
+def _push_many(pool: HistoryPool, row_ids: NDArray[np.int64], state: NDArray[np.float64], f: NDArray[np.int64],
+               c0: NDArray[np.int64], head0: NDArray[np.int64], q: NDArray[np.float64], L: int) -> None:
     """Append each row's ``f[i]`` averages (``q[i, :f[i]]``) to its history ring in place (the oldest ones go),
     and set the ring's head and length in ``state``. Rows whose journal chain is open (`ScoreNormaliser.refs`) log
     the history values they overwrite first (only values that were in the history: a ring that is not full yet
     logs nothing)."""
-    m, k = q.shape
+    k = q.shape[1]
+    pool.grow(state, np.minimum(L, c0 + f))  # a history row that would overflow moves to a larger one
+    groups = pool.ring_groups(state)
     keep = np.minimum(f, L)
     jj = np.arange(k)[None, :]
     write = (jj < f[:, None]) & (jj >= (f - keep)[:, None])
@@ -1340,9 +1451,6 @@ def _push_many(pool: HistoryPool, groups: list[tuple[int, NDArray[np.intp], NDAr
             old = pool.gather_ring(groups, pos)
             recs = np.zeros((li.size, 6), dtype=np.int64)
             recs[:, _J_PREV] = state[li, _C_JHEAD]
-            row_ids = np.empty(m, dtype=np.int64)
-            for b, sel, r in groups:
-                row_ids[sel] = b * pool.rows_per_block + r
             recs[:, _J_ROW] = row_ids[li]
             recs[:, _J_KIND] = (head0[li] + c0[li] + lj0[li]) % L
             recs[:, _J_LEN] = lens[li]
@@ -1351,10 +1459,10 @@ def _push_many(pool: HistoryPool, groups: list[tuple[int, NDArray[np.intp], NDAr
                 g0 = pool._append(recs, payload)
             state[li, _C_JHEAD] = g0 + np.arange(li.size)  # written back with the rest of the row
     vals = q.astype(pool.dtype)  # q holds values of the storage type already
-    for b, sel, r in groups:
+    for block, sel, r in groups:
         wr = write[sel]
         ri = np.broadcast_to(r[:, None], wr.shape)[wr]
-        pool.blocks[b][ri, pos[sel][wr]] = vals[sel][wr]
+        block[ri, pos[sel][wr]] = vals[sel][wr]
     count = np.minimum(L, c0 + f)
     state[:, _C_HEAD] = (head0 + c0 + f - count) % L
     state[:, _C_COUNT] = count
