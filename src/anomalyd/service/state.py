@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import time
 import zipfile
 import zlib
@@ -104,6 +105,7 @@ class ScoreStates:
         self._norms: dict[str, tuple[str, ScoreNormaliser]] = {}
         self._saved: dict[str, tuple[str, dict[str, Any] | ScoreNormaliser]] = {}  # loaded, not yet asked for
         self._used: dict[str, float] = {}  # when each series was last scored (or loaded)
+        self._now = -math.inf
         self._dirty = False
         self._last_save = clock()
         if path is not None and path.exists():
@@ -119,7 +121,10 @@ class ScoreStates:
     def get(self, series_id: str, model_tag: str, initial: ScoreNormaliser) -> ScoreNormaliser:
         """The normaliser of a series scored by the model ``model_tag``; a copy of ``initial`` (the model's
         warm state) if the series is new or its model changed."""
-        self._used[series_id] = self.clock()
+        now = self.clock()
+        if not 0.0 <= now - self._now < 1.0:  # one float object shared by the series scored within a second,
+            self._now = now  # not a new one per series per tick amid the tick's temporaries
+        self._used[series_id] = self._now
         have = self._norms.get(series_id)
         if have is not None and have[0] == model_tag:
             return have[1]
