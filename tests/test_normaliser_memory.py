@@ -1,0 +1,101 @@
+"""Issue 12: the score normaliser's state as rows of shared pool blocks -- no Python objects per series per
+update, an undo journal that empties, histories sized to what they hold -- and the rollback through all of it."""
+
+from __future__ import annotations
+
+import gc
+import sys
+
+import numpy as np
+
+from anomalyd.core.normaliser import NormaliserParams, ScoreNormaliser, update_block
+
+
+def _warm(n: int, p: NormaliserParams) -> list[ScoreNormaliser]:
+    init = ScoreNormaliser(p)
+    init.update(1.0 + 0.1 * np.random.default_rng(0).standard_normal(p.long_window // 2 + 7),
+                np.zeros((p.long_window // 2 + 7, 1)), np.ones((p.long_window // 2 + 7, 1)))
+    return [init.copy() for _ in range(n)]
+
+
+def test_update_block_makes_no_python_objects_per_series() -> None:
+    """An update of 2,000 series leaves no more allocated blocks than a handful (before issue 12: new floats and
+    ints per series for the scalars, and new arrays for the tail and range)."""
+    p = NormaliserParams(long_window=300, short_window=8)
+    norms = _warm(2000, p)
+    rng = np.random.default_rng(1)
+    lo, hi = rng.uniform(-1, 0, (2000, 16, 1)), rng.uniform(1, 2, (2000, 16, 1))
+    update_block(norms, 1.0 + 0.1 * rng.standard_normal((2000, 16)), lo, hi)  # pools and blocks made
+    gc.collect()
+    before = sys.getallocatedblocks()
+    for _ in range(3):
+        update_block(norms, 1.0 + 0.1 * rng.standard_normal((2000, 16)), lo, hi)
+    gc.collect()
+    assert sys.getallocatedblocks() - before < 200
+    # What a normaliser holds of its own is its row number: the rest is shared (its pool and parameters) or None.
+    own = [o for o in gc.get_referents(norms[5]) if o is not None and o is not p and o is not norms[5]._pool
+           and o is not type(norms[5])]
+    assert own == [norms[5]._row]
+
+
+def test_refs_cost_a_mark_and_the_journal_empties_after_release() -> None:
+    p = NormaliserParams(long_window=100, short_window=4)
+    norms = _warm(500, p)
+    rng = np.random.default_rng(2)
+    for _ in range(10):  # full histories: the updates overwrite values, which the journal logs
+        update_block(norms, 1.0 + 0.1 * rng.standard_normal((500, 16)))
+    pool = norms[0]._pool
+    marks = [nm.refs() for nm in norms]
+    assert all(len(m) == 1 and isinstance(m[0], int) for m in marks)
+    update_block(norms, 1.0 + 0.1 * rng.standard_normal((500, 16)))
+    assert pool._logging == 500 and pool._jn == 1000  # a snapshot and an overwritten run per series
+    for nm in norms:
+        nm.release()
+    assert pool._logging == 0 and pool._jn == 0 and not pool._jpay
+
+
+def test_a_normaliser_dropped_with_its_log_open_does_not_keep_the_journal() -> None:
+    p = NormaliserParams(long_window=64, short_window=3)
+    a, b = _warm(2, p)
+    pool = a._pool
+    a.refs()
+    b.refs()
+    a.update(np.ones(5))
+    del a
+    gc.collect()
+    b.release()
+    assert pool._logging == 1  # a's chain: open until its row is taken again
+    c = ScoreNormaliser(p)  # takes a's row back
+    assert pool._logging == 0 and pool._jn == 0
+    assert c.history_length == 0 and c.seen == 0 and c._journal_head == -1
+
+
+def test_rollback_of_a_gated_update_inside_a_tick_and_of_a_history_that_grew() -> None:
+    """The worker's refs, an update with the history gate (which takes and restores its own marks inside), then
+    the worker's restore: the state is as before, also when the update moved the history to a larger row."""
+    p = NormaliserParams(long_window=500, short_window=4, history_gate=2, learning=4)
+    norm = ScoreNormaliser(p)
+    rng = np.random.default_rng(3)
+    norm.update(1.0 + 0.01 * rng.standard_normal(120))
+    before, row_bytes = norm.to_dict(), norm.history_bytes
+    mark = norm.refs()
+    burst = np.r_[1.0 + 0.01 * rng.standard_normal(5), [50.0, 60.0, 70.0, 80.0], 1.0 + 0.01 * rng.standard_normal(30)]
+    first = norm.update(burst)
+    assert norm.history_bytes > row_bytes  # it grew past its row
+    norm.restore(mark)
+    assert norm.to_dict() == before and norm._journal_head == -1
+    assert np.array_equal(norm.update(burst), first)
+
+
+def test_histories_not_full_take_rows_of_their_size() -> None:
+    """100 series with 1,569 averages each (the benchmark model's warm history) hold 1,664-value rows (6,656
+    bytes), not long_window-value ones (8,000 bytes)."""
+    p = NormaliserParams()
+    init = ScoreNormaliser(p)
+    init.hist = np.ones(1569)
+    norms = [init.copy() for _ in range(100)]
+    assert {nm.history_bytes for nm in norms} == {1664 * 4}
+    update_block(norms, np.ones((100, 16)))
+    assert {nm.history_bytes for nm in norms} == {1664 * 4}
+    update_block(norms, np.ones((100, 100)))  # 1,685: the next size
+    assert {nm.history_bytes for nm in norms} == {1792 * 4}
