@@ -194,9 +194,19 @@ class _Explanations:
         else:
             self.top = np.zeros(self.err.shape[:2], dtype=np.intp)
         self.up = np.take_along_axis(self.sign, self.top[:, :, None], axis=2)[:, :, 0] >= 0
+        self._texts: tuple[list[list[str]], list[list[str]] | None] | None = None
 
-    def row(self, r: int, cols: NDArray[np.intp]) -> _Explained:
+    def row(self, r: int, cols: NDArray[np.intp] | None = None) -> _Explained:
+        """Series ``r``'s windows at ``cols`` (None: all of them, the steady case)."""
         return _Explained(self, r, cols)
+
+    def texts(self) -> tuple[list[list[str]], list[list[str]] | None]:
+        """Every window's direction and (several fields) top field as text, made once for the whole batch: the
+        steady path's columns for each series are then rows of these lists."""
+        if self._texts is None:
+            direction = [["up" if u else "down" for u in row] for row in self.up.tolist()]
+            self._texts = direction, self.names_arr[self.top].tolist() if self.sig.multi else None
+        return self._texts
 
 
 class _Explained:
@@ -204,23 +214,32 @@ class _Explained:
     fields that carry them: ``top_field``, ``direction`` and, with several fields, ``top_share`` and
     ``top_fields``."""
 
-    def __init__(self, ex: _Explanations, r: int, cols: NDArray[np.intp]) -> None:
+    def __init__(self, ex: _Explanations, r: int, cols: NDArray[np.intp] | None) -> None:
         self.field_names = ex.field_names
-        top = ex.top[r, cols]
-        up = ex.up[r, cols]
         self.names: tuple[str, ...] = ("top_field", "direction")
-        self.columns: list[list[float | int | bool | str] | float | bool | str] = [
-            ex.names_arr[top].tolist() if ex.sig.multi else self.field_names[0],
-            np.where(up, "up", "down").tolist()]
-        row = ex.matrix[r, ex.slots[cols]]
+        self.columns: list[list[float | int | bool | str] | float | bool | str]
+        at: slice | NDArray[np.intp]
+        if cols is None:  # every window of the batch: rows of the batch's arrays and texts, no copies
+            at = slice(None)
+            top, up = ex.top[r], ex.up[r]
+            direction, top_names = ex.texts()
+            first: list[str] | str = top_names[r] if top_names is not None else self.field_names[0]
+            self.columns = [first, direction[r]]  # type: ignore[list-item]
+            row = ex.matrix[r, ex.slots]
+        else:
+            at = cols
+            top, up = ex.top[r, cols], ex.up[r, cols]
+            self.columns = [ex.names_arr[top].tolist() if ex.sig.multi else self.field_names[0],
+                            ["up" if u else "down" for u in up.tolist()]]
+            row = ex.matrix[r, ex.slots[cols]]
         self.value = row if row.ndim == 2 else row[:, None]
         self.share: NDArray[np.float64] | None = None
         self._up = up
         if ex.share is None:  # one field: `shares` works it out when asked (an alert), not for every window
             return
-        self.share, self.error, self.sign = ex.share[r, cols], ex.err[r, cols], ex.sign[r, cols]
-        self._order = ex.order[r, cols]
-        at = np.arange(len(cols))
+        self.share, self.error, self.sign = ex.share[r, at], ex.err[r, at], ex.sign[r, at]
+        self._order = ex.order[r, at]
+        at = np.arange(len(top))
         names = self.field_names
         texts: list[float | int | bool | str] = []
         for order, share, sign in zip(self._order[:, :3].tolist(), self.share.tolist(), self.sign.tolist(),
@@ -921,7 +940,7 @@ class Worker:
         thr = float(det.threshold_)
         n = len(ends)
         tags = _out_tags(sig, stored, key)
-        why = ex.row(r, np.arange(n))
+        why = ex.row(r)
         points.append(SeriesPoints(self.cfg.output.measurement, tags,
                                    ("max_error", "threshold", "anomalous", "score", "missing", "n_missing",
                                     *why.names),
