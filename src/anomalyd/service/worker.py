@@ -186,6 +186,9 @@ class _Explanations:
         self.names_arr = np.array(self.field_names, dtype=object)
         self.err, self.sign = b.field_error, b.field_sign  # (n, m, fields)
         self.matrix, self.slots = matrix, slots
+        # Consecutive slots (as `_score_group` makes them) are a slice: a series' values are then a view.
+        consecutive = len(slots) > 0 and int(slots[-1]) - int(slots[0]) == len(slots) - 1
+        self.span: slice | NDArray[np.int64] = slice(int(slots[0]), int(slots[-1]) + 1) if consecutive else slots
         self.share: NDArray[np.float64] | None = None
         if sig.multi:  # the shares, directions and top fields, as `anomalyd.core.attribution.explain` defines them
             self.share, self.sign, self.top = explain(self.err, self.sign, b.field_excess)
@@ -225,7 +228,7 @@ class _Explained:
             direction, top_names = ex.texts()
             first: list[str] | str = top_names[r] if top_names is not None else self.field_names[0]
             self.columns = [first, direction[r]]  # type: ignore[list-item]
-            row = ex.matrix[r, ex.slots]
+            row = ex.matrix[r, ex.span]
         else:
             at = cols
             top, up = ex.top[r, cols], ex.up[r, cols]
