@@ -276,19 +276,22 @@ class _Kept:
     def __init__(self, per_series: Sequence[list[FieldSamples]], wms: Sequence[int], period: int, back: int,
                  margin: int) -> None:
         d = len(per_series[0]) if per_series else 0
+        n = len(per_series)
         self.times: list[NDArray[np.int64]] = []
         self.values: list[NDArray[np.float64]] = []
-        self.starts = np.zeros((d, len(per_series) + 1), dtype=np.int64)
+        self.starts = np.zeros((d, n + 1), dtype=np.int64)
+        # Each series keeps its samples in [lo, hi] (see `_keep_bounds`), for all series in a few array operations.
+        w = np.asarray(wms, dtype=np.int64)
+        lo, hi = _keep_bounds(w, period, back, margin)
         for j in range(d):
-            ts, vs = [], []
-            for i, (fields, wm) in enumerate(zip(per_series, wms, strict=True)):
-                t, v = fields[j]
-                a, b = _keep_bounds(t, wm, period, back, margin)
-                ts.append(t[a:b])
-                vs.append(v[a:b])
-                self.starts[j, i + 1] = self.starts[j, i] + (b - a)
-            self.times.append(np.concatenate(ts) if ts else np.empty(0, dtype=np.int64))
-            self.values.append(np.concatenate(vs) if vs else np.empty(0))
+            ts = [f[j][0] for f in per_series]
+            lengths = np.fromiter((len(t) for t in ts), dtype=np.int64, count=n)
+            t_all = np.concatenate(ts).astype(np.int64, copy=False) if n else np.empty(0, dtype=np.int64)
+            row = np.repeat(np.arange(n), lengths)
+            keep = (t_all >= lo[row]) & (t_all <= hi[row])
+            self.starts[j, 1:] = np.cumsum(np.bincount(row[keep], minlength=n))
+            self.times.append(t_all[keep])
+            self.values.append(np.concatenate([f[j][1] for f in per_series])[keep] if n else np.empty(0))
 
     def fields(self, i: int) -> list[FieldSamples]:
         """Series ``i``'s kept samples (views)."""
@@ -300,15 +303,20 @@ class _Kept:
         return int(self.starts.nbytes + sum(a.nbytes for a in (*self.times, *self.values)))
 
 
-def _keep_bounds(t: NDArray[np.int64], wm: int, period: int, back: int, margin: int) -> tuple[int, int]:
-    lo, hi = wm + period - back * period - margin - period // 2, wm + period // 2
-    return int(np.searchsorted(t, lo, side="left")), int(np.searchsorted(t, hi, side="right"))
+def _keep_bounds(wm: NDArray[np.int64], period: int, back: int, margin: int) -> tuple[NDArray[np.int64],
+                                                                                    NDArray[np.int64]]:
+    """The times of the samples a series keeps for the next tick, ``[lo, hi]`` per watermark: the ``back`` samples
+    before the first window after the watermark and the gap margin before them (half a period either side)."""
+    return wm + period - back * period - margin - period // 2, wm + period // 2
 
 
 def _joined(kept: list[FieldSamples], new: list[FieldSamples], after: int) -> list[FieldSamples]:
     """The kept samples followed by the newly read ones after them (a read may overlap what was kept)."""
     out = []
     for (kt, kv), (nt, nv) in zip(kept, new, strict=True):
+        if len(nt) and nt[0] > after:  # the steady case: the read starts after what was kept
+            out.append((np.concatenate((kt, nt)), np.concatenate((kv, nv))))
+            continue
         a = np.searchsorted(nt, after, side="right")
         out.append((np.concatenate((kt, nt[a:])), np.concatenate((kv, nv[a:]))))
     return out
