@@ -46,7 +46,7 @@ from anomalyd.demo.synthetic import ecg
 from anomalyd.service import catalog
 from anomalyd.service.catalog import Catalog, StoredModel
 from anomalyd.service.state import ScoreStates, Watermarks
-from anomalyd.service.worker import Worker
+from anomalyd.service.worker import Worker, tune_gc
 from anomalyd.store.base import SeriesPoints, line_protocol, series_lines
 from anomalyd.store.influx1 import InfluxDB1Store
 from anomalyd.store.local import LocalInfluxd
@@ -327,6 +327,7 @@ def peak_rss(server: LocalInfluxd, n: int, root: Path, n_fields: int, now: int) 
 
 
 def main() -> None:
+    tune_gc()  # as `anomalyd run` does
     if len(sys.argv) > 1 and sys.argv[1] == "--child-rss":
         url, n, root, n_fields, now = sys.argv[2:7]
         child_rss(url, int(n), root, int(n_fields), int(now))

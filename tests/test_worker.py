@@ -302,3 +302,20 @@ def test_a_model_of_another_window_is_refused_with_one_line(cfg: Config, store: 
     report = _worker(other, store, clock=lambda: now).tick()
     assert report.windows == 0 and report.signals["heartbeat"].untrained == 2
     assert "retrain with `anomalyd train`" in caplog.text
+
+
+def test_a_scoring_process_runs_the_cyclic_collector_less_often_and_never_lowers_a_threshold() -> None:
+    import gc
+
+    from anomalyd.service.worker import GC_THRESHOLD, tune_gc
+
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        tune_gc()
+        assert gc.get_threshold() == (GC_THRESHOLD, 10, 10)
+        gc.set_threshold(GC_THRESHOLD * 2, 5, 5)  # an operator's own, higher setting stays
+        tune_gc()
+        assert gc.get_threshold() == (GC_THRESHOLD * 2, 5, 5)
+    finally:
+        gc.set_threshold(*before)

@@ -150,8 +150,9 @@ def _worker(cfg: Config, dry_run: bool = False):  # type: ignore[no-untyped-def]
     from .alerts.manager import AlertManager
     from .service.catalog import Catalog
     from .service.state import ScoreStates, Watermarks
-    from .service.worker import Worker
+    from .service.worker import Worker, tune_gc
 
+    tune_gc()
     alerts = AlertManager(cfg.alerts, cfg.paths.state, dry_run=dry_run)
     if not dry_run:
         return Worker(cfg, _store(cfg), Catalog(cfg.paths.models), Watermarks(cfg.paths.state / "watermarks.json"),
