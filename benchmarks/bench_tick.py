@@ -272,12 +272,30 @@ def peak_rss_self() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024
 
 
-def child_rss(url: str, n: int, root: str, n_fields: int, now: int) -> None:
+def child_rss(url: str, n: int, root: str, n_fields: int, now: int, full: bool = False) -> None:
     """In a fresh process: a worker in its steady state over N series (two ticks: whole windows after the start,
-    then a steady tick, score histories and kept samples in memory); print its own peak RSS in bytes."""
+    then a steady tick, score histories and kept samples in memory); print its own peak RSS in bytes.
+
+    ``full``: before the steady tick, every score history is filled to ``long_window`` averages (16 windows per
+    update, as ticks add them): the daemon once it has run for ``long_window`` windows, when no history row is
+    smaller than a full one (the model's own history holds fewer, so the plain run measures younger rows)."""
     cfg = bench_config(url, n, Path(root), n_fields)
     store = InfluxDB1Store(cfg.influxdb)  # type: ignore[attr-defined]
-    w = fresh_worker(cfg, store, n, now, now, ScoreStates(None))
+    scores = ScoreStates(None)
+    w = fresh_worker(cfg, store, n, now, now, scores)
+    if full:
+        from anomalyd.core.normaliser import update_block
+
+        norms = [nm for _, nm in scores._norms.values()]
+        size = norms[0].params.long_window
+        rng = np.random.default_rng(0)
+        for a in range(0, len(norms), 2000):
+            part = norms[a : a + 2000]
+            while min(nm.history_length for nm in part) < size:
+                update_block(part, 1.0 + 0.01 * rng.standard_normal((len(part), 16)))
+            for nm in part:
+                nm.release()
+        assert all(nm.history_length == size for nm in norms)
     rep = w.tick(now)
     assert rep.windows == 16 * n, (rep.windows, n)  # it scored what the daemon would
     print(peak_rss_self())
@@ -324,11 +342,11 @@ def state_io(n: int) -> None:
             print(f"N={n} score states, full histories: {out.strip()}", flush=True)
 
 
-def peak_rss(server: LocalInfluxd, n: int, root: Path, n_fields: int, now: int) -> int:
+def peak_rss(server: LocalInfluxd, n: int, root: Path, n_fields: int, now: int, full: bool = False) -> int:
     """The RSS child's peak, its ticks at ``now`` of the samples `setup` wrote (a later clock would find no samples
-    in its windows once the measurements took more than a minute, and score nothing)."""
+    in its windows once the measurements took more than a minute, and score nothing); ``full``: histories full."""
     out = subprocess.run([sys.executable, __file__, "--child-rss", server.url, str(n), str(root), str(n_fields),
-                          str(now)], check=True, capture_output=True, text=True).stdout
+                          str(now), *(["full"] if full else [])], check=True, capture_output=True, text=True).stdout
     return int(out.split()[-1])
 
 
@@ -336,7 +354,7 @@ def main() -> None:
     tune_gc()  # as `anomalyd run` does
     if len(sys.argv) > 1 and sys.argv[1] == "--child-rss":
         url, n, root, n_fields, now = sys.argv[2:7]
-        child_rss(url, int(n), root, int(n_fields), int(now))
+        child_rss(url, int(n), root, int(n_fields), int(now), full=sys.argv[7:8] == ["full"])
         return
     if len(sys.argv) > 1 and sys.argv[1] == "--child-state":
         child_state(sys.argv[2], int(sys.argv[3]), sys.argv[4])
@@ -345,7 +363,8 @@ def main() -> None:
     ap.add_argument("--series", type=int, nargs="+", default=[1000, 10000])
     ap.add_argument("--baseline-max", type=int, default=2000)
     ap.add_argument("--fields", type=int, default=1, help="fields per series (a multi-field signal when > 1)")
-    ap.add_argument("--rss", action="store_true", help="also the peak RSS of a daemon process at each N")
+    ap.add_argument("--rss", action="store_true", help="also the peak RSS of a daemon process at each N, and of one "
+                    "whose score histories are full")
     ap.add_argument("--repeat", type=int, default=3, help="runs of the floor and the ticks (the best is kept)")
     ap.add_argument("--no-tracemalloc", action="store_true", help="skip the tracemalloc tick (slow at 100,000)")
     ap.add_argument("--state-io", action="store_true", help="only the peak RSS of saving and of loading the score "
@@ -364,7 +383,8 @@ def main() -> None:
                 tick, floor, base, nb, peak = measure(server, n, root, args.baseline_max, args.fields, args.repeat,
                                                       not args.no_tracemalloc)
                 rss = peak_rss(server, n, root, args.fields, NOW[n]) if args.rss else 0
-                rows.append((n, tick, floor, base, nb, peak, rss))
+                full = peak_rss(server, n, root, args.fields, NOW[n], full=True) if args.rss else 0
+                rows.append((n, tick, floor, base, nb, peak, rss, full))
                 ticks, floors = SPREAD[n]
                 pairs = sorted(t / f for t, f in zip(ticks, floors, strict=True))
                 print(f"N={n}: every tick {', '.join(f'{t:.2f}' for t in ticks)} s; every floor "
@@ -374,17 +394,18 @@ def main() -> None:
                 print(f"N={n}: tick {tick:.2f}s, floor {floor:.2f}s ({tick / floor:.2f}x), first tick after a "
                       f"restart {COLD[n]:.2f}s, blog loop {base:.1f}s"
                       f"{' (scaled from ' + str(nb) + ')' if nb < n else ''} ({base / tick:.0f}x slower), "
-                      f"tracemalloc peak {peak / 2**20:.1f} MiB" + (f", peak RSS {rss / 2**20:.0f} MiB" if rss else ""),
+                      f"tracemalloc peak {peak / 2**20:.1f} MiB" + (f", peak RSS {rss / 2**20:.0f} MiB, with full "
+                                                                    f"histories {full / 2**20:.0f} MiB" if rss else ""),
                       flush=True)
         finally:
             server.stop()
     print("\n| series | tick (s) | curl floor (s) | tick / floor | first tick after a restart (s) | blog loop (s) "
-          "| blog / tick | tracemalloc peak MiB | peak RSS MiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for n, tick, floor, base, nb, peak, rss in rows:
+          "| blog / tick | tracemalloc peak MiB | peak RSS MiB | peak RSS, full histories MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for n, tick, floor, base, nb, peak, rss, full in rows:
         note = f" (measured on {nb}, scaled)" if nb < n else ""
         print(f"| {n} | {tick:.2f} | {floor:.2f} | {tick / floor:.2f} | {COLD[n]:.2f} | {base:.1f}{note} | "
-              f"{base / tick:.0f} | {peak / 2**20:.1f} | {rss / 2**20:.0f} |")
+              f"{base / tick:.0f} | {peak / 2**20:.1f} | {rss / 2**20:.0f} | {full / 2**20:.0f} |")
 
 
 if __name__ == "__main__":

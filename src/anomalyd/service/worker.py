@@ -56,6 +56,9 @@ _LATE_BATCH = 100  # series behind the others read again per query
 _OWNED_BATCH = 500  # a sharded replica's series per query (a tag filter of this many alternatives)
 _DISCOVER_S = 600.0  # a sharded replica looks for new series this often (SHOW SERIES: the index, no samples)
 _ATTRIBUTION_FIELDS = ("share", "error", "direction", "value")
+#: The plots and attribution of a series' results when none of its windows is anomalous (read, never written).
+_NO_PLOTS: dict[int, tuple[NDArray[np.float64], NDArray[np.float64]]] = {}
+_NO_SHARES: dict[int, tuple[FieldShare, ...]] = {}
 #: The cyclic garbage collector's first threshold in a scoring process (CPython's default: 700 allocations).
 GC_THRESHOLD = 50_000
 
@@ -665,7 +668,10 @@ class Worker:
                     # again on its own from its own start, below; so is one whose samples before its watermark were
                     # not kept (new since the last tick).
                     if cached:
-                        kept = cached.get(key.id)
+                        # Taken out as it is used, so that the last tick's kept samples are let go group by group
+                        # rather than held beside the new ones until the tick ends. A tick that fails reads the
+                        # series it took in full next time, which scores them the same.
+                        kept = cached.pop(key.id, None)
                         if kept is None or kept[0] != s_lo:
                             late.setdefault((stored.model_id, s_lo), (stored, []))[1].append(_Member(key, per_field))
                             continue
@@ -976,9 +982,9 @@ class Worker:
         n_anom = sum(anomalous)
         rep.windows += n
         rep.anomalous += n_anom
-        plots = {}
-        shares = {}
+        plots, shares = _NO_PLOTS, _NO_SHARES  # shared and never written: most series have no anomalous window
         if n_anom:
+            plots, shares = {}, {}
             for g in np.flatnonzero(b.anomalous[r]).tolist():
                 plots[g] = _plot(det, row, int(slots[g]), int(b.nearest[r, g]))
                 shares[g] = why.shares(g)
