@@ -26,7 +26,8 @@ _BLAS: list[ThreadpoolController] = []  # made at the first match, once numpy's 
 def _one_blas_thread() -> AbstractContextManager[object]:
     """A context that runs BLAS on one thread. The products of `ShapeCatalog.match` (a few thousand windows by
     ~150 shapes of 32 values) are too small to split: with OpenBLAS' default of one thread per core, each waits
-    for the others and they took 3-6x as long as on one thread (`benchmarks/bench_throughput.py`)."""
+    for the others and they took 3-6x as long as on one thread (benchmarks/RESULTS.md, "Tick against its floor,
+    third pass"). The limit holds for the whole process while a match runs."""
     if not _BLAS:
         _BLAS.append(ThreadpoolController())
     return _BLAS[0].limit(limits=1, user_api="blas")
