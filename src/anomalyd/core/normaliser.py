@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Generic, Literal, TypeVar, overload
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -537,6 +537,27 @@ def params_from_dict(raw: Mapping[str, Any]) -> NormaliserParams:
     return NormaliserParams(**{**PARAMS_BEFORE, **{k: v for k, v in dict(raw).items() if k in names}})
 
 
+_T = TypeVar("_T")
+
+
+class _Scalar(Generic[_T]):
+    """One of a normaliser's numbers, kept in column ``col`` of its row in the pool's state block (see
+    `HistoryPool`): read and written as an attribute, converted by ``kind`` (float or int)."""
+
+    def __init__(self, col: int, kind: Callable[[Any], _T], doc: str) -> None:
+        self.col, self.kind, self.__doc__ = col, kind, doc
+
+    @overload
+    def __get__(self, obj: None, owner: type | None = None) -> _Scalar[_T]: ...
+    @overload
+    def __get__(self, obj: ScoreNormaliser, owner: type | None = None) -> _T: ...
+    def __get__(self, obj: ScoreNormaliser | None, owner: type | None = None) -> _Scalar[_T] | _T:
+        return self if obj is None else self.kind(obj._get(self.col))
+
+    def __set__(self, obj: ScoreNormaliser, v: _T) -> None:
+        obj._set(self.col, self.kind(v))  # type: ignore[arg-type]
+
+
 class ScoreNormaliser:
     """The state of one series' score: recent averages, running sums, red-zone and range memory.
 
@@ -592,68 +613,13 @@ class ScoreNormaliser:
         b, r = divmod(self._row, self._pool.rows_per_block)
         self._pool.states[b][r, c] = v
 
-    @property
-    def s1(self) -> float:
-        """Running sum of the history."""
-        return self._get(_C_S1)
-
-    @s1.setter
-    def s1(self, v: float) -> None:
-        self._set(_C_S1, v)
-
-    @property
-    def s2(self) -> float:
-        """Running sum of the squares of the history."""
-        return self._get(_C_S2)
-
-    @s2.setter
-    def s2(self, v: float) -> None:
-        self._set(_C_S2, v)
-
-    @property
-    def seen(self) -> int:
-        """Finite errors seen."""
-        return int(self._get(_C_SEEN))
-
-    @seen.setter
-    def seen(self, v: int) -> None:
-        self._set(_C_SEEN, int(v))
-
-    @property
-    def since_red(self) -> int:
-        """Errors since the last red one (huge: none yet)."""
-        return int(self._get(_C_SINCE))
-
-    @since_red.setter
-    def since_red(self, v: int) -> None:
-        self._set(_C_SINCE, int(v))
-
-    @property
-    def rec_err(self) -> float:
-        """Record rule (``record_factor``): the largest error seen."""
-        return self._get(_C_REC)
-
-    @rec_err.setter
-    def rec_err(self, v: float) -> None:
-        self._set(_C_REC, v)
-
-    @property
-    def top_score(self) -> float:
-        """Record rule: the highest score seen."""
-        return self._get(_C_TOP)
-
-    @top_score.setter
-    def top_score(self, v: float) -> None:
-        self._set(_C_TOP, v)
-
-    @property
-    def red_run(self) -> int:
-        """History gate (``history_gate``): red windows in a row kept out of the history."""
-        return int(self._get(_C_RUN))
-
-    @red_run.setter
-    def red_run(self, v: int) -> None:
-        self._set(_C_RUN, int(v))
+    s1 = _Scalar(_C_S1, float, "Running sum of the history.")
+    s2 = _Scalar(_C_S2, float, "Running sum of the squares of the history.")
+    seen = _Scalar(_C_SEEN, int, "Finite errors seen.")
+    since_red = _Scalar(_C_SINCE, int, "Errors since the last red one (huge: none yet).")
+    rec_err = _Scalar(_C_REC, float, "Record rule (``record_factor``): the largest error seen.")
+    top_score = _Scalar(_C_TOP, float, "Record rule: the highest score seen.")
+    red_run = _Scalar(_C_RUN, int, "History gate (``history_gate``): red windows in a row kept out of the history.")
 
     @property
     def tail(self) -> NDArray[np.float64]:
