@@ -18,7 +18,7 @@ Conventions
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypedDict
 
 import numpy as np
@@ -263,6 +263,17 @@ def window_metrics(
     return _metrics_from_counts(tp, fp, fn)
 
 
+def _two_class_area(area: Callable[[NDArray[np.bool_], NDArray[np.float64]], float], labels: ArrayLike,
+                    scores: ArrayLike) -> float:
+    """``area(labels, scores)`` after checking both, NaN when ``labels`` holds a single class."""
+    lab = _as_bool_1d(labels, "labels")
+    sc = _as_float_1d(scores, "scores")
+    _check_same_length(lab, sc, ("labels", "scores"))
+    if lab.all() or not lab.any():
+        return math.nan
+    return float(area(lab, sc))
+
+
 def roc_auc(labels: ArrayLike, scores: ArrayLike) -> float:
     """Area under the ROC curve (scikit-learn), NaN when only one class is present.
 
@@ -287,12 +298,7 @@ def roc_auc(labels: ArrayLike, scores: ArrayLike) -> float:
     >>> roc_auc([1, 1], [0.1, 0.2])
     nan
     """
-    lab = _as_bool_1d(labels, "labels")
-    sc = _as_float_1d(scores, "scores")
-    _check_same_length(lab, sc, ("labels", "scores"))
-    if lab.all() or not lab.any():
-        return math.nan
-    return float(roc_auc_score(lab, sc))
+    return _two_class_area(roc_auc_score, labels, scores)
 
 
 def pr_auc(labels: ArrayLike, scores: ArrayLike) -> float:
@@ -318,12 +324,7 @@ def pr_auc(labels: ArrayLike, scores: ArrayLike) -> float:
     >>> round(pr_auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]), 4)
     0.8333
     """
-    lab = _as_bool_1d(labels, "labels")
-    sc = _as_float_1d(scores, "scores")
-    _check_same_length(lab, sc, ("labels", "scores"))
-    if lab.all() or not lab.any():
-        return math.nan
-    return float(average_precision_score(lab, sc))
+    return _two_class_area(average_precision_score, labels, scores)
 
 
 # ---------------------------------------------------------------------------------------------------------
