@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,7 +24,7 @@ from anomalyd.demo.synthetic import ecg
 from anomalyd.service.catalog import Catalog, StoredModel, model_id_for, save
 from anomalyd.service.state import Watermarks
 from anomalyd.service.worker import Worker
-from anomalyd.store.base import Point, Query, SeriesPoints, StoreError, line_protocol, series_lines
+from anomalyd.store.base import Point, Query, SeriesPoints, StoreError, line_protocol, pipelined_write, series_lines
 from anomalyd.store.influx1 import InfluxDB1Store
 from anomalyd.store.local import LocalInfluxd, free_port
 from conftest import make_config
@@ -201,6 +204,76 @@ def test_a_block_is_written_as_its_points_one_by_one(columns: tuple[object, ...]
     sp = SeriesPoints("m m,{x}%", (("h", "a b{c}%"), ("k=1", "v,1")), ("f", "f b", "n%", "t"), columns,
                       [T0, T0 + 1, T0 + 2])
     assert series_lines(sp) == [line_protocol(p) for p in sp.points()]
+
+
+@pytest.mark.parametrize(("tags", "expected"), [
+    ((("b", "2"), ("a", "1"), ("e", "")), ",a=1,b=2"),  # sorted by key, the empty value left out
+    ((("series", "host=h1"), ("k ,=", "v ,=")), ",k\\ \\,\\==v\\ \\,\\=,series=host\\=h1"),
+    ((("k", "a\\b"), ("w", "x y")), ",k=a\\b,w=x\\ y"),  # an inner backslash is kept as it is
+])
+def test_tags_are_escaped_exactly(tags: tuple[tuple[str, str], ...], expected: str) -> None:
+    assert series_lines(SeriesPoints("m", tags, ("v",), (1.0,), [5])) == [f"m{expected} v=1.0 5"]
+
+
+@pytest.mark.parametrize("tags", [(("k", "v\\"),), (("k\\", "v"),), (("k", "a\nb"),)])
+def test_a_tag_that_line_protocol_cannot_hold_is_refused_naming_it(tags: tuple[tuple[str, str], ...]) -> None:
+    with pytest.raises(ValueError, match=r"cannot be written in InfluxDB 1\.x line protocol"):
+        series_lines(SeriesPoints("m", tags, ("v",), (1.0,), [5]))
+
+
+def _bodies(n: int) -> list[Point]:
+    return [Point("m", (), (("v", float(i)),), i) for i in range(n)]
+
+
+@pytest.mark.parametrize("ahead", [0, 1, 4])
+def test_pipelined_bodies_go_in_order_and_whole(ahead: int) -> None:
+    sent: list[bytes] = []
+    with ThreadPoolExecutor(1) as sender:
+        pipelined_write(_bodies(23), 5, sender, lambda body: (time.sleep(0.002), sent.append(body))[1], ahead=ahead)
+    assert [b.decode().split("\n") for b in sent] == [
+        [f"m v={float(i)} {i}" for i in range(a, min(a + 5, 23))] for a in range(0, 23, 5)]
+
+
+def test_a_failed_body_is_raised_and_the_bodies_queued_behind_it_are_not_sent() -> None:
+    sent: list[int] = []
+    release = threading.Event()
+
+    def post(body: bytes) -> None:
+        first = int(body.split(b"\n")[0].split(b" ")[-1])
+        if first == 0:
+            release.wait(5)  # the formatting runs ahead meanwhile and queues the next bodies
+            raise StoreError("write refused")
+        sent.append(first)
+
+    points = iter(_bodies(40))
+
+    def feed() -> Iterator[Point]:
+        for i, p in enumerate(points):
+            if i == 17:
+                release.set()  # bodies 1 and 2 are queued behind it; the first now fails
+                time.sleep(0.05)
+            yield p
+
+    with ThreadPoolExecutor(1) as sender, pytest.raises(StoreError, match="write refused"):
+        pipelined_write(feed(), 5, sender, post, ahead=2)
+    assert sent == []  # what was queued behind the failure was cancelled: the retry writes it all again
+
+
+def test_a_failure_while_the_points_are_made_waits_for_the_body_in_flight() -> None:
+    done: list[int] = []
+
+    def post(body: bytes) -> None:
+        time.sleep(0.05)
+        done.append(len(body))
+
+    def feed() -> Iterator[Point]:
+        yield from _bodies(5)
+        raise RuntimeError("scoring failed")
+
+    with ThreadPoolExecutor(1) as sender:
+        with pytest.raises(RuntimeError, match="scoring failed"):
+            pipelined_write(feed(), 5, sender, post)
+        assert len(done) == 1  # the body in flight had ended when the failure went up
 
 
 def test_a_block_with_a_non_finite_value_is_refused_naming_it() -> None:

@@ -12,6 +12,7 @@ import functools
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -223,13 +224,39 @@ class Query:
         return self.fields or (self.field,)
 
 
+#: Bodies formatted ahead of the one being sent (`pipelined_write`): enough that the sender keeps busy while the
+#: worker scores its next slice of series (the bodies of one slice come in a burst), few enough to bound memory.
+WRITE_AHEAD = 4
+
+
 def pipelined_write(points: Iterable[Point | SeriesPoints], batch: int, sender: ThreadPoolExecutor,
-                    post: Callable[[bytes], None]) -> None:
-    """Format ``points`` as line protocol and ``post`` them in bodies of ``batch`` lines on the ``sender`` thread,
-    one body in flight at a time and in order, the next formatted while the previous is sent. The first failure is
-    raised once the body in flight is done (the points come from a generator the caller may still be filling)."""
-    pending: Future[None] | None = None
+                    post: Callable[[bytes], None], ahead: int = WRITE_AHEAD) -> None:
+    """Format ``points`` as line protocol and ``post`` them in bodies of ``batch`` lines on the ``sender`` thread
+    (one thread: the bodies go in order, one at a time), formatting up to ``ahead`` bodies beyond the one in
+    flight, so that the sender keeps sending while the points are still being made. The first failure is raised
+    as soon as the formatting notices it, and the bodies queued behind it are not sent (the caller writes them
+    again on its retry). A failure while the points are made is raised once the body in flight has ended; the
+    bodies queued are not sent either."""
+    pending: deque[Future[None]] = deque()
     buf: list[str] = []
+    failed: list[BaseException] = []
+
+    def send(body: bytes) -> None:
+        if failed:  # an earlier body failed: this one is written again with it, on the caller's retry
+            return
+        try:
+            post(body)
+        except BaseException as exc:
+            failed.append(exc)
+            raise
+
+    def submit(body: bytes) -> None:
+        while pending and (len(pending) > ahead or pending[0].done()):
+            pending.popleft().result()  # raises the first failure
+        if failed:
+            raise failed[0]
+        pending.append(sender.submit(send, body))
+
     try:
         for p in points:
             if isinstance(p, SeriesPoints):
@@ -239,16 +266,23 @@ def pipelined_write(points: Iterable[Point | SeriesPoints], batch: int, sender: 
             while len(buf) >= batch:
                 body = "\n".join(buf[:batch]).encode()
                 del buf[:batch]
-                if pending is not None:
-                    pending.result()
-                pending = sender.submit(post, body)
+                submit(body)
         if buf:
-            if pending is not None:
-                pending.result()
-            pending = sender.submit(post, "\n".join(buf).encode())
-    finally:
-        if pending is not None:
-            pending.result()
+            submit("\n".join(buf).encode())
+        while pending:
+            pending.popleft().result()
+        if failed:
+            raise failed[0]
+    except BaseException:
+        for f in pending:
+            f.cancel()  # not started: not sent
+        for f in pending:
+            if not f.cancelled():
+                try:
+                    f.result()  # the body in flight ends before the failure goes up (no write left running)
+                except Exception:  # the first failure is the one raised
+                    pass
+        raise
 
 
 class Store(Protocol):
@@ -277,6 +311,11 @@ def _check_representable(s: str) -> None:
 
 def _escape_key(s: str) -> str:
     _check_representable(s)
+    return _escape(s)
+
+
+def _escape(s: str) -> str:
+    """A tag key, tag value or field key with ``,``, ``=`` and space escaped (`_check_representable` passed)."""
     if "," in s or "=" in s or " " in s:
         return s.replace(",", "\\,").replace("=", "\\=").replace(" ", "\\ ")
     return s
@@ -290,8 +329,13 @@ def _field_key(name: str, after: bool) -> str:
 
 def _tag_string(tags: Tags) -> str:
     # Not cached: 100,000 series would cycle through any cache every tick (each lookup missing and keeping a key
-    # alive), and escaping a few short strings costs about what hashing the tags for a lookup does.
-    return "".join(f",{_escape_key(k)}={_escape_key(v)}" for k, v in sorted(tags) if v != "")
+    # alive). One test over all the tags' text finds whether any needs `_escape_key`'s refusal (a backslash or a
+    # newline, rare); the rest are escaped by `_escape`.
+    pairs = sorted(tags)
+    text = "".join([k + v for k, v in pairs])
+    if "\\" in text or "\n" in text:
+        return "".join(f",{_escape_key(k)}={_escape_key(v)}" for k, v in pairs if v != "")
+    return "".join([f",{_escape(k)}={_escape(v)}" for k, v in pairs if v != ""])
 
 
 def _escape_measurement(s: str) -> str:

@@ -642,8 +642,9 @@ class InfluxDB1Store:
 
     # -- writes ------------------------------------------------------------------------------------
     def write(self, points: Iterable[Point | SeriesPoints], retention_policy: str = "") -> None:
-        """Format and send in batches of ``write_batch`` lines; the next batch is formatted while the previous one
-        is in flight (one at a time, in order). The first failure is raised once the batch in flight is done."""
+        """Format and send in batches of ``write_batch`` lines, in order, one at a time, with a few batches
+        formatted ahead while one is in flight (`pipelined_write`). The first failure is raised; the batches
+        behind it are not sent."""
         params = self._write_params(retention_policy)
         pipelined_write(points, self.write_batch, self._sender, lambda body: self._post_write(params, body))
 

@@ -326,8 +326,8 @@ class InfluxDB2FluxStore:
 
 
     def write(self, points: Iterable[Point | SeriesPoints], retention_policy: str = "") -> None:
-        """Line protocol to /api/v2/write in batches of ``write_batch`` lines (the next one formatted while the
-        previous is in flight). ``retention_policy`` has no meaning in 2.x: everything goes to the bucket."""
+        """Line protocol to /api/v2/write in batches of ``write_batch`` lines (a few formatted ahead while one is
+        in flight, `pipelined_write`). ``retention_policy`` has no meaning in 2.x: everything goes to the bucket."""
         pipelined_write(points, self.write_batch, self._sender, self._post_write)
 
     def _post_write(self, body: bytes) -> None:
