@@ -157,7 +157,7 @@ def evaluate_attribution(data: Path, machine: str, det: Detector, b: Any, train:
     segs = load_interpretation(data / "interpretation_label" / f"machine-{machine}.txt", test.shape[1])
     out: dict[str, Any] = {"segments": len(segs),
                            "random": {f"hit@{p}": random_hit_rate(segs, p, test.shape[1]) for p in (100, 150)}}
-    out.update(attribution_figures(b.field_error, segs, det.window_, b.anomalous))
+    out.update(attribution_figures(b.field_weight, segs, det.window_, b.anomalous))
     errs = window_errors(det, train, test)
     if det.spec.field_surprise == 0:  # with the per-field surprise, field_error is the surprise, not this
         assert np.allclose(ATTRIBUTIONS[next(iter(ATTRIBUTIONS))](errs), b.field_error, rtol=1e-9, atol=1e-12), \

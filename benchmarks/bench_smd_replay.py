@@ -156,7 +156,7 @@ def compare(daemon: dict[str, Any], b: Any, names: list[str], rtol: float = 1e-9
         note(name, both & ~same)
     # The same code as the daemon's (`anomalyd.core.attribution.explain`): shares with 4 decimals, the
     # out-of-range rule.
-    off_share, _, top_off = explain(b.field_error, b.field_sign, b.field_excess)
+    off_share, _, top_off = explain(b.field_weight, b.field_sign, b.field_excess)
     d_share = daemon["share"]
     same = (np.isnan(d_share) & np.isnan(off_share)) | np.isclose(d_share, off_share, rtol=1e-7, atol=1e-12)
     note("share", both & ~same.all(axis=1))
@@ -210,7 +210,7 @@ def run_machine(server: LocalInfluxd, work: Path, data: Path, machine: str) -> d
         "window_f1_daemon": f_daemon["f1"], "window_f1_offline": f_offline["f1"],
         "window_precision_daemon": f_daemon["precision"], "window_recall_daemon": f_daemon["recall"],
         "hit_daemon": hit_rates(back["share"], segs, det.window_),
-        "hit_offline": hit_rates(explain(b.field_error, b.field_sign, b.field_excess)[0], segs, det.window_),
+        "hit_offline": hit_rates(explain(b.field_weight, b.field_sign, b.field_excess)[0], segs, det.window_),
         "compare": cmp,
     }
 

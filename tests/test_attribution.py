@@ -118,7 +118,7 @@ def test_smd_slice_attribution_beats_a_random_ranking(shared_data: Path) -> None
     segs = [g for g in load_interpretation(root / "interpretation_label" / "machine-2-7.txt", 38) if g.end + 16 <= n]
     assert len(segs) == 3
     det, b = smd_run(train[:n], test[:n], DetectorSpec(n_init=1))
-    shares = field_shares(b.field_error)
+    shares = field_shares(b.field_weight)  # what the daemon writes (`explain`), here without the range rule
     ok = np.isfinite(shares).any(axis=1)
     assert np.allclose(np.nansum(shares[ok], axis=1), 1.0)
     centred = summarise(shares, shift_segments(segs, det.window_ // 2, n))

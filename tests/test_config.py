@@ -116,7 +116,7 @@ MALFORMED = [
     ("quantile above 1", "signals[0].threshold.quantile", 1.5, "signals[0].threshold.quantile", "(0, 1]"),
     ("threshold not a table", "signals[0].threshold", "max", "signals[0].threshold", "must be a table"),
     ("unknown influxdb key", "influxdb.hots", "x", "influxdb.hots", "accepted: api, bucket, database"),
-    ("unknown signal key", "signals[0].windw", 32, "signals[0].windw", "accepted: clusters"),
+    ("unknown signal key", "signals[0].windw", 32, "signals[0].windw", "accepted: attribution, clusters"),
     ("unknown threshold key", "signals[0].threshold.margn", 2, "signals[0].threshold.margn", "accepted: k"),
     ("unknown section", "influx", {"url": "x"}, "influx", "accepted: alerts"),
     ("password in the file", "influxdb.password", SECRET, "influxdb.password", "ANOMALYD_INFLUXDB_PASSWORD"),

@@ -433,6 +433,42 @@ def test_a_deviation_in_one_field_is_attributed_to_it(seed: int, sign: float) ->
     near = (b.position >= start) & (b.position < start + 8 + w - 1 + det.spec.normaliser.short_window)
     assert not b.anomalous[~near].any()
     assert b.field_error.shape == (3000, 3) and b.field_sign.shape == (3000, 3)
+    # The attribution is the error by default; by movement it would miss a bump inside a sine's usual range.
+    assert np.array_equal(b.field_weight, b.field_error, equal_nan=True)
+
+
+def test_the_movement_attribution_is_each_fields_range_in_the_window_in_scaled_units() -> None:
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2000, 2)) * [1.0, 50.0] + [0.0, 1000.0]
+    det = Detector(DetectorSpec(window=16, n_clusters=20, n_init=1)).fit([x[:1500]])
+    assert det.spec.attribution == "error"
+    det = Detector(replace(det.spec, attribution="movement")).fit([x[:1500]])
+    b = det.update(det.start(1500, context=x[:1500]), x[1500:])
+    z = (np.concatenate((x[1500 - 15 : 1500], x[1500:])) - det.mean_) / det.scale_
+    ranges = np.lib.stride_tricks.sliding_window_view(z, 16, axis=0).max(axis=2) - \
+        np.lib.stride_tricks.sliding_window_view(z, 16, axis=0).min(axis=2)
+    assert np.allclose(b.field_weight, ranges, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="attribution='share' is not one of error, movement"):
+        DetectorSpec(attribution="share")
+
+
+def test_by_movement_a_step_in_one_quiet_field_among_noisy_ones_is_attributed_to_it() -> None:
+    """The SMD case: fields of very different spreads, one steps up by 6 of its training spreads. By movement it
+    is the top field; detection (score, error, decision) is the same as with the default attribution."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(5000, 4)) * [1.0, 0.01, 30.0, 5.0]
+    y = x[4000:].copy()
+    y[500:, 1] += 0.06
+    specs = [DetectorSpec(window=16, n_clusters=30, n_init=1, attribution=a) for a in ("movement", "error")]
+    batches = []
+    for spec in specs:
+        det = Detector(spec).fit([x[:4000]])
+        batches.append(det.update(det.start(4000, context=x[:4000]), y))
+    moved, err = batches
+    at = np.arange(500, 515)  # the windows that hold the step (the one ending at 515 starts after it)
+    assert (np.argmax(moved.field_weight[at], axis=1) == 1).all(), moved.field_weight[at]
+    for name in ("score", "error", "anomalous", "field_error"):
+        assert np.array_equal(getattr(moved, name), getattr(err, name), equal_nan=True), name
 
 
 # -- persistence and display ----------------------------------------------------------------------

@@ -45,7 +45,7 @@ from pydantic.dataclasses import dataclass, is_pydantic_dataclass
 from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails, PydanticCustomError
 
-from .core.detector import DECISIONS, DetectorSpec
+from .core.detector import ATTRIBUTIONS, DECISIONS, DetectorSpec
 
 ENV_PREFIX = "ANOMALYD_"
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ns|us|µs|ms|s|m|h|d|w)\s*$")
@@ -495,6 +495,7 @@ class SignalConfig:
     score_threshold: Annotated[Float, _rule(lambda v: 0 < v <= 1, "must be in (0, 1] (0.5 is the red zone)")] = (
         _SPEC.score_threshold)
     decision: Annotated[str, _one_of(DECISIONS)] = _SPEC.decision
+    attribution: Annotated[str, _one_of(ATTRIBUTIONS)] = _SPEC.attribution
 
     @model_validator(mode="before")
     @classmethod
@@ -584,7 +585,8 @@ class SignalConfig:
                        holdout=self.holdout, max_train_windows=self.max_train_windows, threshold_policy=th.policy,
                        margin=th.margin, quantile=th.quantile, sigma_k=th.k,
                        normaliser=replace(_SPEC.normaliser, long_window=self.score_history),
-                       score_threshold=self.score_threshold, decision=self.decision)
+                       score_threshold=self.score_threshold, decision=self.decision,
+                       attribution=self.attribution)
 
     @property
     def step_ns(self) -> int:

@@ -12,7 +12,7 @@ The score is OmniAnomaly's (Su et al., KDD 2019) **HitRate@P%**: for an anomaly 
 
 (`hit_rate`), with P = 100 and 150. OmniAnomaly ranks the metrics of each anomalous *point* (row) by that row's
 reconstruction probability and averages over points; here the attribution of a row is each field's share of the
-window that ends on it (``WindowBatch.field_error`` divided by its sum, as the daemon writes it into the
+window that ends on it (``WindowBatch.field_weight`` divided by its sum, as the daemon writes it into the
 ``anomaly_attribution`` measurement; `field_shares`). Three ways to turn a segment's rows into one figure
 (`segment_hit_rates`, ``how``):
 
@@ -132,12 +132,13 @@ def field_shares(field_error: ArrayLike) -> NDArray[np.float64]:
     return out
 
 
-def explain(field_error: ArrayLike, field_sign: ArrayLike, field_excess: ArrayLike | None = None) -> tuple[
+def explain(field_weight: ArrayLike, field_sign: ArrayLike, field_excess: ArrayLike | None = None) -> tuple[
         NDArray[np.float64], NDArray[np.float64], NDArray[np.intp]]:
     """What the daemon writes as a window's attribution (`anomalyd.service.worker`): each field's share, direction
     and the top field, for windows of several fields (any leading shape, fields last).
 
-    The share is the field's error over the sum of the present fields' errors, with 4 decimals (all zero: the
+    The share is the field's weight (``WindowBatch.field_weight``: its movement within the window, or its error;
+    `DetectorSpec.attribution`) over the sum of the present fields' weights, with 4 decimals (all zero: the
     present fields share equally). A window where some field left the range seen so far (``field_excess`` not 0:
     the out-of-range rule scored it 1, whatever its error) is explained by those fields instead, in proportion to
     how far out they are, and their direction is the side they left by. The top field is the largest share (ties:
@@ -149,7 +150,7 @@ def explain(field_error: ArrayLike, field_sign: ArrayLike, field_excess: ArrayLi
     >>> share.tolist(), sign.tolist(), top.tolist()
     ([[0.25, 0.75], [1.0, 0.0]], [[1.0, -1.0], [-1.0, -1.0]], [1, 0])
     """
-    err = np.asarray(field_error, dtype=np.float64)
+    err = np.asarray(field_weight, dtype=np.float64)
     sign = np.asarray(field_sign, dtype=np.float64)
     weight = err
     if field_excess is not None:

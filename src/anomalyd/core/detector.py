@@ -62,6 +62,7 @@ FIELD_NORMS = ("q99", "none")
 AGGREGATES = ("max", "mean")
 THRESHOLD_POLICIES = ("max", "quantile", "sigma")
 DECISIONS = ("score", "error", "either")
+ATTRIBUTIONS = ("error", "movement")
 RANGE_BY = ("window", "sample")
 
 
@@ -249,6 +250,14 @@ class DetectorSpec:
         With ``surprise_gate``: after this many gated windows in a row the field re-baselines (its history's
         mean becomes the current error: a sustained level shift becomes the new normal) and
         ``WindowBatch.field_rebased`` says so. 0: never.
+    attribution : {"error", "movement"}
+        With several fields, what a window's attribution (``WindowBatch.field_weight``: each field's share, the
+        top field) is proportional to. ``"error"`` (default): the field's error (``field_error``, its part in
+        the window's score). ``"movement"``: how far the field moved within the window (its largest minus its
+        smallest value) in units of its training scale -- which fields changed, in units of their normal
+        spread; it ranks SMD's labelled metrics better (benchmarks/RESULTS.md, "Attribution by movement") but
+        misses a change of shape that stays inside a field's usual range (a bump at the trough of a periodic
+        field), which the error sees. Detection and ``field_error`` are the same either way.
     """
 
     window: int | None = None
@@ -286,11 +295,12 @@ class DetectorSpec:
     surprise_floor: float = 0.05
     surprise_gate: float | None = None
     surprise_rebaseline: int = 0
+    attribution: str = "error"
 
     def __post_init__(self) -> None:
         choices = {"error": ERROR_KINDS, "field_norm": FIELD_NORMS, "aggregate": AGGREGATES,
                    "threshold_policy": THRESHOLD_POLICIES, "decision": DECISIONS,
-                   "range_by": RANGE_BY}
+                   "range_by": RANGE_BY, "attribution": ATTRIBUTIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"detector {name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
@@ -387,6 +397,10 @@ class WindowBatch:
         With several fields, how far each field leaves the range seen before the window (beyond the out-of-range
         rule's tolerance, in widths of that range; positive above, negative below; `postprocess.range_excess`):
         the fields that made the rule score the window 1. Zero inside the range, and with one field.
+    field_weight : ndarray, shape (n, m, fields)
+        What the window's attribution is proportional to (`DetectorSpec.attribution`): each field's movement
+        within the window (largest minus smallest value, in units of its training scale) or its error. NaN for
+        a field missing in the window.
     field_rebased : ndarray of bool, shape (n, m, fields)
         With ``DetectorSpec.surprise_rebaseline``: the field re-baselined at this window (a sustained level shift
         became its new normal). All False otherwise.
@@ -408,6 +422,7 @@ class WindowBatch:
     field_error: NDArray[np.float64]
     field_sign: NDArray[np.float64]
     field_excess: NDArray[np.float64]
+    field_weight: NDArray[np.float64]
     field_rebased: NDArray[np.bool_]
     n_missing: NDArray[np.int64]
     last_present: NDArray[np.bool_]
@@ -629,7 +644,8 @@ class Detector:
                                complete=e.astype(bool),
                                error=e, max_error=e, score=e, anomalous=e.astype(bool), nearest=e.astype(np.intp),
                                field_error=np.empty((n, 0, d)), field_sign=np.empty((n, 0, d)),
-                               field_excess=np.empty((n, 0, d)), field_rebased=np.empty((n, 0, d), dtype=bool),
+                               field_excess=np.empty((n, 0, d)), field_weight=np.empty((n, 0, d)),
+                               field_rebased=np.empty((n, 0, d), dtype=bool),
                                n_missing=e.astype(np.int64), last_present=e.astype(bool))
         z = (x - self.mean_) / self.scale_
         ext = np.concatenate((np.stack([st.tail for st in states]) if n else np.empty((0, w - 1, d)), z), axis=1)
@@ -662,18 +678,21 @@ class Detector:
         max_error[sel] = max_abs.max(axis=1) * (self.scale_[0] if d == 1 else 1.0)
         lo = np.full((n, m, d), np.nan)
         hi = np.full((n, m, d), np.nan)
+        moved = np.full((n, m, d), np.nan)  # each field's movement within the window (scaled units)
+        if d > 1 or s.range_by == "window":
+            lo[sel] = picked.min(axis=1)
+            hi[sel] = picked.max(axis=1)
+            moved[sel] = hi[sel] - lo[sel]
         if s.range_by == "sample":  # each sample checked (and widening the range) once: the window's newest
             lo[sel] = picked[:, -1]
             hi[sel] = picked[:, -1]
-        else:
-            lo[sel] = picked.min(axis=1)
-            hi[sel] = picked.max(axis=1)
         if partial.any():
             p_near, p_field, p_max, p_signed = self._match_partial(wins[partial], field_ok[partial])
             max_error[partial] = np.nanmax(p_max, axis=1)
             pw = np.where(field_ok[partial][:, None, :], wins[partial], np.nan)
             lo[partial] = np.fmin.reduce(pw, axis=1)
             hi[partial] = np.fmax.reduce(pw, axis=1)
+            moved[partial] = hi[partial] - lo[partial]
         rebased = np.zeros((n, m, d), dtype=bool)
         if self._surprise_on(d) and n:
             fe = np.full((n, m, d), np.nan)
@@ -725,6 +744,7 @@ class Detector:
         return WindowBatch(position=pos, scored=scored, complete=complete, error=error, max_error=max_error,
                            score=score, anomalous=anomalous, nearest=nearest, field_error=f_err, field_sign=f_sign,
                            field_excess=excess, field_rebased=rebased,
+                           field_weight=moved if s.attribution == "movement" else f_err,
                            n_missing=n_missing.astype(np.int64), last_present=np.asarray(np.isfinite(x).any(axis=2)))
 
     def _match_partial(self, wins: NDArray[np.float64], ok: NDArray[np.bool_]) -> tuple[

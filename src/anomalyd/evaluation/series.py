@@ -230,7 +230,7 @@ def load_smd_series(args: Any, spec: Any) -> list[EvalSeries]:
                               errors=batch.error, labels=labels, n_train=0, threshold=tau,
                               segments=label_segments(labels), error_threshold=float(det.error_threshold_),
                               info={"window": det.window_, "n_clusters": len(det.catalog_.cluster_centers_),
-                                    "metric_scores": batch.field_error}))
+                                    "metric_scores": batch.field_weight}))
     return out
 
 

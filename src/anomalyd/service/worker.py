@@ -196,7 +196,7 @@ def _plot(det: Detector, row: NDArray[np.float64], k: int, nearest: int) -> tupl
 class _Explanations:
     """Which fields explain the windows of a batch (every series of one model at once, in a few array
     operations): the top field and its direction for every signal; with several fields also each field's share of
-    the window's error, its error, direction and newest value. `row` hands out one series' windows."""
+    the window's attribution (`DetectorSpec.attribution`), its error, direction and newest value. `row` hands out one series' windows."""
 
     def __init__(self, sig: SignalConfig, b: WindowBatch, matrix: NDArray[np.float64],
                  slots: NDArray[np.int64]) -> None:
@@ -210,7 +210,7 @@ class _Explanations:
         self.span: slice | NDArray[np.int64] = slice(int(slots[0]), int(slots[-1]) + 1) if consecutive else slots
         self.share: NDArray[np.float64] | None = None
         if sig.multi:  # the shares, directions and top fields, as `anomalyd.core.attribution.explain` defines them
-            self.share, self.sign, self.top = explain(self.err, self.sign, b.field_excess)
+            self.share, self.sign, self.top = explain(b.field_weight, self.sign, b.field_excess)
             self.err = np.round(self.err, 4)  # four decimals are all an error or a share says (shorter points)
             self.order = np.argsort(-np.nan_to_num(self.share, nan=-1.0), axis=2, kind="stable")
         else:
