@@ -92,11 +92,12 @@ def write_machine(server: LocalInfluxd, machine: str, rows: NDArray[np.float64],
     return times
 
 
-def signal_toml(machine: str, d: int, train_times: NDArray[np.int64]) -> str:
+def signal_toml(machine: str, d: int, train_times: NDArray[np.int64], attribution: str = "") -> str:
     fields = ", ".join(f'"{n}"' for n in field_names(d))
     return (f'[[signals]]\nname = "smd-{machine}"\nmeasurement = "smd"\nfields = [{fields}]\n'
             f'where = {{ machine = "{machine}" }}\ngroup_by = ["machine"]\nperiod = "1m"\n'
-            f'train_range = ["{_iso(int(train_times[0]))}", "{_iso(int(train_times[-1]))}"]\n')
+            f'train_range = ["{_iso(int(train_times[0]))}", "{_iso(int(train_times[-1]))}"]\n'
+            + (f'attribution = "{attribution}"\n' if attribution else ""))
 
 
 def _select(server: LocalInfluxd, q: str) -> list[list[Any]]:
@@ -173,7 +174,7 @@ def hit_rates(shares: NDArray[np.float64], segments: list[Any], window: int) -> 
     return {"stamped": summarise(shares, segments, how="rows"), "centred": summarise(shares, centred, how="rows")}
 
 
-def run_machine(server: LocalInfluxd, work: Path, data: Path, machine: str) -> dict[str, Any]:
+def run_machine(server: LocalInfluxd, work: Path, data: Path, machine: str, attribution: str = "") -> dict[str, Any]:
     train, test, labels = load_smd_machine(data, machine)
     d = train.shape[1]
     names = field_names(d)
@@ -183,12 +184,12 @@ def run_machine(server: LocalInfluxd, work: Path, data: Path, machine: str) -> d
     train_times, test_times = times[: len(train)], times[len(train) :]
     cfg_path = work / f"smd-{machine}.toml"
     cfg_path.write_text(f'[influxdb]\nurl = "{server.url}"\ndatabase = "{DB}"\n\n[paths]\nmodels = "models"\n'
-                        f'state = "state"\n\n[daemon]\nhealth_listen = ""\n\n' + signal_toml(machine, d, train_times))
+                        f'state = "state"\n\n[daemon]\nhealth_listen = ""\n\n' + signal_toml(machine, d, train_times, attribution))
     cfg = load(cfg_path, env={})
     sig = cfg.signals[0]
     assert sig.field_names == tuple(names), sig.field_names
     spec = sig.spec()
-    if spec != DetectorSpec():
+    if spec != DetectorSpec(attribution=spec.attribution):
         print(f"note: the signal's spec differs from DetectorSpec(): {spec}", file=sys.stderr)
     t_train = _cli("train", "-c", str(cfg_path), "--signal", sig.name)
     t_score = _cli("score", "-c", str(cfg_path), "--signal", sig.name, "--start", _iso(int(train_times[-1])),
@@ -221,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--machines", nargs="+", choices=list(PAPER), default=list(PAPER))
     ap.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temporary one)")
     ap.add_argument("--json", type=Path, help="write all figures to this JSON file")
+    ap.add_argument("--attribution", choices=("error", "movement"), default="",
+                    help="the signal's `attribution` setting (default: not set, the detector's default)")
     args = ap.parse_args(argv)
     if not args.data.is_dir():
         print(f"SMD data not found at {args.data}; pass --data", file=sys.stderr)
@@ -236,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         server.query(f'CREATE DATABASE "{DB}"')
         os.chdir(work)  # the config's relative model and state paths
         for machine in args.machines:
-            r = run_machine(server, work, data, machine)
+            r = run_machine(server, work, data, machine, args.attribution)
             report[machine] = r
             same_f1 = r["window_f1_daemon"] == r["window_f1_offline"]
             equal = same_f1 and not r["compare"]["differences"] and r["points_outside_test_rows"] == 0
