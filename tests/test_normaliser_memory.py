@@ -99,3 +99,35 @@ def test_histories_not_full_take_rows_of_their_size() -> None:
     assert {nm.history_bytes for nm in norms} == {1664 * 4}
     update_block(norms, np.ones((100, 100)))  # 1,685: the next size
     assert {nm.history_bytes for nm in norms} == {1792 * 4}
+
+
+def test_the_tail_and_peak_filter_state_is_in_the_pool_row_and_rolled_back() -> None:
+    """The options' state (``pot``, ``peak``) are columns of the row, after its tail: a normaliser with them on holds
+    nothing of its own but its row, a row taken again starts without them, and the worker's rollback around a gated
+    update puts them back with the rest (a run held, a tail fitted)."""
+    p = NormaliserParams(long_window=200, short_window=4, learning=4, history_gate=2, tail="gpd", peak_wait=4,
+                         unsaturated=True)
+    norm = ScoreNormaliser(p)
+    rng = np.random.default_rng(4)
+    hold = 1.0 + 0.01 * rng.standard_normal(150)
+    norm.update(hold)
+    norm.fit_tail(hold)
+    norm.update(np.r_[1.0 + 0.01 * rng.standard_normal(10), [3.0, 6.0]])  # a run rising at the end: held
+    own = [o for o in gc.get_referents(norm) if o is not None and o is not p and o is not norm._pool
+           and o is not type(norm)]
+    assert own == [norm._row]
+    assert norm.peak is not None and norm.peak[0] >= 0 and norm.pot is not None
+    before = norm.to_dict()
+    mark = norm.refs()
+    burst = np.r_[[9.0, 12.0, 20.0, 30.0], 1.0 + 0.01 * rng.standard_normal(20)]
+    first = norm.update(burst)
+    assert norm.to_dict()["pot"] != before["pot"] and norm.to_dict()["peak"] != before["peak"]
+    norm.restore(mark)
+    assert norm.to_dict() == before and norm._journal_head == -1
+    assert np.array_equal(norm.update(burst), first)
+    row, pool = norm._row, norm._pool
+    del norm
+    gc.collect()
+    fresh = [ScoreNormaliser(p) for _ in range(4)]  # the row given back is among the next ones taken
+    again = [nm for nm in fresh if nm._row == row]
+    assert again and again[0]._pool is pool and again[0].pot is None and again[0].peak is None

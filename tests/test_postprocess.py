@@ -683,7 +683,10 @@ RANKING_OPTIONS = [{"unsaturated": True}, {"record_factor": 1.0}, {"record_facto
                    {"record_factor": 1.0, "record_scope": "flagged", "unsaturated": True},
                    {"record_factor": 1.0, "record_scope": "red", "history_gate": 3},
                    {"history_gate": 4}, {"history_gate": 2, "range_growth": 1.0, "unsaturated": True,
-                                          "record_factor": 1.0}]
+                                          "record_factor": 1.0},
+                   {"peak_wait": 4}, {"peak_wait": 16, "unsaturated": True, "range_growth": 1.0},
+                   {"peak_wait": 3, "refractory": 2, "record_factor": 1.0, "record_scope": "flagged"},
+                   {"peak_wait": 4, "history_gate": 2, "unsaturated": True}]
 
 
 def _ranking_stream(seed: int, k: int = 700) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -820,3 +823,156 @@ def test_record_rule_on_flagged_windows_only_keeps_every_decision() -> None:
     flagged = ScoreNormaliser(NormaliserParams(**kw, record_factor=1.0, record_scope="flagged")).update(err)
     assert 0.5 <= soft[1300] < soft[:1300].max() < flagged[1300]
     assert np.array_equal(soft >= 0.5, flagged >= 0.5)
+
+
+# -- peak filter and peaks-over-threshold tail (issue 11, univariate targets) -----------------------------------
+
+
+def _bump(k: int = 800, at: int = 600, seed: int = 0) -> np.ndarray:
+    """Quiet errors with one anomaly that builds up over 6 windows, peaks, and fades over 6 (as a short event does
+    while it slides through a tapered window)."""
+    rng = np.random.default_rng(seed)
+    err = np.abs(1.0 + 0.1 * rng.standard_normal(k))
+    err[at : at + 13] = 1.0 + 0.5 * np.array([1, 2, 3, 4, 5, 6, 7, 6, 5, 4, 3, 2, 1], dtype=float)
+    return err
+
+
+def test_peak_filter_flags_a_run_once_at_its_peak_not_at_its_onset() -> None:
+    kw = dict(long_window=1000, short_window=1, learning=10, unsaturated=True)
+    err = _bump()
+    onset = ScoreNormaliser(NormaliserParams(**kw)).update(err)
+    peak = ScoreNormaliser(NormaliserParams(**kw, peak_wait=16)).update(err)
+    free = ScoreNormaliser(NormaliserParams(**kw, red=0.0)).update(err)  # no red-zone filter: every surprise
+    assert np.flatnonzero(onset >= 0.5).tolist() == [600]  # one flag for the run, at its onset
+    flagged = np.flatnonzero(peak >= 0.5).tolist()
+    assert len(flagged) == 1  # still one flag for the run
+    j = flagged[0]
+    assert free[j] < free[j - 1] and (np.diff(free[600:j]) >= 0).all()  # the first window past the peak
+    assert peak[j] == free[600 : j + 1].max() > onset[600] + 0.3  # reported with the run's highest surprise
+    assert (peak[600:j] < 0.5).all() and (peak[j + 1 : 613] < 0.5).all()  # held while rising, demoted after
+    assert peak.max() == peak[j]
+    # peak_wait caps the delay: held for 3 windows, the 4th is flagged with the highest surprise so far.
+    capped = ScoreNormaliser(NormaliserParams(**kw, peak_wait=3)).update(err)
+    assert np.flatnonzero(capped >= 0.5).tolist() == [603]
+    assert capped[603] == free[600:604].max()
+
+
+def test_peak_filter_reports_a_run_that_ends_while_rising_and_one_held_across_calls() -> None:
+    kw = dict(long_window=1000, short_window=1, learning=10, unsaturated=True)
+    err = _bump()
+    err[603:613] = 1.0  # the run stops while still rising: the first quiet window reports it
+    p = NormaliserParams(**kw, peak_wait=8)
+    a = ScoreNormaliser(p).update(err)
+    free = ScoreNormaliser(NormaliserParams(**kw, red=0.0)).update(err)
+    assert np.flatnonzero(a >= 0.5).tolist() == [603]
+    assert a[603] == free[600:603].max()
+    nm = ScoreNormaliser(p)
+    first = nm.update(err[:602])
+    assert nm.peak is not None and nm.peak[0] >= 0  # saved while the run is held
+    b = np.concatenate([first, ScoreNormaliser.from_dict(json.loads(json.dumps(nm.to_dict()))).update(err[602:])])
+    assert np.array_equal(a, b)
+
+
+def _tail_warm(p: NormaliserParams, seed: int = 3) -> ScoreNormaliser:
+    nm = ScoreNormaliser(p)
+    hold = np.abs(1.0 + 0.2 * np.random.default_rng(seed).standard_normal(600))
+    nm.update(hold)
+    nm.fit_tail(hold)
+    return nm
+
+
+@pytest.mark.parametrize("tail", ["exp", "gpd"])
+@pytest.mark.parametrize("chunk", [1, 37, 97])
+@pytest.mark.parametrize("more", [{}, {"peak_wait": 4, "unsaturated": True, "range_growth": 1.0},
+                                  {"peak_wait": 4, "history_gate": 3}])
+def test_tail_is_chunk_invariant_and_persisted(tail: Literal["exp", "gpd"], chunk: int, more: dict) -> None:
+    p = NormaliserParams(long_window=60, short_window=3, learning=5, tail=tail, **more)
+    err, lo, hi = _ranking_stream(5)
+    one = _tail_warm(p)
+    assert one.pot is not None and one.pot[1] == 600 and one.pot[2] == 12  # 2% of 600 hold-out errors are peaks
+    whole = one.update(err, lo, hi)
+    many = _tail_warm(p)
+    parts = []
+    for i, a in enumerate(range(0, len(err), chunk)):
+        if i % 3 == 0:
+            many = ScoreNormaliser.from_dict(json.loads(json.dumps(many.to_dict())))
+        parts.append(many.update(err[a : a + chunk], lo[a : a + chunk], hi[a : a + chunk]))
+    assert np.array_equal(whole, np.concatenate(parts), equal_nan=True)
+    assert one.to_dict() == many.to_dict()
+    assert one.pot is not None and one.pot[1] == 600 + np.isfinite(err).sum()
+
+
+@pytest.mark.parametrize("tail", ["exp", "gpd"])
+def test_tail_over_many_series_equals_one_by_one_and_undo(tail: Literal["exp", "gpd"]) -> None:
+    p = NormaliserParams(long_window=50, short_window=3, learning=10, tail=tail, peak_wait=4)
+    rng = np.random.default_rng(8)
+    n = 6
+    a = [_tail_warm(p, i) for i in range(n)]
+    b = [_tail_warm(p, i) for i in range(n)]
+    for step in range(30):
+        k = int(rng.integers(1, 6))
+        errors = np.abs(1.0 + 0.3 * rng.standard_normal((n, k)))
+        errors[step % n] = 4.0 + step / 5
+        errors[(step * 5) % n, 0] = np.nan
+        one = np.stack([nm.update(errors[i]) for i, nm in enumerate(a)])
+        refs = [nm.refs() for nm in b]
+        update_block(b, errors * 3.0)
+        for nm, r in zip(b, refs, strict=True):
+            nm.restore(r)
+        assert np.array_equal(one, update_block(b, errors), equal_nan=True)
+    for x, y in zip(a, b, strict=True):
+        assert x.to_dict() == y.to_dict()
+
+
+def test_tail_scores_one_window_spike_the_averaged_likelihood_dilutes() -> None:
+    kw = dict(long_window=500, short_window=8, learning=10, range_tolerance=None)
+    err = np.abs(1.0 + 0.2 * np.random.default_rng(1).standard_normal(300))
+    err[150] = 3.0  # one window, 10 sigma: diluted 8-fold by the short window's average
+    plain = _tail_warm(NormaliserParams(**kw)).update(err)
+    with_tail = _tail_warm(NormaliserParams(**kw, tail="exp")).update(err)
+    assert plain[150] < 0.5 <= with_tail[150]
+    quiet = np.delete(np.arange(300), 150)
+    assert (with_tail[quiet] < 0.5).all()
+    assert (with_tail >= plain).all()  # the lower of two tail probabilities: never below the likelihood's score
+
+
+def test_tail_needs_fit_tail_and_older_states_load_without_it() -> None:
+    p = NormaliserParams(long_window=50, short_window=2, learning=5, tail="exp", peak_wait=4)
+    err = _bump(120, 60)
+    err[90] = 20.0
+    bare = ScoreNormaliser(p)
+    assert bare.pot is None
+    fitted = _tail_warm(p)
+    state = fitted.to_dict()
+    old = {k: v for k, v in state.items() if k not in ("pot", "peak")}  # saved before the options
+    again = ScoreNormaliser.from_dict(old)
+    assert again.pot is None and again.peak is None
+    assert np.array_equal(again.update(err), ScoreNormaliser.from_dict(
+        {**state, "pot": None}).update(err), equal_nan=True)
+    with pytest.raises(ValueError, match="state array of 5 values"):
+        ScoreNormaliser.from_dict({**state, "pot": [1.0, 2.0]})
+
+
+def test_tail_and_peak_filter_off_keep_no_state_and_the_row_of_before() -> None:
+    """Both options off (the default): no state of theirs, and a pool row as wide as before them; on: their
+    columns follow the tail in the row of a pool of their own."""
+    p = NormaliserParams(long_window=50, short_window=3, learning=5)
+    off = ScoreNormaliser(p)
+    off.update(_bump(100, 60))
+    off.fit_tail(np.ones(10))  # no-op with tail "off"
+    assert off.pot is None and off.peak is None
+    assert off.to_dict()["pot"] is None and off.to_dict()["peak"] is None
+    assert off._pool.options == 0 and off._pool.state(off._row).shape == (15 + 2,)
+    on = ScoreNormaliser(NormaliserParams(long_window=50, short_window=3, learning=5, peak_wait=2))
+    assert on._pool is not off._pool and on._pool.state(on._row).shape == (15 + 2 + 8,)
+    assert on.pot is None and on.peak is None
+    on.update(_bump(100, 60))
+    assert on.pot is None and on.peak is not None and on.tail.tolist() == off.tail.tolist()
+
+
+@pytest.mark.parametrize("changes, message", [({"tail": "pareto"}, "tail="), ({"tail_level": 1.0}, "tail_level"),
+                                              ({"tail_min_peaks": 1}, "tail_min_peaks"),
+                                              ({"peak_wait": -1}, "peak_wait")])
+def test_bad_tail_and_peak_options_name_the_value(changes: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        NormaliserParams(**changes)

@@ -114,3 +114,49 @@ def test_scorer_settings_are_validated() -> None:
         DetectorSpec(scorer="fft+fft")
     with pytest.raises(ValueError, match="nodata"):
         DetectorSpec(scorer="kmeans+nodata")
+
+
+@pytest.mark.parametrize("options", [{"normaliser_tail": "exp"}, {"normaliser_tail": "gpd", "normaliser_peak_wait": 16},
+                                     {"normaliser_unsaturated": True, "normaliser_peak_wait": 4, "range_by": "sample",
+                                      "normaliser_range_growth": 1.0, "normaliser_tail": "exp"}])
+def test_tail_and_peak_filter_through_the_detector_are_chunk_invariant_and_causal(options: dict) -> None:
+    x = _series()
+    det = Detector(DetectorSpec(n_clusters=20).with_overrides(**options)).fit([x[:1000]])
+    assert det.normaliser_.pot is not None if "normaliser_tail" in options else det.normaliser_.pot is None
+    whole = _columns(det.update(det.start(1000, x[:1000]), x[1000:]))
+    assert whole["anomalous"][1200:1300].any()  # the change of shape is flagged
+    st = det.start(1000, x[:1000])
+    parts = [_columns(det.update(st, x[a : a + 97])) for a in range(1000, len(x), 97)]
+    for key, col in whole.items():
+        assert np.array_equal(col, np.concatenate([p[key] for p in parts]), equal_nan=True), key
+    short = _columns(det.update(det.start(1000, x[:1000]), x[1000:2100]))
+    for key, col in short.items():
+        assert np.array_equal(col, whole[key][:1100], equal_nan=True), key
+
+
+@pytest.mark.parametrize("options", [{}, {"normaliser_unsaturated": True, "normaliser_tail": "exp",
+                                          "normaliser_peak_wait": 4, "range_by": "sample",
+                                          "normaliser_range_growth": 1.0}])
+def test_tail_and_peak_filter_state_survives_the_model_file(options: dict) -> None:
+    """The model file's meta carries the options' small states (only with the options on) and `from_state` puts
+    them back: the loaded detector scores as the fitted one."""
+    import json
+
+    x = _series()
+    det = Detector(DetectorSpec(n_clusters=20).with_overrides(**options)).fit([x[:1000]])
+    warm = det.start(1000, x[:1000])
+    det.update(warm, x[1000:2209])  # with the peak filter, a run of reds is held when the state is taken
+    det.normaliser_ = warm.norm.copy()
+    arrays, meta = det.to_state()
+    assert ("pot" in meta["normaliser"]) == bool(options) and ("peak" in meta["normaliser"]) == bool(options)
+    assert not options or meta["normaliser"]["peak"][0] >= 0
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    buf.seek(0)
+    with np.load(buf) as z:
+        loaded = Detector.from_state({k: z[k] for k in z.files}, json.loads(json.dumps(meta, allow_nan=False)))
+    assert loaded.normaliser_.to_dict() == det.normaliser_.to_dict()
+    a = _columns(det.update(det.start(2209, x[:2209]), x[2209:]))
+    b = _columns(loaded.update(loaded.start(2209, x[:2209]), x[2209:]))
+    for key, col in a.items():
+        assert np.array_equal(col, b[key], equal_nan=True), key

@@ -335,3 +335,41 @@ def test_saving_many_series_gathers_the_histories_in_chunks(tmp_path: Path, monk
     for k, nm in norms.items():
         got = again.get(k, "m", warm_initial())
         assert got.to_dict() == nm.to_dict()
+
+
+def test_pack_and_unpack_keep_the_tail_and_peak_filter_state() -> None:
+    p = NormaliserParams(long_window=1000, short_window=1, learning=10, tail="exp", peak_wait=16, unsaturated=True)
+    a = ScoreNormaliser(p)
+    hold = _errors(7, 600)
+    a.update(hold)
+    a.fit_tail(hold)
+    err = _errors(8, 100)
+    err[96:100] = [1.5, 2.0, 2.5, 3.0]  # a run still rising when saved: held
+    a.update(err)
+    assert a.pot is not None and a.peak is not None and a.peak[0] >= 0
+    b = ScoreNormaliser(p)  # the options on, nothing fitted: both None
+    back = state._unpack_states(state._pack_states({"a|": ("m", a.snapshot()), "b|": ("m", b.snapshot()),
+                                                    "c|": ("m", a)}))  # a normaliser itself, as ScoreStates saves
+    _assert_same_state(back["a|"][1], a.snapshot())
+    _assert_same_state(back["c|"][1], a.snapshot())
+    assert back["b|"][1]["pot"] is None and back["b|"][1]["peak"] is None
+    again = ScoreNormaliser.from_dict(back["a|"][1])
+    more = _errors(9, 30)
+    np.testing.assert_array_equal(again.update(more), a.copy().update(more))
+
+
+def test_a_score_state_file_saved_before_the_tail_and_peak_filter_loads(tmp_path: Path) -> None:
+    """A file without the ``pot``/``peak`` members (saved before the options) loads, with neither state; a default
+    normaliser saved now writes them empty."""
+    path = tmp_path / "scores.npz"
+    states = ScoreStates(path)
+    a = states.get("s", "m", warm_initial())
+    a.update(_errors(10, 30), *_ranges(11, 30))
+    states.close()
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    assert arrays["pot"].shape == (1, 0) and arrays["peak_len"].tolist() == [0]
+    with path.open("wb") as f:
+        np.savez(f, **{k: v for k, v in arrays.items() if not k.startswith(("pot", "peak"))})
+    got = ScoreStates(path).get("s", "m", warm_initial())
+    assert got.pot is None and got.peak is None and got.to_dict() == a.to_dict()

@@ -560,7 +560,9 @@ class Detector:
         # Out-of-sample warm-up. The normaliser remembers its last long_window averages only, so the last few
         # long windows of hold-out errors give it the same state as all of them, in bounded time and memory.
         keep = 4 * s.normaliser.long_window + s.normaliser.short_window
-        norm.update(np.where(ends % s.stride == 0, errors, np.nan)[-keep:])
+        on_grid = np.where(ends % s.stride == 0, errors, np.nan)
+        norm.update(on_grid[-keep:])
+        norm.fit_tail(on_grid)  # the peaks-over-threshold tail (``normaliser.tail``), when on
         norm.observe_range(np.concatenate(zs))
         self.normaliser_ = norm
         self.n_train_samples_ = len(rows)
@@ -836,6 +838,9 @@ class Detector:
         if norm.params.record_factor is not None or norm.params.history_gate > 0:  # only with those options
             meta["normaliser"].update(rec_err=_finite_or_none(norm.rec_err), top_score=_finite_or_none(norm.top_score),
                                       red_run=norm.red_run)
+        for k in ("pot", "peak"):  # the tail and peak-filter options' small states, only with those options
+            if getattr(norm, k) is not None:
+                meta["normaliser"][k] = [_finite_or_none(float(v)) for v in getattr(norm, k)]
         return arrays, meta
 
     @classmethod
@@ -873,7 +878,7 @@ class Detector:
             "version": 2, "params": det.spec.normaliser, "hist": arrays["norm_hist"], "tail": arrays["norm_tail"],
             "s1": nm["s1"], "s2": nm["s2"], "seen": nm["seen"], "since_red": nm["since_red"],
             "lo": None if np.isnan(lo).all() else lo, "hi": None if np.isnan(hi).all() else hi,
-            **{k: nm.get(k) for k in ("fm", "fv", "fn", "rec_err", "top_score", "red_run")}})
+            **{k: nm.get(k) for k in ("fm", "fv", "fn", "rec_err", "top_score", "red_run", "pot", "peak")}})
         return det
 
 

@@ -22,7 +22,10 @@ Defaults (`NormaliserParams`): ``long_window=2000``, ``short_window=8``, ``min_s
 reference mean), ``learning=32``, ``red=1e-5``, ``yellow=1e-3``, ``range_tolerance=0.02``, no transform. The
 ranking options (``unsaturated``, the record rule) are off; ``unsaturated`` with ``record_factor=1`` and
 ``record_scope="flagged"`` keeps the order of flagged windows without changing any decision at 0.5
-(benchmarks/RESULTS.md, issue 11).
+(benchmarks/RESULTS.md, issue 11). Two more options are off by default: the *peak filter* (``peak_wait``: the
+red-zone filter reports a run of reds once at its peak instead of at its onset, at most ``peak_wait`` windows late)
+and a *peaks-over-threshold tail* (``tail``: the lower of the likelihood's tail probability and that of the window's
+own error against an exponential or generalised Pareto tail fitted to the hold-out's and the stream's peaks).
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ TRANSFORMS = ("none", "log")
 REFERENCES = ("gaussian", "robust")
 #: Windows the record rule may lift (`NormaliserParams.record_scope`).
 RECORD_SCOPES = ("all", "flagged", "red")
+#: Tail models of the peaks-over-threshold score (`NormaliserParams.tail`).
+TAILS = ("off", "exp", "gpd")
 _LOG_EPS = 1e-10
 #: Version 3: the history is stored as float32 (`HISTORY_DTYPE`); version 2 states (float64) load, rounded.
 _STATE_VERSION = 3
@@ -118,6 +123,24 @@ class NormaliserParams:
         Which record windows the rule lifts: any; only those already red after the red-zone filter (score at
         least ``log_score(red)``, 0.5: the decisions do not change, only the order among flagged windows); or
         those red before the filter (demoted ones come back).
+    tail : {"off", "exp", "gpd"}
+        A second tail probability, of each window's *own* error (not the short-window average), by peaks over
+        threshold (Siffer et al., KDD 2017, SPOT): the threshold ``t`` is the hold-out errors' ``tail_level``
+        quantile (`ScoreNormaliser.fit_tail`), the excesses over it are fitted by an exponential (``"exp"``,
+        scale = their mean) or a generalised Pareto distribution (``"gpd"``, by the method of moments, shape
+        clipped to [0, 0.45], so the tail never ends and the order of the errors is kept), and a window's tail
+        probability is ``k / n * S(e - t)`` (``k`` peaks among ``n`` errors, hold-out and stream). The lower of the
+        two tail probabilities is scored. Every later error joins the fit after it is scored, an anomalous one too
+        (as the likelihood's history does: a lasting change is learned). "off": off.
+    tail_level : float
+        Quantile of the hold-out errors that is the peaks' threshold.
+    tail_min_peaks : int
+        Peaks needed before the tail probability is used.
+    peak_wait : int
+        When > 0, the red-zone filter flags each run of reds once at its peak rather than at its onset: the run is
+        held while its surprise rises and flagged, with its highest surprise so far, at the first window whose
+        surprise falls, the first window after the run, or ``peak_wait`` windows after its onset, whichever comes
+        first. 0 or 1: off (flagged at the onset).
     history_gate : int
         When > 0, a red window's average (tail ``<= red`` or out of range, before the red-zone filter) stays out
         of the history (a burst does not widen the reference), for at most ``history_gate`` windows in a row; a
@@ -139,6 +162,10 @@ class NormaliserParams:
     record_factor: float | None = None
     record_scope: Literal["all", "flagged", "red"] = "all"
     history_gate: int = 0
+    tail: Literal["off", "exp", "gpd"] = "off"
+    tail_level: float = 0.98
+    tail_min_peaks: int = 10
+    peak_wait: int = 0
 
     def __post_init__(self) -> None:
         if self.long_window < 2:
@@ -168,6 +195,20 @@ class NormaliserParams:
             raise ValueError(f"record_scope={self.record_scope!r} is not one of {', '.join(RECORD_SCOPES)}")
         if self.history_gate < 0:
             raise ValueError(f"history_gate={self.history_gate} must be >= 0 (0: off)")
+        if self.tail not in TAILS:
+            raise ValueError(f"tail={self.tail!r} is not one of {', '.join(TAILS)}")
+        if not 0.0 < self.tail_level < 1.0:
+            raise ValueError(f"tail_level={self.tail_level} must be between 0 and 1 (exclusive)")
+        if self.peak_wait < 0:
+            raise ValueError(f"peak_wait={self.peak_wait} must be >= 0 (0: off)")
+        if self.tail_min_peaks < 2:
+            raise ValueError(f"tail_min_peaks={self.tail_min_peaks} must be at least 2")
+
+    @property
+    def option_width(self) -> int:
+        """Columns of per-series state the tail and peak-filter options need in a pool row (0 when both are off:
+        a default normaliser's row is as wide as before them)."""
+        return _N_OPTION if self.tail != "off" or self.peak_wait > 0 else 0
 
 
 # Columns of a normaliser's scalars in its pool's state blocks (float64: the integers are exact up to 2**53).
@@ -178,6 +219,11 @@ _N_SCALARS = 15
 _SINCE_NONE = 1 << 30
 _SCALAR_DEFAULTS = np.array([0, 0, 0.0, 0.0, 0, _SINCE_NONE, -math.inf, -math.inf, 0, 0, 0, 0, -1, -1, -1],
                             dtype=np.float64)
+#: Columns of the tail and peak-filter options' state (`NormaliserParams.option_width`), after the tail in a row of
+#: a pool made for them: the peaks over threshold (``pot``: threshold, errors, peaks, sum of the excesses, sum of their
+#: squares) and the held run of the peak filter (``peak``: age, its top surprise, the last surprise); NaN: none.
+(_O_POT, _O_PEAK) = (0, 5)
+_N_OPTION = 8
 #: History rings are sized to what they hold, in steps of this many values, until they are full (long_window).
 _RING_STEP = 128
 
@@ -233,11 +279,12 @@ class HistoryPool:
     smallest capacity that holds it (steps of `_RING_STEP` values: a history that outgrows its row moves to a
     larger one; once it holds ``long_window`` values it is a ring in a row of that size; a block whose rows are
     all free is let go); the scalars (running sums, counters, ring head and length) and the tail of the last
-    ``short_window - 1`` errors in a float64 state block; the seen range per field in a block per number of
+    ``short_window - 1`` errors in a float64 state block (and, in a pool made for the tail and peak-filter options,
+    their ``options`` columns after the tail); the seen range per field in a block per number of
     fields. A normaliser takes a row when it is created and gives it back when it is garbage collected, so the
     states of 100,000 series are a few dozen arrays rather than a million small objects, and an update reads and
     writes them with array indexing instead of building Python objects per series. One pool per ``(long_window,
-    dtype, short_window)`` (`HistoryPool.of`).
+    dtype, short_window, options)`` (`HistoryPool.of`).
 
     The pool also keeps the undo journal of `ScoreNormaliser.refs`/`restore`: state snapshots and the history
     values an update overwrote, in a few shared arrays, emptied once no normaliser of the pool logs any more.
@@ -252,14 +299,17 @@ class HistoryPool:
     True
     """
 
-    _pools: ClassVar[dict[tuple[int, str, int], HistoryPool]] = {}
+    _pools: ClassVar[dict[tuple[int, str, int, int], HistoryPool]] = {}
     _pools_lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self, long_window: int, dtype: Any = HISTORY_DTYPE, block_bytes: int = 16 << 20,
-                 short_window: int = 1) -> None:
+                 short_window: int = 1, options: int = 0) -> None:
         self.long_window = int(long_window)
         self.dtype = np.dtype(dtype)
         self.tail_width = max(0, int(short_window) - 1)
+        self.options = int(options)  # columns of the options' state (`NormaliserParams.option_width`)
+        self.opt0 = _N_SCALARS + self.tail_width  # their first column
+        self.width = self.opt0 + self.options  # of a state row
         self.rows_per_block = 4096  # of the state blocks
         step = min(_RING_STEP, self.long_window)
         caps = sorted({min(self.long_window, c) for c in range(step, self.long_window + step, step)})
@@ -280,13 +330,14 @@ class HistoryPool:
         self._logging = 0  # rows whose journal chain is open
 
     @classmethod
-    def of(cls, long_window: int, dtype: Any = HISTORY_DTYPE, short_window: int = 1) -> HistoryPool:
-        """The shared pool of histories of ``long_window`` values of ``dtype`` (and tails of ``short_window - 1``)."""
-        key = (int(long_window), np.dtype(dtype).str, max(1, int(short_window)))
+    def of(cls, long_window: int, dtype: Any = HISTORY_DTYPE, short_window: int = 1, options: int = 0) -> HistoryPool:
+        """The shared pool of histories of ``long_window`` values of ``dtype`` (and tails of ``short_window - 1``,
+        and ``options`` columns of the options' state)."""
+        key = (int(long_window), np.dtype(dtype).str, max(1, int(short_window)), int(options))
         pool = cls._pools.get(key)
         if pool is None:
             with cls._pools_lock:
-                pool = cls._pools.setdefault(key, cls(long_window, dtype, short_window=key[2]))
+                pool = cls._pools.setdefault(key, cls(long_window, dtype, short_window=key[2], options=key[3]))
         return pool
 
     def take(self) -> int:
@@ -299,7 +350,7 @@ class HistoryPool:
                     row = self._free.pop()
                 except IndexError:
                     start = len(self.states) * self.rows_per_block
-                    st = np.full((self.rows_per_block, _N_SCALARS + self.tail_width), np.nan)
+                    st = np.full((self.rows_per_block, self.width), np.nan)
                     st[:, _C_JHEAD] = -1
                     st[:, _C_CLS] = -1
                     self.states.append(st)
@@ -317,7 +368,7 @@ class HistoryPool:
             with self._ring_lock:
                 self.rings[int(st[r, _C_CLS])].give_back(int(st[r, _C_SLOT]))
         st[r, :_N_SCALARS] = _SCALAR_DEFAULTS
-        st[r, _N_SCALARS:] = np.nan
+        st[r, _N_SCALARS:] = np.nan  # the tail, and the options' state (none)
         return row
 
     def give_back(self, row: int) -> None:
@@ -381,7 +432,7 @@ class HistoryPool:
         return out
 
     def state(self, row: int) -> NDArray[np.float64]:
-        """The scalars and tail of a row as a view into its state block."""
+        """The scalars and tail (and the options' state) of a row as a view into its state block."""
         b, r = divmod(row, self.rows_per_block)
         return self.states[b][r]
 
@@ -422,7 +473,7 @@ class HistoryPool:
 
     def gather_states(self, groups: list[tuple[int, NDArray[np.intp], NDArray[np.int64]]],
                       n: int) -> NDArray[np.float64]:
-        out = np.empty((n, _N_SCALARS + self.tail_width))
+        out = np.empty((n, self.width))
         for b, sel, r in groups:
             out[sel] = self.states[b][r]
         return out
@@ -522,7 +573,7 @@ def _from_snapshot(state: Mapping[str, Any]) -> ScoreNormaliser:
 
 #: Parameters added after models and score states were first saved, with the values that reproduce the behaviour
 #: they were saved with: parameters read from an older file keep scoring as they did.
-PARAMS_BEFORE: dict[str, Any] = {"unsaturated": False, "record_factor": None}
+PARAMS_BEFORE: dict[str, Any] = {"unsaturated": False, "record_factor": None, "tail": "off", "peak_wait": 0}
 
 
 def params_from_dict(raw: Mapping[str, Any]) -> NormaliserParams:
@@ -561,9 +612,9 @@ class _Scalar(Generic[_T]):
 class ScoreNormaliser:
     """The state of one series' score: recent averages, running sums, red-zone and range memory.
 
-    The state lives in a row of a shared `HistoryPool` (the history ring, the scalars, the tail and the seen
-    range), so a normaliser object is a handle (its pool and row, and the per-field surprise arrays when used);
-    the attributes read and write that row.
+    The state lives in a row of a shared `HistoryPool` (the history ring, the scalars, the tail, the seen range,
+    and the state of the tail and peak-filter options when they are on), so a normaliser object is a handle (its
+    pool and row, and the per-field surprise arrays when used); the attributes read and write that row.
 
     Examples
     --------
@@ -588,7 +639,8 @@ class ScoreNormaliser:
         self.params = params or NormaliserParams()
         # The last long_window short-window averages: a ring in a row of the shared pool (`hist` gives them in
         # order; the head is the oldest's position), beside the row's scalars and tail (see `HistoryPool`).
-        self._pool = HistoryPool.of(self.params.long_window, HISTORY_DTYPE, self.params.short_window)
+        self._pool = HistoryPool.of(self.params.long_window, HISTORY_DTYPE, self.params.short_window,
+                                    self.params.option_width)
         self._row = self._pool.take()
         # Per-field surprise (`field_surprise`, ``DetectorSpec.field_surprise``): each field's exponentially
         # weighted error mean and variance, and its run of consecutive gated windows; None when unused.
@@ -638,6 +690,46 @@ class ScoreNormaliser:
         st[_N_SCALARS : _N_SCALARS + w - len(v)] = np.nan
         st[_N_SCALARS + w - len(v) : _N_SCALARS + w] = v
         st[_C_TLEN] = len(v)
+
+    def _option(self, at: int, size: int) -> NDArray[np.float64] | None:
+        """``size`` columns of the options' state from ``at`` (a copy; None: all NaN, or no such columns)."""
+        if not self._pool.options:
+            return None
+        st = self._pool.state(self._row)
+        v = st[self._pool.opt0 + at : self._pool.opt0 + at + size]
+        return None if np.isnan(v).all() else v.copy()
+
+    def _set_option(self, at: int, size: int, values: ArrayLike | None) -> None:
+        if not self._pool.options:  # both options off: their state is not kept
+            return
+        st = self._pool.state(self._row)
+        if values is None:
+            st[self._pool.opt0 + at : self._pool.opt0 + at + size] = np.nan
+            return
+        v = np.asarray(values, dtype=np.float64).reshape(-1)
+        if v.shape != (size,):
+            raise ValueError(f"a state array of {size} values has shape {v.shape}")
+        st[self._pool.opt0 + at : self._pool.opt0 + at + size] = v
+
+    @property
+    def pot(self) -> NDArray[np.float64] | None:
+        """Peaks over threshold (``tail``): ``[threshold, errors, peaks, sum of excesses, sum of their squares]``
+        (a copy), or None before `fit_tail`."""
+        return self._option(_O_POT, 5)
+
+    @pot.setter
+    def pot(self, v: ArrayLike | None) -> None:
+        self._set_option(_O_POT, 5, v)
+
+    @property
+    def peak(self) -> NDArray[np.float64] | None:
+        """Peak filter (``peak_wait``): the held run, ``[age (-1: none), its top surprise, the last surprise]`` (a
+        copy), or None before the first update."""
+        return self._option(_O_PEAK, 3)
+
+    @peak.setter
+    def peak(self, v: ArrayLike | None) -> None:
+        self._set_option(_O_PEAK, 3, v)
 
     def _range(self, side: int) -> NDArray[np.float64] | None:
         d = int(self._get(_C_LOD + side))
@@ -803,7 +895,8 @@ class ScoreNormaliser:
                 "s2": self.s2, "tail": self.tail, "seen": self.seen, "since_red": self.since_red,
                 "lo": self.lo, "hi": self.hi,
                 **{k: None if getattr(self, k) is None else getattr(self, k).copy() for k in ("fm", "fv", "fn")},
-                "rec_err": self.rec_err, "top_score": self.top_score, "red_run": self.red_run}
+                "rec_err": self.rec_err, "top_score": self.top_score, "red_run": self.red_run,
+                "pot": self.pot, "peak": self.peak}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able state, parameters included; floats round-trip exactly through JSON."""
@@ -812,7 +905,8 @@ class ScoreNormaliser:
                 "lo": None if s["lo"] is None else [_json_float(v) for v in s["lo"]],
                 "hi": None if s["hi"] is None else [_json_float(v) for v in s["hi"]],
                 **{k: None if s[k] is None else [_json_float(v) for v in s[k]] for k in ("fm", "fv", "fn")},
-                "rec_err": _json_float(self.rec_err), "top_score": _json_float(self.top_score)}
+                "rec_err": _json_float(self.rec_err), "top_score": _json_float(self.top_score),
+                **{k: None if s[k] is None else [_json_float(v) for v in s[k]] for k in ("pot", "peak")}}
 
     @classmethod
     def from_dict(cls, state: Mapping[str, Any]) -> ScoreNormaliser:
@@ -853,10 +947,26 @@ class ScoreNormaliser:
                 v = state.get(k)
                 setattr(norm, k, -math.inf if v is None else float(v))
             norm.red_run = int(state.get("red_run") or 0)
+            pot = state.get("pot")  # absent from states saved before the tail option: no tail fitted
+            norm.pot = None if pot is None or len(pot) == 0 else _small_array(pot, 5, math.nan)
+            peak = state.get("peak")  # absent from states saved before the peak filter: no run held
+            norm.peak = None if peak is None or len(peak) == 0 else _small_array(peak, 3, -math.inf)
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"normaliser state is malformed ({exc!r}); delete the saved score state (or retrain) "
                              "so it is learned again") from exc
         return norm
+
+    def fit_tail(self, errors: ArrayLike) -> None:
+        """Start the peaks-over-threshold tail (``params.tail``) from the hold-out's errors: the threshold is
+        their ``tail_level`` quantile, and their peaks over it are the tail's first peaks. No-op when ``tail`` is
+        "off" or no error is finite."""
+        e = np.asarray(errors, dtype=np.float64).reshape(-1)
+        e = np.minimum(e[np.isfinite(e)], _ERROR_CAP)
+        if self.params.tail == "off" or not e.size:
+            return
+        t = float(np.quantile(e, self.params.tail_level))
+        y = e[e > t] - t
+        self.pot = np.array([t, float(e.size), float(y.size), float(np.sum(y)), float(np.sum(y * y))])
 
     # -- scoring -----------------------------------------------------------------------------------
     def update(self, errors: ArrayLike, lo: ArrayLike | None = None,
@@ -1213,7 +1323,7 @@ def _update_core(norms: Sequence[ScoreNormaliser], errors: NDArray[np.float64], 
     # Short-window averages: the last S transformed errors (state tail first, stored right-aligned after NaNs),
     # added oldest first.
     ext = np.empty((n, S - 1 + k))
-    ext[:, : S - 1] = state0[:, _N_SCALARS:]
+    ext[:, : S - 1] = state0[:, _N_SCALARS : _N_SCALARS + S - 1]
     ext[:, S - 1 :] = np.where(valid, t, np.nan)
     acc = np.zeros((n, k))
     cnt = np.zeros((n, k))
@@ -1280,6 +1390,14 @@ def _update_core(norms: Sequence[ScoreNormaliser], errors: NDArray[np.float64], 
     log_tail = log_ndtr(-np.nan_to_num(z, nan=0.0)) if p.unsaturated else None
     neutral = ((seen0[:, None] + np.arange(k)[None, :]) < p.learning) | (cnt_before < 2)
     tail = np.where(neutral, 0.5, tail)
+    o = pool.opt0  # the options' state columns (tail, peak filter), when the pool has them
+    pot_after: NDArray[np.float64] | None = None
+    if p.tail != "off":  # the lower of the two tail probabilities (log space: no underflow)
+        log_pot, pot_after = _pot_tails(state0[:, o + _O_POT : o + _O_POT + 5], e, f, p)
+        with np.errstate(under="ignore"):
+            tail = np.minimum(tail, np.exp(log_pot))
+        if log_tail is not None:
+            log_tail = np.minimum(log_tail, log_pot)
     # Out-of-range rule, per field, against the range seen before each window.
     flags = np.zeros((n, k), dtype=bool)
     excess = np.zeros((n, k))
@@ -1308,7 +1426,8 @@ def _update_core(norms: Sequence[ScoreNormaliser], errors: NDArray[np.float64], 
                 for r in np.flatnonzero(binds.any(axis=1)).tolist():
                     run_lo[r], run_hi[r], flags[r] = _capped_range(lo0[r], hi0[r], lo_c[r], hi_c[r],
                                                                     p.range_tolerance, p.range_growth)
-            if p.unsaturated:  # how far each window leaves the range before it, in its widths beyond the tolerance
+            if p.unsaturated or p.peak_wait > 0:  # how far each window leaves the range before it, in its
+                # widths beyond the tolerance
                 half = _half_width(run_lo[:, :k], run_hi[:, :k])
                 with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
                     width = np.where(half > 0, 2.0 * half, np.nan)
@@ -1323,6 +1442,8 @@ def _update_core(norms: Sequence[ScoreNormaliser], errors: NDArray[np.float64], 
     # Red-zone filter: a red right after another red (within `refractory` pushes) is demoted.
     since0 = state0[:, _C_SINCE].astype(np.int64)
     since_after = since0.copy()
+    u_peak: NDArray[np.float64] | None = None
+    peak_after: NDArray[np.float64] | None = None
     if p.red > 0:
         red = ((tail <= p.red) | flags) & valid
         idx = np.arange(k)[None, :]
@@ -1330,17 +1451,18 @@ def _update_core(norms: Sequence[ScoreNormaliser], errors: NDArray[np.float64], 
         last_before = np.concatenate((np.full((n, 1), -1), last[:, :-1]), axis=1)
         since = np.where(last_before >= 0, idx - last_before, since0[:, None] + idx)
         demote = red & (since <= p.refractory)
+        if p.peak_wait > 0:
+            u_peak, peak_after = _peak_filter(state0[:, o + _O_PEAK : o + _O_PEAK + 3],
+                                              _surprise(tail, log_tail, flags, excess, neutral), red,
+                                              since <= p.refractory, f, p)
         tail = np.where(demote, np.maximum(tail, p.yellow), tail)
         flags &= ~demote
         last_f = last[rows[:, 0], np.maximum(f - 1, 0)]
         since_after = np.where(f == 0, since0, np.where(last_f >= 0, f - last_f, since0 + f))
-    if p.unsaturated and log_tail is not None:
-        # The surprise u = log(tail) / log(1e-10) without underflow; out of range: at least 1 + excess.
-        u = np.log(np.maximum(tail, 1e-300)) / math.log(_LOG_EPS)
-        deep = (tail < 1e-290) & ~neutral
-        u = np.where(deep, log_tail / math.log(_LOG_EPS), u)
-        u = np.where(flags, np.maximum(u, 1.0 + excess), u)
-        scores = _soft_top(u)
+    if u_peak is not None:
+        scores = _soft_top(u_peak) if p.unsaturated else np.clip(u_peak, 0.0, 1.0)
+    elif p.unsaturated and log_tail is not None:
+        scores = _soft_top(_surprise(tail, log_tail, flags, excess, neutral))
     else:
         scores = log_score(tail)
         scores[flags] = 1.0
@@ -1367,6 +1489,8 @@ def _update_core(norms: Sequence[ScoreNormaliser], errors: NDArray[np.float64], 
         new_hi = None if new_hi is None else new_hi[sel]
         rec_after = None if rec_after is None else rec_after[sel]
         top_after = None if top_after is None else top_after[sel]
+        pot_after = None if pot_after is None else pot_after[sel]
+        peak_after = None if peak_after is None else peak_after[sel]
     m = len(f)
     rr = np.arange(m)
     state1 = state0
@@ -1376,8 +1500,12 @@ def _update_core(norms: Sequence[ScoreNormaliser], errors: NDArray[np.float64], 
         state1[:, _C_S2] = s2[rr, f]
     if rec_after is not None and top_after is not None:
         state1[:, _C_REC], state1[:, _C_TOP] = rec_after, top_after
+    if pot_after is not None:
+        state1[:, o + _O_POT : o + _O_POT + 5] = pot_after
+    if peak_after is not None:
+        state1[:, o + _O_PEAK : o + _O_PEAK + 3] = peak_after
     if S > 1:
-        state1[:, _N_SCALARS:] = ext[rr[:, None], f[:, None] + np.arange(S - 1)[None, :]]
+        state1[:, _N_SCALARS : _N_SCALARS + S - 1] = ext[rr[:, None], f[:, None] + np.arange(S - 1)[None, :]]
         state1[:, _C_TLEN] = np.minimum(state0[:, _C_TLEN] + f, S - 1)
     state1[:, _C_SEEN] += f
     state1[:, _C_SINCE] = np.minimum(since_after, _SINCE_NONE)
@@ -1391,6 +1519,111 @@ def _update_core(norms: Sequence[ScoreNormaliser], errors: NDArray[np.float64], 
     for gb, gsel, gr in groups:
         pool.states[gb][gr] = state1[gsel]
     return out, red_out
+
+
+def _surprise(tail: NDArray[np.float64], log_tail: NDArray[np.float64] | None, flags: NDArray[np.bool_],
+              excess: NDArray[np.float64], neutral: NDArray[np.bool_]) -> NDArray[np.float64]:
+    """The surprise ``u = log(tail) / log(1e-10)`` (0.5 at the red zone's 1e-5), without underflow where
+    ``log_tail`` is given; out of range: at least ``1 + excess``."""
+    u = np.log(np.maximum(tail, 1e-300)) / math.log(_LOG_EPS)
+    if log_tail is not None:
+        deep = (tail < 1e-290) & ~neutral
+        u = np.where(deep, log_tail / math.log(_LOG_EPS), u)
+    return np.asarray(np.where(flags, np.maximum(u, 1.0 + excess), u))
+
+
+def _peak_filter(peak0: NDArray[np.float64], u: NDArray[np.float64], red: NDArray[np.bool_],
+                 cont: NDArray[np.bool_], f: NDArray[np.int64], p: NormaliserParams) -> tuple[
+                     NDArray[np.float64], NDArray[np.float64]]:
+    """The red-zone filter that reports a run of reds once, at its peak (``NormaliserParams.peak_wait``).
+
+    ``peak0`` is each row's held run before the block (``[age, top, previous surprise]``, age -1: none; a row of
+    NaN: none yet), ``u`` each window's surprise, ``red`` whether it is red before the filter, ``cont`` whether it
+    continues a run (within ``refractory`` of the last red). A new run is held (its windows score at most yellow)
+    while its surprise rises; the first window whose surprise is lower than the one before it, the first window
+    after the run, or the window ``peak_wait`` after its onset is flagged with the run's highest surprise so far;
+    the rest of the run is demoted as before. So a run is flagged once, as before, but with its peak's surprise (an
+    anomaly that builds up over a window scores its worst, not its onset), at most ``peak_wait`` windows late.
+    Returns the surprises after the filter and each row's held run after the block. The windows are walked in time
+    order, the held run carried between calls (the pool row's ``peak`` columns)."""
+    u_y = math.log(p.yellow) / math.log(_LOG_EPS) if p.yellow > 0 else math.inf
+    out = np.where(red & cont, np.minimum(u, u_y), u)
+    after = np.empty((len(peak0), 3))
+    wait = p.peak_wait
+    for i in range(len(peak0)):
+        held = peak0[i]
+        age, top, prev = ((-1.0, -math.inf, -math.inf) if np.isnan(held).all()
+                          else (float(held[0]), float(held[1]), float(held[2])))
+        fi = int(f[i])
+        if age < 0 and not red[i, :fi].any():  # nothing held, nothing red: nothing to do
+            after[i] = (age, top, prev)
+            continue
+        reds, conts, us = red[i, :fi].tolist(), cont[i, :fi].tolist(), u[i, :fi].tolist()
+        for j in range(fi):
+            if age < 0:
+                if reds[j] and not conts[j] and wait > 1:  # a new run: held
+                    age, top, prev = 0.0, us[j], us[j]
+                    out[i, j] = min(us[j], u_y)
+                continue
+            uj = us[j]
+            if not reds[j] or uj < prev or age + 1 >= wait:  # ended, past its peak, or waited enough: flagged
+                out[i, j] = max(top, uj)
+                age = -1.0
+            else:  # still rising: held
+                age, top, prev = age + 1.0, max(top, uj), uj
+                out[i, j] = min(uj, u_y)
+        after[i] = (age, top, prev)
+    return out, after
+
+
+def _small_array(v: Any, size: int, none: float) -> NDArray[np.float64]:
+    """A small state array from a saved list (None, JSON's non-finite value, becomes ``none``)."""
+    a = np.array([none if x is None else float(x) for x in np.asarray(v, dtype=object).reshape(-1)])
+    if a.shape != (size,):
+        raise ValueError(f"a state array of {size} values has shape {a.shape}")
+    return a
+
+
+def _pot_tails(state: NDArray[np.float64], e: NDArray[np.float64], f: NDArray[np.int64],
+               p: NormaliserParams) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """The peaks-over-threshold log tail probability of each window's own error (compressed rows, ``f[i]`` valid
+    each; 0 -- tail 1 -- at or below the threshold, before `ScoreNormaliser.fit_tail` and while fewer than
+    ``tail_min_peaks`` peaks are known), and each row's state after the block. ``state`` is each row's ``pot``
+    columns (``(n, 5)``; NaN: no tail fitted, which stays so). Each error is scored against the errors before it
+    (and counts itself among them), then joins them; the counts and sums run in time order (cumulative sums from
+    the state's), so in any chunking. All rows at once."""
+    n, k = e.shape
+    t, cnt, kk, s1, s2 = (state[:, c : c + 1] for c in range(5))
+    valid = np.arange(k)[None, :] < f[:, None]
+    with np.errstate(invalid="ignore"):
+        y = e - t
+        peak = valid & (y > 0)  # NaN threshold (no tail fitted): no peak
+    yp = np.where(peak, y, 0.0)
+    zero = np.zeros((n, 1))
+    k_before = kk + np.cumsum(np.concatenate((zero, peak[:, :-1]), axis=1), axis=1, dtype=np.float64)
+    s1_all = np.cumsum(np.concatenate((s1, yp), axis=1), axis=1)
+    s2_all = np.cumsum(np.concatenate((s2, yp * yp), axis=1), axis=1)
+    seen = cnt + np.arange(1, k + 1, dtype=np.float64)[None, :]  # the errors so far, this one included
+    with np.errstate(divide="ignore", invalid="ignore"):
+        m = s1_all[:, :-1] / k_before
+        lt = np.log(k_before / seen)
+        if p.tail == "gpd":  # method of moments, shape clipped to [0, 0.45]
+            v = s2_all[:, :-1] / k_before - m * m
+            xi = np.clip(np.where(v > 0, 0.5 * (1.0 - m * m / v), 0.0), 0.0, 0.45)
+            sigma = np.where(xi > 0, 0.5 * m * (1.0 + m * m / np.where(v > 0, v, 1.0)), m)
+            lt = lt - np.where(xi > 0, np.log1p(xi * y / sigma) / np.where(xi > 0, xi, 1.0), y / sigma)
+        else:
+            lt = lt - y / m
+        use = peak & (k_before >= p.tail_min_peaks) & (m > 0)
+    out = np.where(use, lt, 0.0)
+    rows = np.arange(n)
+    after = state.copy()
+    fitted = np.isfinite(state[:, 0])
+    if fitted.any():
+        new = np.column_stack((state[:, 0], state[:, 1] + f, state[:, 2] + peak.sum(axis=1),
+                               s1_all[rows, f], s2_all[rows, f]))
+        after[fitted] = new[fitted]
+    return out, after
 
 
 def _push_many(pool: HistoryPool, row_ids: NDArray[np.int64], state: NDArray[np.float64], f: NDArray[np.int64],

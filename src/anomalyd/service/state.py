@@ -175,7 +175,9 @@ class ScoreStates:
     close = save
 
 
-_LISTS = ("hist", "tail", "lo", "hi", "fm", "fv", "fn")  # fm/fv/fn: per-field surprise state (several fields)
+# fm/fv/fn: per-field surprise state (several fields); pot, peak: the tail and peak-filter options' small states
+# (absent from files saved before them: None)
+_LISTS = ("hist", "tail", "lo", "hi", "fm", "fv", "fn", "pot", "peak")
 #: 3: ``hist`` is stored as `HISTORY_DTYPE` (float32); files of version 2 (float64 histories) still load.
 _VERSION = 3
 _READABLE = (2, 3)
@@ -326,7 +328,7 @@ def _read_states(f: IO[bytes], normalisers: bool = True) -> dict[str, tuple[str,
                             state[name] = None
                         else:
                             state[name] = a[name][r, : int(a[f"{name}_len"][r])]
-                    for name in ("lo", "hi", "fm", "fv", "fn"):
+                    for name in ("lo", "hi", "fm", "fv", "fn", "pot", "peak"):
                         if state[name] is not None and len(state[name]) == 0:
                             state[name] = None
                     entry: dict[str, Any] | ScoreNormaliser = state
