@@ -174,7 +174,8 @@ def hit_rates(shares: NDArray[np.float64], segments: list[Any], window: int) -> 
     return {"stamped": summarise(shares, segments, how="rows"), "centred": summarise(shares, centred, how="rows")}
 
 
-def run_machine(server: LocalInfluxd, work: Path, data: Path, machine: str, attribution: str = "") -> dict[str, Any]:
+def run_machine(server: LocalInfluxd, work: Path, data: Path, machine: str,
+                attribution: str = "") -> dict[str, Any]:
     train, test, labels = load_smd_machine(data, machine)
     d = train.shape[1]
     names = field_names(d)
@@ -184,7 +185,8 @@ def run_machine(server: LocalInfluxd, work: Path, data: Path, machine: str, attr
     train_times, test_times = times[: len(train)], times[len(train) :]
     cfg_path = work / f"smd-{machine}.toml"
     cfg_path.write_text(f'[influxdb]\nurl = "{server.url}"\ndatabase = "{DB}"\n\n[paths]\nmodels = "models"\n'
-                        f'state = "state"\n\n[daemon]\nhealth_listen = ""\n\n' + signal_toml(machine, d, train_times, attribution))
+                        f'state = "state"\n\n[daemon]\nhealth_listen = ""\n\n'
+                        + signal_toml(machine, d, train_times, attribution))
     cfg = load(cfg_path, env={})
     sig = cfg.signals[0]
     assert sig.field_names == tuple(names), sig.field_names

@@ -196,7 +196,8 @@ def _plot(det: Detector, row: NDArray[np.float64], k: int, nearest: int) -> tupl
 class _Explanations:
     """Which fields explain the windows of a batch (every series of one model at once, in a few array
     operations): the top field and its direction for every signal; with several fields also each field's share of
-    the window's attribution (`DetectorSpec.attribution`), its error, direction and newest value. `row` hands out one series' windows."""
+    the window's attribution (`DetectorSpec.attribution`), its error, direction and newest value. `row` hands out
+    one series' windows."""
 
     def __init__(self, sig: SignalConfig, b: WindowBatch, matrix: NDArray[np.float64],
                  slots: NDArray[np.int64]) -> None:
