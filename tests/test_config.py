@@ -12,7 +12,6 @@ from pydantic import ValidationError
 
 from anomalyd.config import AlertsConfig, ConfigError, DaemonConfig, FieldSpec, from_dict, load
 from anomalyd.core.detector import DetectorSpec
-from anomalyd.core.normaliser import NormaliserParams
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "hunter2-s3cr3t-VALUE"
@@ -215,11 +214,11 @@ def test_the_signal_spec_reflects_the_config() -> None:
         24, 2, 3, 40, 2, 7)
     assert (spec.holdout, spec.max_train_windows, spec.score_threshold, spec.decision) == (0.3, 1000, 0.7, "either")
     assert (spec.threshold_policy, spec.margin, spec.quantile, spec.sigma_k) == ("sigma", 1.5, 0.99, 4.0)
-    assert spec.normaliser == replace(NormaliserParams(), long_window=500)
+    assert spec.normaliser == replace(DetectorSpec().normaliser, long_window=500)
     # Everything the config does not set is the detector's default.
     assert replace(spec, window=None, stride=1, train_slide=2, n_clusters=150, n_init=3, random_state=0, holdout=0.2,
                    max_train_windows=50_000, score_threshold=0.5, decision="score", threshold_policy="quantile",
-                   margin=1.0, quantile=0.999, sigma_k=6.0, normaliser=NormaliserParams()) == DetectorSpec()
+                   margin=1.0, quantile=0.999, sigma_k=6.0, normaliser=DetectorSpec().normaliser) == DetectorSpec()
     # Points: one summary per write_every windows of slide samples.
     assert sig.step_ns == 2 * 4 * 10**9
     assert (sig.write_every, sig.slide, sig.max_gap) == (4, 2, 8)

@@ -665,6 +665,17 @@ def test_new_spec_defaults_and_old_models_load_as_they_were_trained() -> None:
     assert DetectorSpec.from_dict(old) == replace(spec, field_surprise=0, resolution_floor=0.0)
     with pytest.raises(ValueError):
         DetectorSpec(field_surprise=-1)
+    # The out-of-range rule on each newest sample, a window widening the seen range by at most its width: the
+    # default since 2026-11-30. A model saved without `range_by` (or without a normaliser) checked whole windows
+    # with no cap; one saved with them keeps what it was saved with.
+    assert (spec.range_by, spec.normaliser.range_growth) == ("sample", 1.0)
+    older = spec.to_dict()
+    older.pop("range_by")
+    older.pop("normaliser")
+    back = DetectorSpec.from_dict(older)
+    assert (back.range_by, back.normaliser) == ("window", NormaliserParams())
+    assert DetectorSpec.from_dict(replace(spec, range_by="window").to_dict()).range_by == "window"
+    assert DetectorSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
 
 
 def test_resolution_and_range_floors_bound_a_near_constant_field() -> None:

@@ -177,7 +177,8 @@ def choose_window(x: ArrayLike, default: int = 32, min_window: int = 16, max_win
 
 
 #: Parameters added after models were first saved, with the value that reproduces how those models were trained.
-_BEFORE_KEYS: dict[str, Any] = {"resolution_floor": 0.0, "field_surprise": 0}
+_BEFORE_KEYS: dict[str, Any] = {"resolution_floor": 0.0, "field_surprise": 0, "range_by": "window",
+                                 "normaliser": NormaliserParams()}
 
 
 @dataclass(frozen=True)
@@ -212,14 +213,16 @@ class DetectorSpec:
     threshold_policy, margin, quantile, sigma_k
         How the hold-out's max errors become ``threshold_`` (`anomalyd.core.model.threshold_from_errors`).
     normaliser : NormaliserParams
-        Error-to-score mapping.
+        Error-to-score mapping; the detector's default caps how far one window widens the seen range at its
+        width (``range_growth = 1``, with ``range_by = "sample"``).
     score_threshold : float
         The decision: a window is anomalous when its score is at least this.
     stride : int
         Score the windows whose last sample's grid index is a multiple of this (1: every window).
-    range_by : {"window", "sample"}
-        What the out-of-range rule checks: the window's smallest and largest value, or its newest sample only
-        (each sample once, so a glitch widens the seen range once, by at most ``normaliser.range_growth``).
+    range_by : {"sample", "window"}
+        What the out-of-range rule checks: the window's newest sample only (default: each sample once, so a
+        glitch widens the seen range once, by at most ``normaliser.range_growth``, and a later spike is still out
+        of range), or the window's smallest and largest value (before 2026-11-30; models trained then keep it).
     scorer : str
         The window error fed to the score (`anomalyd.core.scorers`): ``kmeans`` (the shape catalog's reconstruction
         error), ``fft``, ``saliency``, ``generalized``, ``discord`` or ``nodata``, or several joined by ``+``
@@ -282,11 +285,11 @@ class DetectorSpec:
     margin: float = 1.0
     quantile: float = 0.999
     sigma_k: float = 6.0
-    normaliser: NormaliserParams = field(default_factory=NormaliserParams)
+    normaliser: NormaliserParams = field(default_factory=lambda: NormaliserParams(range_growth=1.0))
     score_threshold: float = 0.5
     decision: str = "score"
     stride: int = 1
-    range_by: str = "window"
+    range_by: str = "sample"
     scorer: str = "kmeans"
     discord_max_ref: int = 4000
     resolution_floor: float = 1.0
