@@ -131,3 +131,30 @@ def test_the_tail_and_peak_filter_state_is_in_the_pool_row_and_rolled_back() -> 
     fresh = [ScoreNormaliser(p) for _ in range(4)]  # the row given back is among the next ones taken
     again = [nm for nm in fresh if nm._row == row]
     assert again and again[0]._pool is pool and again[0].pot is None and again[0].peak is None
+
+
+def test_a_push_longer_than_the_history_onto_one_not_full_rolls_back_without_reading_unwritten_memory() -> None:
+    """A first tick after a long outage pushes more windows than the history holds onto a history not full yet:
+    the journal logs every position the push keeps, also those never written (their memory holds arbitrary
+    bits); the rollback restores the state, and no arbitrary value is read as a number on the way (a signalling
+    NaN there raised 'invalid value encountered in cast', which failed the tick where warnings are errors)."""
+    import warnings
+
+    p = NormaliserParams(long_window=200, short_window=4, learning=4)
+    rng = np.random.default_rng(7)
+    norm = ScoreNormaliser(p)
+    norm.update(1.0 + 0.01 * rng.standard_normal(50))
+    count = norm.history_length
+    norm._pool.ensure_capacity(norm._row, p.long_window)  # a full-size row whose unused part is ...
+    ring = norm._ring
+    assert ring.dtype == np.float32 and len(ring) == p.long_window
+    ring[count:].view(np.uint32)[:] = 0x7FA00000  # ... a signalling NaN, as reused memory may hold
+    before = norm.to_dict()
+    mark = norm.refs()
+    push = 1.0 + 0.01 * rng.standard_normal(3 * p.long_window)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        first = norm.update(push)
+        norm.restore(mark)
+    assert norm.to_dict() == before and norm._journal_head == -1
+    assert np.array_equal(norm.update(push), first)

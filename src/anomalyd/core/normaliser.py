@@ -1648,6 +1648,10 @@ def _push_many(pool: HistoryPool, row_ids: NDArray[np.int64], state: NDArray[np.
         li = np.flatnonzero(lens)
         if li.size:
             old = pool.gather_ring(groups, pos)
+            # A push of more than L values in one call logs every position it keeps, also those the history had
+            # not reached yet: their memory was never written (arbitrary bits, which a cast may trip on); they
+            # are logged as 0 and never read back as history (the restored count leaves them out).
+            old = np.where((pos - head0[:, None]) % L < c0[:, None], old, 0)
             recs = np.zeros((li.size, 6), dtype=np.int64)
             recs[:, _J_PREV] = state[li, _C_JHEAD]
             recs[:, _J_ROW] = row_ids[li]
