@@ -243,6 +243,34 @@ def test_update_in_chunks_of_random_sizes_equals_one_update(sine_data: np.ndarra
     assert whole.anomalous.any()  # something was there to find
 
 
+@pytest.mark.parametrize("attribution", ["error", "movement"])
+def test_several_fields_leaving_their_range_in_chunks_equal_one_update(attribution: str) -> None:
+    """Fields that leave the range seen so far again and again (a ramp, jumps far beyond the range, a 1e12 glitch),
+    so that the default's cap on how far one window widens the range binds: the out-of-range excess and the
+    attribution are the same fed at once or in chunks (the daemon's ticks; on SMD 2-1 one window's attribution
+    once differed between the daemon and the in-memory run)."""
+    rng = np.random.default_rng(11)
+    t = np.arange(6000)
+    x = np.column_stack([np.sin(2 * np.pi * t / 40), 0.1 * rng.standard_normal(6000), np.cos(2 * np.pi * t / 25)])
+    spec = DetectorSpec(window=16, n_clusters=20, n_init=1, attribution=attribution)
+    assert (spec.range_by, spec.normaliser.range_growth) == ("sample", 1.0)
+    det = Detector(spec).fit([x[:3000]])
+    y = x[3000:].copy()
+    y[500:900, 0] += np.linspace(0.0, 8.0, 400)  # a ramp out of the range, widening it step by step
+    y[1200, 1] = 25.0  # far beyond the range: the cap binds ...
+    y[1230:1240, 1] = 2.0  # ... so this is beyond the range as kept, though below the spike
+    y[1500:1503, 2] = -40.0
+    y[2000, 0] = 1e12  # a glitch
+    whole = det.update(det.start(3000, context=x[:3000]), y)
+    assert (whole.field_excess != 0).sum() > 5
+    for seed in (0, 1):
+        cuts = np.unique(np.concatenate(([0, 501, 1200, 1201, len(y)],
+                                         np.random.default_rng(seed).integers(0, len(y), 30))))
+        state = det.start(3000, context=x[:3000])
+        parts = [det.update(state, y[a:b]) for a, b in itertools.pairwise(cuts)]
+        assert_same_batch(whole, concat_batches(parts))
+
+
 def test_update_many_over_several_series_equals_update_each(sine_data: np.ndarray, sine_det: Detector) -> None:
     rng = np.random.default_rng(5)
     series = np.stack([sine(1200, seed=10 + i) for i in range(5)])

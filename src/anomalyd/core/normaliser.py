@@ -1152,6 +1152,12 @@ def range_excess(norms: Sequence[ScoreNormaliser], lo: NDArray[np.float64],
         hi_c = np.where(np.isfinite(hi), hi, np.nan)
     run_lo = np.fmin.accumulate(np.concatenate((lo0[:, None, :], lo_c), axis=1), axis=1)[:, :k]
     run_hi = np.fmax.accumulate(np.concatenate((hi0[:, None, :], hi_c), axis=1), axis=1)[:, :k]
+    growth = norms[0].params.range_growth
+    if growth is not None:  # the range as `update_block` keeps it: a window widens it by at most its width's share
+        binds = _out_of_range(run_lo, run_hi, lo_c, hi_c, growth)
+        for r in np.flatnonzero(binds.any(axis=1)).tolist():
+            capped_lo, capped_hi, _ = _capped_range(lo0[r], hi0[r], lo_c[r], hi_c[r], tolerance, growth)
+            run_lo[r], run_hi[r] = capped_lo[:k], capped_hi[:k]
     half = _half_width(run_lo, run_hi)
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         width = np.where(half > 0, 2.0 * half, np.nan)
