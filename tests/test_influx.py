@@ -206,6 +206,27 @@ def test_a_block_is_written_as_its_points_one_by_one(columns: tuple[object, ...]
     assert series_lines(sp) == [line_protocol(p) for p in sp.points()]
 
 
+def test_a_block_of_several_series_split_by_a_tag_is_written_as_its_points_one_by_one() -> None:
+    """The attribution's block: a series per field (``split``), the columns series after series; its lines, its
+    points and its ``only`` are those of one block per series."""
+    names = ("a b", "f,1", "z=2")
+    cols = ([0.25, 0.5, 0.125, 1.0, 0.0, 0.75], [1.0, -1.0, 1.0, -1.0, 1.0, -1.0], 3, "up")
+    sp = SeriesPoints("m m", (("h", "x y"), ("series", "h=x y")), ("share", "direction", "n", "t"), cols,
+                      [T0, T0 + 7], split=("field", names))
+    apart = [SeriesPoints("m m", (("h", "x y"), ("series", "h=x y"), ("field", f)), sp.names,
+                          (cols[0][2 * i : 2 * i + 2], cols[1][2 * i : 2 * i + 2], 3, "up"), [T0, T0 + 7])
+             for i, f in enumerate(names)]
+    assert sp.n_points == 6
+    assert series_lines(sp) == [line for b in apart for line in series_lines(b)]
+    assert series_lines(sp) == [line_protocol(p) for p in sp.points()]
+    assert sp.points() == [p for b in apart for p in b.points()]
+    later = sp.only({T0 + 7})
+    assert later is not None and later.points() == [p for b in apart for p in b.points() if p.time_ns == T0 + 7]
+    assert sp.only({T0 + 1}) is None
+    with pytest.raises(ValueError, match="field value nan is not finite"):
+        series_lines(SeriesPoints("m", (), ("v",), ([1.0, float("nan")],), [1], split=("field", ("a", "b"))))
+
+
 @pytest.mark.parametrize(("tags", "expected"), [
     ((("b", "2"), ("a", "1"), ("e", "")), ",a=1,b=2"),  # sorted by key, the empty value left out
     ((("series", "host=h1"), ("k ,=", "v ,=")), ",k\\ \\,\\==v\\ \\,\\=,series=host\\=h1"),

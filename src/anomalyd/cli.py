@@ -134,7 +134,7 @@ class _DryRunStore:
         counts: Counter[str] = Counter()
         shown: list[str] = []
         for p in points:
-            n = len(p.times) if isinstance(p, SeriesPoints) else 1
+            n = p.n_points if isinstance(p, SeriesPoints) else 1
             counts[p.measurement] += n
             if len(shown) < self._sample and log.isEnabledFor(logging.DEBUG):
                 shown += (series_lines(p) if isinstance(p, SeriesPoints) else [line_protocol(p)])[: self._sample]

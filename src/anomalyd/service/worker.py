@@ -1072,11 +1072,10 @@ class Worker:
         ok = np.isfinite(why.share)
         share, error, value = why.share, why.error, why.value
         direction = np.where(why.sign >= 0, 1.0, -1.0)
-        if ok.all():  # the common case: every field of every window, one conversion per array
-            cols = [a.T.tolist() for a in (share, error, direction, value)]
-            for j, name in enumerate(sig.field_names):
-                points.append(SeriesPoints(meas, (*tags, ("field", name)), _ATTRIBUTION_FIELDS,
-                                           tuple(c[j] for c in cols), ends))
+        if ok.all():  # the common case: every field of every window, one block (a series per field)
+            points.append(SeriesPoints(meas, tags, _ATTRIBUTION_FIELDS,
+                                       tuple(a.T.ravel().tolist() for a in (share, error, direction, value)), ends,
+                                       split=("field", sig.field_names)))
             return
         for j, name in enumerate(sig.field_names):
             idx = np.flatnonzero(ok[:, j])

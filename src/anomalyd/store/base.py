@@ -81,6 +81,10 @@ class SeriesPoints:
     Formatting them is much cheaper than one `Point` each: the measurement and tags are escaped once, and each
     column is converted in one pass. ``columns[i][j]`` is field ``names[i]`` of the point at ``times[j]``; a
     column that is a single value (not a list or tuple) holds that value for every point.
+
+    ``split = (key, values)``: the block holds one series per value, ``tags`` plus the tag ``key = value`` (a
+    several-field signal's attribution: a series per field), each with a point at every one of ``times``; the
+    columns hold the series one after the other (``columns[i][v * len(times) + j]``).
     """
 
     measurement: str
@@ -88,21 +92,40 @@ class SeriesPoints:
     names: tuple[str, ...]
     columns: tuple[Sequence[float | int | bool | str] | float | int | bool | str, ...]
     times: Sequence[int]
+    split: tuple[str, tuple[str, ...]] | None = None
+
+    @property
+    def n_series(self) -> int:
+        return 1 if self.split is None else len(self.split[1])
+
+    @property
+    def n_points(self) -> int:
+        return self.n_series * len(self.times)
+
+    def series_tags(self) -> list[Tags]:
+        """The tags of each series of the block."""
+        if self.split is None:
+            return [self.tags]
+        key, values = self.split
+        return [(*self.tags, (key, v)) for v in values]
 
     def only(self, times: set[int]) -> SeriesPoints | None:
         """The points of this block at ``times`` (None if there are none)."""
-        idx = [j for j, t in enumerate(self.times) if t in times]
-        if not idx:
+        keep = [j for j, t in enumerate(self.times) if t in times]
+        if not keep or not self.n_series:
             return None
-        cols = tuple([c[j] for j in idx] if isinstance(c, list | tuple) else c for c in self.columns)
-        return SeriesPoints(self.measurement, self.tags, self.names, cols, [self.times[j] for j in idx])
+        m = len(self.times)
+        idx = [v * m + j for v in range(self.n_series) for j in keep]
+        cols = tuple([c[k] for k in idx] if isinstance(c, list | tuple) else c for c in self.columns)
+        return SeriesPoints(self.measurement, self.tags, self.names, cols, [self.times[j] for j in keep], self.split)
 
     def points(self) -> list[Point]:
         """The same points one by one."""
-        n = len(self.times)
+        n = self.n_points
         cols = [c if isinstance(c, list | tuple) else [c] * n for c in self.columns]
-        return [Point(self.measurement, self.tags, tuple(zip(self.names, row, strict=True)), int(t))
-                for row, t in zip(zip(*cols, strict=True), self.times, strict=True)]
+        rows = zip(*cols, strict=True) if cols else iter([()] * n)
+        return [Point(self.measurement, tags, tuple(zip(self.names, next(rows), strict=True)), int(t))
+                for tags in self.series_tags() for t in self.times]
 
 
 def expand(items: Sequence[Point | SeriesPoints]) -> list[Point]:
@@ -176,11 +199,20 @@ def series_lines(sp: SeriesPoints) -> list[str]:
     >>> series_lines(SeriesPoints("m", (("h", "a"),), ("x", "ok", "n"), ((1.5, 2.0), (True, False), 3), (10, 20)))
     ['m,h=a x=1.5,ok=true,n=3i 10', 'm,h=a x=2.0,ok=false,n=3i 20']
     """
-    if not len(sp.times):
+    if not sp.n_points:
         return []
-    pieces = [f"{_escape_measurement(sp.measurement)}{_tag_string(sp.tags)} "]
+    meas = _escape_measurement(sp.measurement)
     kinds: list[str] = []
     varying: list[Sequence[str | float]] = []
+    times = sp.times
+    if sp.split is None:
+        pieces = [f"{meas}{_tag_string(sp.tags)} "]
+    else:  # each series' measurement and tags: a column of its own, ahead of the fields
+        m = len(sp.times)
+        pieces = ["", ""]
+        kinds.append("s")
+        varying.append([head for tags in sp.series_tags() for head in [f"{meas}{_tag_string(tags)} "] * m])
+        times = list(sp.times) * sp.n_series
     for i, (k, col) in enumerate(zip(sp.names, sp.columns, strict=True)):
         key = _field_key(k, bool(i))
         if isinstance(col, list | tuple):
@@ -197,7 +229,7 @@ def series_lines(sp: SeriesPoints) -> list[str]:
         else:
             pieces[-1] += key + _value_text(type(col), col)  # type: ignore[arg-type]
     pieces[-1] += " "
-    return _line_maker("".join(kinds))(*pieces)(*varying, sp.times)
+    return _line_maker("".join(kinds))(*pieces)(*varying, times)
 
 
 @dataclass(frozen=True)
