@@ -388,15 +388,23 @@ def test_a_value_outside_the_training_range_scores_one_on_either_side(sine_data:
     y[700] = 1.5
     b = sine_det.update(sine_det.start(3000, context=sine_data[:3000]), y)
     # the first window holding the value has it at its last row, where the taper is 0: its error is normal,
-    # only the out-of-range rule can give it a score of exactly 1
+    # only the out-of-range rule can give it a score above 0.9 (unsaturated, the default: below 1, by how far the
+    # value leaves the range; saturated: exactly 1)
     arrays, meta = sine_det.to_state()
+    assert meta["spec"]["normaliser"]["unsaturated"] is True
     spec = {**meta["spec"], "normaliser": {**meta["spec"]["normaliser"], "range_tolerance": None}}
     no_rule = Detector.from_state(arrays, {**meta, "spec": spec})
     r = no_rule.update(no_rule.start(3000, context=sine_data[:3000]), y)
+    spec = {**meta["spec"], "normaliser": {**meta["spec"]["normaliser"], "unsaturated": False}}
+    saturated = Detector.from_state(arrays, {**meta, "spec": spec})
+    s = saturated.update(saturated.start(3000, context=sine_data[:3000]), y)
     for i in (300, 700):
-        assert b.score[i] == 1.0 and b.anomalous[i]
+        assert 0.9 < b.score[i] < 1.0 and b.anomalous[i]
+        assert s.score[i] == 1.0 and s.anomalous[i]
         assert r.score[i] < 0.5 and b.error[i] == r.error[i]
-    top = np.flatnonzero(b.score == 1.0)
+    assert np.array_equal(b.anomalous, s.anomalous)  # unsaturated changes no decision
+    assert np.array_equal(np.minimum(b.score, 0.9), np.minimum(s.score, 0.9), equal_nan=True)
+    top = np.flatnonzero(b.score > 0.9)
     assert all(any(0 <= i - j < sine_det.window_ for j in (300, 700)) for i in top), top  # only near the values
 
 

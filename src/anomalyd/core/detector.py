@@ -214,7 +214,8 @@ class DetectorSpec:
         How the hold-out's max errors become ``threshold_`` (`anomalyd.core.model.threshold_from_errors`).
     normaliser : NormaliserParams
         Error-to-score mapping; the detector's default caps how far one window widens the seen range at its
-        width (``range_growth = 1``, with ``range_by = "sample"``).
+        width (``range_growth = 1``, with ``range_by = "sample"``) and keeps the order of scores above 0.9
+        (``unsaturated``: no tie at 1; every score up to 0.9, so every decision at 0.5, is the same).
     score_threshold : float
         The decision: a window is anomalous when its score is at least this.
     stride : int
@@ -285,7 +286,8 @@ class DetectorSpec:
     margin: float = 1.0
     quantile: float = 0.999
     sigma_k: float = 6.0
-    normaliser: NormaliserParams = field(default_factory=lambda: NormaliserParams(range_growth=1.0))
+    normaliser: NormaliserParams = field(
+        default_factory=lambda: NormaliserParams(range_growth=1.0, unsaturated=True))
     score_threshold: float = 0.5
     decision: str = "score"
     stride: int = 1
