@@ -55,8 +55,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "max_gap 4": {"max_gap": 4},
     "random_state 1": {"random_state": 1},
     "random_state 2": {"random_state": 2},
-    "out-of-range rule on the newest sample, range growth capped at its width": {
-        "range_by": "sample", "normaliser_range_growth": 1.0},
+    "out-of-range rule on whole windows, no growth cap (the default before 2026-11-30)": {
+        "range_by": "window", "normaliser_range_growth": None},
     "range growth capped at 0.02 of its width per window": {"normaliser_range_growth": 0.02},
     "robust reference (median / IQR history)": {"normaliser_reference": "robust"},
     "scorer fft": {"scorer": "fft"},

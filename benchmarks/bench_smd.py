@@ -81,8 +81,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "no per-metric error normalisation": {"field_norm": "none"},
     "mean over metrics instead of max": {"aggregate": "mean"},
     "per-metric scale floor 0.01 (data units)": {"min_scale": 0.01},
-    "out-of-range rule on the newest sample, range growth capped at its width": {
-        "range_by": "sample", "normaliser_range_growth": 1.0},
+    "out-of-range rule on whole windows, no growth cap (the default before 2026-11-30)": {
+        "range_by": "window", "normaliser_range_growth": None},
     "robust reference (median / IQR history)": {"normaliser_reference": "robust"},
     "scorer fft": {"scorer": "fft"},
     "scorer generalized": {"scorer": "generalized"},

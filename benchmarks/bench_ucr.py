@@ -52,7 +52,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "discord, window = one period (to 256)": {"scorer": "discord", "period_fraction": 1.0, "max_window": 256},
     "kmeans, robust reference, range per sample": {"normaliser_reference": "robust", "range_by": "sample",
                                                    "normaliser_range_growth": 1.0},
-    "kmeans, range per sample, growth cap 1": {"range_by": "sample", "normaliser_range_growth": 1.0},
+    "kmeans, range per window, no growth cap (the default before 2026-11-30)": {"range_by": "window",
+                                                                               "normaliser_range_growth": None},
     "kmeans, resolution floor 1, per-field surprise 500": {"resolution_floor": 1.0, "field_surprise": 500},
 }
 

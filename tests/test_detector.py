@@ -246,14 +246,14 @@ def test_update_in_chunks_of_random_sizes_equals_one_update(sine_data: np.ndarra
 @pytest.mark.parametrize("attribution", ["error", "movement"])
 def test_several_fields_leaving_their_range_in_chunks_equal_one_update(attribution: str) -> None:
     """Fields that leave the range seen so far again and again (a ramp, jumps far beyond the range, a 1e12 glitch),
-    so that the cap on how far one window widens the range (``range_growth``) binds: the out-of-range excess and
-    the attribution are the same fed at once or in chunks (the daemon's ticks; on SMD 2-1 one window's
-    attribution once differed between the daemon and the in-memory run with this option)."""
+    so that the default's cap on how far one window widens the range binds: the out-of-range excess and the
+    attribution are the same fed at once or in chunks (the daemon's ticks; on SMD 2-1 one window's attribution
+    once differed between the daemon and the in-memory run)."""
     rng = np.random.default_rng(11)
     t = np.arange(6000)
     x = np.column_stack([np.sin(2 * np.pi * t / 40), 0.1 * rng.standard_normal(6000), np.cos(2 * np.pi * t / 25)])
-    spec = DetectorSpec(window=16, n_clusters=20, n_init=1, attribution=attribution).with_overrides(
-        range_by="sample", normaliser_range_growth=1.0)
+    spec = DetectorSpec(window=16, n_clusters=20, n_init=1, attribution=attribution)
+    assert (spec.range_by, spec.normaliser.range_growth) == ("sample", 1.0)
     det = Detector(spec).fit([x[:3000]])
     y = x[3000:].copy()
     y[500:900, 0] += np.linspace(0.0, 8.0, 400)  # a ramp out of the range, widening it step by step
@@ -701,15 +701,16 @@ def test_new_spec_defaults_and_old_models_load_as_they_were_trained() -> None:
     assert DetectorSpec.from_dict(old) == replace(spec, field_surprise=0, resolution_floor=0.0)
     with pytest.raises(ValueError):
         DetectorSpec(field_surprise=-1)
-    # Unsaturated scores: the default since 2026-11-30. A model saved without a normaliser (or without
-    # `range_by`) scores as it was trained; one saved with them keeps what it was saved with.
-    assert (spec.range_by, spec.normaliser.range_growth, spec.normaliser.unsaturated) == ("window", None, True)
+    # The out-of-range rule on each newest sample, a window widening the seen range by at most its width: the
+    # default since 2026-11-30. A model saved without `range_by` (or without a normaliser) checked whole windows
+    # with no cap; one saved with them keeps what it was saved with.
+    assert (spec.range_by, spec.normaliser.range_growth) == ("sample", 1.0)
     older = spec.to_dict()
     older.pop("range_by")
     older.pop("normaliser")
     back = DetectorSpec.from_dict(older)
     assert (back.range_by, back.normaliser) == ("window", NormaliserParams())
-    assert DetectorSpec.from_dict(replace(spec, range_by="sample").to_dict()).range_by == "sample"
+    assert DetectorSpec.from_dict(replace(spec, range_by="window").to_dict()).range_by == "window"
     assert DetectorSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
 
 

@@ -213,19 +213,17 @@ class DetectorSpec:
     threshold_policy, margin, quantile, sigma_k
         How the hold-out's max errors become ``threshold_`` (`anomalyd.core.model.threshold_from_errors`).
     normaliser : NormaliserParams
-        Error-to-score mapping; the detector's default keeps the order of scores above 0.9 (``unsaturated``: no
-        tie at 1; every score up to 0.9, so every decision at 0.5, is the same as without it).
+        Error-to-score mapping; the detector's default caps how far one window widens the seen range at its
+        width (``range_growth = 1``, with ``range_by = "sample"``) and keeps the order of scores above 0.9
+        (``unsaturated``: no tie at 1; every score up to 0.9, so every decision at 0.5, is the same).
     score_threshold : float
         The decision: a window is anomalous when its score is at least this.
     stride : int
         Score the windows whose last sample's grid index is a multiple of this (1: every window).
-    range_by : {"window", "sample"}
-        What the out-of-range rule checks: the window's smallest and largest value (default), or its newest
-        sample only (each sample once, so a glitch widens the seen range once, by at most
-        ``normaliser.range_growth``, and a later spike is still out of range). The latter with ``range_growth = 1``
-        scores NAB higher (67.50 against 67.03) but keeps a steadily rising fault (a memory leak) out of the
-        capped range for many windows, which alternate red and demoted: a Kapacitor alert with
-        ``stateChangesOnly`` would flap (benchmarks/RESULTS.md).
+    range_by : {"sample", "window"}
+        What the out-of-range rule checks: the window's newest sample only (default: each sample once, so a
+        glitch widens the seen range once, by at most ``normaliser.range_growth``, and a later spike is still out
+        of range), or the window's smallest and largest value (before 2026-11-30; models trained then keep it).
     scorer : str
         The window error fed to the score (`anomalyd.core.scorers`): ``kmeans`` (the shape catalog's reconstruction
         error), ``fft``, ``saliency``, ``generalized``, ``discord`` or ``nodata``, or several joined by ``+``
@@ -289,11 +287,11 @@ class DetectorSpec:
     quantile: float = 0.999
     sigma_k: float = 6.0
     normaliser: NormaliserParams = field(
-        default_factory=lambda: NormaliserParams(unsaturated=True))
+        default_factory=lambda: NormaliserParams(range_growth=1.0, unsaturated=True))
     score_threshold: float = 0.5
     decision: str = "score"
     stride: int = 1
-    range_by: str = "window"
+    range_by: str = "sample"
     scorer: str = "kmeans"
     discord_max_ref: int = 4000
     resolution_floor: float = 1.0
