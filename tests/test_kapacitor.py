@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from anomalyd.alerts.kapacitor import (
     check_vars,
     define,
     render,
+    tasks,
     template_vars,
 )
 from anomalyd.config import Config, from_dict
@@ -47,7 +49,7 @@ ATTRIBUTION = ("top_field", "direction", "top_fields")
 TOP_FIELD_PART = ('{{ if index .Fields "top_field" }}, top field {{ index .Fields "top_field" }} '
                   '{{ index .Fields "direction" }}{{ if index .Fields "top_fields" }} '
                   '({{ index .Fields "top_fields" }}){{ end }}{{ end }}')
-COMPUTED = {"stream": {"ratio"}, "batch": {"ratio"}, "fixed": {"ratio", "fixed_threshold"}}
+COMPUTED = {"stream": {"ratio", "normal_streak"}, "batch": {"ratio"}, "fixed": {"ratio", "fixed_threshold"}}
 
 
 def example_config(database: str = "anomalyd", **influxdb: Any) -> Config:
@@ -257,9 +259,20 @@ def stream_alerts(script: str, points: list[dict[str, Any]], env: Mapping[str, A
     """The (time, level) messages a stream template sends for one series with ``.stateChangesOnly()``: the
     points pass ``from().where(where_filter)`` and the ``|where`` node, and the crit lambda (the ``crit`` var's
     default, or the one in ``.crit(...)``) sets the level; an OK point after a critical one is the recovery.
+    With a ``|stateCount(...)`` node and ``.critReset(...)`` (Kapacitor's AlertNode: a critical alert stays
+    critical until the reset lambda holds, then the levels are evaluated as usual), as the stream template has.
 
-    ``env`` holds the vars' values; the lambda vars (``where_filter``, ``crit``) as expressions."""
+    ``env`` holds the vars' values; the lambda vars (``where_filter``, ``crit``, ``normal``) as expressions."""
     env = dict(env or {})
+    count = re.search(r"^\s*\|stateCount\((\w+)\)\n\s*\.as\('(\w+)'\)$", script, re.M)
+    reset = re.search(r"\.critReset\(lambda: (.*)\)$", script, re.M)
+    for name, value in re.findall(r"^var (\w+) = (\d+)$", script, re.M):  # int vars at their defaults
+        env.setdefault(name, int(value))
+    counted = None
+    if count is not None:
+        lam = re.search(rf"^var {count.group(1)} = lambda: (.*)$", script, re.M)
+        assert lam is not None
+        counted = tick_lambda(str(env.pop(count.group(1), lam.group(1))), env)
     where_filter = re.search(r"^var where_filter = lambda: (.*)$", script, re.M)
     where = re.search(r"^\s*\|where\(lambda: (.*)\)$", script, re.M)
     crit = re.search(r"^var crit = lambda: (.*)$", script, re.M) or re.search(r"\.crit\(lambda: (.*)\)$",
@@ -271,10 +284,16 @@ def stream_alerts(script: str, points: list[dict[str, Any]], env: Mapping[str, A
     crit_expr = str(env.pop("crit", crit.group(1)))
     filters = [tick_lambda(str(wf), env), tick_lambda(where.group(1), env)]
     is_crit = tick_lambda(crit_expr, env)
-    level, sent = "OK", []
+    is_reset = tick_lambda(reset.group(1), env) if reset is not None else None
+    level, sent, streak = "OK", [], 0
     for p in points:
         if not all(f(p) for f in filters):
             continue                                    # dropped: neither raises nor clears
+        if counted is not None and count is not None:
+            streak = max(streak, 0) + 1 if counted(p) else -1  # stateCount: -1 where the lambda is false
+            p = {**p, count.group(2): streak}
+        if level == "CRITICAL" and is_reset is not None and not is_reset(p):
+            continue                                    # stays critical until the reset holds
         new = "CRITICAL" if is_crit(p) else "OK"
         if new != level:
             sent.append((p["time"], new))
@@ -299,15 +318,36 @@ DECISIONS = [_point(0, 0.2, False), _point(1, 0.9, False, score=0.3), _point(2, 
 
 def test_the_stream_task_alerts_on_the_detectors_decision() -> None:
     script = TEMPLATES["anomaly_stream"][1]
+    one = {"recover_windows": 1}
     # raised at the first anomalous window and cleared at the first normal one, whatever max_error says;
     # the missing-data windows (3, 7: anomalous false) neither clear the alert nor raise it
-    assert stream_alerts(script, DECISIONS) == [(2, "CRITICAL"), (5, "OK"), (8, "CRITICAL")]
-    # the alternatives documented in the script work as the crit var
+    assert stream_alerts(script, DECISIONS, one) == [(2, "CRITICAL"), (5, "OK"), (8, "CRITICAL")]
+    # the alternatives documented in the script work as the crit var (with normal, its opposite)
     assert 'lambda: "score" >= 0.5' in script and 'lambda: "max_error" > "threshold"' in script
-    assert stream_alerts(script, DECISIONS, {"crit": '"score" >= 0.5'}) == [
+    assert stream_alerts(script, DECISIONS, {**one, "crit": '"score" >= 0.5', "normal": '"score" < 0.5'}) == [
         (2, "CRITICAL"), (5, "OK"), (8, "CRITICAL")]
-    assert stream_alerts(script, DECISIONS, {"crit": '"max_error" > "threshold"'}) == [
+    assert stream_alerts(script, DECISIONS, {**one, "crit": '"max_error" > "threshold"',
+                                             "normal": '"max_error" <= "threshold"'}) == [
         (1, "CRITICAL"), (2, "OK"), (5, "CRITICAL"), (6, "OK"), (8, "CRITICAL")]
+
+
+def test_the_stream_task_recovers_after_recover_windows_normal_windows_in_a_row() -> None:
+    """A lasting anomaly whose windows alternate red and demoted (the detector's red-zone filter) raises one alert
+    and one recovery, after ``recover_windows`` normal windows in a row (missing-data windows do not count),
+    as the daemon's own alerts do; the task's var follows ``alerts.recover_windows``."""
+    script = TEMPLATES["anomaly_stream"][1]
+    assert re.search(r"^var recover_windows = 32$", script, re.M)
+    flips = [_point(i, 0.5, i % 2 == 0, score=0.8 if i % 2 == 0 else 0.3) for i in range(20)]
+    after = [_point(20 + i, 0.1, False) if i != 2 else _point(22, None, False) for i in range(5)]
+    # normal windows 19, 20, 21, then 22 is missing-data (not counted), 23 the fourth normal one
+    assert stream_alerts(script, flips + after, {"recover_windows": 4}) == [(0, "CRITICAL"), (23, "OK")]
+    assert stream_alerts(script, flips + after) == [(0, "CRITICAL")]  # 32: still critical
+    # recovering at the first normal window (1) sends an alert and a recovery per red window
+    assert len(stream_alerts(script, flips + after, {"recover_windows": 1})) == 20
+    cfg = example_config()
+    cfg = replace(cfg, alerts=replace(cfg.alerts, recover_windows=5))
+    spec = next(t for t in tasks(cfg) if t.template == "anomaly_stream")
+    assert spec.vars["recover_windows"] == {"type": "int", "value": 5}
     # the where_filter var still selects the series
     assert stream_alerts(script, [p | {"signal": "resp"} for p in DECISIONS],
                          {"where_filter": "\"signal\" == 'heartbeat'"}) == []
@@ -537,7 +577,7 @@ def test_the_stream_tasks_messages_carry_the_windows_own_top_field() -> None:
     attribution = {0: SINGLE, 2: MULTI, 4: MULTI | {"top_field": "mem.used_percent", "direction": "down"},
                    5: SINGLE | {"direction": "up"}, 8: OLD}
     points = [p | attribution.get(p["time"], SINGLE) | tags for p in DECISIONS]
-    sent = stream_alerts(TEMPLATES["anomaly_stream"][1], points)
+    sent = stream_alerts(TEMPLATES["anomaly_stream"][1], points, {"recover_windows": 1})
     assert sent == [(2, "CRITICAL"), (5, "OK"), (8, "CRITICAL")]
     messages = [alert_message("anomaly_stream", points[t], tags, level) for t, level in sent]
     assert "top field cpu.usage_user up (cpu.usage_user up 62%" in messages[0]

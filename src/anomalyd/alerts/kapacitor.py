@@ -7,7 +7,9 @@ repository, each with a vars example):
   carries the detector's own decision (``anomalous``), one task alerts on ``"anomalous" == TRUE`` for all of
   them (the ``crit`` var; ``"score" >= 0.5`` or ``"max_error" > "threshold"`` are documented alternatives),
   grouped by every tag, with ``.stateChangesOnly()``: one message when a series goes anomalous, one when it
-  recovers. Missing-data windows neither raise nor clear.
+  recovers, which it does after ``recover_windows`` normal windows in a row (``alerts.recover_windows``, as the
+  daemon's own alerts: ``|stateCount`` of the normal windows and ``.critReset``). Missing-data windows neither
+  raise nor clear.
 - ``anomaly_batch.tick`` (b): queries the anomalous windows every period (``"missing" = false AND
   "anomalous" = true``) and sends, per series with anomalous windows in the period, one message about its
   worst window (``max("max_error")`` selects it, with its threshold, score, top field and direction).
@@ -364,7 +366,8 @@ def tasks(cfg: Config, models: Sequence[ModelSummary] = (), enable: Collection[s
 
     every = tick_duration(parse_duration_ns(cfg.kapacitor.batch_every))
     out = [
-        TaskSpec(f"{prefix}_stream", "anomaly_stream", "stream", dbrps, _common(cfg), status("stream")),
+        TaskSpec(f"{prefix}_stream", "anomaly_stream", "stream", dbrps,
+                 {**_common(cfg), "recover_windows": _var("int", cfg.alerts.recover_windows)}, status("stream")),
         TaskSpec(f"{prefix}_batch", "anomaly_batch", "batch", dbrps,
                  {"db": _var("string", cfg.influxdb.database), "rp": _var("string", rp),
                   **_common(cfg), "period": _var("duration", every), "every": _var("duration", every),
