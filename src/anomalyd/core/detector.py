@@ -686,7 +686,7 @@ class Detector:
         lo = np.full((n, m, d), np.nan)
         hi = np.full((n, m, d), np.nan)
         moved = np.full((n, m, d), np.nan)  # each field's movement within the window (scaled units)
-        if d > 1 or s.range_by == "window":
+        if s.range_by == "window" or (d > 1 and s.attribution == "movement"):
             lo[sel] = picked.min(axis=1)
             hi[sel] = picked.max(axis=1)
             moved[sel] = hi[sel] - lo[sel]
