@@ -8,7 +8,8 @@ normaliser turns it into a score with the same meaning everywhere, the way NAB's
   unusual the recent level is;
 * NAB's **log scale**: a tail probability of 1e-5 (likelihood 0.99999) maps to 0.5;
 * an **out-of-range rule**: a window whose values leave the range seen so far (per field, widened by
-  ``range_tolerance`` of its width) scores 1;
+  ``range_tolerance`` of its width) scores 1 (with ``unsaturated``, the detector's default, above 0.9 and the
+  higher the farther out);
 * a **red-zone filter**: a red tail probability (``<= red``, or out of range) right after another red one is
   demoted to ``yellow``, so a lasting anomaly scores high once rather than on every window.
 
