@@ -114,7 +114,7 @@ class PlotEvent:
     start: int
     end: int
     badness: float  # higher is worse: threshold over peak score for misses, peak over threshold for alarms
-    error_ratio: float = 0.0  # peak error over the error threshold (breaks ties: range-rule alarms all score 1)
+    error_ratio: float = 0.0  # peak error over the error threshold (breaks ties: saturated range-rule alarms score 1)
 
 
 def find_plot_events(series: Sequence[EvalSeries], n: int) -> list[PlotEvent]:
