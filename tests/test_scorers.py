@@ -31,19 +31,25 @@ def _columns(b) -> dict[str, np.ndarray]:  # type: ignore[no-untyped-def]
     return {"error": b.error, "score": b.score, "anomalous": b.anomalous, "field_error": b.field_error}
 
 
-@pytest.mark.parametrize("scorer", CONFIGS)
-def test_each_scorer_is_chunk_invariant_and_causal(scorer: str) -> None:
-    x = _series()
-    det = _fit(scorer, x)
+def _assert_chunk_invariant_and_causal(det: Detector, x: np.ndarray) -> dict[str, np.ndarray]:
+    """Fed in 97-sample chunks the detector gives what it gives in one call, and the results up to a row do not
+    depend on what comes after it (causal). Returns the one-call columns."""
     whole = _columns(det.update(det.start(1000, x[:1000]), x[1000:]))
     st = det.start(1000, x[:1000])
     parts = [_columns(det.update(st, x[a : a + 97])) for a in range(1000, len(x), 97)]
     for key, col in whole.items():
         assert np.array_equal(col, np.concatenate([p[key] for p in parts]), equal_nan=True), key
-    # Causal: the results up to a row do not depend on what comes after it.
     short = _columns(det.update(det.start(1000, x[:1000]), x[1000:2100]))
     for key, col in short.items():
         assert np.array_equal(col, whole[key][:1100], equal_nan=True), key
+    return whole
+
+
+@pytest.mark.parametrize("scorer", CONFIGS)
+def test_each_scorer_is_chunk_invariant_and_causal(scorer: str) -> None:
+    x = _series()
+    det = _fit(scorer, x)
+    _assert_chunk_invariant_and_causal(det, x)
 
 
 @pytest.mark.parametrize("scorer", CONFIGS)
@@ -123,15 +129,8 @@ def test_tail_and_peak_filter_through_the_detector_are_chunk_invariant_and_causa
     x = _series()
     det = Detector(DetectorSpec(n_clusters=20).with_overrides(**options)).fit([x[:1000]])
     assert det.normaliser_.pot is not None if "normaliser_tail" in options else det.normaliser_.pot is None
-    whole = _columns(det.update(det.start(1000, x[:1000]), x[1000:]))
+    whole = _assert_chunk_invariant_and_causal(det, x)
     assert whole["anomalous"][1200:1300].any()  # the change of shape is flagged
-    st = det.start(1000, x[:1000])
-    parts = [_columns(det.update(st, x[a : a + 97])) for a in range(1000, len(x), 97)]
-    for key, col in whole.items():
-        assert np.array_equal(col, np.concatenate([p[key] for p in parts]), equal_nan=True), key
-    short = _columns(det.update(det.start(1000, x[:1000]), x[1000:2100]))
-    for key, col in short.items():
-        assert np.array_equal(col, whole[key][:1100], equal_nan=True), key
 
 
 @pytest.mark.parametrize("options", [{}, {"normaliser_unsaturated": True, "normaliser_tail": "exp",
