@@ -269,3 +269,19 @@ def test_the_host_signal_writes_one_attribution_point_per_field(
     fields = ("cpu.usage_user", "mem.used_percent", "net.bytes_recv")
     assert set(counts) == {(h, f) for h in HOSTS for f in fields}
     assert len({counts[(h, f)] for f in fields for h in HOSTS[:1]}) == 1  # every window: one point per field
+
+
+def test_the_summary_names_each_missed_anomaly_with_its_time() -> None:
+    """A patient holds several anomalies of one kind, so a missed one is named with its time: "p1:dropout" alone
+    would read as a contradiction of a flagged window marked "injected dropout"."""
+    from anomalyd.core.records import SeriesKey, WindowResult
+    from anomalyd.demo.run import report_findings
+    from anomalyd.demo.synthetic import Injected
+    origin = 1_700_000_000 * S  # 22:13:20 UTC
+    fed = [FedSeries("p1", origin, np.zeros(1000), [Injected("dropout", 100, 106), Injected("dropout", 500, 506)],
+                     signal="heartbeat", period_ns=S)]
+    key = SeriesKey("heartbeat", (("patient", "p1"),))
+    caught = WindowResult(key, "m", origin + 80 * S, origin + 110 * S, 1.0, 2.0, True, 0.7)
+    last = WindowResult(key, "m", origin + 900 * S, origin + 999 * S, 1.0, 0.5, False, 0.1)
+    text = report_findings([caught, last], fed)
+    assert "injected anomalies in the scored range: 2, caught: 1, missed: p1:dropout at 22:21:40" in text, text

@@ -162,9 +162,13 @@ def _injected_in(r: WindowResult, fed: list[FedSeries]) -> Iterator[tuple[FedSer
                     yield s, a
 
 
+Due = list[tuple[str, Injected, int]]
+"""The injected anomalies due by the end of the scored range: the series' tag, the anomaly, its first sample's time."""
+
+
 def _report(results: list[WindowResult], fed: list[FedSeries], title: str, describe: Callable[[WindowResult, str], str],
             judge: Callable[[WindowResult, FedSeries, Injected], tuple[str, bool]], kinds: str,
-            summary: Callable[[list[tuple[str, Injected]], dict[tuple[str, int], bool]], str]) -> str:
+            summary: Callable[[Due, dict[tuple[str, int], bool]], str]) -> str:
     """The flagged windows, one line each (``describe``), with what they hit (``judge``: the text and whether the
     window names the injected anomaly), then a line on the injected anomalies due by the end of the scored range,
     and the counts of windows."""
@@ -181,7 +185,8 @@ def _report(results: list[WindowResult], fed: list[FedSeries], title: str, descr
     if not flagged:
         lines.append("  (none)")
     scored_until = max((r.end_ns for r in results), default=0)
-    due = [(s.tag, a) for s in fed for a in s.anomalies if s.origin_ns + a.end * s.period_ns <= scored_until]
+    due = [(s.tag, a, s.origin_ns + a.start * s.period_ns) for s in fed for a in s.anomalies
+           if s.origin_ns + a.end * s.period_ns <= scored_until]
     lines.append(summary(due, hit))
     false = sum(1 for line in lines if line.endswith("(false alarm)"))
     lines.append(f"windows scored: {sum(1 for r in results if not r.missing)}, anomalous: {len(flagged)} ({false} "
@@ -189,8 +194,9 @@ def _report(results: list[WindowResult], fed: list[FedSeries], title: str, descr
     return "\n".join(lines)
 
 
-def _missed(due: list[tuple[str, Injected]], hit: dict[tuple[str, int], bool]) -> str:
-    missed = [f"{t}:{a.kind}" for t, a in due if (t, a.start) not in hit]
+def _missed(due: Due, hit: dict[tuple[str, int], bool]) -> str:
+    """The missed ones, each with its time: a series holds several anomalies of one kind."""
+    missed = [f"{t}:{a.kind} at {_fmt(ns)}" for t, a, ns in due if (t, a.start) not in hit]
     return f", missed: {', '.join(missed)}" if missed else ""
 
 
@@ -201,8 +207,8 @@ def report_findings(results: list[WindowResult], fed: list[FedSeries]) -> str:
         return (f"{r.key!s:28} {_fmt(r.start_ns)}-{_fmt(r.end_ns)} UTC  score {score}  max_error "
                 f"{r.max_error:8.2f} (threshold {r.threshold:7.2f}, x{r.ratio:.2f})")
 
-    def summary(due: list[tuple[str, Injected]], hit: dict[tuple[str, int], bool]) -> str:
-        caught = sum(1 for t, a in due if (t, a.start) in hit)
+    def summary(due: Due, hit: dict[tuple[str, int], bool]) -> str:
+        caught = sum(1 for t, a, _ in due if (t, a.start) in hit)
         return f"injected anomalies in the scored range: {len(due)}, caught: {caught}" + _missed(due, hit)
 
     return _report(results, fed, "anomalous windows found:", describe,
@@ -220,8 +226,8 @@ def report_host_findings(results: list[WindowResult], fed: list[FedSeries], sign
         right = (r.attribution[0].field if r.attribution else "") == a.field
         return f"injected {a.kind} ({a.field}" + (")" if right else "; not the top field)"), right
 
-    def summary(due: list[tuple[str, Injected]], hit: dict[tuple[str, int], bool]) -> str:
-        caught = [(t, a) for t, a in due if (t, a.start) in hit]
+    def summary(due: Due, hit: dict[tuple[str, int], bool]) -> str:
+        caught = [(t, a) for t, a, _ in due if (t, a.start) in hit]
         named = [(t, a) for t, a in caught if hit[(t, a.start)]]
         return (f"injected faults in the scored range: {len(due)}, caught: {len(caught)}, named by a flagged "
                 f"window's top field: {len(named)}" + _missed(due, hit))
