@@ -77,6 +77,10 @@ MALFORMED = [
     ("score_threshold not a number", "signals[0].score_threshold", "high", "signals[0].score_threshold",
      "expected a number"),
     ("decision unknown", "signals[0].decision", "vote", "signals[0].decision", "score, error, either"),
+    ("field_history negative", "signals[0].field_history", -1, "signals[0].field_history", "0 or more"),
+    ("rebaseline_gate zero", "signals[0].rebaseline_gate", 0, "signals[0].rebaseline_gate", "greater than 0"),
+    ("rebaseline_after on one field", "signals[0].rebaseline_after", 200, "signals[0].rebaseline_after",
+     "needs a signal with several fields"),
     ("max_backlog_windows zero", "daemon.max_backlog_windows", 0, "daemon.max_backlog_windows",
      "greater than 0"),
     ("recover_windows zero", "alerts.recover_windows", 0, "alerts.recover_windows", "greater than 0"),
@@ -222,6 +226,22 @@ def test_the_signal_spec_reflects_the_config() -> None:
     # Points: one summary per write_every windows of slide samples.
     assert sig.step_ns == 2 * 4 * 10**9
     assert (sig.write_every, sig.slide, sig.max_gap) == (4, 2, 8)
+
+
+def test_the_level_shift_keys_reach_the_spec() -> None:
+    """field_history, rebaseline_gate and rebaseline_after set the per-field history (several fields); the gate
+    applies only with re-baselining on, and re-baselining needs the history."""
+    raw = minimal()
+    raw["signals"][0].update(fields=["usage_user", "usage_system"], field_history=800)
+    del raw["signals"][0]["field"]
+    spec = from_dict(raw, env={}).signal("cpu").spec()
+    assert (spec.field_surprise, spec.surprise_gate, spec.surprise_rebaseline) == (800, None, 0)
+    raw["signals"][0].update(rebaseline_after=200, rebaseline_gate=5.0)
+    spec = from_dict(raw, env={}).signal("cpu").spec()
+    assert (spec.field_surprise, spec.surprise_gate, spec.surprise_rebaseline) == (800, 5.0, 200)
+    raw["signals"][0].update(field_history=0)
+    (problem,) = problems_of(raw)
+    assert problem.startswith("signals[0].rebaseline_after") and "needs field_history > 0" in problem, problem
 
 
 def test_duplicate_signal_names() -> None:

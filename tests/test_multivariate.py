@@ -45,8 +45,9 @@ class CountingStore(InfluxDB1Store):
         yield from super().read_batches(query, start_ns, end_ns, size)
 
 
-def host_data(seed: int, n: int, fault: bool) -> dict[str, np.ndarray]:
-    """A host whose cpu, memory and network rate follow one load pattern (period 60 samples)."""
+def host_data(seed: int, n: int, fault: bool, shift: bool = False) -> dict[str, np.ndarray]:
+    """A host whose cpu, memory and network rate follow one load pattern (period 60 samples). ``fault``: its
+    memory jumps for 5 minutes (with ``shift``: from then on)."""
     rng = np.random.default_rng(seed)
     k = np.arange(n)
     load = 0.5 + 0.4 * np.sin(2 * np.pi * k / 60) + 0.03 * rng.standard_normal(n)
@@ -54,7 +55,7 @@ def host_data(seed: int, n: int, fault: bool) -> dict[str, np.ndarray]:
     mem = 40 + 10 * load + 0.5 * rng.standard_normal(n)
     net_rate = 1e6 * (1 + load) + 2e4 * rng.standard_normal(n)
     if fault:
-        mem[FAULT] += 25.0  # memory alone: cpu and network stay normal
+        mem[slice(FAULT.start, None) if shift else FAULT] += 25.0  # memory alone: cpu and network stay normal
     counter = 1e9 + np.cumsum(np.maximum(net_rate, 0) * (P / S))
     return {"cpu": cpu, "mem": mem, "net": counter}
 
@@ -66,11 +67,12 @@ SIGNAL = {"name": "host", "group_by": ["host"], "period": "10s", "window": 16, "
                      {"measurement": "net", "field": "bytes_recv", "transform": "non_negative_derivative"}]}
 
 
-def write_hosts(store: InfluxDB1Store, n: int, skip: dict[tuple[str, str], slice] | None = None) -> None:
+def write_hosts(store: InfluxDB1Store, n: int, skip: dict[tuple[str, str], slice] | None = None,
+                shift: bool = False) -> None:
     times = (T0 + np.arange(n) * P).tolist()
     skip = skip or {}
     for i, host in enumerate(HOSTS):
-        d = host_data(i, n, fault=host == "h1")
+        d = host_data(i, n, fault=host == "h1", shift=shift)
         blocks = [("cpu", (("cpu", "cpu-total"), ("host", host)), "usage_user", d["cpu"]),
                   # another cpu of the same host: the field's where leaves it out
                   ("cpu", (("cpu", "cpu0"), ("host", host)), "usage_user", d["cpu"] * 0 + 99.0),
@@ -221,3 +223,38 @@ def test_a_field_added_after_training_asks_for_a_retrain(mcfg: Config, caplog: p
         worker.tick()
     lines = [r.message for r in caplog.records if "cannot score" in r.message]
     assert lines and all("new: disk" in m and "retrain" in m for m in lines)
+
+
+@pytest.mark.parametrize("after", [20, 0])
+def test_a_field_that_settles_at_a_new_level_is_rebaselined_and_the_daemon_says_so(
+        influxd: LocalInfluxd, database: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, after: int) -> None:
+    """h1's memory jumps by 25 and stays there. With ``rebaseline_after``, once its windows have been above its
+    history that many times in a row, the daemon accepts the level as its new normal and says so: a warning line
+    naming the series, the field and the time, and ``anomalyd_field_rebaselines``. Without it, nothing is said."""
+    from anomalyd.telemetry import FIELD_REBASELINES
+    cfg = make_config(influxd.url, database, tmp_path, signals=[dict(SIGNAL, rebaseline_after=after)],
+                      output={"write_reconstruction": False})
+    store = CountingStore(cfg.influxdb, cfg.daemon.write_batch)
+    write_hosts(store, N_TRAIN + N_TEST, shift=True)
+    assert not training.train(cfg, store, now_ns=T0 + (N_TRAIN + N_TEST) * P, progress=False).failed
+    worker = Worker(cfg, store, Catalog(cfg.paths.models), Watermarks(cfg.paths.state / "wm.json"),
+                    clock=lambda: T0 + (N_TRAIN + N_TEST) * P)
+    counter = FIELD_REBASELINES.labels(signal="host", field="mem.used_percent")
+    before = counter._value.get()
+    with caplog.at_level(logging.WARNING):
+        report = worker.tick()
+    assert report.signals["host"].failed == ""
+    said = [r.getMessage() for r in caplog.records if "re-baselined" in r.getMessage()]
+    rows = query(influxd, database, 'SELECT "anomalous" FROM "anomaly_error" WHERE "host" = \'h1\'')[0]["values"]
+    flagged = [(t - T0) // P - N_TRAIN for t, a in rows if a]
+    shift = FAULT.start - N_TRAIN
+    assert any(shift <= k <= shift + 16 for k in flagged), flagged  # the shift itself is flagged
+    assert sum(k > shift + after + 16 for k in flagged) <= 2, flagged  # and then no flood
+    if not after:
+        assert not said and counter._value.get() == before
+        return
+    # The shifted field first (the joint shape's other fields may follow: their reconstruction moved with it).
+    assert said and said[0].startswith("series host[host=h1]: field mem.used_percent re-baselined at the window "
+                                       "ending 2023-"), said
+    assert all(m.startswith("series host[host=h1]") for m in said), said
+    assert counter._value.get() == before + sum("field mem.used_percent " in m for m in said)

@@ -496,6 +496,13 @@ class SignalConfig:
         _SPEC.score_threshold)
     decision: Annotated[str, _one_of(DECISIONS)] = _SPEC.decision
     attribution: Annotated[str, _one_of(ATTRIBUTIONS)] = _SPEC.attribution
+    #: Several fields: windows behind each field's own error history (its surprise); 0 turns it off.
+    field_history: Annotated[Int, NonNegative] = _SPEC.field_surprise
+    #: Several fields: the surprise above which a field's window counts as shifted (used with rebaseline_after).
+    rebaseline_gate: Annotated[Float, Positive] = 6.0
+    #: Several fields: after this many shifted windows of a field in a row, its new level becomes its normal
+    #: (logged and counted); 0: never.
+    rebaseline_after: Annotated[Int, NonNegative] = 0
 
     @model_validator(mode="before")
     @classmethod
@@ -545,6 +552,17 @@ class SignalConfig:
                                   "rename the source tag or drop it from group_by")
         return v
 
+    @field_validator("rebaseline_after")
+    @classmethod
+    def _several_fields(cls, v: int, info: ValidationInfo) -> int:
+        if v and len(info.data.get("fields", ())) < 2:
+            raise _error("plain", f"{v} needs a signal with several fields (each field is re-baselined against "
+                                  "its own history); list them in fields = [...] or remove it")
+        if v and info.data.get("field_history") == 0:
+            raise _error("plain", f"{v} needs field_history > 0 (the per-field history it re-baselines); "
+                                  "remove field_history = 0 or rebaseline_after")
+        return v
+
     @field_validator("train_slide", "slide")
     @classmethod
     def _within_the_window(cls, v: int, info: ValidationInfo) -> int:
@@ -586,7 +604,9 @@ class SignalConfig:
                        margin=th.margin, quantile=th.quantile, sigma_k=th.k,
                        normaliser=replace(_SPEC.normaliser, long_window=self.score_history),
                        score_threshold=self.score_threshold, decision=self.decision,
-                       attribution=self.attribution)
+                       attribution=self.attribution, field_surprise=self.field_history,
+                       surprise_gate=self.rebaseline_gate if self.rebaseline_after else None,
+                       surprise_rebaseline=self.rebaseline_after)
 
     @property
     def step_ns(self) -> int:

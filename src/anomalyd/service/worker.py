@@ -38,6 +38,7 @@ from ..store.base import Point, SeriesPoints, Store, StoreError
 from ..store.sources import FieldSamples, SignalData, describe, read_signal, read_signal_batches, signal_reads
 from ..telemetry import (
     DATA_PROBLEMS,
+    FIELD_REBASELINES,
     LAG_SECONDS,
     SHARD_CONFLICT,
     SIGNAL_FAILED,
@@ -935,6 +936,8 @@ class Worker:
         before.extend((st.norm, st.norm.refs()) for st in states)
         batch = det.update_many(states, matrix[:, new])
         score_states.touch()
+        if batch.field_rebased.any():
+            self._say_rebased(sig, members, batch.field_rebased, t0 + (w - 1 + extra + gap) * period, period)
         slots = np.arange(n_new, dtype=np.int64) + (w - 1 + extra + gap)
         ex = _Explanations(sig, batch, matrix, slots)
         # A window whose last sample is missing (before a series starts, after it stops, inside a long outage)
@@ -963,6 +966,19 @@ class Worker:
             if self.cfg.output.write_reconstruction:
                 self._reconstruction_points(sig, stored, m.key, matrix[r], t0, first, hi, recon_points)
         return settled
+
+    def _say_rebased(self, sig: SignalConfig, members: list[_Member], rebased: NDArray[np.bool_], first_end: int,
+                     period: int) -> None:
+        """One line and a count per field that re-baselined (``rebaseline_after`` shifted windows in a row): its
+        new level is its normal from that window on, so its alerts stop there by design, not by accident."""
+        names = sig.field_names
+        for r, g, j in zip(*np.nonzero(rebased), strict=True):
+            FIELD_REBASELINES.labels(signal=sig.name, field=names[j]).inc()
+            log.warning("series %s: field %s re-baselined at the window ending %s: %d windows in a row above its "
+                        "history (rebaseline_gate %g), so its new level is now its normal; retrain if the shift "
+                        "is a fault", members[r].key, names[j],
+                        rfc3339(first_end + int(g) * period),
+                        sig.rebaseline_after, sig.rebaseline_gate)
 
     def _emit_steady(self, sig: SignalConfig, stored: StoredModel, key: SeriesKey, cols: list[list],
                      ends: list[int], b: WindowBatch, r: int, row: NDArray[np.float64], slots: NDArray[np.int64],
