@@ -17,7 +17,14 @@ from anomalyd.config import from_dict
 from anomalyd.core.detector import Detector, DetectorSpec, WindowBatch
 from anomalyd.demo.synthetic import ecg
 from anomalyd.service import catalog
-from anomalyd.service.catalog import Catalog, CatalogError, StoredModel, model_id_for, model_mismatch
+from anomalyd.service.catalog import (
+    Catalog,
+    CatalogError,
+    StoredModel,
+    apply_live_settings,
+    model_id_for,
+    model_mismatch,
+)
 
 TAGS = (("patient", "p1"),)
 SPEC = DetectorSpec(window=32, n_clusters=20, n_init=1, random_state=1)
@@ -282,6 +289,41 @@ def test_model_mismatch_names_what_differs(fitted: Detector) -> None:
     assert why is not None and "fields value (config: other)" in why
     why = model_mismatch(model, replace(sig, window=16, period_ns=2 * 10**9))
     assert why is not None and "window 32 (config: 16)" in why and "period 1000000000ns" in why
+
+
+def test_the_score_and_field_histories_need_a_retrain(fitted: Detector) -> None:
+    """The score's history length and the per-field history shape the model's score state: changed in the config,
+    the model is refused with a message to retrain (a model from before the per-field history keeps scoring)."""
+    raw = {"signals": [{"name": "heartbeat", "measurement": "ecg", "fields": ["a", "b"], "period": "1s"}]}
+    sig = from_dict(raw, env={}).signal("heartbeat")
+    model = stored(fitted, fields=["a", "b"])
+    assert model_mismatch(model, sig) is None
+    n = fitted.spec.normaliser.long_window
+    why = model_mismatch(model, replace(sig, score_history=n // 2))
+    assert why is not None and f"score_history {n} (config: {n // 2})" in why and "retrain" in why
+    why = model_mismatch(model, replace(sig, field_history=800))
+    assert why is not None and f"field_history {fitted.spec.field_surprise} (config: 800)" in why
+    old = copy.copy(fitted)
+    old.spec = replace(fitted.spec, field_surprise=0)
+    assert model_mismatch(stored(old, fields=["a", "b"]), replace(sig, field_history=800)) is None
+    one = from_dict({"signals": [{**raw["signals"][0], "fields": ["a"]}]}, env={}).signal("heartbeat")
+    assert model_mismatch(stored(fitted, fields=["a"]), replace(one, field_history=800)) is None  # no effect
+
+
+def test_the_configs_decision_settings_reach_a_trained_model(saved: Path, fitted: Detector) -> None:
+    """decision, score_threshold, attribution and re-baselining act after the reconstruction: a trained model
+    takes the config's values without a retrain; a threshold tuned into the model is kept, and said so."""
+    raw = {"signals": [{"name": "heartbeat", "measurement": "ecg", "field": "value", "period": "1s",
+                        "score_threshold": 0.7, "decision": "either", "attribution": "movement"}]}
+    sig = from_dict(raw, env={}).signal("heartbeat")
+    back = catalog.load(saved)
+    assert model_mismatch(back, sig) is None and apply_live_settings(back, sig) is None
+    assert back.model.spec == replace(fitted.spec, score_threshold=0.7, decision="either", attribution="movement")
+    catalog.set_threshold(saved, 0.8, source="labels")
+    tuned = catalog.load(saved)
+    note = apply_live_settings(tuned, sig)
+    assert (tuned.model.spec.score_threshold, tuned.model.spec.decision) == (0.8, "either")
+    assert note is not None and "keeps its tuned score_threshold 0.8 (labels), not the config's 0.7" in note, note
 
 
 def test_list_models_skips_and_logs_bad_ones(tmp_path: Path, fitted: Detector,

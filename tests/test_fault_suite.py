@@ -75,7 +75,7 @@ P1: Tags = (("patient", "p1"),)
 P2: Tags = (("patient", "p2"),)
 P3: Tags = (("patient", "p3"),)
 HEARTBEAT = {"name": "heartbeat", "measurement": "ecg", "field": "value", "group_by": ["patient"], "period": "1s",
-             "window": W, "clusters": 8}
+             "window": W, "clusters": 8, "decision": "error"}  # as the model (the config's decision applies)
 OTHER = {**HEARTBEAT, "name": "other", "measurement": "ecg2"}
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -258,3 +258,19 @@ def test_a_field_that_settles_at_a_new_level_is_rebaselined_and_the_daemon_says_
                                        "ending 2023-"), said
     assert all(m.startswith("series host[host=h1]") for m in said), said
     assert counter._value.get() == before + sum("field mem.used_percent " in m for m in said)
+
+
+def test_a_decision_level_changed_after_training_applies_without_a_retrain(mcfg: Config, influxd: LocalInfluxd,
+                                                                           database: str) -> None:
+    """Trained at score_threshold 0.5, run with 0.99 in the config: the daemon decides at 0.99 (the level is
+    applied to the loaded model), so a window scored between the two is written as not anomalous."""
+    store = trained(mcfg)
+    sig = replace(mcfg.signals[0], score_threshold=0.99)
+    cfg = replace(mcfg, signals=(sig,))
+    worker = Worker(cfg, store, Catalog(cfg.paths.models), Watermarks(cfg.paths.state / "wm.json"),
+                    clock=lambda: T0 + (N_TRAIN + N_TEST) * P)
+    assert worker.tick().signals["host"].failed == ""
+    rows = query(influxd, database, 'SELECT "score", "anomalous" FROM "anomaly_error" WHERE "host" = \'h1\'')
+    values = rows[0]["values"]
+    assert any(0.5 <= v[1] < 0.99 for v in values), "no window scored between the two levels"
+    assert all(v[2] == (v[1] >= 0.99) for v in values if v[1] is not None)

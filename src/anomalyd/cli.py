@@ -180,7 +180,7 @@ def _worker(cfg: Config, dry_run: bool = False):  # type: ignore[no-untyped-def]
 
 def _check(cfg: Config) -> int:
     from .config import redact_url
-    from .service.catalog import CatalogError, model_id_for, model_mismatch
+    from .service.catalog import CatalogError, apply_live_settings, model_id_for, model_mismatch
     from .service.catalog import load as load_model
     from .store.base import StoreError
 
@@ -217,6 +217,9 @@ def _check(cfg: Config) -> int:
                 print(f"FAIL model {m.model_id}: {why}")
                 problems += 1
             else:
+                note = apply_live_settings(m, sig)  # what the daemon scores with
+                if note:
+                    print(f"WARN {note}")
                 print(f"ok   model {m.model_id} ({m.scope}, window {m.model.window_}, max_error threshold "
                       f"{m.threshold:.4g}, decision score >= {m.model.spec.score_threshold:g})")
     if reachable:

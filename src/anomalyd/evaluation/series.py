@@ -285,7 +285,7 @@ def load_influx_series(args: Any, spec: Any) -> tuple[list[EvalSeries], str, boo
     from ..config import load as load_config
     from ..core.records import SeriesKey, Tags, tags_str
     from ..core.stored_run import run_stored
-    from ..service.catalog import Catalog, StoredModel, model_id_for, model_mismatch
+    from ..service.catalog import Catalog, StoredModel, apply_live_settings, model_id_for, model_mismatch
     from ..service.catalog import load as load_model
     from ..store.influx1 import InfluxDB1Store
     from ..store.sources import describe, read_signal
@@ -368,6 +368,9 @@ def load_influx_series(args: Any, spec: Any) -> tuple[list[EvalSeries], str, boo
             if why:
                 log.warning("model %s %s; the daemon ignores it and so does this evaluation", stored.model_id, why)
                 continue
+            note = apply_live_settings(stored, sig)  # as the daemon scores it
+            if note:
+                log.warning("%s", note)
             models[tags] = stored
         for stored in models.values():
             _check_slide(args, stored)

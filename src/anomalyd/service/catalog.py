@@ -96,9 +96,41 @@ def model_mismatch(stored: StoredModel, sig: Any) -> str | None:
         added = [f for f in names if f not in fields] if len(names) > 1 else []
         problems.append(f"fields {', '.join(fields)} (config: {', '.join(names)}"
                         + (f"; new: {', '.join(added)}" if added else "") + ")")
+    # Settings the model's state is built on (the score's history, the per-field history).
+    want = getattr(sig, "score_history", None)
+    if want is not None and det.spec.normaliser.long_window != want:
+        problems.append(f"score_history {det.spec.normaliser.long_window} (config: {want})")
+    want = getattr(sig, "field_history", None)
+    if want is not None and len(names) > 1 and det.spec.field_surprise and det.spec.field_surprise != want:
+        # (a model trained before the per-field history existed, 0, keeps scoring as it was trained)
+        problems.append(f"field_history {det.spec.field_surprise} (config: {want})")
     if not problems:
         return None
     return (f"trained with {'; '.join(problems)}; retrain with `anomalyd train` or restore the config")
+
+
+#: A signal's settings that act after the reconstruction and its score's state (the decision, what a share is
+#: proportional to, re-baselining): a trained model takes the config's values without retraining.
+LIVE_SETTINGS = ("decision", "score_threshold", "attribution", "surprise_gate", "surprise_rebaseline")
+
+
+def apply_live_settings(stored: StoredModel, sig: Any) -> str | None:
+    """Give a stored model the config's `LIVE_SETTINGS` (in place; ``sig`` is a `anomalyd.config.SignalConfig`).
+
+    A ``score_threshold`` tuned into the model (``anomalyd evaluate --tune``, ``meta["threshold_source"]``) is kept;
+    the returned line says so when the config's differs (None otherwise).
+    """
+    det = stored.model
+    want = sig.spec()
+    changes = {k: getattr(want, k) for k in LIVE_SETTINGS if getattr(det.spec, k) != getattr(want, k)}
+    note = None
+    source = stored.meta.get("threshold_source")
+    if "score_threshold" in changes and source:
+        note = (f"model {stored.model_id} keeps its tuned score_threshold {det.spec.score_threshold:g} ({source}), "
+                f"not the config's {changes.pop('score_threshold'):g}; retrain to use the config's")
+    if changes:
+        det.spec = replace(det.spec, **changes)
+    return note
 
 
 def _meta_digest(meta: dict[str, Any]) -> str:

@@ -46,7 +46,7 @@ from ..telemetry import (
     UNTRAINED_SERIES,
     WINDOWS,
 )
-from .catalog import Catalog, StoredModel, model_id_for, model_mismatch
+from .catalog import Catalog, StoredModel, apply_live_settings, model_id_for, model_mismatch
 from .handover import claimants, last_written, series_keys
 from .sharding import Shard
 from .state import ScoreStates, Watermarks
@@ -371,6 +371,7 @@ class Worker:
         self._backfill_scores = ScoreStates(None)  # replaced by each score_range: never the live history
         self._reported_untrained: set[str] = set()
         self._reported_mismatch: dict[str, str] = {}
+        self._live: dict[str, StoredModel] = {}  # the model each id had when the config's live settings were applied
         self._reported_behind: set[str] = set()
         self._silenced: dict[str, int] = {}  # series id -> the watermark its deadman alert was raised at
         #: series id -> ends of windows written as missing data, re-scored if their samples arrive late
@@ -489,6 +490,11 @@ class Worker:
                 log.error("model %s cannot score signal %s: %s", mid, sig.name, why)
                 self._reported_mismatch[mid] = why
             return None
+        if self._live.get(mid) is not stored:  # once per loaded model: the config's decision, attribution, ...
+            note = apply_live_settings(stored, sig)
+            if note:
+                log.warning("%s", note)
+            self._live[mid] = stored
         return stored
 
     def _watermark(self, key: SeriesKey) -> int | None:
