@@ -274,3 +274,30 @@ def test_a_decision_level_changed_after_training_applies_without_a_retrain(mcfg:
     values = rows[0]["values"]
     assert any(0.5 <= v[1] < 0.99 for v in values), "no window scored between the two levels"
     assert all(v[2] == (v[1] >= 0.99) for v in values if v[1] is not None)
+
+
+def test_a_field_constant_in_training_is_named_at_training(mcfg: Config, caplog: pytest.LogCaptureFixture) -> None:
+    """h2's memory holds one value over the whole training range: training says so (its changes will all score
+    as anomalous), names the field and the series, and still trains; h1 is not named."""
+    store = CountingStore(mcfg.influxdb, mcfg.daemon.write_batch)
+    write_hosts(store, N_TRAIN + 10)
+    times = (T0 + np.arange(N_TRAIN) * P).tolist()
+    store.write([SeriesPoints("mem", (("host", "h2"),), ("used_percent",), ([50.0] * N_TRAIN,), times)])
+    with caplog.at_level(logging.WARNING):
+        report = training.train(mcfg, store, now_ns=T0 + (N_TRAIN + 10) * P, progress=False)
+    assert not report.failed and len(report.trained) == 2
+    said = [r.getMessage() for r in caplog.records if "constant" in r.getMessage()]
+    assert said == ["field mem.used_percent of series host[host=h2] was constant (50) over its whole training "
+                    "range: any change will score as anomalous until it is retrained on data where it moves; "
+                    "widen train_range or leave the field out"], said
+    # A single-field series says it without a field name; a field that moves is never named.
+    from anomalyd.config import from_dict
+    from anomalyd.service.training import warn_constant
+    one = from_dict({"signals": [{"name": "s", "measurement": "m", "field": "v", "period": "1s"}]}, env={}).signals[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert warn_constant("series s[]", one, [np.zeros(50), np.zeros(20)]) == ["v"]
+        assert warn_constant("series s[]", one, [np.zeros(50), np.ones(20)]) == []
+    assert [r.getMessage() for r in caplog.records] == [
+        "series s[] was constant (0) over its whole training range: any change will score as anomalous until it "
+        "is retrained on data where it moves; widen train_range"]

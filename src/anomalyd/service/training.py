@@ -105,7 +105,24 @@ def prepare(times: np.ndarray | list[FieldSamples], values: np.ndarray | None, s
     if len(parts) > 1:
         log.info("series %s: training on %d gap-free stretches (gaps longer than max_gap=%d split it)", key,
                  len(parts), sig.max_gap)
+    if sig.scope == "series":
+        warn_constant(f"series {key}", sig, parts)
     return parts, starts
+
+
+def warn_constant(what: str, sig: SignalConfig, parts: list[np.ndarray]) -> list[str]:
+    """One warning per field that holds one value over the whole training data: it has no spread to scale its
+    changes by, so any change scores as an anomaly until a retrain on data where it moves. Returns the fields."""
+    if not parts:
+        return []
+    rows = np.concatenate([p.reshape(len(p), -1) for p in parts])
+    flat = [j for j in range(rows.shape[1]) if rows[0, j] == rows[:, j].min() == rows[:, j].max()]
+    for j in flat:
+        field = f"field {sig.field_names[j]} of {what}" if sig.multi else what
+        log.warning("%s was constant (%g) over its whole training range: any change will score as anomalous until "
+                    "it is retrained on data where it moves; widen train_range%s", field, rows[0, j],
+                    " or leave the field out" if sig.multi else "")
+    return [sig.field_names[j] for j in flat]
 
 
 def train(cfg: Config, store: Store, now_ns: int | None = None, signals: list[str] | None = None,
@@ -154,6 +171,7 @@ def _train(cfg: Config, store: Store, now: int, signals: list[str] | None, progr
                     p, a = prepare(per_field, None, sig, SeriesKey(sig.name, tags), flagged.get(tags_str(tags)))
                     parts += p
                     starts += a
+                warn_constant(f"signal {sig.name} (shared model)", sig, parts)
                 _fit_save(cfg, sig, (), (parts, starts), start, end, report, n_series=len(data))
             except ValueError as exc:
                 report.failed[key.id] = str(exc)
