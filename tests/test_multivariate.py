@@ -301,3 +301,20 @@ def test_a_field_constant_in_training_is_named_at_training(mcfg: Config, caplog:
     assert [r.getMessage() for r in caplog.records] == [
         "series s[] was constant (0) over its whole training range: any change will score as anomalous until it "
         "is retrained on data where it moves; widen train_range"]
+
+
+def test_many_constant_series_are_summarised(mcfg: Config, caplog: pytest.LogCaptureFixture,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past `training.CONSTANT_LINES` series, the rest are counted in one line, not one line each."""
+    monkeypatch.setattr(training, "CONSTANT_LINES", 1)
+    store = CountingStore(mcfg.influxdb, mcfg.daemon.write_batch)
+    write_hosts(store, N_TRAIN + 10)
+    times = (T0 + np.arange(N_TRAIN) * P).tolist()
+    for host in HOSTS:
+        store.write([SeriesPoints("mem", (("host", host),), ("used_percent",), ([50.0] * N_TRAIN,), times)])
+    with caplog.at_level(logging.WARNING):
+        assert not training.train(mcfg, store, now_ns=T0 + (N_TRAIN + 10) * P, progress=False).failed
+    said = [r.getMessage() for r in caplog.records if "constant" in r.getMessage()]
+    assert len(said) == 2 and said[0].startswith("field mem.used_percent of series host[host=h1] was constant"), said
+    assert said[1].startswith("signal host: 1 more series have a field constant over their training range (e.g. "
+                              "host[host=h2]"), said

@@ -105,19 +105,22 @@ def prepare(times: np.ndarray | list[FieldSamples], values: np.ndarray | None, s
     if len(parts) > 1:
         log.info("series %s: training on %d gap-free stretches (gaps longer than max_gap=%d split it)", key,
                  len(parts), sig.max_gap)
-    if sig.scope == "series":
-        warn_constant(f"series {key}", sig, parts)
     return parts, starts
 
 
-def warn_constant(what: str, sig: SignalConfig, parts: list[np.ndarray]) -> list[str]:
-    """One warning per field that holds one value over the whole training data: it has no spread to scale its
-    changes by, so any change scores as an anomaly until a retrain on data where it moves. Returns the fields."""
+#: Per signal, the series whose constant fields are named one by one; the rest are counted in one summary line.
+CONSTANT_LINES = 10
+
+
+def warn_constant(what: str, sig: SignalConfig, parts: list[np.ndarray], quiet: bool = False) -> list[str]:
+    """The fields that hold one value over the whole training data, each named in a warning (unless ``quiet``):
+    with no spread to scale its changes by, any change scores as an anomaly until a retrain on data where it
+    moves."""
     if not parts:
         return []
     rows = np.concatenate([p.reshape(len(p), -1) for p in parts])
     flat = [j for j in range(rows.shape[1]) if rows[0, j] == rows[:, j].min() == rows[:, j].max()]
-    for j in flat:
+    for j in [] if quiet else flat:
         field = f"field {sig.field_names[j]} of {what}" if sig.multi else what
         log.warning("%s was constant (%g) over its whole training range: any change will score as anomalous until "
                     "it is retrained on data where it moves; widen train_range%s", field, rows[0, j],
@@ -199,6 +202,7 @@ def _train_series(cfg: Config, sig: SignalConfig, data: dict[Tags, list[FieldSam
     spec = sig.spec()
     trained: dict[int, StoredModel] = {}
     failed: dict[int, tuple[str, str]] = {}
+    constant: list[str] = []  # series with a field constant over their training range
     with tqdm(total=n, desc=f"train {sig.name}", unit="series", disable=not progress or n < 10) as bar:
         while queue:
             batch: list[tuple[int, Tags, tuple[list[np.ndarray], list[int]]]] = []
@@ -207,6 +211,8 @@ def _train_series(cfg: Config, sig: SignalConfig, data: dict[Tags, list[FieldSam
                 key = SeriesKey(sig.name, tags)
                 try:
                     batch.append((i, tags, prepare(per_field, None, sig, key, flagged.get(tags_str(tags)))))
+                    if warn_constant(f"series {key}", sig, batch[-1][2][0], quiet=len(constant) >= CONSTANT_LINES):
+                        constant.append(str(key))
                 except ValueError as exc:
                     failed[i] = (key.id, str(exc))
                     log.error("cannot train %s: %s", key, exc)
@@ -222,6 +228,9 @@ def _train_series(cfg: Config, sig: SignalConfig, data: dict[Tags, list[FieldSam
                     trained[i] = _save(cfg, sig, tags, Detector.from_state(*result), sum(len(p) for p in parts),
                                        start, end)
                 bar.update(1)
+    if len(constant) > CONSTANT_LINES:
+        log.warning("signal %s: %d more series have a field constant over their training range (e.g. %s); the "
+                    "same applies to them", sig.name, len(constant) - CONSTANT_LINES, constant[CONSTANT_LINES])
     report.trained += [trained[i] for i in sorted(trained)]
     report.failed.update(failed[i] for i in sorted(failed))
 
