@@ -100,6 +100,8 @@ class SignalReport:
     failed: str = ""
     #: Series of this signal that are not being scored, with the reason (no model, mismatched model, no data).
     unscored: dict[str, str] = field(default_factory=dict)
+    #: Fields that re-baselined (``rebaseline_after``): series, field, the window's end; said once committed.
+    rebased: list[tuple[SeriesKey, str, int]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -706,6 +708,7 @@ class Worker:
             raise
         for norm, _ in before:  # committed: the undo logs of the histories are no longer needed
             norm.release()
+        self._say_rebased(sig, rep)
         UNTRAINED_SERIES.labels(signal=sig.name).set(rep.untrained)
         if not found[0] and self.shard is not None and lo is None and not self._owned_series(sig):
             rep.problem = (f"signal {sig.name}: shard {self.shard} owns none of its series (the other replicas score "
@@ -943,7 +946,9 @@ class Worker:
         batch = det.update_many(states, matrix[:, new])
         score_states.touch()
         if batch.field_rebased.any():
-            self._say_rebased(sig, members, batch.field_rebased, t0 + (w - 1 + extra + gap) * period, period)
+            first_end = t0 + (w - 1 + extra + gap) * period
+            rep.rebased += [(members[r].key, sig.field_names[j], first_end + int(g) * period)
+                            for r, g, j in zip(*np.nonzero(batch.field_rebased), strict=True)]
         slots = np.arange(n_new, dtype=np.int64) + (w - 1 + extra + gap)
         ex = _Explanations(sig, batch, matrix, slots)
         # A window whose last sample is missing (before a series starts, after it stops, inside a long outage)
@@ -973,18 +978,16 @@ class Worker:
                 self._reconstruction_points(sig, stored, m.key, matrix[r], t0, first, hi, recon_points)
         return settled
 
-    def _say_rebased(self, sig: SignalConfig, members: list[_Member], rebased: NDArray[np.bool_], first_end: int,
-                     period: int) -> None:
+    @staticmethod
+    def _say_rebased(sig: SignalConfig, rep: SignalReport) -> None:
         """One line and a count per field that re-baselined (``rebaseline_after`` shifted windows in a row): its
-        new level is its normal from that window on, so its alerts stop there by design, not by accident."""
-        names = sig.field_names
-        for r, g, j in zip(*np.nonzero(rebased), strict=True):
-            FIELD_REBASELINES.labels(signal=sig.name, field=names[j]).inc()
+        new level is its normal from that window on, so its alerts stop there by design, not by accident. Called
+        once the windows are committed (a failed tick scores them again and would say it twice)."""
+        for key, name, end in rep.rebased:
+            FIELD_REBASELINES.labels(signal=sig.name, field=name).inc()
             log.warning("series %s: field %s re-baselined at the window ending %s: %d windows in a row above its "
                         "history (rebaseline_gate %g), so its new level is now its normal; retrain if the shift "
-                        "is a fault", members[r].key, names[j],
-                        rfc3339(first_end + int(g) * period),
-                        sig.rebaseline_after, sig.rebaseline_gate)
+                        "is a fault", key, name, rfc3339(end), sig.rebaseline_after, sig.rebaseline_gate)
 
     def _emit_steady(self, sig: SignalConfig, stored: StoredModel, key: SeriesKey, cols: list[list],
                      ends: list[int], b: WindowBatch, r: int, row: NDArray[np.float64], slots: NDArray[np.int64],
