@@ -278,18 +278,19 @@ def test_a_field_that_settles_at_a_new_level_is_rebaselined_and_the_daemon_says_
 
 def test_a_decision_level_changed_after_training_applies_without_a_retrain(mcfg: Config, influxd: LocalInfluxd,
                                                                            database: str) -> None:
-    """Trained at score_threshold 0.5, run with 0.99 in the config: the daemon decides at 0.99 (the level is
-    applied to the loaded model), so a window scored between the two is written as not anomalous."""
+    """Trained at score_threshold 0.5, run with 1.0 in the config: the daemon decides at 1.0 (the level is
+    applied to the loaded model), which no score reaches, so the windows scored above 0.5 are written as not
+    anomalous."""
     store = trained(mcfg)
-    sig = replace(mcfg.signals[0], score_threshold=0.99)
+    sig = replace(mcfg.signals[0], score_threshold=1.0)
     cfg = replace(mcfg, signals=(sig,))
     worker = Worker(cfg, store, Catalog(cfg.paths.models), Watermarks(cfg.paths.state / "wm.json"),
                     clock=lambda: T0 + (N_TRAIN + N_TEST) * P)
     assert worker.tick().signals["host"].failed == ""
     rows = query(influxd, database, 'SELECT "score", "anomalous" FROM "anomaly_error" WHERE "host" = \'h1\'')
     values = rows[0]["values"]
-    assert any(0.5 <= v[1] < 0.99 for v in values), "no window scored between the two levels"
-    assert all(v[2] == (v[1] >= 0.99) for v in values if v[1] is not None)
+    assert any(0.5 <= v[1] < 1.0 for v in values), "no window scored between the two levels"
+    assert not any(v[2] for v in values)
 
 
 def test_a_field_constant_in_training_is_named_at_training(mcfg: Config, caplog: pytest.LogCaptureFixture) -> None:

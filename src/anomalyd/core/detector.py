@@ -215,7 +215,10 @@ class DetectorSpec:
     normaliser : NormaliserParams
         Error-to-score mapping; the detector's default caps how far one window widens the seen range at its
         width (``range_growth = 1``, with ``range_by = "sample"``) and keeps the order of scores above 0.9
-        (``unsaturated``: no tie at 1; every score up to 0.9, so every decision at 0.5, is the same).
+        (``unsaturated``: no tie at 1; every score up to 0.9, so every decision at 0.5, is the same), and a
+        flagged window whose error is a record (above every error seen, the hold-out's included) scores just above
+        the highest score seen (``record_factor = 1``, ``record_scope = "flagged"``: only the order among
+        flagged windows changes, no decision).
     score_threshold : float
         The decision: a window is anomalous when its score is at least this.
     stride : int
@@ -287,7 +290,8 @@ class DetectorSpec:
     quantile: float = 0.999
     sigma_k: float = 6.0
     normaliser: NormaliserParams = field(
-        default_factory=lambda: NormaliserParams(range_growth=1.0, unsaturated=True))
+        default_factory=lambda: NormaliserParams(range_growth=1.0, unsaturated=True, record_factor=1.0,
+                                                 record_scope="flagged"))
     score_threshold: float = 0.5
     decision: str = "score"
     stride: int = 1

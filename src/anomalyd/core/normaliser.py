@@ -21,12 +21,13 @@ updates many series at once (one row each), which is the daemon's tick.
 
 Defaults (`NormaliserParams`): ``long_window=2000``, ``short_window=8``, ``min_std=0.05`` (relative to the
 reference mean), ``learning=32``, ``red=1e-5``, ``yellow=1e-3``, ``range_tolerance=0.02``, no transform. The
-ranking options (``unsaturated``, the record rule) are off; ``unsaturated`` with ``record_factor=1`` and
-``record_scope="flagged"`` keeps the order of flagged windows without changing any decision at 0.5
-(benchmarks/RESULTS.md, issue 11). Two more options are off by default: the *peak filter* (``peak_wait``: the
-red-zone filter reports a run of reds once at its peak instead of at its onset, at most ``peak_wait`` windows late)
-and a *peaks-over-threshold tail* (``tail``: the lower of the likelihood's tail probability and that of the window's
-own error against an exponential or generalised Pareto tail fitted to the hold-out's and the stream's peaks).
+ranking options (``unsaturated``, the record rule) are off here; the detector's default (`DetectorSpec`) turns on
+``unsaturated``, ``record_factor=1`` with ``record_scope="flagged"`` (the order of flagged windows is kept without
+changing any decision at 0.5) and ``range_growth=1`` (benchmarks/RESULTS.md, issue 11). Two more options are off
+by default: the *peak filter* (``peak_wait``: the red-zone filter reports a run of reds once at its peak instead of
+at its onset, at most ``peak_wait`` windows late) and a *peaks-over-threshold tail* (``tail``: the lower of the
+likelihood's tail probability and that of the window's own error against an exponential or generalised Pareto tail
+fitted to the hold-out's and the stream's peaks).
 """
 
 from __future__ import annotations
