@@ -328,6 +328,10 @@ def test_the_configs_decision_settings_reach_a_trained_model(saved: Path, fitted
     note = apply_live_settings(tuned, sig)
     assert (tuned.model.spec.score_threshold, tuned.model.spec.decision) == (0.8, "either")
     assert note is not None and "keeps its tuned score_threshold 0.8 (labels), not the config's 0.7" in note, note
+    # A config that leaves the level at its default: the tuned level wins without a word (the usual workflow).
+    plain = from_dict({"signals": [{**raw["signals"][0], "score_threshold": 0.5}]}, env={}).signal("heartbeat")
+    again = catalog.load(saved)
+    assert apply_live_settings(again, plain) is None and again.model.spec.score_threshold == 0.8
 
 
 def test_list_models_skips_and_logs_bad_ones(tmp_path: Path, fitted: Detector,

@@ -23,7 +23,7 @@ import numpy as np
 import sklearn
 
 from .. import __version__
-from ..core.detector import Detector
+from ..core.detector import Detector, DetectorSpec
 from ..core.records import Tags, legacy_tags_str, tags_str
 from ..files import atomic_write
 
@@ -109,6 +109,8 @@ def model_mismatch(stored: StoredModel, sig: Any) -> str | None:
     return (f"trained with {'; '.join(problems)}; retrain with `anomalyd train` or restore the config")
 
 
+_DEFAULT_SCORE_THRESHOLD = DetectorSpec().score_threshold
+
 #: A signal's settings that act after the reconstruction and its score's state (the decision, what a share is
 #: proportional to, re-baselining): a trained model takes the config's values without retraining.
 LIVE_SETTINGS = ("decision", "score_threshold", "attribution", "surprise_gate", "surprise_rebaseline")
@@ -118,7 +120,8 @@ def apply_live_settings(stored: StoredModel, sig: Any) -> str | None:
     """Give a stored model the config's `LIVE_SETTINGS` (in place; ``sig`` is a `anomalyd.config.SignalConfig`).
 
     A ``score_threshold`` tuned into the model (``anomalyd evaluate --tune``, ``meta["threshold_source"]``) is kept;
-    the returned line says so when the config's differs (None otherwise).
+    the returned line says so when the config sets another level than the default (None otherwise: a tuned model
+    under a config that leaves the level alone is the usual case, not a conflict).
     """
     det = stored.model
     want = sig.spec()
@@ -126,8 +129,10 @@ def apply_live_settings(stored: StoredModel, sig: Any) -> str | None:
     note = None
     source = stored.meta.get("threshold_source")
     if "score_threshold" in changes and source:
-        note = (f"model {stored.model_id} keeps its tuned score_threshold {det.spec.score_threshold:g} ({source}), "
-                f"not the config's {changes.pop('score_threshold'):g}; retrain to use the config's")
+        level = changes.pop("score_threshold")
+        if level != _DEFAULT_SCORE_THRESHOLD:
+            note = (f"model {stored.model_id} keeps its tuned score_threshold {det.spec.score_threshold:g} "
+                    f"({source}), not the config's {level:g}; retrain to use the config's")
     if changes:
         det.spec = replace(det.spec, **changes)
     return note
