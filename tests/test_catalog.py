@@ -321,17 +321,17 @@ def test_the_configs_decision_settings_reach_a_trained_model(saved: Path, fitted
                         "score_threshold": 0.7, "decision": "either", "attribution": "movement"}]}
     sig = from_dict(raw, env={}).signal("heartbeat")
     back = catalog.load(saved)
-    assert model_mismatch(back, sig) is None and apply_live_settings(back, sig) is None
+    assert model_mismatch(back, sig) is None and apply_live_settings(back, sig.spec()) is None
     assert back.model.spec == replace(fitted.spec, score_threshold=0.7, decision="either", attribution="movement")
     catalog.set_threshold(saved, 0.8, source="labels")
     tuned = catalog.load(saved)
-    note = apply_live_settings(tuned, sig)
+    note = apply_live_settings(tuned, sig.spec())
     assert (tuned.model.spec.score_threshold, tuned.model.spec.decision) == (0.8, "either")
     assert note is not None and "keeps its tuned score_threshold 0.8 (labels), not the config's 0.7" in note, note
     # A config that leaves the level at its default: the tuned level wins without a word (the usual workflow).
     plain = from_dict({"signals": [{**raw["signals"][0], "score_threshold": 0.5}]}, env={}).signal("heartbeat")
     again = catalog.load(saved)
-    assert apply_live_settings(again, plain) is None and again.model.spec.score_threshold == 0.8
+    assert apply_live_settings(again, plain.spec()) is None and again.model.spec.score_threshold == 0.8
 
 
 def test_list_models_skips_and_logs_bad_ones(tmp_path: Path, fitted: Detector,

@@ -217,7 +217,7 @@ def _check(cfg: Config) -> int:
                 print(f"FAIL model {m.model_id}: {why}")
                 problems += 1
             else:
-                note = apply_live_settings(m, sig)  # what the daemon scores with
+                note = apply_live_settings(m, sig.spec())  # what the daemon scores with
                 if note:
                     print(f"WARN {note}")
                 print(f"ok   model {m.model_id} ({m.scope}, window {m.model.window_}, max_error threshold "

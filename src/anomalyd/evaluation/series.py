@@ -360,6 +360,7 @@ def load_influx_series(args: Any, spec: Any) -> tuple[list[EvalSeries], str, boo
             models = {tags: explicit for tags, _ in items}
     else:
         catalog = Catalog(cfg.paths.models)
+        configured = sig.spec()
         for tags, _ in items:
             stored = catalog.get(model_id_for(sig.name, tags, sig.scope))
             if stored is None:
@@ -368,7 +369,7 @@ def load_influx_series(args: Any, spec: Any) -> tuple[list[EvalSeries], str, boo
             if why:
                 log.warning("model %s %s; the daemon ignores it and so does this evaluation", stored.model_id, why)
                 continue
-            note = apply_live_settings(stored, sig)  # as the daemon scores it
+            note = apply_live_settings(stored, configured)  # as the daemon scores it
             if note:
                 log.warning("%s", note)
             models[tags] = stored

@@ -29,7 +29,7 @@ from numpy.typing import NDArray
 
 from ..config import Config, SignalConfig
 from ..core.attribution import explain
-from ..core.detector import Detector, SeriesState, WindowBatch
+from ..core.detector import Detector, DetectorSpec, SeriesState, WindowBatch
 from ..core.grid import align_fields
 from ..core.normaliser import ScoreNormaliser
 from ..core.records import FieldShare, SeriesKey, Tags, WindowResult, parse_tags, rfc3339, share_text, tags_str
@@ -374,6 +374,7 @@ class Worker:
         self._reported_untrained: set[str] = set()
         self._reported_mismatch: dict[str, str] = {}
         self._live: dict[str, StoredModel] = {}  # the model each id had when the config's live settings were applied
+        self._specs: dict[str, DetectorSpec] = {}  # per signal, its spec as configured (made once)
         self._reported_behind: set[str] = set()
         self._silenced: dict[str, int] = {}  # series id -> the watermark its deadman alert was raised at
         #: series id -> ends of windows written as missing data, re-scored if their samples arrive late
@@ -493,7 +494,10 @@ class Worker:
                 self._reported_mismatch[mid] = why
             return None
         if self._live.get(mid) is not stored:  # once per loaded model: the config's decision, attribution, ...
-            note = apply_live_settings(stored, sig)
+            spec = self._specs.get(sig.name)
+            if spec is None:
+                spec = self._specs[sig.name] = sig.spec()
+            note = apply_live_settings(stored, spec)
             if note:
                 log.warning("%s", note)
             self._live[mid] = stored
@@ -945,11 +949,10 @@ class Worker:
         before.extend((st.norm, st.norm.refs()) for st in states)
         batch = det.update_many(states, matrix[:, new])
         score_states.touch()
-        if batch.field_rebased.any():
-            first_end = t0 + (w - 1 + extra + gap) * period
-            rep.rebased += [(members[r].key, sig.field_names[j], first_end + int(g) * period)
-                            for r, g, j in zip(*np.nonzero(batch.field_rebased), strict=True)]
         slots = np.arange(n_new, dtype=np.int64) + (w - 1 + extra + gap)
+        if batch.field_rebased.any():
+            rep.rebased += [(members[r].key, sig.field_names[j], t0 + int(slots[g]) * period)
+                            for r, g, j in zip(*np.nonzero(batch.field_rebased), strict=True)]
         ex = _Explanations(sig, batch, matrix, slots)
         # A window whose last sample is missing (before a series starts, after it stops, inside a long outage)
         # is not written; one with a gap before its last sample is a missing-data window.
